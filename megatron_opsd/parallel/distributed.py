@@ -1,0 +1,138 @@
+"""Process-group set-up: torch.distributed from torchrun/slurm variables, then megatron's model parallel state."""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_opsd.parallel import cpu_compat
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. Data parallel size is derived: world / (TP * PP * CP)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    seed: int = 1234
+    backend: Optional[str] = None  # None: nccl with CUDA, gloo without
+    timeout_minutes: int = 30
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.validate_world(world_size)
+        return world_size // self.model_parallel_size()
+
+    def validate_world(self, world_size: int) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        mp = self.model_parallel_size()
+        if world_size % mp != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "
+                f"({self.context_parallel_size}) = {mp}; change the sizes or launch {mp}*k processes"
+            )
+        if not torch.cuda.is_available():
+            if self.sequence_parallel:
+                raise ValueError("parallel.sequence_parallel needs CUDA (megatron's torch norm asserts on CPU); set it false")
+            if self.context_parallel_size > 1:
+                raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine attention on GPU; set it to 1")
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM_NODELIST such as ``node[01-04,07],gpu3``."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}"
+
+
+def rendezvous_env(environ: Optional[dict] = None) -> dict:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun, falling back to slurm's variables."""
+    env = dict(os.environ if environ is None else environ)
+    out = {}
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out["RANK"] = int(env["RANK"])
+        out["WORLD_SIZE"] = int(env["WORLD_SIZE"])
+        out["LOCAL_RANK"] = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        out["RANK"] = int(env["SLURM_PROCID"])
+        out["WORLD_SIZE"] = int(env["SLURM_NTASKS"])
+        out["LOCAL_RANK"] = int(env.get("SLURM_LOCALID", 0))
+    else:
+        out.update(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0)
+    if "MASTER_ADDR" in env:
+        out["MASTER_ADDR"] = env["MASTER_ADDR"]
+    elif "SLURM_NODELIST" in env or "SLURM_JOB_NODELIST" in env:
+        out["MASTER_ADDR"] = _first_slurm_host(env.get("SLURM_NODELIST") or env["SLURM_JOB_NODELIST"])
+    else:
+        out["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" in env:
+        out["MASTER_PORT"] = int(env["MASTER_PORT"])
+    elif "SLURM_JOB_ID" in env:
+        out["MASTER_PORT"] = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+    else:
+        out["MASTER_PORT"] = 29500
+    return out
+
+
+def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dict:
+    """Initialise torch.distributed and megatron's parallel state; returns the rendezvous info.
+
+    Safe to call when torch.distributed is already initialised (for example by a test harness): only the
+    megatron part then runs.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_compat.apply()
+    info = rendezvous_env(environ)
+    if not torch.distributed.is_initialized():
+        cfg.validate_world(info["WORLD_SIZE"])
+        backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info["LOCAL_RANK"] % torch.cuda.device_count())
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{info['MASTER_ADDR']}:{info['MASTER_PORT']}",
+            rank=info["RANK"],
+            world_size=info["WORLD_SIZE"],
+            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+        )
+    world = torch.distributed.get_world_size()
+    cfg.validate_world(world)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+    info["DATA_PARALLEL_SIZE"] = world // cfg.model_parallel_size()
+    return info
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Run a function on N local processes with real torch.distributed (gloo on CPU) and collect results.
+
+Used by the tests and by tools that need TP/PP on one machine without torchrun. Each worker initialises
+torch.distributed and megatron's parallel state from a ``ParallelConfig`` and calls ``fn(*args)``; the
+per-rank return values (picklable) come back as a list indexed by global rank. A failure in any rank is
+re-raised in the parent with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch.multiprocessing as mp
+
+from megatron_opsd.parallel.distributed import ParallelConfig
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Callable, args: tuple, out_dir: str,
+            env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(max(1, int(env.get("OPSD_THREADS_PER_RANK", "1"))))
+    from megatron_opsd.parallel.distributed import destroy_distributed, init_distributed
+
+    path = Path(out_dir) / f"rank{rank}.pkl"
+    try:
+        init_distributed(cfg)
+        result = fn(*args)
+        path.write_bytes(pickle.dumps(("ok", result)))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        path.write_bytes(pickle.dumps(("error", traceback.format_exc())))
+        raise
+    finally:
+        destroy_distributed()
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig] = None, *args: Any,
+                    env: Optional[dict] = None) -> list:
+    """Run ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's return value."""
+    cfg = cfg or ParallelConfig()
+    cfg.validate_world(world_size)
+    with tempfile.TemporaryDirectory(prefix="opsd-dist-") as out_dir:
+        ctx = mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), cfg, fn, args, out_dir, dict(env or {})),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessRaisedException as err:
+            reports = []
+            for rank in range(world_size):
+                path = Path(out_dir) / f"rank{rank}.pkl"
+                if path.exists():
+                    status, value = pickle.loads(path.read_bytes())
+                    if status == "error":
+                        reports.append(f"--- rank {rank} ---\n{value}")
+            raise DistributedError("\n".join(reports) or str(err)) from None
+        results = []
+        for rank in range(world_size):
+            status, value = pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes())
+            results.append(value)
+        return results

