@@ -1,0 +1,95 @@
+"""Start and stop a sidecar as a subprocess (tests, the trainer on one machine, the demo)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_opsd.rollout.client import SidecarClient, SidecarError
+
+
+class SidecarProcess:
+    """A running ``megatron-opsd sidecar``; ``stop()`` (or leaving the ``with`` block) terminates it."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path):
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "SidecarProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, host: str = "127.0.0.1",
+                          log_path: Optional[str | Path] = None, startup_timeout_s: float = 300.0,
+                          env: Optional[dict] = None, **options) -> SidecarProcess:
+    """Run ``python -m megatron_opsd.cli sidecar --model DIR`` and wait until /health answers.
+
+    ``options`` become command-line flags (``max_model_len=256`` -> ``--max-model-len 256``; ``True`` -> a
+    bare flag). The server's output goes to ``log_path`` (a temporary file by default), quoted in the error
+    if it dies or does not come up in time.
+    """
+    from megatron_opsd.parallel.launch import free_port
+
+    port = port or free_port()
+    log_path = Path(log_path or tempfile.mkstemp(prefix=f"opsd-sidecar-{port}-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "megatron_opsd.cli", "sidecar", "--model", str(model_dir), "--host", host,
+           "--port", str(port)]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        cmd.append("--" + key.replace("_", "-"))
+        if value is not True:
+            cmd.append(str(value))
+    child_env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", **(env or {}))
+    child_env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "opsd-vllm-cache"))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    sidecar = SidecarProcess(proc, f"http://{host}:{port}", log_path)
+    deadline = time.monotonic() + startup_timeout_s
+    with SidecarClient(sidecar.url, timeout_s=5.0, retries=1) as client:
+        while True:
+            if not sidecar.alive():
+                raise SidecarError(f"sidecar exited with code {proc.returncode} during start-up; log {log_path}:\n"
+                                   f"{sidecar.log_tail()}")
+            try:
+                client.wait_healthy(timeout_s=1.0, poll_s=0.5)
+                return sidecar
+            except SidecarError:
+                if time.monotonic() > deadline:
+                    sidecar.stop()
+                    raise SidecarError(f"sidecar not healthy after {startup_timeout_s:.0f} s; log {log_path}:\n"
+                                       f"{sidecar.log_tail()}") from None

@@ -1,0 +1,59 @@
+"""Request bodies of the sidecar's HTTP API. Unknown fields are rejected so a typo never goes unnoticed."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BUCKET_INDEX_HEADER = "X-Bucket-Index"
+UPDATE_ID_HEADER = "X-Update-Id"
+SHM_PATH_HEADER = "X-Shm-Path"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateRequest(_Strict):
+    prompts: Union[list[list[int]], list[str]] = Field(description="token ids (preferred) or raw text per prompt")
+    n: int = Field(1, description="samples per prompt")
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = Field(None, description="None or 0: no top-k filtering")
+    max_tokens: int = 16
+    stop: Optional[list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    seed: Optional[int] = Field(None, description="prompt i samples with seed + i")
+    ignore_eos: bool = False
+
+
+class WeightsBeginRequest(_Strict):
+    version: int
+    num_tensors: Optional[int] = None
+
+
+class WeightsUpdateRef(_Strict):
+    update_id: str
+
+
+class SleepRequest(_Strict):
+    level: int = 1
+
+
+class NcclInitRequest(_Strict):
+    host: str
+    port: int
+    world_size: int = Field(description="trainer's broadcasting rank + all vLLM workers")
+    timeout_s: float = 120.0
+
+
+class NcclTensorMeta(_Strict):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class NcclUpdateRequest(_Strict):
+    version: int
+    tensors: list[NcclTensorMeta]
+    timeout_s: float = 300.0

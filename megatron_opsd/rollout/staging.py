@@ -1,0 +1,128 @@
+"""Server-side staging of a weight update, so that a half-received update is never applied.
+
+Buckets (safetensors bytes) are validated on arrival against the served checkpoint's tensor names and
+shapes and kept in host memory; only ``commit`` hands them to the engine, and only once every expected
+tensor is present. A bucket carries an index, so re-sending it (a client retry) replaces it instead of
+duplicating tensors.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+class WeightUpdateError(ValueError):
+    """A bad update request; ``status`` is the HTTP code the server answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class StagedUpdate:
+    update_id: str
+    version: int
+    num_tensors: Optional[int]
+    started: float = field(default_factory=time.perf_counter)
+    buckets: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    owner: dict[str, int] = field(default_factory=dict)  # tensor name -> bucket index
+    nbytes: int = 0
+
+
+class WeightStager:
+    """Holds at most one update in flight; a new ``begin`` discards an abandoned one (e.g. a restarted trainer)."""
+
+    def __init__(self, tensor_specs: dict[str, tuple[tuple[int, ...], str]], dtype: torch.dtype,
+                 optional: frozenset[str] = frozenset()):
+        self.specs = tensor_specs
+        self.dtype = dtype
+        self.optional = optional  # accepted but not required (the LM head of a tied model)
+        self._lock = threading.Lock()
+        self._update: Optional[StagedUpdate] = None
+        self._ids = itertools.count()
+
+    def begin(self, version: int, current_version: int, num_tensors: Optional[int] = None) -> str:
+        if version <= current_version:
+            raise WeightUpdateError(f"version: {version} must be greater than the current weight version "
+                                    f"{current_version}")
+        if num_tensors is not None and not len(self.specs) <= num_tensors <= len(self.specs) + len(self.optional):
+            raise WeightUpdateError(f"num_tensors: {num_tensors} does not match the model, which has "
+                                    f"{len(self.specs)} tensors")
+        with self._lock:
+            update_id = f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            self._update = StagedUpdate(update_id, version, num_tensors)
+            return update_id
+
+    def _get(self, update_id: str) -> StagedUpdate:
+        if self._update is None or self._update.update_id != update_id:
+            raise WeightUpdateError(f"update_id: {update_id!r} is not the update in progress (it was committed, "
+                                    "aborted, replaced by a newer begin, or rejected); start again with "
+                                    "POST /weights/begin", status=409)
+        return self._update
+
+    def add_bucket(self, update_id: str, index: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Validate and stage one bucket. Any bad tensor rejects the whole update (it can no longer commit)."""
+        with self._lock:
+            update = self._get(update_id)
+            try:
+                self._validate(update, index, tensors)
+            except WeightUpdateError:
+                self._update = None
+                raise
+            old = update.buckets.pop(index, {})
+            for name in old:
+                update.owner.pop(name, None)
+            update.nbytes -= sum(t.numel() * t.element_size() for t in old.values())
+            update.buckets[index] = {k: v.to(self.dtype) for k, v in tensors.items()}
+            update.owner.update({name: index for name in tensors})
+            update.nbytes += sum(t.numel() * t.element_size() for t in update.buckets[index].values())
+            return len(update.owner)
+
+    def _validate(self, update: StagedUpdate, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            raise WeightUpdateError(f"bucket {index}: contains no tensors")
+        for name, tensor in tensors.items():
+            if name not in self.specs and name not in self.optional:
+                close = [k for k in self.specs if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
+                raise WeightUpdateError(f"tensor {name!r}: not a parameter of the served model (HF names expected, "
+                                        f"e.g. {close or list(self.specs)[:3]})")
+            expected = self.specs.get(name, (None,))[0]
+            if expected is not None and tuple(tensor.shape) != expected:
+                raise WeightUpdateError(f"tensor {name!r}: shape {tuple(tensor.shape)} does not match the served "
+                                        f"model's {expected} (padded vocabulary rows must be stripped)")
+            if not tensor.is_floating_point():
+                raise WeightUpdateError(f"tensor {name!r}: dtype {tensor.dtype} is not a floating-point type")
+            if update.owner.get(name, index) != index:
+                raise WeightUpdateError(f"tensor {name!r}: already received in bucket {update.owner[name]}")
+
+    def take_for_commit(self, update_id: str) -> StagedUpdate:
+        """Remove the update if complete; the caller applies it. Incomplete updates stay staged."""
+        with self._lock:
+            update = self._get(update_id)
+            missing = [k for k in self.specs if k not in update.owner]
+            if missing:
+                raise WeightUpdateError(f"update {update_id}: {len(missing)} tensors not received yet, e.g. "
+                                        f"{missing[:3]}; nothing was applied", status=409)
+            if update.num_tensors is not None and update.num_tensors != len(update.owner):
+                raise WeightUpdateError(f"num_tensors: begin announced {update.num_tensors} tensors but "
+                                        f"{len(update.owner)} arrived; nothing was applied", status=409)
+            self._update = None
+            return update
+
+    def abort(self, update_id: Optional[str] = None) -> bool:
+        with self._lock:
+            if self._update is None or (update_id is not None and self._update.update_id != update_id):
+                return False
+            self._update = None
+            return True
+
+    @property
+    def in_progress(self) -> Optional[str]:
+        return None if self._update is None else self._update.update_id

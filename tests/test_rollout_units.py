@@ -1,0 +1,119 @@
+"""Sidecar pieces that need no engine: weight staging (all or nothing), bucketing, on-policy checks, client errors."""
+import time
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from megatron_opsd.parallel.launch import free_port
+from megatron_opsd.rollout.buckets import iter_buckets
+from megatron_opsd.rollout.client import (Sample, SidecarClient, SidecarError, StaleRolloutError, check_on_policy)
+from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError
+
+SPECS = {"a.weight": ((4, 3), "F32"), "b.weight": ((5,), "F32"), "c.weight": ((2, 2), "F32")}
+
+
+def _tensors():
+    torch.manual_seed(0)
+    return {k: torch.randn(shape) for k, (shape, _) in SPECS.items()}
+
+
+def test_stager_commits_only_complete_updates():
+    stager, t = WeightStager(SPECS, torch.float32), _tensors()
+    uid = stager.begin(version=1, current_version=0)
+    stager.add_bucket(uid, 0, {"a.weight": t["a.weight"]})
+    with pytest.raises(WeightUpdateError, match=r"2 tensors not received.*nothing was applied") as err:
+        stager.take_for_commit(uid)
+    assert err.value.status == 409
+    stager.add_bucket(uid, 1, {"b.weight": t["b.weight"], "c.weight": t["c.weight"]})
+    stager.add_bucket(uid, 1, {"b.weight": t["b.weight"], "c.weight": t["c.weight"]})  # a retried bucket replaces
+    update = stager.take_for_commit(uid)
+    staged = {k: v for b in update.buckets.values() for k, v in b.items()}
+    assert update.version == 1 and set(staged) == set(SPECS)
+    assert all(torch.equal(staged[k], t[k]) for k in SPECS)
+    assert update.nbytes == sum(v.numel() * 4 for v in t.values())
+    with pytest.raises(WeightUpdateError, match="not the update in progress"):
+        stager.take_for_commit(uid)  # committed: gone
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"a.wieght": torch.zeros(4, 3)}, r"tensor 'a.wieght': not a parameter"),
+    ({"a.weight": torch.zeros(3, 4)}, r"tensor 'a.weight': shape \(3, 4\) does not match .* \(4, 3\)"),
+    ({"a.weight": torch.zeros(4, 3, dtype=torch.int64)}, r"tensor 'a.weight': dtype torch.int64"),
+    ({}, r"bucket 0: contains no tensors"),
+])
+def test_stager_rejects_bad_tensor_and_drops_update(tensors, message):
+    stager = WeightStager(SPECS, torch.float32)
+    uid = stager.begin(version=3, current_version=2)
+    with pytest.raises(WeightUpdateError, match=message):
+        stager.add_bucket(uid, 0, tensors)
+    assert stager.in_progress is None  # a rejected update can never be committed
+    with pytest.raises(WeightUpdateError, match="not the update in progress"):
+        stager.take_for_commit(uid)
+
+
+def test_stager_version_and_duplicates():
+    stager, t = WeightStager(SPECS, torch.float32), _tensors()
+    with pytest.raises(WeightUpdateError, match="version: 2 must be greater than the current weight version 2"):
+        stager.begin(version=2, current_version=2)
+    with pytest.raises(WeightUpdateError, match="num_tensors: 7"):
+        stager.begin(version=3, current_version=2, num_tensors=7)
+    uid = stager.begin(version=3, current_version=2)
+    stager.add_bucket(uid, 0, {"a.weight": t["a.weight"]})
+    with pytest.raises(WeightUpdateError, match="already received in bucket 0"):
+        stager.add_bucket(uid, 1, {"a.weight": t["a.weight"]})
+    newer = stager.begin(version=4, current_version=2)  # a restarted trainer replaces the abandoned update
+    assert stager.in_progress == newer and not stager.abort(uid) and stager.abort(newer)
+
+
+def test_stager_casts_to_engine_dtype():
+    stager, t = WeightStager(SPECS, torch.bfloat16), _tensors()
+    uid = stager.begin(version=1, current_version=0)
+    stager.add_bucket(uid, 0, t)
+    staged = stager.take_for_commit(uid).buckets[0]
+    assert all(v.dtype == torch.bfloat16 for v in staged.values())
+    assert torch.equal(staged["a.weight"], t["a.weight"].to(torch.bfloat16))
+
+
+def test_iter_buckets_bounds_size_and_round_trips():
+    named = [(f"t{i}", torch.full((i + 1, 8), float(i))) for i in range(10)]  # 32*(i+1) bytes each
+    buckets = list(iter_buckets(iter(named), bucket_bytes=200))
+    assert [b.index for b in buckets] == list(range(len(buckets)))
+    for b in buckets:  # a bucket exceeds the bound only when it holds one oversized tensor
+        assert b.nbytes <= 200 or len(b.names) == 1
+    got = {k: v for b in buckets for k, v in load(b.to_bytes()).items()}
+    assert [n for b in buckets for n in b.names] == [n for n, _ in named]  # stream order kept
+    assert sorted(got) == sorted(n for n, _ in named)
+    assert all(torch.equal(got[n], t) for n, t in named)
+    half = next(iter_buckets(iter(named[:2]), dtype=torch.bfloat16))
+    assert all(v.dtype == torch.bfloat16 for v in load(half.to_bytes()).values())
+    tied = torch.randn(4, 4)  # two names sharing storage (tied embeddings) still serialise
+    assert len(load(next(iter_buckets([("x", tied), ("y", tied)])).to_bytes())) == 2
+    with pytest.raises(ValueError, match="tensor 'z' is None"):
+        list(iter_buckets([("z", None)]))
+    with pytest.raises(ValueError, match="appears twice"):
+        list(iter_buckets([("x", tied), ("x", tied)]))
+
+
+def test_check_on_policy():
+    samples = [[Sample([1], [-0.1], "length", 5)], [Sample([2], [-0.2], "stop", 5), Sample([3], [-0.3], "stop", 4)]]
+    check_on_policy(samples, current_version=5, max_staleness=1)
+    with pytest.raises(StaleRolloutError, match=r"1 of 3 rollouts .* version\(s\) \[4\] .* trainer is at version 5"):
+        check_on_policy(samples, current_version=5)
+    with pytest.raises(StaleRolloutError, match=r"3 of 3"):
+        check_on_policy(samples, current_version=3, max_staleness=5)  # from the future: another run's weights
+
+
+def test_client_gives_clear_error_when_nothing_listens():
+    url = f"http://127.0.0.1:{free_port()}"
+    client = SidecarClient([url], retries=3, backoff_s=0.05, connect_timeout_s=1.0)
+    start = time.perf_counter()
+    with pytest.raises(SidecarError, match=r"POST /generate failed after 3 attempt\(s\).*127\.0\.0\.1.*ConnectError"):
+        client.generate([[1, 2]], max_tokens=2)
+    assert time.perf_counter() - start >= 0.05 + 0.1  # backed off between attempts
+    with pytest.raises(SidecarError, match="not healthy after"):
+        client.wait_healthy(timeout_s=0.5, poll_s=0.1)
+    for bad, msg in [(dict(urls=[]), "urls"), (dict(urls=[url], dispatch="random"), "dispatch"),
+                     (dict(urls=[url], transport="udp"), "transport"), (dict(urls=[url], retries=0), "retries")]:
+        with pytest.raises(ValueError, match=msg):
+            SidecarClient(**bad)
