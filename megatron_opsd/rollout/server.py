@@ -209,6 +209,7 @@ def create_app(engine):
             raise RequestError(f"header {BUCKET_INDEX_HEADER}: must be an integer") from None
         if index < 0:
             raise RequestError(f"header {BUCKET_INDEX_HEADER}: missing or negative; number buckets 0, 1, ...")
+        state.stager.require(update_id)
         shm_path = request.headers.get(SHM_PATH_HEADER)
         if shm_path:
             path = Path(shm_path)

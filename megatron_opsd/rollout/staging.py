@@ -60,6 +60,11 @@ class WeightStager:
             self._update = StagedUpdate(update_id, version, num_tensors)
             return update_id
 
+    def require(self, update_id: str) -> None:
+        """Raise (409) unless ``update_id`` is the update in progress; cheap check before parsing a body."""
+        with self._lock:
+            self._get(update_id)
+
     def _get(self, update_id: str) -> StagedUpdate:
         if self._update is None or self._update.update_id != update_id:
             raise WeightUpdateError(f"update_id: {update_id!r} is not the update in progress (it was committed, "

