@@ -1,0 +1,135 @@
+"""Hugging Face config -> megatron-core ``TransformerConfig``, one entry per supported family.
+
+A family says how its HF config maps onto megatron's knobs (qk-norm, qkv bias, RoPE scaling) and which HF
+tensor names make up a layer. The weight mapping itself (fusions, TP slicing) is in ``weights.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    qk_layernorm: bool
+    qkv_bias: bool
+
+
+FAMILIES = {
+    "qwen3": Family("qwen3", qk_layernorm=True, qkv_bias=False),
+    "qwen2": Family("qwen2", qk_layernorm=False, qkv_bias=True),
+    "llama": Family("llama", qk_layernorm=False, qkv_bias=False),
+}
+_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+FP8_FORMATS = (None, "hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "current")
+
+
+def detect_family(hf_config) -> str:
+    """Family name from ``architectures`` (or ``model_type``); a clear error for anything else."""
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in _ARCHITECTURES:
+            return _ARCHITECTURES[arch]
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in FAMILIES:
+        return model_type
+    raise ValueError(
+        f"unsupported model: architectures={getattr(hf_config, 'architectures', None)!r}, "
+        f"model_type={model_type!r}; supported architectures are {sorted(_ARCHITECTURES)}"
+    )
+
+
+def head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def num_kv_heads(hf_config) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def rope_parameters(hf_config) -> dict:
+    """RoPE settings across transformers versions (``rope_parameters`` in v5, ``rope_theta``/``rope_scaling`` before)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def validate_layout(hf_config, tp: int, pp: int, vpp: Optional[int] = None) -> None:
+    """Refuse parallel layouts megatron cannot shard this model into, naming the field and the fix."""
+    heads, kv_heads = hf_config.num_attention_heads, num_kv_heads(hf_config)
+    if heads % tp:
+        raise ValueError(f"num_attention_heads ({heads}) is not divisible by tensor_model_parallel_size ({tp}); "
+                         f"choose a TP size that divides {heads}")
+    if kv_heads % tp:
+        raise ValueError(f"num_key_value_heads ({kv_heads}) is not divisible by tensor_model_parallel_size ({tp}); "
+                         f"choose a TP size that divides {kv_heads}")
+    stages = pp * (vpp or 1)
+    if hf_config.num_hidden_layers % stages:
+        raise ValueError(f"num_hidden_layers ({hf_config.num_hidden_layers}) is not divisible by "
+                         f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size ({stages})")
+
+
+def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
+                               fp8_recipe: str = "delayed", recompute_granularity: Optional[str] = None,
+                               **overrides):
+    """A megatron ``TransformerConfig`` for this HF config and the current megatron parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    family = FAMILIES[detect_family(hf_config)]
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    validate_layout(hf_config, tp, pp, vpp)
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"model.fp8 must be one of {FP8_FORMATS}, got {fp8!r}")
+    if fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+    on_gpu = torch.cuda.is_available()
+    if hf_config.hidden_act != "silu":
+        raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported (SwiGLU/silu only)")
+    kwargs = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=num_kv_heads(hf_config),
+        kv_channels=head_dim(hf_config),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        use_cpu_initialization=not on_gpu,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        recompute_granularity=recompute_granularity,
+    )
+    if recompute_granularity == "full":
+        kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    if fp8:
+        kwargs.update(fp8=fp8, fp8_recipe="tensorwise" if fp8_recipe == "current" else "delayed")
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

@@ -1,0 +1,114 @@
+"""Build this rank's megatron-core ``GPTModel`` chunks from a Hugging Face config."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from megatron_opsd.models.families import rope_parameters, transformer_config_from_hf
+
+
+def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
+    """Megatron's padding: the vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * TP``."""
+    multiple = make_vocab_size_divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def load_hf_config(hf_config_or_dir):
+    if isinstance(hf_config_or_dir, (str, Path)):
+        from transformers import AutoConfig
+
+        path = Path(hf_config_or_dir)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.path={str(path)!r} has no config.json; point it at an HF model directory")
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return hf_config_or_dir
+
+
+def layer_spec(config, fp8: Optional[str]):
+    """Transformer Engine spec on GPU (required for FP8), megatron's local spec on CPU."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    try:
+        import transformer_engine  # noqa: F401
+
+        have_te = True
+    except ImportError:
+        have_te = False
+    if fp8 and not (have_te and torch.cuda.is_available()):
+        raise RuntimeError(
+            f"model.fp8={fp8!r} needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); megatron's local "
+            "layer spec would silently ignore FP8. Set model.fp8=null to run in bf16/fp32."
+        )
+    if have_te and torch.cuda.is_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+
+
+def _hf_inv_freq(hf_config) -> Optional[torch.Tensor]:
+    """HF's inverse RoPE frequencies when they differ from plain theta RoPE (Llama 3 scaling)."""
+    params = rope_parameters(hf_config)
+    if params["rope_type"] in ("default", None):
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if params["rope_type"] not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_type={params['rope_type']!r} is not supported")
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"))
+    return inv_freq.float()
+
+
+def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
+                fp8_recipe: str = "delayed", recompute_granularity: Optional[str] = None,
+                make_vocab_size_divisible_by: int = 128) -> list:
+    """This rank's model chunks (one, or one per virtual pipeline stage), not DDP-wrapped.
+
+    Each chunk carries ``.hf_config`` and ``.real_vocab_size`` (the unpadded vocabulary): the padded logit
+    columns must be excluded from every softmax (``vocab_range=(0, real_vocab_size)`` in the losses).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    hf_config = load_hf_config(hf_config_or_dir)
+    config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
+                                        recompute_granularity=recompute_granularity)
+    spec = layer_spec(config, fp8)
+    tp = ps.get_tensor_model_parallel_world_size()
+    vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
+    rope = rope_parameters(hf_config)
+    inv_freq = _hf_inv_freq(hf_config)
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=hf_config.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            position_embedding_type="rope",
+            rotary_base=int(rope["rope_theta"]),
+            vp_stage=stage,
+        )
+        if inv_freq is not None:
+            model.rotary_pos_emb.inv_freq = inv_freq.clone()
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        model.hf_config = hf_config
+        model.real_vocab_size = hf_config.vocab_size
+        chunks.append(model)
+    return chunks
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
