@@ -1,0 +1,1 @@
+"""The CPU demo: a tiny reasoning task that OPSD visibly compresses."""
