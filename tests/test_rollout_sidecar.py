@@ -274,13 +274,17 @@ def test_killed_server_gives_clear_error(second_server):
 
     def run():
         try:
-            client.generate([[5, 6, 7]] * 32, temperature=1.0, max_tokens=MAX_LEN - 8, ignore_eos=True)
+            client.generate([[5, 6, 7]] * 64, n=4, temperature=1.0, max_tokens=MAX_LEN - 8, ignore_eos=True)
         except SidecarError as err:
             result["error"] = err
 
     worker = threading.Thread(target=run)
     worker.start()
-    time.sleep(2.0)
+    deadline = time.monotonic() + 30
+    while httpx.get(second_server.url + "/health").json()["in_flight"] < 1:  # the generation has arrived
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert worker.is_alive(), "generation finished before the kill: make it longer"
     second_server.kill()
     worker.join(timeout=30)

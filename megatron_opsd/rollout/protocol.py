@@ -47,13 +47,6 @@ class NcclInitRequest(_Strict):
     timeout_s: float = 120.0
 
 
-class NcclTensorMeta(_Strict):
-    name: str
-    dtype: str
-    shape: list[int]
-
-
 class NcclUpdateRequest(_Strict):
     version: int
-    tensors: list[NcclTensorMeta]
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # tensor names, shapes and dtypes arrive with the buckets, through the group's store

@@ -269,29 +269,28 @@ def create_app(engine):
 
     @app.post("/weights/nccl/update")
     async def nccl_update(req: NcclUpdateRequest):
+        """Blocks while the trainer broadcasts; all workers stage everything before anything is applied."""
         require_gpu()
         if not state.nccl_ready:
             raise RequestError("no NCCL communicator; POST /weights/nccl/init first", status=409)
         if req.version <= state.version:
             raise RequestError(f"version: {req.version} must be greater than the current weight version "
                                f"{state.version}")
-        for meta in req.tensors:
-            expected = engine.tensor_specs.get(meta.name, (None,))[0]
-            if expected is None and not (engine.tied_embeddings and meta.name == "lm_head.weight"):
-                raise RequestError(f"tensor {meta.name!r}: not a parameter of the served model")
-            if expected is not None and tuple(meta.shape) != expected:
-                raise RequestError(f"tensor {meta.name!r}: shape {tuple(meta.shape)} != served {expected}")
-            if not isinstance(getattr(torch, meta.dtype, None), torch.dtype):
-                raise RequestError(f"tensor {meta.name!r}: unknown dtype {meta.dtype!r}")
+        specs = {name: list(shape) for name, (shape, _) in engine.tensor_specs.items()}
         start = time.perf_counter()
 
         def receive():
-            engine.collective_rpc("receive_and_load", kwargs=dict(
-                metas=[m.model_dump() for m in req.tensors], timeout_s=req.timeout_s))
+            engine.collective_rpc("receive_and_load", kwargs=dict(specs=specs, timeout_s=req.timeout_s))
             engine.reset_prefix_cache()
             state.version = req.version
 
-        await asyncio.to_thread(locked, receive)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(locked, receive), timeout=req.timeout_s + 10)
+        except asyncio.TimeoutError:
+            raise RequestError(f"NCCL weight update v{req.version} did not finish within {req.timeout_s:.0f} s; "
+                               "the engine may be stuck in a collective: restart the sidecar", status=504) from None
+        except (ValueError, TimeoutError) as err:
+            raise RequestError(f"NCCL weight update v{req.version} failed: {err}") from None
         state.updates += 1
         state.last_update_latency_s = state.last_update_apply_s = time.perf_counter() - start
         return {"weight_version": state.version, "latency_s": state.last_update_latency_s}
