@@ -117,3 +117,10 @@ def test_client_gives_clear_error_when_nothing_listens():
                      (dict(urls=[url], transport="udp"), "transport"), (dict(urls=[url], retries=0), "retries")]:
         with pytest.raises(ValueError, match=msg):
             SidecarClient(**bad)
+
+
+def test_sidecar_process_reports_startup_failure(tmp_path):
+    from megatron_opsd.rollout import start_sidecar_process
+
+    with pytest.raises(SidecarError, match=r"(?s)exited with code 2 during start-up.*not an HF checkpoint directory"):
+        start_sidecar_process(tmp_path / "missing", startup_timeout_s=60, log_path=tmp_path / "log.txt")
