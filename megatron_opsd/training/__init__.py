@@ -1,0 +1,1 @@
+"""Training: the optimizer engine, checkpoints, the OPSD and SFT loops."""

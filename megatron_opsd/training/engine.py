@@ -1,0 +1,108 @@
+"""Megatron DDP + distributed optimizer + LR schedule, wired the way Megatron-LM's training loop wires them.
+
+``setup_training`` wraps this rank's model chunks in megatron's ``DistributedDataParallel``, builds the
+(distributed) Adam optimizer and an ``OptimizerParamScheduler`` — the scheduler is what applies the per-group
+weight-decay multipliers, so biases and 1-D parameters (norms) get no weight decay — and installs
+``finalize_model_grads`` (which all-reduces the TP-duplicated q/k-norm gradients and the tied-embedding
+gradients across pipeline stages), ``grad_scale_func`` and ``no_sync_func`` into the model config, as the
+pipeline schedules expect. ``train_step`` runs one optimizer step through megatron's schedules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    use_distributed_optimizer: bool = True
+
+
+def setup_training(model_chunks: list, settings: OptimizerSettings):
+    """Returns ``(ddp_chunks, optimizer, scheduler)`` for this rank's chunks."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = model_chunks[0].config
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=settings.use_distributed_optimizer)
+    ddp_chunks = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
+                  for i, chunk in enumerate(model_chunks)]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
+                        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
+                        clip_grad=settings.clip_grad, bf16=config.bf16, fp16=config.fp16,
+                        params_dtype=config.params_dtype,
+                        use_distributed_optimizer=settings.use_distributed_optimizer),
+        ddp_chunks,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr, min_lr=settings.min_lr,
+        lr_warmup_steps=settings.warmup_steps, lr_decay_steps=max(settings.total_steps, 1),
+        lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
+        wd_incr_steps=max(settings.total_steps, 1), wd_incr_style="constant",
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return ddp_chunks, optimizer, scheduler
+
+
+def train_step(ddp_chunks: list, optimizer, scheduler, forward_step_func: Callable, data_iterator,
+               *, num_microbatches: int, seq_length: int, micro_batch_size: int) -> dict:
+    """One optimizer step; returns the losses reported by the last pipeline stage and the grad norm."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func, data_iterator=data_iterator,
+        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0], num_microbatches=num_microbatches,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return {"losses": losses, "grad_norm": grad_norm, "update_successful": update_successful}
+
+
+def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
+    """Set this TP rank's padded vocabulary columns to -inf (out of place), so no softmax sees them."""
+    from megatron.core import parallel_state as ps
+
+    shard = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * shard
+    if start + shard <= real_vocab_size:
+        return logits
+    ids = torch.arange(start, start + shard, device=logits.device)
+    return logits.masked_fill(ids >= real_vocab_size, float("-inf"))
+
+
+def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
+                     real_vocab_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over masked tokens, vocab-parallel (megatron's kernel), padding excluded.
+
+    ``logits`` are ``[batch, seq, vocab/TP]`` as GPTModel returns them; ``labels`` ``[batch, seq]``.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = mask_padded_vocab(logits.float(), real_vocab_size)
+    per_token = vocab_parallel_cross_entropy(logits, labels)
+    if loss_mask is None:
+        return per_token.mean()
+    mask = loss_mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
