@@ -284,8 +284,7 @@ def test_killed_server_gives_clear_error(second_server):
     while httpx.get(second_server.url + "/health").json()["in_flight"] < 1:  # the generation has arrived
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)
-    assert worker.is_alive(), "generation finished before the kill: make it longer"
+    assert worker.is_alive(), f"generation ended before the kill: {result.get('error')!r}"
     second_server.kill()
     worker.join(timeout=30)
     assert not worker.is_alive()
