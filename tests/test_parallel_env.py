@@ -1,0 +1,33 @@
+"""Rendezvous from torchrun / slurm variables and the world-size divisibility check."""
+import pytest
+
+from megatron_opsd.parallel.distributed import ParallelConfig, rendezvous_env
+
+
+def test_torchrun_variables_win():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert rendezvous_env(env) == dict(RANK=3, WORLD_SIZE=8, LOCAL_RANK=1, MASTER_ADDR="n1", MASTER_PORT=1234)
+
+
+def test_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_NODELIST": "gpu[07-08,11],cpu1",
+           "SLURM_JOB_ID": "4242"}
+    info = rendezvous_env(env)
+    assert info == dict(RANK=5, WORLD_SIZE=16, LOCAL_RANK=5, MASTER_ADDR="gpu07", MASTER_PORT=24242)
+
+
+def test_single_process_defaults():
+    assert rendezvous_env({}) == dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500)
+
+
+def test_world_not_divisible_names_the_sizes():
+    cfg = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tensor_model_parallel_size \(2\)"):
+        cfg.validate_world(6)
+    assert cfg.data_parallel_size(8) == 2
+
+
+def test_cpu_refuses_sequence_parallel():
+    with pytest.raises(ValueError, match="parallel.sequence_parallel needs CUDA"):
+        ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate_world(2)
