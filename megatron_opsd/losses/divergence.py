@@ -1,0 +1,178 @@
+"""Full-vocabulary per-token divergences between student and teacher, vocab-parallel and token-chunked.
+
+All kinds share one custom autograd function. For a per-entry term f_v(p_v) (p = student softmax) the
+gradient w.r.t. the student's scaled logits is  g_j = p_j a_j - p_j sum_v p_v a_v  with a_v = df_v/dp_v, so
+the backward needs only the saved per-token log-sum-exps and one all-reduce SUM per chunk:
+  reverse_kl  f = p (log p - log q)                      p a = p (log p - log q + 1)  -> g = p (log p - log q - KL)
+  forward_kl  f = q (log q - log p)                      p a = -q                     -> g = p - q
+  jsd_beta    f = b q (log q - log m) + (1-b) p (log p - log m),  m = b q + (1-b) p,   p a = (1-b) p (log p - log m)
+with q the teacher distribution. ``token_clip`` clamps each f_v from above before the vocabulary sum; a
+clamped entry contributes zero gradient (a_v := 0), which is what autograd of ``clamp`` gives.
+Working memory is a handful of fp32 [chunk_tokens, vocab_shard] tensors; nothing is kept between chunks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opsd.losses.vocab_parallel import (
+    VocabRange,
+    all_reduce,
+    log_softmax_stats,
+    to_fp32_masked,
+    valid_columns,
+    working_dtype,
+)
+
+KINDS = ("reverse_kl", "forward_kl", "jsd")
+REDUCTIONS = ("token_mean", "sequence_mean", "sum")
+
+
+def _xlogy_term(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """w * a with 0 where w == 0 (so 0 * -inf = 0 for zero-probability entries)."""
+    return torch.where(w > 0, w * a, torch.zeros_like(w))
+
+
+def _terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
+    """(pointwise divergence f [rows, shard], p * df/dp [rows, shard], p)."""
+    p, q = torch.exp(logp), torch.exp(logq)
+    if kind == "reverse_kl":
+        return _xlogy_term(p, logp - logq), _xlogy_term(p, logp - logq + 1.0), p
+    if kind == "forward_kl":
+        return _xlogy_term(q, logq - logp), -q, p
+    logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+    student_part = _xlogy_term(p, logp - logm)
+    return beta * _xlogy_term(q, logq - logm) + (1.0 - beta) * student_part, (1.0 - beta) * student_part, p
+
+
+class _VocabParallelDivergence(torch.autograd.Function):
+    """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, kind, beta, temperature, token_clip, chunk, cols, group,
+                teacher_is_logprobs):
+        dtype = working_dtype(student.dtype)
+        teacher_scale = 1.0 if teacher_is_logprobs else temperature
+        n = student.shape[0]
+        per_token = torch.zeros(n, dtype=dtype, device=student.device)
+        lse_s = torch.empty(n, dtype=dtype, device=student.device)
+        lse_t = torch.empty_like(lse_s)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            s = to_fp32_masked(student[rows], cols, temperature, dtype)
+            t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
+            lse_s[rows], lse_t[rows] = log_softmax_stats(s, t, group=group)
+            f, _, _ = _terms(kind, beta, s - lse_s[rows, None], t - lse_t[rows, None])
+            if token_clip is not None:
+                f = f.clamp(max=token_clip)
+            d = all_reduce(f.sum(dim=-1), dist.ReduceOp.SUM, group)
+            per_token[rows] = torch.where(mask[rows], d, torch.zeros_like(d))
+        ctx.save_for_backward(student, teacher, mask, lse_s, lse_t)
+        ctx.cfg = (kind, beta, temperature, teacher_scale, token_clip, chunk, cols, group)
+        return per_token
+
+    @staticmethod
+    def backward(ctx, grad_per_token):
+        student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
+        kind, beta, temperature, teacher_scale, token_clip, chunk, cols, group = ctx.cfg
+        dtype = lse_s.dtype
+        grad = torch.empty_like(student)
+        row_scale = torch.where(mask, grad_per_token.to(dtype), torch.zeros_like(lse_s)) / temperature
+        for start in range(0, student.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            s = to_fp32_masked(student[rows], cols, temperature, dtype)
+            t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
+            f, pa, p = _terms(kind, beta, s - lse_s[rows, None], t - lse_t[rows, None])
+            if token_clip is not None:
+                pa = torch.where(f <= token_clip, pa, torch.zeros_like(pa))
+            sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
+            g = (pa - p * sum_pa.unsqueeze(-1)) * row_scale[rows, None]
+            g = torch.where(mask[rows, None], g, torch.zeros_like(g))
+            grad[rows] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None, None, None, None
+
+
+def reduction_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-token fp32 weights [leading shape] so that loss = sum(weights * per_token); all-masked -> all 0.
+
+    ``sequence_mean`` (OPSDC's 1/|y|): mean over masked tokens of each sequence, then over sequences that
+    have at least one masked token. Sequences are ``sequence_ids`` if given, else the rows of a 2-D
+    [batch, seq] leading shape (for megatron's [seq, batch] layout pass ``sequence_ids``).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: choose one of {REDUCTIONS}")
+    m = mask.float()
+    if reduction == "sum":
+        return m
+    if reduction == "token_mean":
+        return m / m.sum().clamp(min=1.0)
+    if sequence_ids is None:
+        if mask.dim() != 2:
+            raise ValueError(f"reduction='sequence_mean' with leading shape {tuple(mask.shape)}: pass sequence_ids "
+                             "(per-token ints) or use a 2-D [batch, seq] leading shape")
+        sequence_ids = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)
+    if sequence_ids.shape != mask.shape:
+        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} must equal the leading shape "
+                         f"{tuple(mask.shape)}")
+    _, inverse = torch.unique(sequence_ids.reshape(-1), return_inverse=True)
+    counts = torch.bincount(inverse, weights=m.reshape(-1))
+    n_sequences = (counts > 0).sum().clamp(min=1).float()
+    return (m.reshape(-1) / counts[inverse].clamp(min=1.0) / n_sequences).reshape(mask.shape)
+
+
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "reverse_kl",
+    group=None,
+    loss_mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    token_clip: Optional[float] = None,
+    chunk_tokens: int = 1024,
+    vocab_range: VocabRange = None,
+    reduction: str = "token_mean",
+    sequence_ids: Optional[torch.Tensor] = None,
+    teacher_is_logprobs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divergence between student and teacher next-token distributions over the (sharded) vocabulary.
+
+    Args: logits are [..., vocab_shard] (this rank's slice); ``group`` is the TP group (None = one process);
+    ``kind`` reverse_kl | forward_kl | jsd (generalized JSD_beta; beta=0 is forward KL and beta=1 reverse KL
+    exactly, as in TRL); ``temperature`` divides both logits; ``vocab_range`` = half-open valid global ids,
+    columns outside get probability 0 whatever their value; ``teacher_is_logprobs`` = the teacher tensor holds
+    normalised target log-probs (e.g. from a target builder): used as-is, no temperature.
+    Returns (loss scalar in the working dtype (fp32; fp64 for fp64 inputs) with grad to ``student_logits``
+    only, per-token divergence [...] detached, 0 on masked tokens).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {KINDS}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same [..., vocab_shard] shape")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must be in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    lead, width = student_logits.shape[:-1], student_logits.shape[-1]
+    if loss_mask is None:
+        loss_mask = torch.ones(lead, dtype=torch.bool, device=student_logits.device)
+    if loss_mask.shape != lead:
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the logits' leading shape "
+                         f"{tuple(lead)}")
+    mask = loss_mask.bool()
+    weights = reduction_weights(mask, reduction, sequence_ids).reshape(-1)
+    cols = valid_columns(width, group, vocab_range, student_logits.device)
+    per_token = _VocabParallelDivergence.apply(
+        student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), mask.reshape(-1), kind,
+        float(beta), float(temperature), token_clip, int(chunk_tokens), cols, group, teacher_is_logprobs)
+    loss = (per_token * weights.to(per_token.dtype)).sum()
+    return loss, per_token.detach().reshape(lead)

@@ -1,0 +1,91 @@
+"""Vocab-parallel building blocks: shard layout, padded-column masking, distributed log-sum-exp, entropy.
+
+Megatron's ``vocab_parallel_cross_entropy`` pattern: every tensor-parallel rank holds an equal contiguous
+slice of the vocabulary (VocabUtility layout, global offset = group rank x shard width). Row statistics are
+combined with all-reduce MAX / SUM so the vocabulary is never gathered.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+VocabRange = Optional[tuple[int, int]]
+
+
+def group_rank_and_size(group) -> tuple[int, int]:
+    """(rank, world size) inside ``group``; ``None`` means a single process holding the whole vocabulary."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    """In-place all-reduce that is a no-op for a single process."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def valid_columns(shard_width: int, group, vocab_range: VocabRange, device) -> Optional[torch.Tensor]:
+    """Bool [shard_width] of this shard's columns whose global id lies in ``vocab_range`` (None = all valid)."""
+    if vocab_range is None:
+        return None
+    lo, hi = vocab_range
+    rank, size = group_rank_and_size(group)
+    if not (0 <= lo < hi <= shard_width * size):
+        raise ValueError(f"vocab_range={vocab_range} must satisfy 0 <= lo < hi <= tp_size * shard_width "
+                         f"= {shard_width * size}; pass (0, real_vocab_size)")
+    ids = torch.arange(shard_width, device=device) + rank * shard_width
+    return (ids >= lo) & (ids < hi)
+
+
+def to_fp32_masked(x: torch.Tensor, cols: Optional[torch.Tensor], scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Chunk in working precision, divided by ``scale`` (temperature), padded columns set to -inf.
+
+    Padded logits from megatron are arbitrary numbers, so the mask is by column id, not by value.
+    """
+    out = x.to(dtype)
+    if scale != 1.0:
+        out = out / scale
+    if cols is not None:
+        out = out.masked_fill(~cols, float("-inf"))
+    return out
+
+
+def log_softmax_stats(*xs: torch.Tensor, group) -> list[torch.Tensor]:
+    """Global log-sum-exp per row of sharded [rows, shard] chunks: one all-reduce MAX and one SUM for all."""
+    row_max = torch.stack([x.max(dim=-1).values for x in xs])
+    all_reduce(row_max, dist.ReduceOp.MAX, group)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sum_exp = torch.stack([torch.exp(x - m.unsqueeze(-1)).sum(dim=-1) for x, m in zip(xs, row_max)])
+    all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+    return list(row_max + torch.log(sum_exp))
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 inputs (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor, group=None, vocab_range: VocabRange = None,
+                           temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Per-token entropy H(softmax(logits / temperature)) of sharded logits; returns fp32 [leading shape].
+
+    H = lse - sum_v p_v x_v, so one extra all-reduce SUM per chunk on top of the log-sum-exp.
+    """
+    lead, width = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, width)
+    dtype = working_dtype(logits.dtype)
+    cols = valid_columns(width, group, vocab_range, logits.device)
+    out = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        x = to_fp32_masked(flat[start:start + chunk_tokens], cols, temperature, dtype)
+        (lse,) = log_softmax_stats(x, group=group)
+        p = torch.exp(x - lse.unsqueeze(-1))
+        px = torch.where(p > 0, p * x, torch.zeros_like(p)).sum(dim=-1)
+        all_reduce(px, dist.ReduceOp.SUM, group)
+        out[start:start + chunk_tokens] = lse - px
+    return out.reshape(lead).float()
