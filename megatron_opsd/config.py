@@ -1,0 +1,427 @@
+"""The run configuration: one dataclass tree, loaded from YAML, overridden from the command line, saved back.
+
+``load_config("x.yaml", ["loss.kind=jsd", "--set", "optim.lr=1e-6"])`` returns an ``OPSDConfig``. Types are
+taken from the dataclass annotations and enforced when loading, so a typo or a bad value fails before any
+process group exists, with the full dotted key and the allowed values in the message. ``save_config``
+writes the resolved tree, which ``load_config`` reads back identically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+from megatron_opsd.parallel.distributed import ParallelConfig
+
+DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_PROMPT_TEMPLATE = "{{ problem }}\n" + DEFAULT_PROMPT_SUFFIX
+DEFAULT_CONCISE_INSTRUCTION = (
+    "Solve the following problem concisely. Avoid unnecessary verification and repetition; "
+    "think only as much as needed."
+)
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model directory (config.json + safetensors + tokenizer)
+    tokenizer: Optional[str] = None  # default: model.path
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine on GPU; refused loudly without it
+    fp8_recipe: Literal["delayed", "current"] = "delayed"
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    make_vocab_size_divisible_by: int = 128  # padded vocabulary rows are excluded from every divergence
+    enable_thinking: Optional[bool] = None  # chat template switch (Qwen3); None = template default
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""  # JSONL or Parquet
+    eval_path: Optional[str] = None
+    format: Literal["auto", "jsonl", "parquet"] = "auto"  # auto: from the file suffix
+    prompt_field: str = "problem"
+    reference_field: str = "solution"  # optional per row: only the contexts that need it require it
+    answer_field: str = "answer"
+    teacher_prompt_field: str = "teacher_prompt"  # for teacher.context=per_example
+    id_field: Optional[str] = None  # None: the row number
+    system_prompt: Optional[str] = None  # a system turn for student and teacher
+    prompt_template: Optional[str] = DEFAULT_PROMPT_TEMPLATE  # Jinja with {{ problem }}; null = the default
+    max_prompt_tokens: int = 1024  # a longer chat-formatted prompt (student or teacher) is an error
+    shuffle: bool = True
+    seed: int = 0
+    limit: Optional[int] = None  # keep only the first N rows of a dataset file
+    pad_to_multiple_of: int = 8  # padded sequence length is a multiple of this (e.g. 8, or the TP size)
+
+
+@dataclass
+class TeacherConfig:
+    context: Literal["reference", "answer", "concise", "reference_only", "base", "rollout", "per_example",
+                     "template"] = "reference"
+    template: Optional[str] = None  # Jinja user turn (context=template): problem, reference, answer, instruction, rollout
+    concise_instruction: str = DEFAULT_CONCISE_INSTRUCTION  # OPSDC's conciseness instruction
+    weights: Literal["live", "frozen", "ema", "refresh"] = "frozen"
+    ema_decay: float = 0.999
+    refresh_every: int = 50  # OPSDC's M: hard copy student -> teacher every M steps (weights=refresh)
+    purified: bool = False  # Purified OPSD: full, reference-only and base teacher forwards
+    pmi_beta: float = 1.0  # Purified OPSD's beta in softmax(log pi_0 + Delta / beta)
+    pmi_clip: float = 10.0  # Purified OPSD's soft clip c in c * tanh(Delta / c)
+
+
+@dataclass
+class RolloutConfig:
+    sidecar_urls: list[str] = field(default_factory=list)  # empty: start a local sidecar on model.path
+    local_sidecar_port: Optional[int] = None  # None: a free port
+    local_sidecar_dtype: str = "float32"
+    kv_cache_memory_bytes: Optional[int] = None  # vLLM KV cache size; needed on CPU (e.g. 268435456)
+    n: int = 1  # rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 1024
+    max_staleness: int = 0  # how many optimizer steps a rollout's weights may lag behind
+    prompts_per_step: int = 8
+    filter: Literal["all", "correct", "incorrect"] = "all"  # which rollouts are distilled on (by reward)
+    horizon: Optional[int] = None  # truncated OPD: distil on the first `horizon` response tokens
+    horizon_growth: Optional[Literal["linear"]] = None  # progressive OPD: horizon_start -> horizon_end
+    horizon_start: Optional[int] = None
+    horizon_end: Optional[int] = None
+    horizon_steps: Optional[int] = None  # steps over which the horizon grows linearly
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    kind: Literal["math", "exact", "callable"] = "math"
+    callable: Optional[str] = None  # "module:function(response_text, example) -> bool | float"
+    boxed_only: bool = True  # only the last \boxed{...} of the response is graded
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["reverse_kl", "forward_kl", "jsd", "k1", "k3", "pg", "topk"] = "reverse_kl"
+    beta: float = 0.5  # JSD_beta: 0 = KL(teacher || student), 1 = KL(student || teacher)
+    temperature: float = 1.0  # applied to student and teacher logits
+    token_clip: Optional[float] = None  # clamp each vocabulary entry's term before summing
+    top_k: Optional[int] = None  # kind=topk: the teacher's top-k tokens, renormalised
+    reduction: Literal["token_mean", "sequence_mean", "sum"] = "token_mean"
+    chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide computation
+    target: Literal["teacher", "pmi", "demopsd"] = "teacher"  # what the student is pulled towards
+    demopsd_alpha_max: float = 0.15
+    demopsd_beta: float = 1.0  # DemoPSD: alpha_t = (sigmoid(beta * JSD_t) - 0.5) * 2 * alpha_max
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    micro_batch_size: int = 1
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    eval_every: int = 0  # 0: no evaluation during training
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <logging.dir>/checkpoints
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: bool = False  # resume from the latest checkpoint in dir if there is one
+
+
+@dataclass
+class LoggingConfig:
+    dir: Optional[str] = None  # None: resolved to runs/<name> by load_config
+    name: str = "opsd"
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron-opsd"
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class OPSDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or override; the message names the dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Coercion from the annotations (YAML values, or strings from the command line)
+# ----------------------------------------------------------------------------------------------------------
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"null", "none", "~", ""}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to annotation ``tp``; ConfigError naming ``key`` if impossible."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        nullable = type(None) in args
+        if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        if len(errors) == 1:
+            raise ConfigError(errors[0] + (" (or null)" if nullable else ""))
+        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        for allowed in args:
+            if value == allowed or (isinstance(value, str) and str(allowed) == value):
+                return allowed
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin is list or tp is list:
+        inner = args[0] if args else str
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            items = [t.strip() for t in text.split(",") if t.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)} (YAML list or 'a,b,c'), got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value if value is not None else {}, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r} in the config dataclass")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys and bad values raise ConfigError."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping with keys {names}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys {'of ' + prefix if prefix else 'at the top level'}"
+                              f": {names}")
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML-safe) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _override_items(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """``["a.b=1", "--set", "c.d=x", "--set=e.f=2"]`` -> [(dotted key, raw value text)]."""
+    items = []
+    for item in overrides:
+        if item == "--set":
+            continue
+        if item.startswith("--set="):
+            item = item[len("--set="):]
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. loss.kind=jsd)")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("-+")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        items.append((key, value))
+    return items
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Overrides -> nested dict of raw value strings (coerced later against the dataclasses)."""
+    nested: dict = {}
+    for key, value in _override_items(overrides):
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}={value}: {part} is set as a value and used as a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Apply ``section.key=value`` strings to ``cfg`` in place (and return it), coerced from the annotations."""
+    for key, raw in _override_items(overrides):
+        parts = key.split(".")
+        target = cfg
+        for i, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(target)]
+            where = ".".join(parts[:i])
+            if part not in names:
+                raise ConfigError(f"unknown config key {key!r}; valid keys {'of ' + where if where else 'at the top level'}"
+                                  f": {names}")
+            tp = typing.get_type_hints(type(target))[part]
+            if i < len(parts) - 1:
+                target = getattr(target, part)
+                if not dataclasses.is_dataclass(target):
+                    raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section; cannot set {key}")
+                continue
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+            value: Any = raw
+            if raw.strip().startswith("[") and raw.strip().endswith("]"):
+                try:
+                    value = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    pass
+            setattr(target, part, _coerce(value, tp, key))
+    return cfg
+
+
+def validate_config(cfg: OPSDConfig) -> OPSDConfig:
+    """Cross-field checks that single annotations cannot express."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    t, r, loss = cfg.teacher, cfg.rollout, cfg.loss
+    need(t.context != "template" or bool(t.template),
+         "teacher.template must be set (a Jinja user turn) when teacher.context=template")
+    need(cfg.reward.kind != "callable" or bool(cfg.reward.callable),
+         "reward.callable must be set to 'module:function' when reward.kind=callable")
+    need(loss.kind != "topk" or (loss.top_k or 0) > 0, "loss.top_k must be a positive integer when loss.kind=topk")
+    need(0.0 <= loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {loss.beta}")
+    need(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
+    need(loss.chunk_tokens >= 1, f"loss.chunk_tokens must be >= 1, got {loss.chunk_tokens}")
+    need(loss.target != "pmi" or t.purified,
+         "loss.target=pmi needs teacher.purified=true (the PMI target uses the reference-only and base teachers)")
+    need(0.0 < t.ema_decay < 1.0, f"teacher.ema_decay must be in (0, 1), got {t.ema_decay}")
+    need(t.refresh_every >= 1, f"teacher.refresh_every must be >= 1, got {t.refresh_every}")
+    need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
+    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
+    need(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {r.max_tokens}")
+    need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")
+    if r.horizon_growth is not None:
+        need(None not in (r.horizon_start, r.horizon_end, r.horizon_steps),
+             "rollout.horizon_growth=linear needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps")
+        need(1 <= r.horizon_start <= r.horizon_end and r.horizon_steps >= 1,
+             "rollout.horizon_growth=linear needs 1 <= horizon_start <= horizon_end and horizon_steps >= 1")
+        need(r.horizon is None, "set rollout.horizon (fixed) or rollout.horizon_growth (progressive), not both")
+    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
+    need(cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
+    need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    return cfg
+
+
+def resolve_config(cfg: OPSDConfig) -> OPSDConfig:
+    """Fill the defaults that depend on other fields (logging.dir = runs/<name>)."""
+    if cfg.logging.dir is None:
+        cfg.logging.dir = str(Path("runs") / cfg.logging.name)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[Sequence[str]] = None,
+                cls: type = OPSDConfig) -> Any:
+    """Defaults <- YAML file (if any) <- overrides; an OPSDConfig is then resolved and validated."""
+    data: Any = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+    cfg = from_dict(cls, data)
+    apply_overrides(cfg, list(overrides or []))
+    if isinstance(cfg, OPSDConfig):
+        validate_config(resolve_config(cfg))
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML; ``load_config(path)`` gives an equal config back."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+    return p
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``, repeatable ``--set key=value`` and Hydra-style bare ``key=value`` arguments."""
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set loss.kind=jsd (repeatable)")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra-style overrides, e.g. loss.kind=jsd rollout.n=4")
+
+
+def config_from_args(args: argparse.Namespace, cls: type = OPSDConfig) -> Any:
+    """The config named by ``add_config_arguments``' arguments."""
+    return load_config(args.config, list(args.set_overrides) + list(args.overrides), cls=cls)

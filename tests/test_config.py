@@ -1,0 +1,120 @@
+"""Config tree: YAML + overrides, type coercion from annotations, clear errors, save/reload round trip."""
+import argparse
+import dataclasses
+
+import pytest
+import yaml
+
+from megatron_opsd.config import (
+    ConfigError, OPSDConfig, add_config_arguments, apply_overrides, config_from_args, config_to_dict,
+    load_config, parse_overrides, save_config,
+)
+from megatron_opsd.parallel.distributed import ParallelConfig
+
+
+def test_defaults_resolve_and_section_types():
+    cfg = load_config(None, [])
+    assert isinstance(cfg, OPSDConfig)
+    assert type(cfg.parallel) is ParallelConfig  # the launcher's dataclass, not a copy
+    assert cfg.loss.kind == "reverse_kl" and cfg.model.make_vocab_size_divisible_by == 128
+    assert cfg.logging.dir == "runs/opsd"  # runs/<name>
+    assert load_config(None, ["logging.name=exp7"]).logging.dir == "runs/exp7"
+
+
+def test_yaml_then_overrides_coerced_from_annotations(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": "/m", "enable_thinking": False},
+        "loss": {"kind": "jsd", "beta": 1},  # int in YAML for a float field
+        "optim": {"lr": "1e-6"},  # PyYAML reads 1e-6 as a string
+        "rollout": {"sidecar_urls": ["http://a:1"], "n": 4},
+    }))
+    cfg = load_config(str(path), [
+        "--set", "loss.beta=0.25", "rollout.sidecar_urls=http://a:1,http://b:2", "rollout.horizon=64",
+        "model.fp8=null", "model.enable_thinking=true", "parallel.tensor_model_parallel_size=2",
+        "train.steps=7", "data.id_field=unique_id", "loss.token_clip=none", "rollout.filter=correct",
+    ])
+    assert cfg.model.path == "/m" and cfg.model.enable_thinking is True and cfg.model.fp8 is None
+    assert cfg.loss.kind == "jsd" and cfg.loss.beta == 0.25 and isinstance(cfg.loss.beta, float)
+    assert cfg.optim.lr == 1e-6 and isinstance(cfg.optim.lr, float)
+    assert cfg.rollout.sidecar_urls == ["http://a:1", "http://b:2"] and cfg.rollout.n == 4
+    assert cfg.rollout.horizon == 64 and cfg.rollout.filter == "correct"
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.train.steps == 7
+    assert cfg.data.id_field == "unique_id" and cfg.loss.token_clip is None
+    assert load_config(None, ["rollout.sidecar_urls=[x, y]"]).rollout.sidecar_urls == ["x", "y"]
+    assert load_config(None, ["rollout.sidecar_urls="]).rollout.sidecar_urls == []
+
+
+def test_save_and_reload_identical(tmp_path):
+    cfg = load_config(None, ["loss.kind=topk", "loss.top_k=20", "teacher.context=concise", "optim.lr=3e-7",
+                             "rollout.horizon_growth=linear", "rollout.horizon_start=8", "rollout.horizon_end=64",
+                             "rollout.horizon_steps=10", "data.system_prompt=Be brief.\nReally."])
+    path = save_config(cfg, tmp_path / "sub" / "resolved.yaml")
+    again = load_config(str(path), [])
+    assert again == cfg
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.kind=foo", "loss.kind: 'foo' is not one of ['reverse_kl', 'forward_kl', 'jsd', 'k1', 'k3', 'pg', 'topk']"),
+    ("loss.knd=jsd", "unknown config key 'loss.knd'; valid keys of loss: ['kind',"),
+    ("nosuch.key=1", "unknown config key 'nosuch.key'; valid keys at the top level: ['model',"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("train.steps=1.5", "train.steps: expected an integer, got '1.5'"),
+    ("optim.use_distributed_optimizer=maybe", "optim.use_distributed_optimizer: expected true or false"),
+    ("model.fp8=e5m2", "model.fp8: 'e5m2' is not one of ['hybrid', 'e4m3'] (or null)"),
+    ("loss=jsd", "loss is a section"),
+    ("loss.kind", "is not of the form section.key=value"),
+    ("teacher.context=template", "teacher.template must be set"),
+    ("reward.kind=callable", "reward.callable must be set"),
+    ("loss.kind=topk", "loss.top_k must be a positive integer"),
+    ("loss.beta=1.5", "loss.beta must be in [0, 1]"),
+    ("rollout.horizon_growth=linear", "needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps"),
+    ("loss.target=pmi", "loss.target=pmi needs teacher.purified=true"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_yaml_values_name_the_full_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"rollout": {"temperature": "hot"}}))
+    with pytest.raises(ConfigError, match=r"rollout.temperature: expected a number, got 'hot'"):
+        load_config(str(path))
+    path.write_text(yaml.safe_dump({"parallel": {"tensor_model_parallel_size": True}}))
+    with pytest.raises(ConfigError, match=r"parallel.tensor_model_parallel_size: expected an integer, got True"):
+        load_config(str(path))
+    path.write_text(yaml.safe_dump({"loss": "jsd"}))
+    with pytest.raises(ConfigError, match=r"loss: expected a mapping"):
+        load_config(str(path))
+    path.write_text(yaml.safe_dump({"loss": {"kind": "jsd", "extra": 1}}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss.extra'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_parse_overrides_and_cli_arguments():
+    assert parse_overrides(["a.b=1", "--set", "a.c=x=y", "d=2"]) == {"a": {"b": "1", "c": "x=y"}, "d": "2"}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--set", "loss.kind=jsd", "rollout.n=3", "--set", "loss.beta=0.1"])
+    cfg = config_from_args(args)
+    assert (cfg.loss.kind, cfg.rollout.n, cfg.loss.beta) == ("jsd", 3, 0.1)
+
+
+def test_apply_overrides_on_any_dataclass():
+    @dataclasses.dataclass
+    class Inner:
+        ids: list[int] = dataclasses.field(default_factory=list)
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    cfg = apply_overrides(Outer(), ["inner.ids=1,2,3"])
+    assert cfg.inner.ids == [1, 2, 3]
+    with pytest.raises(ConfigError, match=r"inner.ids\[1\]: expected an integer, got 'b'"):
+        apply_overrides(Outer(), ["inner.ids=1,b"])
