@@ -48,6 +48,24 @@ def _terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
     return beta * _xlogy_term(q, logq - logm) + (1.0 - beta) * student_part, (1.0 - beta) * student_part, p
 
 
+def _kl_inplace(kind: str, logp: torch.Tensor, logq: torch.Tensor, token_clip, backward: bool):
+    """Reverse / forward KL on owned chunk buffers, overwriting them to keep ~3 [rows, shard] tensors live.
+
+    Forward returns the per-entry terms f; backward returns (p * df/dp, p). Same maths as ``_terms``.
+    """
+    reverse = kind == "reverse_kl"
+    p = torch.exp(logp)
+    weight = p if reverse else torch.exp(logq)  # the distribution the expectation is taken under
+    diff = logq.neg_().add_(logp) if reverse else logp.neg_().add_(logq)  # log p - log q  /  log q - log p
+    zero = weight == 0
+    if not backward:
+        f = diff.mul_(weight).masked_fill_(zero, 0.0)
+        return f.clamp_(max=token_clip) if token_clip is not None else f
+    keep = None if token_clip is None else (diff * weight).masked_fill_(zero, 0.0) <= token_clip
+    pa = diff.add_(1.0).mul_(p).masked_fill_(zero, 0.0) if reverse else weight.neg_()
+    return (pa.masked_fill_(~keep, 0.0) if keep is not None else pa), p
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
     """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient."""
 
@@ -65,9 +83,12 @@ class _VocabParallelDivergence(torch.autograd.Function):
             s = to_fp32_masked(student[rows], cols, temperature, dtype)
             t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
             lse_s[rows], lse_t[rows] = log_softmax_stats(s, t, group=group)
-            f, _, _ = _terms(kind, beta, s - lse_s[rows, None], t - lse_t[rows, None])
-            if token_clip is not None:
-                f = f.clamp(max=token_clip)
+            logp, logq = s.sub_(lse_s[rows, None]), t.sub_(lse_t[rows, None])
+            if kind == "jsd":
+                f = _terms(kind, beta, logp, logq)[0]
+                f = f.clamp(max=token_clip) if token_clip is not None else f
+            else:
+                f = _kl_inplace(kind, logp, logq, token_clip, backward=False)
             d = all_reduce(f.sum(dim=-1), dist.ReduceOp.SUM, group)
             per_token[rows] = torch.where(mask[rows], d, torch.zeros_like(d))
         ctx.save_for_backward(student, teacher, mask, lse_s, lse_t)
@@ -85,13 +106,17 @@ class _VocabParallelDivergence(torch.autograd.Function):
             rows = slice(start, start + chunk)
             s = to_fp32_masked(student[rows], cols, temperature, dtype)
             t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
-            f, pa, p = _terms(kind, beta, s - lse_s[rows, None], t - lse_t[rows, None])
-            if token_clip is not None:
-                pa = torch.where(f <= token_clip, pa, torch.zeros_like(pa))
+            logp, logq = s.sub_(lse_s[rows, None]), t.sub_(lse_t[rows, None])
+            if kind == "jsd":
+                f, pa, p = _terms(kind, beta, logp, logq)
+                if token_clip is not None:
+                    pa = pa.masked_fill_(f > token_clip, 0.0)
+                del f
+            else:
+                pa, p = _kl_inplace(kind, logp, logq, token_clip, backward=True)
             sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
-            g = (pa - p * sum_pa.unsqueeze(-1)) * row_scale[rows, None]
-            g = torch.where(mask[rows, None], g, torch.zeros_like(g))
-            grad[rows] = g.to(grad.dtype)
+            g = pa.sub_(p.mul_(sum_pa.unsqueeze(-1))).mul_(row_scale[rows, None])
+            grad[rows] = g.masked_fill_(~mask[rows, None], 0.0).to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None, None, None
 
 
@@ -138,6 +163,7 @@ def vocab_parallel_divergence(
     reduction: str = "token_mean",
     sequence_ids: Optional[torch.Tensor] = None,
     teacher_is_logprobs: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Divergence between student and teacher next-token distributions over the (sharded) vocabulary.
 
@@ -145,7 +171,9 @@ def vocab_parallel_divergence(
     ``kind`` reverse_kl | forward_kl | jsd (generalized JSD_beta; beta=0 is forward KL and beta=1 reverse KL
     exactly, as in TRL); ``temperature`` divides both logits; ``vocab_range`` = half-open valid global ids,
     columns outside get probability 0 whatever their value; ``teacher_is_logprobs`` = the teacher tensor holds
-    normalised target log-probs (e.g. from a target builder): used as-is, no temperature.
+    normalised target log-probs (e.g. from a target builder): used as-is, no temperature; ``token_weights``
+    (leading shape, float) replace the reduction's weights, for callers that normalise over a whole step of
+    micro-batches and data-parallel ranks (masked tokens still count 0).
     Returns (loss scalar in the working dtype (fp32; fp64 for fp64 inputs) with grad to ``student_logits``
     only, per-token divergence [...] detached, 0 on masked tokens).
     """
@@ -169,7 +197,13 @@ def vocab_parallel_divergence(
         raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the logits' leading shape "
                          f"{tuple(lead)}")
     mask = loss_mask.bool()
-    weights = reduction_weights(mask, reduction, sequence_ids).reshape(-1)
+    if token_weights is not None:
+        if token_weights.shape != lead:
+            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the logits' leading "
+                             f"shape {tuple(lead)}")
+        weights = (token_weights.float() * mask).reshape(-1)
+    else:
+        weights = reduction_weights(mask, reduction, sequence_ids).reshape(-1)
     cols = valid_columns(width, group, vocab_range, student_logits.device)
     per_token = _VocabParallelDivergence.apply(
         student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), mask.reshape(-1), kind,

@@ -1,0 +1,113 @@
+"""One OPSD step (frozen teacher with a longer context, reverse KL) at TP=1, TP=2 and PP=2 from the same
+weights and rollouts: same loss, same updated parameters; the loss equals an unsharded transformers reference."""
+import pytest
+import torch
+
+from megatron_opsd.parallel import ParallelConfig
+from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.training.engine import OptimizerSettings
+from megatron_opsd.training.opsd import LossSettings, token_weights
+
+REL_TOL = 1e-4
+
+
+def rollouts():
+    g = torch.Generator().manual_seed(7)
+    student = [torch.randint(5, 379, (n,), generator=g).tolist() for n in (5, 7, 6, 5)]
+    teacher = [torch.randint(5, 379, (n,), generator=g).tolist() for n in (11, 9, 12, 10)]
+    responses = [torch.randint(5, 379, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
+    return student, teacher, responses
+
+
+def step_worker(hf_dir: str, reduction: str, micro_batch_size: int):
+    from megatron.core import parallel_state as ps
+
+    from megatron_opsd.models.gpt import build_model
+    from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint
+    from megatron_opsd.training.engine import setup_training
+    from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, student_forward_backward
+
+    student_chunks = build_model(hf_dir)
+    load_hf_checkpoint(student_chunks, hf_dir)
+    teacher_chunks = build_model(hf_dir)
+    load_hf_checkpoint(teacher_chunks, hf_dir)  # frozen teacher: the initial weights
+    ddp, optimizer, scheduler = setup_training(student_chunks, OptimizerSettings(lr=1e-3, clip_grad=1.0))
+    student, teacher, responses = rollouts()
+    weights = token_weights([len(r) for r in responses], reduction)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    kw = dict(micro_batch_size=micro_batch_size, pad_id=0, dp_size=dp, dp_rank=dp_rank)
+    student_mbs = build_microbatches(student, responses, weights, **kw)
+    teacher_mbs = build_microbatches(teacher, responses, weights, **kw)
+    teacher_rows = collect_teacher_rows(teacher_chunks, teacher_mbs)
+    for chunk in ddp:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossSettings(),
+                                       real_vocab_size=student_chunks[0].real_vocab_size, dp_size=dp)
+    optimizer.step()
+    loss = sum(m["loss"].item() for m in metrics) if metrics else None
+    params = {name: t for name, t in iter_hf_tensors(student_chunks) if t is not None}
+    return loss, params
+
+
+def reference_loss(hf_dir: str, reduction: str) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    student, teacher, responses = rollouts()
+    per_seq = []
+    for s, t, r in zip(student, teacher, responses):
+        with torch.no_grad():
+            ls = model(torch.tensor([s + r])).logits[0, len(s) - 1: len(s) + len(r) - 1].log_softmax(-1)
+            lt = model(torch.tensor([t + r])).logits[0, len(t) - 1: len(t) + len(r) - 1].log_softmax(-1)
+        per_seq.append((ls.exp() * (ls - lt)).sum(-1))  # reverse KL(student || teacher) per response token
+    if reduction == "token_mean":
+        return torch.cat(per_seq).mean().item()
+    return torch.stack([k.mean() for k in per_seq]).mean().item()
+
+
+def run(hf_dir, tp, pp, dp=1, reduction="token_mean", micro_batch_size=1):
+    results = run_distributed(step_worker, tp * pp * dp, ParallelConfig(tensor_model_parallel_size=tp,
+                                                                        pipeline_model_parallel_size=pp),
+                              hf_dir, reduction, micro_batch_size)
+    # every TP rank of the last stage reports its micro-batches' loss; DP ranks report disjoint shares
+    loss = sum(r[0] for r in results if r[0] is not None) / tp
+    return loss, results[0][1]
+
+
+def relative_errors(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+def test_step_tp1_matches_reference(tiny_checkpoints, reduction):
+    loss, _ = run(tiny_checkpoints["qwen3"], 1, 1, reduction=reduction)
+    assert loss == pytest.approx(reference_loss(tiny_checkpoints["qwen3"], reduction), rel=1e-5)
+
+
+def test_step_same_across_tp_pp_dp(tiny_checkpoints):
+    hf_dir = tiny_checkpoints["qwen3"]
+    base_loss, base_params = run(hf_dir, 1, 1)
+    for tp, pp, dp, mbs in ((2, 1, 1, 2), (1, 2, 1, 1), (1, 1, 2, 1)):
+        loss, params = run(hf_dir, tp, pp, dp, micro_batch_size=mbs)
+        assert loss == pytest.approx(base_loss, rel=REL_TOL), (tp, pp, dp)
+        assert relative_errors(params, base_params) < REL_TOL, (tp, pp, dp)
+
+
+def test_token_weights_equal_reduction_weights():
+    from megatron_opsd.losses import vocab_parallel_divergence
+    from megatron_opsd.losses.divergence import reduction_weights
+
+    torch.manual_seed(0)
+    student = torch.randn(3, 5, 40, requires_grad=True)
+    teacher = torch.randn(3, 5, 40)
+    mask = torch.rand(3, 5) > 0.3
+    for reduction in ("token_mean", "sequence_mean"):
+        ref, _ = vocab_parallel_divergence(student, teacher, loss_mask=mask, reduction=reduction)
+        (g_ref,) = torch.autograd.grad(ref, student)
+        weights = reduction_weights(mask, reduction, None)
+        got, _ = vocab_parallel_divergence(student, teacher, loss_mask=mask, reduction="sum", token_weights=weights)
+        (g_got,) = torch.autograd.grad(got, student)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(g_got, g_ref)
