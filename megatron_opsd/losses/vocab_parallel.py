@@ -46,11 +46,11 @@ def to_fp32_masked(x: torch.Tensor, cols: Optional[torch.Tensor], scale: float, 
 
     Padded logits from megatron are arbitrary numbers, so the mask is by column id, not by value.
     """
-    out = x.to(dtype)
+    out = x.to(dtype, copy=True)  # the only [rows, shard] copy; the rest is in place
     if scale != 1.0:
-        out = out / scale
+        out.div_(scale)
     if cols is not None:
-        out = out.masked_fill(~cols, float("-inf"))
+        out.masked_fill_(~cols, float("-inf"))
     return out
 
 
