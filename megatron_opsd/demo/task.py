@@ -1,0 +1,280 @@
+"""The CPU demo's synthetic, verifiable reasoning task and the SFT traces that make a tiny model compressible.
+
+Problems are chains of single-digit additions and subtractions evaluated left to right ("Compute 7 + 5 - 3 +
+8."), with every intermediate value in ``[0, max_value]``; the answer is an integer checked from
+``\\boxed{...}``. Two trace styles teach the tiny model the behaviour the OPSDC paper starts from:
+
+- verbose (answer to the student prompt, problem only): every step may be followed by ``Wait, let me
+  verify ...`` loops of random length and the whole chain may be re-checked at the end; with probability
+  ``error_prob`` a re-check talks itself into a wrong value that it then carries to the end, so verbose
+  traces are a little less accurate, as the paper observes of long reasoning;
+- concise (answer to the concise-instruction prompt): the steps once, then the boxed answer.
+
+OPSDC then uses :data:`CONCISE_INSTRUCTION` as the teacher's privileged context: the teacher assigns low
+probability to "Wait" where the student would emit it. The prompts are built by the trainer's own context
+builders (``data.contexts``) with default ``DataConfig`` and ``TeacherConfig(context="concise",
+concise_instruction=CONCISE_INSTRUCTION)``, so SFT, rollouts and teacher see exactly the same text.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from megatron_opsd.config import DataConfig, TeacherConfig
+from megatron_opsd.data import contexts
+from megatron_opsd.data.datasets import PromptExample
+
+CONCISE_INSTRUCTION = "Solve the following problem concisely. Do not re-check your steps."
+
+Messages = list[dict[str, str]]
+
+_PROBLEM_RE = re.compile(r"^Compute (\d+)((?: [+-] \d+)+)\.$")
+_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
+_VERIFY_OPENERS = ("Wait, let me verify.", "Wait, let me double-check.", "Hmm, let me check that again.")
+_CONFIRMS = ("Yes.", "Correct.", "That is right.")
+_FINAL_OPENERS = ("Wait, let me verify the whole computation again.", "Let me double-check everything from the start.")
+
+
+@dataclass
+class TaskConfig:
+    """Difficulty and size of the synthetic task (the splits are disjoint sets of distinct problems)."""
+
+    n_train: int = 2000
+    n_test: int = 200
+    min_steps: int = 3  # operations per problem
+    max_steps: int = 4
+    max_operand: int = 9
+    max_value: int = 30  # every intermediate value stays in [0, max_value]
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"TaskConfig needs 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.max_operand < 1 or self.max_value < self.max_operand:
+            raise ValueError(f"TaskConfig needs 1 <= max_operand <= max_value, got max_operand={self.max_operand}, "
+                             f"max_value={self.max_value}")
+        if self.n_train < 1 or self.n_test < 1:
+            raise ValueError(f"TaskConfig needs n_train >= 1 and n_test >= 1, got {self.n_train}, {self.n_test}")
+
+
+@dataclass
+class TraceConfig:
+    """How verbose the verbose traces are, how often they go wrong, and the SFT mixture's composition."""
+
+    check_prob: float = 0.6  # a step is followed by a Wait-loop with this probability
+    repeat_prob: float = 0.4  # each loop repeats once more with this probability (geometric length)
+    final_check_prob: float = 0.7  # re-check the whole chain before answering
+    error_prob: float = 0.1  # a verbose trace talks itself into a wrong intermediate value
+    concise_fraction: float = 0.5  # share of SFT records that are (concise prompt, concise trace)
+
+    def __post_init__(self):
+        for name in ("check_prob", "repeat_prob", "final_check_prob", "error_prob", "concise_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"TraceConfig.{name} must be a probability in [0, 1], got {value}")
+        if self.repeat_prob >= 1.0:
+            raise ValueError("TraceConfig.repeat_prob must be < 1 (else the Wait-loops never end)")
+
+
+# ----------------------------------------------------------------------------------------------- problems
+
+def _apply(value: int, op: str, operand: int) -> int:
+    return value + operand if op == "+" else value - operand
+
+
+def parse_problem(problem: str) -> tuple[int, list[tuple[str, int]]]:
+    """``"Compute 7 + 5 - 3."`` -> ``(7, [("+", 5), ("-", 3)])``; traces are rebuilt from the JSONL text alone."""
+    match = _PROBLEM_RE.match(problem)
+    if match is None:
+        raise ValueError(f"not a demo problem: {problem!r} (expected 'Compute a + b - c ...')")
+    tokens = match.group(2).split()
+    return int(match.group(1)), [(tokens[i], int(tokens[i + 1])) for i in range(0, len(tokens), 2)]
+
+
+def solve_steps(problem: str) -> list[tuple[int, str, int, int]]:
+    """The left-to-right steps ``(lhs, op, operand, result)`` of ``problem``."""
+    value, ops = parse_problem(problem)
+    steps = []
+    for op, operand in ops:
+        result = _apply(value, op, operand)
+        steps.append((value, op, operand, result))
+        value = result
+    return steps
+
+
+def _step_text(lhs: int, op: str, operand: int, result: int) -> str:
+    return f"{lhs} {op} {operand} = {result}."
+
+
+def _sample_problem(rng: random.Random, cfg: TaskConfig) -> str:
+    value = rng.randint(1, cfg.max_operand)
+    parts = [str(value)]
+    for _ in range(rng.randint(cfg.min_steps, cfg.max_steps)):
+        ops = [op for op in "+-" if 0 <= _apply(value, op, 1)]
+        op = rng.choice(ops)
+        hi = min(cfg.max_operand, cfg.max_value - value) if op == "+" else min(cfg.max_operand, value)
+        if hi < 1:  # at the edge of the range only the other operation fits
+            op = "-" if op == "+" else "+"
+            hi = min(cfg.max_operand, cfg.max_value - value) if op == "+" else min(cfg.max_operand, value)
+        operand = rng.randint(1, hi)
+        value = _apply(value, op, operand)
+        parts += [op, str(operand)]
+    return "Compute " + " ".join(parts) + "."
+
+
+def make_example(problem: str, example_id: str) -> dict:
+    """One JSONL record: ``id``, ``problem``, ``answer`` (integer as text), ``solution`` (concise reference)."""
+    steps = solve_steps(problem)
+    answer = str(steps[-1][3])
+    solution = " ".join(_step_text(*s) for s in steps) + f" The answer is \\boxed{{{answer}}}."
+    return {"id": example_id, "problem": problem, "answer": answer, "solution": solution}
+
+
+def generate_splits(cfg: TaskConfig = TaskConfig()) -> tuple[list[dict], list[dict]]:
+    """Seeded train and test splits of distinct problems (no problem text occurs in both)."""
+    rng = random.Random(cfg.seed)
+    seen: set[str] = set()
+    problems: list[str] = []
+    want, attempts = cfg.n_train + cfg.n_test, 0
+    while len(problems) < want:
+        attempts += 1
+        if attempts > 50 * want:
+            raise ValueError(f"TaskConfig allows too few distinct problems for n_train + n_test = {want}; raise "
+                             "max_steps, max_operand or max_value, or ask for fewer examples")
+        problem = _sample_problem(rng, cfg)
+        if problem not in seen:
+            seen.add(problem)
+            problems.append(problem)
+    train = [make_example(p, f"train-{i}") for i, p in enumerate(problems[:cfg.n_train])]
+    test = [make_example(p, f"test-{i}") for i, p in enumerate(problems[cfg.n_train:])]
+    return train, test
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_splits(out_dir: str | Path, cfg: TaskConfig = TaskConfig()) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``test.jsonl`` under ``out_dir``; returns their paths by split name."""
+    train, test = generate_splits(cfg)
+    out_dir = Path(out_dir)
+    return {"train": write_jsonl(out_dir / "train.jsonl", train), "test": write_jsonl(out_dir / "test.jsonl", test)}
+
+
+def boxed_answer(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` in ``text`` (None when there is none)."""
+    found = _BOXED_RE.findall(text)
+    return found[-1].strip() if found else None
+
+
+# ------------------------------------------------------------------------------------------------- traces
+
+def concise_trace(example: dict, rng: random.Random) -> str:
+    """Each step once, then the boxed answer. ``rng`` is unused: concise traces are canonical (the SFT target
+    the concise teacher should reproduce); it is accepted so both generators share one signature."""
+    del rng
+    return make_example(example["problem"], example.get("id", ""))["solution"]
+
+
+def _verify_loop(rng: random.Random, step: tuple[int, str, int, int]) -> str:
+    return f"{rng.choice(_VERIFY_OPENERS)} {_step_text(*step)} {rng.choice(_CONFIRMS)}"
+
+
+def _wrong_value(rng: random.Random, true_value: int) -> int:
+    choices = [v for v in (true_value - 2, true_value - 1, true_value + 1, true_value + 2) if v >= 0]
+    return rng.choice(choices)
+
+
+def verbose_trace(example: dict, rng: random.Random, cfg: TraceConfig = TraceConfig()) -> str:
+    """The steps with random ``Wait, let me verify`` loops and a final re-check; sometimes talks itself into an
+    error (a re-check "finds" a wrong value and carries it to the boxed answer)."""
+    value, ops = parse_problem(example["problem"])
+    error_at = rng.randrange(len(ops)) if rng.random() < cfg.error_prob else None
+    parts: list[str] = []
+    steps: list[tuple[int, str, int, int]] = []
+    for i, (op, operand) in enumerate(ops):
+        step = (value, op, operand, _apply(value, op, operand))
+        parts.append(_step_text(*step))
+        if i == error_at:
+            wrong = _wrong_value(rng, step[3])
+            parts.append(f"{rng.choice(_VERIFY_OPENERS)} {value} {op} {operand} = {wrong}, not {step[3]}. "
+                         f"So we have {wrong}.")
+            step = (value, op, operand, wrong)
+        elif rng.random() < cfg.check_prob:
+            parts.append(_verify_loop(rng, step))
+            while rng.random() < cfg.repeat_prob:
+                parts.append(_verify_loop(rng, step))
+        steps.append(step)
+        value = step[3]
+    if error_at is None and rng.random() < cfg.final_check_prob:
+        parts.append(rng.choice(_FINAL_OPENERS))
+        parts += [_step_text(*s) for s in steps]
+        parts.append(rng.choice(_CONFIRMS))
+    parts.append(f"The answer is \\boxed{{{value}}}.")
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+def _example(problem: str) -> PromptExample:
+    return PromptExample(id="demo", prompt=problem)
+
+
+def student_messages(problem: str) -> Messages:
+    """The student's prompt: what ``data.contexts.student_messages`` builds with the default ``DataConfig``."""
+    return contexts.student_messages(_example(problem), DataConfig())
+
+
+def concise_teacher_config() -> TeacherConfig:
+    """The trainer's teacher settings for the demo: OPSDC's concise context with :data:`CONCISE_INSTRUCTION`."""
+    return TeacherConfig(context="concise", concise_instruction=CONCISE_INSTRUCTION)
+
+
+def concise_messages(problem: str) -> Messages:
+    """The concise-instruction prompt, exactly the OPSDC teacher context the trainer builds for the demo."""
+    return contexts.teacher_messages(_example(problem), DataConfig(), concise_teacher_config())
+
+
+def build_sft_mixture(examples: list[dict], seed: int = 0, cfg: TraceConfig = TraceConfig()) -> list[dict]:
+    """SFT records ``{"id", "kind", "messages"}``: per example, either the student prompt answered by a verbose
+    trace (kind ``verbose``) or, with probability ``concise_fraction``, the concise prompt answered by a concise
+    trace (kind ``concise``)."""
+    rng = random.Random(seed)
+    records = []
+    for ex in examples:
+        if rng.random() < cfg.concise_fraction:
+            kind, prompt, trace = "concise", concise_messages(ex["problem"]), concise_trace(ex, rng)
+        else:
+            kind, prompt, trace = "verbose", student_messages(ex["problem"]), verbose_trace(ex, rng, cfg)
+        records.append({"id": ex["id"], "kind": kind, "messages": prompt + [{"role": "assistant", "content": trace}]})
+    return records
+
+
+def tokenizer_corpus(examples: list[dict], seed: int = 0, cfg: TraceConfig = TraceConfig()) -> list[str]:
+    """Texts to train the demo's BPE tokenizer on: prompts of both kinds and traces of both kinds."""
+    rng = random.Random(seed)
+    texts = []
+    for ex in examples:  # whole prompts, so the instruction lines become a few frequent tokens
+        texts += [concise_messages(ex["problem"])[-1]["content"], concise_trace(ex, rng), verbose_trace(ex, rng, cfg)]
+    return texts
+
+
+def train_demo_tokenizer(out_dir: str | Path, examples: list[dict], vocab_size: int = 512, seed: int = 0):
+    """Train the demo's byte-level BPE tokenizer on the task text (HF tokenizer with the Qwen3-style template)."""
+    from megatron_opsd.models.tokenizer_train import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(tokenizer_corpus(examples, seed), out_dir, vocab_size=vocab_size)
