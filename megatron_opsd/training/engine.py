@@ -67,17 +67,28 @@ def train_step(ddp_chunks: list, optimizer, scheduler, forward_step_func: Callab
     """One optimizer step; returns the losses reported by the last pipeline stage and the grad norm."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in ddp_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    zero_grads(ddp_chunks, optimizer)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator,
         model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0], num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+    return {"losses": losses, **optimizer_step(optimizer, scheduler)}
+
+
+def zero_grads(ddp_chunks: list, optimizer) -> None:
+    """Zero the DDP grad buffers and the optimizer's grads: call before each step's forward_backward."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def optimizer_step(optimizer, scheduler) -> dict:
+    """Clip, step (the distributed optimizer all-gathers the updated params) and advance the LR schedule."""
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
-    return {"losses": losses, "grad_norm": grad_norm, "update_successful": update_successful}
+    return {"grad_norm": grad_norm, "update_successful": update_successful,
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
@@ -106,3 +117,15 @@ def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
         return per_token.mean()
     mask = loss_mask.float()
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def make_sft_loss_fn(real_vocab_size: int):
+    """``loss_fn(logits, microbatch)`` for ``schedule.forward_backward``: mean cross-entropy over the response
+    tokens (``microbatch["loss_mask"]``, 1 on response tokens) of ``microbatch["labels"]`` (next tokens)."""
+
+    def sft_loss_fn(logits: torch.Tensor, microbatch: dict):
+        mask = microbatch["loss_mask"]
+        loss = lm_cross_entropy(logits, microbatch["labels"], mask, real_vocab_size)
+        return loss, {"num_tokens": mask.sum().detach()}
+
+    return sft_loss_fn

@@ -1,0 +1,199 @@
+"""Pipeline-aware forward/backward and teacher-logits collection over megatron's schedules, and replica helpers.
+
+``forward_backward`` and ``collect_logits`` drive ``megatron.core.pipeline_parallel.get_forward_backward_func()``
+(no pipelining, 1F1B at PP > 1, interleaved 1F1B with virtual stages) with a list of microbatch dicts; on the
+last pipeline stage the caller's ``loss_fn(logits, microbatch)`` sees this rank's vocabulary shard of the
+logits, ``[batch, seq, padded_vocab / TP]`` (GPTModel returns batch-first). Every microbatch of one call must be
+padded to the same ``seq_length``: the schedules run with ``variable_seq_lengths=False`` (gloo pairs
+point-to-point messages in posting order; variable shapes add a shape exchange that we do not rely on).
+
+``copy_weights_`` / ``ema_update_`` act on two replicas sharded the same way (frozen / refreshed / EMA
+teacher), shard-locally, with no communication.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """``loss``: the reduced loss on every rank (see ``forward_backward``); ``metrics``: one dict per microbatch
+    (the loss_fn's metrics plus ``"loss"``) on the last pipeline stage, empty elsewhere."""
+
+    loss: float
+    metrics: list = field(default_factory=list)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _position_ids(microbatch: dict) -> torch.Tensor:
+    tokens = microbatch["tokens"]
+    if microbatch.get("position_ids") is not None:
+        return microbatch["position_ids"]
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def _validate(microbatches: list, seq_length: int, micro_batch_size: int) -> None:
+    if not microbatches:
+        raise ValueError("microbatches is empty: pass at least one microbatch dict")
+    for i, mb in enumerate(microbatches):
+        if "tokens" not in mb:
+            raise ValueError(f"microbatch {i} has no 'tokens' entry (a [batch, seq] LongTensor)")
+        shape = tuple(mb["tokens"].shape)
+        if shape != (micro_batch_size, seq_length):
+            raise ValueError(f"microbatch {i}: tokens shape {shape} != (micro_batch_size, seq_length) = "
+                             f"({micro_batch_size}, {seq_length}); pad every microbatch of a step to one length")
+
+
+def _run_schedule(model_chunks: list, microbatches: list, on_logits: Callable, *, seq_length: int,
+                  micro_batch_size: int, forward_only: bool) -> list:
+    """Runs the schedule; ``on_logits(index, logits, microbatch) -> (loss, metrics)`` on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    _validate(microbatches, seq_length, micro_batch_size)
+
+    def forward_step(data_iterator, model):
+        index, mb = next(data_iterator)
+        output = model(mb["tokens"], _position_ids(mb), attention_mask=mb.get("attention_mask"))
+        return output, lambda logits: on_logits(index, logits, mb)
+
+    iterators = [iter(list(enumerate(microbatches))) for _ in model_chunks]
+    single = len(model_chunks) == 1
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators[0] if single else iterators,
+        model=model_chunks[0] if single else model_chunks, num_microbatches=len(microbatches),
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only)
+
+
+def _broadcast_from_last_stage(value: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(value, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+    return value
+
+
+def forward_backward(model_chunks: list, microbatches: list, loss_fn: LossFn, *, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False,
+                     loss_reduction: str = "mean") -> ForwardBackwardOutput:
+    """Forward (and backward unless ``forward_only``) of all microbatches through the pipeline schedule.
+
+    Each microbatch is a dict with ``tokens`` ``[micro_batch_size, seq_length]``, optional ``position_ids`` (default
+    0..seq-1) and ``attention_mask`` (default None = causal), plus anything ``loss_fn`` needs. Gradients
+    accumulate into the DDP grad buffers; the caller zeroes them and steps the optimizer.
+
+    ``loss_reduction``: ``"mean"`` (megatron's convention): the gradient is that of the mean of ``loss_fn`` over
+    microbatches and data-parallel ranks. ``"sum"``: the gradient is that of the sum over microbatches and DP
+    ranks — use it when ``loss_fn`` already weights tokens by a global normaliser (e.g. 1 / all response
+    tokens of the step). ``loss`` of the result is reduced the same way and is valid on every rank.
+    """
+    from megatron.core import parallel_state as ps
+
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    dp = ps.get_data_parallel_world_size()
+    # The schedule divides by num_microbatches and DDP averages over DP: undo both for "sum".
+    scale = len(microbatches) * dp if loss_reduction == "sum" else 1
+
+    def on_logits(index: int, logits: torch.Tensor, mb: dict):
+        loss, metrics = loss_fn(logits, mb)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+        # A clone: the schedule divides the returned tensor in place.
+        return loss.clone() * scale if scale != 1 else loss.clone(), {**metrics, "loss": loss.detach().clone()}
+
+    metrics = _run_schedule(model_chunks, microbatches, on_logits, seq_length=seq_length,
+                            micro_batch_size=micro_batch_size, forward_only=forward_only)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    total = torch.zeros(1, dtype=torch.float64)
+    if last:
+        total += sum(float(m["loss"]) for m in metrics)
+        if loss_reduction == "mean":
+            total /= len(microbatches) * dp
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    _broadcast_from_last_stage(total)
+    return ForwardBackwardOutput(loss=total.item(), metrics=list(metrics) if last else [])
+
+
+def _select_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    if positions.dtype == torch.bool:  # [batch, seq] mask -> [n_selected, vocab_shard]
+        return logits[positions]
+    if positions.dim() != 2:  # [batch, k] sequence indices -> [batch, k, vocab_shard]
+        raise ValueError(f"gather positions must be a [batch, seq] bool mask or [batch, k] indices, got shape "
+                         f"{tuple(positions.shape)}")
+    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+@torch.no_grad()
+def collect_logits(model_chunks: list, microbatches: list, *, seq_length: int, micro_batch_size: int,
+                   gather_positions_key: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None) -> Optional[list]:
+    """Forward-only pass (no grad) returning, on the last pipeline stage, each microbatch's logits in order.
+
+    Logits are this rank's vocabulary shard, ``[batch, seq, padded_vocab / TP]``; with ``gather_positions_key``
+    only the positions in ``microbatch[key]`` are kept (a bool mask -> ``[n, vocab/TP]``, indices ``[batch, k]``
+    -> ``[batch, k, vocab/TP]``), to save memory. ``dtype`` casts them (None: as computed). ``None`` on the
+    other stages.
+    """
+    from megatron.core import parallel_state as ps
+
+    stored: dict = {}
+
+    def on_logits(index: int, logits: torch.Tensor, mb: dict):
+        if gather_positions_key is not None:
+            if gather_positions_key not in mb:
+                raise ValueError(f"microbatch {index} has no {gather_positions_key!r} entry (gather_positions_key)")
+            logits = _select_positions(logits, mb[gather_positions_key])
+        stored[index] = logits.to(dtype) if dtype is not None else logits
+        return logits.new_zeros(()), {}
+
+    _run_schedule(model_chunks, microbatches, on_logits, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                  forward_only=True)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return [stored[i] for i in range(len(microbatches))]
+
+
+def _parameter_pairs(dst_chunks: list, src_chunks: list):
+    if len(dst_chunks) != len(src_chunks):
+        raise ValueError(f"replicas have {len(dst_chunks)} and {len(src_chunks)} model chunks: build both with the "
+                         "same parallel layout")
+    for i, (dst, src) in enumerate(zip(dst_chunks, src_chunks)):
+        dst_params, src_params = dict(_unwrap(dst).named_parameters()), dict(_unwrap(src).named_parameters())
+        if dst_params.keys() != src_params.keys():
+            diff = sorted(dst_params.keys() ^ src_params.keys())
+            raise ValueError(f"chunk {i}: replicas have different parameters ({diff[:4]}...): same model and layout?")
+        for name, d in dst_params.items():
+            s = src_params[name]
+            if d.shape != s.shape:
+                raise ValueError(f"chunk {i} {name}: shard shapes {tuple(d.shape)} vs {tuple(s.shape)}: the replicas "
+                                 "must be sharded the same way (same TP/PP/VPP)")
+            yield d, s
+
+
+@torch.no_grad()
+def copy_weights_(dst_chunks: list, src_chunks: list) -> None:
+    """``dst <- src`` for every local parameter shard (hard teacher refresh). If ``dst`` has an optimizer with
+    separate fp32 main parameters, call its ``reload_model_params()`` afterwards."""
+    for d, s in _parameter_pairs(dst_chunks, src_chunks):
+        d.copy_(s)
+
+
+@torch.no_grad()
+def ema_update_(ema_chunks: list, src_chunks: list, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * src`` for every local parameter shard, in the EMA's dtype."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    for e, s in _parameter_pairs(ema_chunks, src_chunks):
+        e.mul_(decay).add_(s.to(e.dtype), alpha=1.0 - decay)
