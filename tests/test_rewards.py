@@ -10,7 +10,7 @@ from megatron_opsd.data.datasets import PromptExample
 from megatron_opsd.rewards import build_reward, extract_boxed_answer
 from megatron_opsd.rewards.exact import ExactVerifier, normalize_answer
 from megatron_opsd.rewards.filters import correct_demonstrations, group_filter
-from megatron_opsd.rewards.math_verifier import MathVerifier
+from megatron_opsd.rewards.math import MathVerifier
 
 DATA = "/work/shared/data"
 

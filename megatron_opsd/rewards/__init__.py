@@ -8,7 +8,7 @@ _EXPORTS = {
     "extract_boxed_answer": "megatron_opsd.rewards.boxed",
     "build_reward": "megatron_opsd.rewards.build",
     "load_callable": "megatron_opsd.rewards.build",
-    "MathVerifier": "megatron_opsd.rewards.math_verifier",
+    "MathVerifier": "megatron_opsd.rewards.math",
     "ExactVerifier": "megatron_opsd.rewards.exact",
     "group_filter": "megatron_opsd.rewards.filters",
 }

@@ -62,7 +62,7 @@ class CallableReward:
 
 def build_reward(reward_cfg: RewardConfig, num_workers: int = 0) -> Callable[[Sequence[str], Sequence[Any]], list[float]]:
     if reward_cfg.kind == "math":
-        from megatron_opsd.rewards.math_verifier import MathVerifier
+        from megatron_opsd.rewards.math import MathVerifier
 
         return VerifierReward(MathVerifier(boxed_only=reward_cfg.boxed_only, num_workers=num_workers))
     if reward_cfg.kind == "exact":
