@@ -1,26 +1,64 @@
-"""Per-rank worker functions for the model tests (top-level so run_distributed can pickle them)."""
+"""Per-rank worker functions for the model tests (top-level so run_distributed can pickle them).
+
+Each worker handles several checkpoints in one spawn: starting 4 processes and importing megatron costs more
+than the tiny models themselves.
+"""
 import torch
 
-from megatron_opsd.models.weights import logits_on_last_stage as our_logits  # noqa: F401
+from megatron_opsd.models.weights import logits_on_last_stage
 
 
-def export_round_trip(hf_dir: str, out_dir: str) -> None:
+def logits_of_many(hf_dirs: dict, tokens: torch.Tensor):
+    """name -> our real-vocab logits on last-stage ranks, None elsewhere."""
+    out = {name: logits_on_last_stage(path, tokens) for name, path in hf_dirs.items()}
+    return None if any(v is None for v in out.values()) else out
+
+
+def export_many(pairs: dict, probe_dir: str, dst_rank: int) -> dict:
+    """Import each HF dir and save it back; then iterate the probe model's tensors towards ``dst_rank``."""
     from megatron_opsd.models.gpt import build_model
-    from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
+    from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 
-    chunks = build_model(hf_dir)
-    load_hf_checkpoint(chunks, hf_dir)
-    save_hf_checkpoint(chunks, out_dir, source_dir=hf_dir)
+    for src, out in pairs.items():
+        chunks = build_model(src)
+        load_hf_checkpoint(chunks, src)
+        save_hf_checkpoint(chunks, out, source_dir=src, max_shard_bytes=64 * 1024)  # several shards + index
+    chunks = build_model(probe_dir)
+    load_hf_checkpoint(chunks, probe_dir)
+    padded_rows_zero = True
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                start = param.shape[0] * _tp_rank()
+                real_local = max(0, min(param.shape[0], chunk.real_vocab_size - start))
+                padded_rows_zero &= bool((param[real_local:] == 0).all())
+    items = list(iter_hf_tensors(chunks, dst_rank=dst_rank, dtype=torch.bfloat16))
+    return {"items": items, "padded_rows_zero": padded_rows_zero}
 
 
-def build_only(hf_dir: str) -> None:
-    from megatron_opsd.models.gpt import build_model
+def _tp_rank() -> int:
+    from megatron.core import parallel_state as ps
 
-    build_model(hf_dir)
+    return ps.get_tensor_model_parallel_rank()
 
 
-def load_only(hf_dir: str) -> None:
+def bad_inputs(cases: dict) -> dict:
+    """name -> (fn name, kwargs): the error message each case raises on this rank ("" when it did not raise).
+
+    Only non-collective failures are probed here, so one rank's error cannot hang the others.
+    """
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint
 
-    load_hf_checkpoint(build_model(hf_dir), hf_dir)
+    def load(path):
+        load_hf_checkpoint(build_model(path), path)
+
+    fns = {"build": lambda path, **kw: build_model(path, **kw), "load": lambda path: load(path)}
+    out = {}
+    for name, (fn, kwargs) in cases.items():
+        try:
+            fns[fn](**kwargs)
+            out[name] = ""
+        except Exception as err:  # noqa: BLE001 - the message is the thing under test
+            out[name] = f"{type(err).__name__}: {err}"
+    return out

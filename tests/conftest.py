@@ -11,6 +11,7 @@ TINY_VARIANTS = {
     "qwen3_tied": dict(family="qwen3", tie_word_embeddings=True),
     "qwen2": dict(family="qwen2", hidden_size=128, tie_word_embeddings=True),
     "llama": dict(family="llama"),
+    "qwen3_4l": dict(family="qwen3", num_layers=4),  # PP=2 x VPP=2 needs 4 layers
 }
 
 

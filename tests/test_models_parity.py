@@ -1,104 +1,164 @@
-"""Our megatron GPTModel vs transformers: logits parity across TP/PP, export round-trip, bad input."""
+"""Our megatron GPTModel vs transformers: logits parity across TP/PP/VPP, export round-trip, bad input."""
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_opsd.parallel import ParallelConfig
-from megatron_opsd.parallel.launch import DistributedError, run_distributed
-from tests._workers_models import build_only, export_round_trip, load_only, our_logits
+from megatron_opsd.parallel.launch import run_distributed
+from tests._workers_models import bad_inputs, export_many, logits_of_many
 
 TOL = 1e-4  # fp32, max abs logit difference
+ALL = ("qwen3", "qwen3_tied", "qwen2", "llama")  # qwen2 is tied too (and has qkv bias); llama has llama3 RoPE
+
+# (TP, PP, VPP, checkpoints): one spawn per layout
+LAYOUTS = [
+    pytest.param(1, 1, None, ALL, id="tp1"),
+    pytest.param(2, 1, None, ALL, id="tp2"),
+    pytest.param(1, 2, None, ("qwen3", "qwen3_tied", "llama"), id="pp2"),
+    pytest.param(1, 2, 2, ("qwen3_4l",), id="pp2-vpp2"),
+    pytest.param(2, 2, None, ALL, id="tp2-pp2", marks=pytest.mark.slow),
+]
 
 
 def hf_logits(hf_dir, tokens):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens).logits.detach()
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens).logits
 
 
-def run_logits(hf_dir, tokens, tp, pp):
-    results = run_distributed(our_logits, tp * pp, ParallelConfig(tensor_model_parallel_size=tp,
-                                                                  pipeline_model_parallel_size=pp), hf_dir, tokens)
-    return [r for r in results if r is not None][0]
+def read_checkpoint(path) -> dict:
+    path = Path(path)
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-GRID = [("qwen3", 1, 1), ("qwen3", 2, 1), ("qwen3", 1, 2), ("qwen3_tied", 1, 2), ("qwen2", 2, 1),
-        ("llama", 2, 1), ("llama", 1, 1)]
-
-
-@pytest.mark.parametrize("name,tp,pp", GRID)
-def test_logits_match_transformers(tiny_checkpoints, name, tp, pp):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("tp,pp,vpp,names", LAYOUTS)
+def test_logits_match_transformers(tiny_checkpoints, tp, pp, vpp, names):
+    torch.manual_seed(tp * 10 + pp)
     tokens = torch.randint(0, 379, (2, 12))
-    ref = hf_logits(tiny_checkpoints[name], tokens)
-    ours = run_logits(tiny_checkpoints[name], tokens, tp, pp)
-    assert ours.shape == ref.shape
-    assert (ours - ref).abs().max().item() < TOL
+    cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                         virtual_pipeline_model_parallel_size=vpp)
+    results = run_distributed(logits_of_many, tp * pp, cfg, {n: tiny_checkpoints[n] for n in names}, tokens)
+    last_stage = [r for r in results if r is not None]
+    assert len(last_stage) == tp  # every TP rank of the last stage holds the gathered logits
+    for name in names:
+        ref = hf_logits(tiny_checkpoints[name], tokens)
+        for ours in last_stage:
+            assert ours[name].shape == ref.shape == (2, 12, 379), name
+            diff = (ours[name] - ref).abs().max().item()
+            assert diff < TOL, f"{name} at TP={tp} PP={pp} VPP={vpp}: max abs diff {diff:.2e}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen3", "qwen2", "llama"])
-def test_logits_match_transformers_tp2_pp2(tiny_checkpoints, name):
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 379, (2, 10))
-    ours = run_logits(tiny_checkpoints[name], tokens, 2, 2)
-    assert (ours - hf_logits(tiny_checkpoints[name], tokens)).abs().max().item() < TOL
+def test_export_round_trip_is_bitwise(tiny_checkpoints, tmp_path):
+    """HF -> ours at TP=2 x PP=2 -> HF equals the source tensor by tensor; iter_hf_tensors streams to rank 3."""
+    pairs = {tiny_checkpoints[n]: str(tmp_path / n) for n in ALL}
+    cfg = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    results = run_distributed(export_many, 4, cfg, pairs, tiny_checkpoints["qwen3_tied"], 3)
+    for src, out in pairs.items():
+        before, after = read_checkpoint(src), read_checkpoint(out)
+        assert sorted(before) == sorted(after), src
+        for key in before:
+            assert torch.equal(before[key], after[key]), f"{src}: {key}"
+        index = json.loads((Path(out) / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(before)
+        assert all((Path(out) / f).exists() for f in set(index["weight_map"].values()))
+        assert json.loads((Path(out) / "config.json").read_text())["vocab_size"] == 379
+        assert (Path(out) / "tokenizer.json").exists() and (Path(out) / "tokenizer_config.json").exists()
+        assert not list(tmp_path.glob(".*tmp-*")), "temporary export directory left behind"
+
+    # iter_hf_tensors: same names in the same order on every rank, tensors only on dst_rank=3, bf16 as asked
+    source = read_checkpoint(tiny_checkpoints["qwen3_tied"])
+    names = [[name for name, _ in r["items"]] for r in results]
+    assert all(n == names[0] for n in names) and sorted(names[0]) == sorted(source)
+    assert "lm_head.weight" not in names[0]  # tied: exported once, as the embedding
+    for rank, r in enumerate(results):
+        assert r["padded_rows_zero"], f"rank {rank}: padded vocabulary rows are not zero"
+        for name, tensor in r["items"]:
+            if rank == 3:
+                assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name].bfloat16()), name
+            else:
+                assert tensor is None
 
 
-@pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "qwen2"])
-def test_export_round_trip_is_bitwise(tiny_checkpoints, tmp_path, name):
-    src = tiny_checkpoints[name]
-    out = tmp_path / "exported"
-    run_distributed(export_round_trip, 4, ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-                    src, str(out))
-    before, after = load_file(f"{src}/model.safetensors"), load_file(str(out / "model.safetensors"))
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 379
-    assert (out / "tokenizer.json").exists()
+def _write_config(src, dst: Path, **changes) -> str:
+    cfg = json.loads(Path(src, "config.json").read_text())
+    cfg.update(changes)
+    dst.mkdir()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
 
 
-def test_heads_not_divisible_by_tp(tiny_checkpoints, tmp_path):
-    cfg = json.loads(Path(tiny_checkpoints["qwen3"], "config.json").read_text())
-    cfg["num_key_value_heads"] = 1
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(DistributedError, match="num_key_value_heads .* tensor_model_parallel_size"):
-        run_distributed(build_only, 2, ParallelConfig(tensor_model_parallel_size=2), str(bad))
-
-
-def test_missing_tensor(tiny_checkpoints, tmp_path):
+def test_bad_input_errors_name_the_field(tiny_checkpoints, tmp_path):
     src = Path(tiny_checkpoints["qwen3"])
-    bad = tmp_path / "missing"
-    bad.mkdir()
-    (bad / "config.json").write_text((src / "config.json").read_text())
+    missing = Path(_write_config(src, tmp_path / "missing"))
     tensors = load_file(str(src / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(DistributedError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
-        run_distributed(load_only, 1, ParallelConfig(), str(bad))
+    save_file(tensors, str(missing / "model.safetensors"))
+    cases = {
+        "kv_heads": ("build", dict(path=_write_config(src, tmp_path / "kv", num_key_value_heads=1))),
+        "missing": ("load", dict(path=str(missing))),
+        "fp8": ("build", dict(path=str(src), fp8="hybrid")),
+        "fp8_recipe": ("build", dict(path=str(src), fp8_recipe="mxfp8")),
+        "arch": ("build", dict(path=_write_config(src, tmp_path / "arch", architectures=["FooForCausalLM"],
+                                                  model_type="qwen3_moe"))),
+        "no_config": ("build", dict(path=str(tmp_path))),
+    }
+    expected = {
+        "kv_heads": r"num_key_value_heads \(1\) is not divisible by tensor_model_parallel_size \(2\)",
+        "missing": r"missing tensor 'model.layers.1.mlp.up_proj.weight'",
+        "fp8": r"model.fp8='hybrid' needs Transformer Engine .* Set model.fp8=null",
+        "fp8_recipe": r"model.fp8_recipe must be one of",
+        "arch": r"architectures=\['FooForCausalLM'\].*supported architectures",
+        "no_config": r"has no config.json",
+    }
+    results = run_distributed(bad_inputs, 2, ParallelConfig(tensor_model_parallel_size=2), cases)
+    for rank_result in results:
+        for name, pattern in expected.items():
+            assert re.search(pattern, rank_result[name]), f"{name}: {rank_result[name]!r}"
+
+
+def test_layout_validation():
+    from megatron_opsd.models.families import validate_layout
+
+    cfg = SimpleNamespace(num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=6)
+    validate_layout(cfg, tp=2, pp=3)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(6\) is not divisible by tensor_model_parallel_size"):
+        validate_layout(cfg, tp=4, pp=1)
+    with pytest.raises(ValueError, match=r"num_hidden_layers \(6\) .* virtual_pipeline_model_parallel_size \(4\)"):
+        validate_layout(cfg, tp=1, pp=2, vpp=2)
 
 
 def test_unknown_architecture():
-    from types import SimpleNamespace
-
     from megatron_opsd.models.families import detect_family
 
     with pytest.raises(ValueError, match="architectures=.*GPTNeoXForCausalLM.*supported architectures"):
         detect_family(SimpleNamespace(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"))
 
 
-def test_fp8_without_transformer_engine_is_refused(tiny_checkpoints):
-    with pytest.raises(DistributedError, match="model.fp8='hybrid' needs Transformer Engine"):
-        run_distributed(_build_fp8, 1, ParallelConfig(), tiny_checkpoints["qwen3"])
+def test_padded_vocab_size():
+    from megatron_opsd.models.gpt import padded_vocab_size
+
+    assert padded_vocab_size(379, 1) == 384
+    assert padded_vocab_size(379, 2) == 512
+    assert padded_vocab_size(151936, 8) == 152576  # Qwen3 at TP=8: multiple of 128 * 8
+    assert padded_vocab_size(384, 1, make_vocab_size_divisible_by=128) == 384
 
 
-def _build_fp8(hf_dir):
-    from megatron_opsd.models.gpt import build_model
+def test_llama3_rope_frequencies_match_transformers(tiny_checkpoints):
+    """megatron hard-codes llama3's low/high frequency factors and original context; we use HF's inv_freq."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    build_model(hf_dir, fp8="hybrid")
+    from megatron_opsd.models.gpt import _hf_inv_freq
+
+    cfg = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
+    ours = _hf_inv_freq(cfg)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))
+    assert torch.equal(ours, ref.float())
+    assert not torch.allclose(ours, plain)  # the scaling changes some frequencies: the parity test exercises it

@@ -61,6 +61,26 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
+def have_transformer_engine() -> bool:
+    """Transformer Engine importable and a GPU present: the only case that builds the TE layer spec."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_te_for_fp8(fp8: Optional[str]) -> None:
+    """FP8 only works through the TE layer spec; megatron's local spec silently ignores the FP8 flags."""
+    if fp8 and not have_transformer_engine():
+        raise RuntimeError(
+            f"model.fp8={fp8!r} needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); megatron's local "
+            "layer spec would silently ignore FP8. Set model.fp8=null to run in bf16/fp32."
+        )
+
+
 def validate_layout(hf_config, tp: int, pp: int, vpp: Optional[int] = None) -> None:
     """Refuse parallel layouts megatron cannot shard this model into, naming the field and the fix."""
     heads, kv_heads = hf_config.num_attention_heads, num_kv_heads(hf_config)
@@ -92,7 +112,11 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         raise ValueError(f"model.fp8 must be one of {FP8_FORMATS}, got {fp8!r}")
     if fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"model.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+    require_te_for_fp8(fp8)
     on_gpu = torch.cuda.is_available()
+    # Fused softmax / persistent layer norm exist only as TE/apex kernels: megatron's local spec (CPU, or a
+    # GPU without TE) would crash on them (WrappedTorchNorm asserts, ``import scaled_masked_softmax_cuda``).
+    use_te = have_transformer_engine()
     if hf_config.hidden_act != "silu":
         raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported (SwiGLU/silu only)")
     kwargs = dict(
@@ -122,9 +146,9 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         use_cpu_initialization=not on_gpu,
         apply_rope_fusion=False,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=use_te,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=use_te,
         recompute_granularity=recompute_granularity,
     )
     if recompute_granularity == "full":

@@ -7,7 +7,8 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_opsd.models.families import rope_parameters, transformer_config_from_hf
+from megatron_opsd.models.families import (have_transformer_engine, require_te_for_fp8, rope_parameters,
+                                          transformer_config_from_hf)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
@@ -31,18 +32,8 @@ def layer_spec(config, fp8: Optional[str]):
     """Transformer Engine spec on GPU (required for FP8), megatron's local spec on CPU."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    try:
-        import transformer_engine  # noqa: F401
-
-        have_te = True
-    except ImportError:
-        have_te = False
-    if fp8 and not (have_te and torch.cuda.is_available()):
-        raise RuntimeError(
-            f"model.fp8={fp8!r} needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); megatron's local "
-            "layer spec would silently ignore FP8. Set model.fp8=null to run in bf16/fp32."
-        )
-    if have_te and torch.cuda.is_available():
+    require_te_for_fp8(fp8)
+    if have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
@@ -60,6 +51,11 @@ def _hf_inv_freq(hf_config) -> Optional[torch.Tensor]:
         raise ValueError(f"rope_type={params['rope_type']!r} is not supported")
     inv_freq, _ = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"))
     return inv_freq.float()
+
+
+def _rotary_base(theta: float):
+    """megatron types rotary_base as int; keep a fractional theta exact instead of truncating it."""
+    return int(theta) if float(theta).is_integer() else float(theta)
 
 
 def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
@@ -94,7 +90,7 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
             position_embedding_type="rope",
-            rotary_base=int(rope["rope_theta"]),
+            rotary_base=_rotary_base(rope["rope_theta"]),
             vp_stage=stage,
         )
         if inv_freq is not None:

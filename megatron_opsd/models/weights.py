@@ -364,7 +364,10 @@ def save_hf_checkpoint(model_chunks, out_dir, *, source_dir=None, max_shard_byte
 
 # ----------------------------------------------------------------------------------------------- check
 def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Tensor]:
-    """Per-rank worker: real-vocabulary logits of the model in ``hf_dir`` on the last stage (gathered over TP)."""
+    """Per-rank worker: real-vocabulary logits of the model in ``hf_dir`` on the last stage (gathered over TP).
+
+    Runs megatron's own pipeline schedule (1F1B or interleaved), one sequence per micro-batch.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -374,11 +377,11 @@ def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Te
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
     b, s = tokens.shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, -1)
+    positions = torch.arange(s).unsqueeze(0)
     outputs = []
 
     def forward_step(data_iterator, model):
-        out = model(tokens, positions, attention_mask=None)
+        out = model(next(data_iterator), positions, attention_mask=None)
 
         def loss_func(output):
             outputs.append(gather_from_tensor_model_parallel_region(output).detach())
@@ -386,11 +389,13 @@ def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Te
 
         return out, loss_func
 
+    micro_batches = [tokens[i:i + 1] for i in range(b)]
+    iterators = [iter(micro_batches) for _ in chunks]
     with torch.no_grad():
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=[iter([None])] * len(chunks) if len(chunks) > 1 else iter([None]),
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=s, micro_batch_size=b,
+            forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=b, seq_length=s, micro_batch_size=1,
             forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
-    return outputs[0][..., : chunks[0].real_vocab_size]
+    return torch.cat(outputs, 0)[..., : chunks[0].real_vocab_size]
