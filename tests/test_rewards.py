@@ -130,6 +130,8 @@ def test_exact_and_callable_rewards():
     assert build_reward(RewardConfig(kind="exact"))(["\\boxed{3}", "\\boxed{0.5}"], examples) == [1.0, 0.0]
     fn = build_reward(RewardConfig(kind="callable", callable="tests.test_rewards:length_reward"))
     assert fn(["abc", "de"], examples) == [3.0, 2.0]
+    assert fn("abcd", examples[0]) == 4.0  # single-response form
+    assert build_reward(RewardConfig())("so \\boxed{\\frac12}", examples[1]) == 1.0
     with pytest.raises(ValueError, match="has no gold answer"):
         build_reward(RewardConfig(kind="math"))(["\\boxed{1}"], [PromptExample(id="z", prompt="p")])
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):

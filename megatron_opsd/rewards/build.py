@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from megatron_opsd.config import RewardConfig
@@ -27,29 +27,46 @@ def load_callable(spec: str) -> Callable:
     return fn
 
 
-class VerifierReward:
+class _Reward:
+    """``reward(responses, examples) -> list[float]``; also ``reward(text, example) -> float`` for one response.
+
+    Prefer the batch form: a MathVerifier with a process pool grades a whole step's rollouts at once.
+    """
+
+    def __call__(self, responses, examples):
+        if isinstance(responses, str):
+            return self.score([responses], [examples])[0]
+        return self.score(list(responses), list(examples))
+
+    def score(self, responses: list[str], examples: list[Any]) -> list[float]:
+        raise NotImplementedError
+
+
+class VerifierReward(_Reward):
     """Scores 1.0/0.0 by grading each response against its example's gold answer."""
 
     def __init__(self, verifier: Any):
         self.verifier = verifier
 
-    def __call__(self, responses: Sequence[str], examples: Sequence[Any]) -> list[float]:
+    def score(self, responses: list[str], examples: list[Any]) -> list[float]:
+        if len(responses) != len(examples):
+            raise ValueError(f"{len(responses)} responses but {len(examples)} examples")
         golds = []
         for ex in examples:
             if ex.answer is None:
                 raise ValueError(f"example {ex.id!r} has no gold answer (data.answer_field); the math and exact rewards "
                                  "need one, or use reward.kind=callable")
             golds.append(ex.answer)
-        return [float(ok) for ok in self.verifier.grade_batch(list(responses), golds)]
+        return [float(ok) for ok in self.verifier.grade_batch(responses, golds)]
 
 
-class CallableReward:
+class CallableReward(_Reward):
     """A user function ``fn(response_text, example) -> bool | float`` applied per response."""
 
     def __init__(self, fn: Callable, name: str = "callable"):
         self.fn, self.name = fn, name
 
-    def __call__(self, responses: Sequence[str], examples: Sequence[Any]) -> list[float]:
+    def score(self, responses: list[str], examples: list[Any]) -> list[float]:
         out = []
         for r, ex in zip(responses, examples):
             value = self.fn(r, ex)
@@ -60,7 +77,8 @@ class CallableReward:
         return out
 
 
-def build_reward(reward_cfg: RewardConfig, num_workers: int = 0) -> Callable[[Sequence[str], Sequence[Any]], list[float]]:
+def build_reward(reward_cfg: RewardConfig, num_workers: int = 0) -> _Reward:
+    """The reward of ``reward.kind``; ``num_workers > 0`` grades math in a spawned process pool."""
     if reward_cfg.kind == "math":
         from megatron_opsd.rewards.math import MathVerifier
 
