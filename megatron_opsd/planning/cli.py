@@ -1,0 +1,131 @@
+"""`megatron-opsd plan`: per-GPU memory and layout check of a training config before launch.
+
+Exit status: 0 the plan fits, 1 it does not fit (changes that would fit are printed), 2 the layout is invalid.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from megatron_opsd.planning.memory import (
+    GIB,
+    Cluster,
+    LayoutError,
+    ModelShape,
+    TrainSettings,
+    combined_fix,
+    estimate_memory,
+    format_plan,
+    parse_memory_size,
+    sidecar_kv_tokens,
+    sidecar_weight_bytes,
+    suggest_changes,
+    validate_layout,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_opsd.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--model-config", default=None,
+                        help="HF config.json or model directory to size (default: model.path of the config), "
+                             "e.g. examples/model_configs/qwen3-8b")
+    parser.add_argument("--nodes", type=int, default=1, help="trainer nodes (plus sidecar nodes when shared)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
+    parser.add_argument("--usable-fraction", type=float, default=0.9,
+                        help="fraction of GPU memory the plan may use (CUDA context, NCCL, fragmentation)")
+    parser.add_argument("--sidecar-replicas", type=int, default=0, help="vLLM sidecar replicas")
+    parser.add_argument("--sidecar-tp", type=int, default=1, help="tensor-parallel size of each sidecar")
+    parser.add_argument("--sidecar-nodes", choices=("shared", "separate"), default="separate",
+                        help="shared: sidecar GPUs come out of --nodes x --gpus-per-node; separate: own nodes")
+    parser.add_argument("--implementation", choices=("te", "local"), default="te",
+                        help="te: Transformer Engine spec on GPU; local: megatron's local spec (as on CPU)")
+    parser.add_argument("--teacher-logits", choices=("step", "microbatch"), default="step",
+                        help="teacher logits held for the whole step (teacher forwards first) or one microbatch")
+    parser.add_argument("--logits-bytes", type=int, choices=(2, 4), default=4)
+
+
+def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te", teacher_logits: str = "step",
+                         logits_bytes: int = 4) -> tuple[TrainSettings, int]:
+    """Planner settings from an ``OPSDConfig``; also returns the global batch (sequences per step)."""
+    p, r = cfg.parallel, cfg.rollout
+    global_batch = r.prompts_per_step * r.n
+    mbs = cfg.optim.micro_batch_size
+    dtype_bytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
+    settings = TrainSettings(
+        tensor_parallel=p.tensor_model_parallel_size,
+        pipeline_parallel=p.pipeline_model_parallel_size,
+        virtual_pipeline=p.virtual_pipeline_model_parallel_size,
+        context_parallel=p.context_parallel_size,
+        data_parallel=data_parallel,
+        sequence_parallel=p.sequence_parallel,
+        micro_batch_size=mbs,
+        seq_length=cfg.data.max_prompt_tokens + r.max_tokens,
+        response_tokens=r.max_tokens,
+        num_microbatches=max(1, math.ceil(global_batch / (mbs * max(data_parallel, 1)))),
+        recompute=cfg.model.recompute_granularity,
+        teacher_weights=cfg.teacher.weights,
+        teacher_forwards=3 if cfg.teacher.purified else 1,
+        teacher_logits_held=teacher_logits,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        param_bytes=dtype_bytes,
+        activation_bytes=dtype_bytes,
+        logits_bytes=logits_bytes,
+        implementation=implementation,
+        chunk_tokens=cfg.loss.chunk_tokens,
+        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+        fp8=cfg.model.fp8,
+    )
+    return settings, global_batch
+
+
+def main(args: argparse.Namespace) -> int:
+    from megatron_opsd.config import ConfigError, config_from_args
+
+    try:
+        cfg = config_from_args(args)
+        model_path = args.model_config or cfg.model.path
+        if not model_path:
+            raise ConfigError("model.path is empty: set it in the config or pass --model-config")
+        shape = ModelShape.from_hf_config(model_path)
+        cluster = Cluster(gpus_per_node=args.gpus_per_node, num_nodes=args.nodes,
+                          gpu_memory=parse_memory_size(args.gpu_memory), sidecar_replicas=args.sidecar_replicas,
+                          sidecar_tp=args.sidecar_tp, sidecar_shares_nodes=args.sidecar_nodes == "shared",
+                          usable_fraction=args.usable_fraction)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"megatron-opsd plan: {err}", file=sys.stderr)
+        return 2
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    dp = cluster.trainer_gpus // model_parallel if model_parallel > 0 else 0
+    settings, global_batch = settings_from_config(cfg, dp, implementation=args.implementation,
+                                                  teacher_logits=args.teacher_logits, logits_bytes=args.logits_bytes)
+    try:
+        warnings = validate_layout(shape, settings, cluster, global_batch=global_batch)
+    except LayoutError as err:
+        print(f"megatron-opsd plan: {err}", file=sys.stderr)
+        return 2
+    plan = estimate_memory(shape, settings)
+    print(format_plan(plan, cluster))
+    if cluster.sidecar_replicas:
+        print(f"sidecars: {cluster.sidecar_replicas} x vLLM TP={cluster.sidecar_tp} "
+              f"({'on the trainer nodes' if cluster.sidecar_shares_nodes else 'on their own nodes'}): weights "
+              f"{sidecar_weight_bytes(shape, cluster.sidecar_tp) / GIB:.1f} GiB per GPU, KV cache for about "
+              f"{sidecar_kv_tokens(shape, cluster):,} tokens per replica")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if plan.peak_bytes <= cluster.budget:
+        return 0
+    print(f"DOES NOT FIT: stage {plan.peak.stage} needs {plan.peak_bytes / GIB:.1f} GiB of "
+          f"{cluster.budget / GIB:.1f} GiB. Single changes, lowest peak first:")
+    for text, peak, fits in suggest_changes(shape, settings, cluster):
+        print(f"  {text:<62} peak {peak / GIB:7.1f} GiB  {'fits' if fits else 'still too big'}")
+    steps, peak = combined_fix(shape, settings, cluster)
+    if len(steps) > 1:
+        print(f"Together: {' + '.join(steps)} -> peak {peak / GIB:.1f} GiB (fits)")
+    elif not steps:
+        print("No combination of these changes fits: add GPUs (more TP/PP/DP) or shorten rollout.max_tokens.")
+    return 1
