@@ -1,0 +1,228 @@
+"""Benchmark evaluation: prompts through the model's chat template, generation on a rollout sidecar, grading.
+
+``evaluate(client, tokenizer, benchmarks, settings)`` is the reusable core: the ``megatron-opsd eval``
+command calls it against a sidecar it starts (or one given by URL), and the trainer's ``eval_every`` can
+call it against its own sidecar after a weight push. It returns a plain results dict (JSON-serialisable):
+per benchmark the summary metrics, the per-prompt records and every sample, so a later baseline
+comparison (``report.compare_to_baseline``) can pair prompts by id.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from megatron_opsd.config import DataConfig
+from megatron_opsd.data.contexts import student_messages
+from megatron_opsd.data.datasets import PromptExample, load_prompt_dataset
+
+# Built-in benchmarks: name -> file under the data directory (../shared/data beside the repository).
+BENCHMARKS: dict[str, str] = {
+    "math500": "math500/test.jsonl",
+    "aime24": "aime24/test.jsonl",
+    "amc23": "amc23/test.jsonl",
+}
+# Their stable prompt ids (used to pair prompts with a baseline run); other files use data.id_field or the row.
+BENCHMARK_ID_FIELDS: dict[str, str] = {"math500": "unique_id", "aime24": "id", "amc23": "id"}
+GROUP_KEYS = ("level", "subject")  # MATH-500 columns reported as accuracy-by-group when present
+
+
+def default_data_dir() -> Path:
+    """``../shared/data`` relative to the repository root (where CI and the project machines keep it)."""
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@dataclass
+class EvalSettings:
+    n: int = 1  # samples per prompt
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: Optional[int] = None
+    max_tokens: int = 1024
+    seed: int = 0  # prompt i of a benchmark samples with seed + i (independent of batching)
+    enable_thinking: Optional[bool] = None  # chat template switch; None = the template's default
+    boxed_only: bool = True  # only the last \boxed{} of a response is graded
+    limit: Optional[int] = None  # first N prompts of each benchmark
+    prompts_per_request: int = 8  # generation batch (the progress bar advances per batch)
+    save_text: bool = False  # keep every response's text in the results (large for real runs)
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)  # prompt template, system prompt, field names
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n: {self.n} samples per prompt; must be >= 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: {self.max_tokens}; must be >= 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: {self.top_p}; must be in (0, 1]")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: {self.temperature}; must be >= 0 (0 = greedy)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: {self.limit}; must be >= 1 (or None for every prompt)")
+        if self.prompts_per_request < 1:
+            raise ValueError(f"prompts_per_request: {self.prompts_per_request}; must be >= 1")
+
+
+def resolve_benchmarks(spec: Union[str, Sequence[str]], data_dir: Optional[Union[str, Path]] = None
+                       ) -> dict[str, Path]:
+    """``"math500,aime24,my.jsonl"`` -> {name: file}. A name is a built-in benchmark; anything ending in
+    .jsonl/.parquet (or an existing file) is a user dataset named after its file stem."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
+    if not items:
+        raise ValueError("benchmarks: empty; give e.g. --benchmarks math500,aime24,amc23 or a JSONL path")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    out: dict[str, Path] = {}
+    for item in items:
+        if item in BENCHMARKS:
+            name, path = item, root / BENCHMARKS[item]
+            if not path.is_file():
+                raise FileNotFoundError(f"benchmark {item!r}: {path} does not exist; point --data-dir at the folder "
+                                        f"holding {BENCHMARKS[item]} (default {default_data_dir()})")
+        elif item.endswith((".jsonl", ".json", ".ndjson", ".parquet", ".pq")) or Path(item).is_file():
+            name, path = Path(item).stem, Path(item)
+            if path.name == "test.jsonl" or name in out:  # e.g. other/math500/test.jsonl
+                name = f"{path.parent.name}_{name}"
+            if not path.is_file():
+                raise FileNotFoundError(f"benchmark file {item!r} does not exist")
+        else:
+            raise ValueError(f"unknown benchmark {item!r}; choose from {sorted(BENCHMARKS)} or give a path to a JSONL "
+                             "file with 'problem' and 'answer' fields")
+        if name in out:
+            raise ValueError(f"benchmark {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def load_benchmark(path: Union[str, Path], data_cfg: DataConfig, limit: Optional[int] = None
+                   ) -> list[PromptExample]:
+    """Rows with a prompt (``data.prompt_field``) and a gold answer (``data.answer_field``), both required."""
+    examples = load_prompt_dataset(path, data_cfg)
+    missing = [ex.id for ex in examples if ex.answer is None or not ex.answer.strip()]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} row(s) have no {data_cfg.answer_field!r} field (data.answer_field), "
+                         f"e.g. row {missing[0]}; evaluation grades against it")
+    return examples[:limit] if limit is not None else examples
+
+
+def pass_at_k_values(n: int) -> list[int]:
+    """k = 1, 2, 4, ... up to n (and n itself)."""
+    ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
+    return ks if ks[-1] == n else ks + [n]
+
+
+def default_grader(boxed_only: bool) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
+    """math-verify on the last \\boxed{} (``boxed_only``), in this process's main thread (see rewards.math)."""
+    from megatron_opsd.evaluation.grading import grade_samples
+
+    return functools.partial(grade_samples, kind="math", boxed_only=boxed_only)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, disable=not enabled)
+
+
+def generate_benchmark(client, tokenizer, examples: list[PromptExample], settings: EvalSettings,
+                       desc: str = "eval") -> tuple[list[list[int]], list[list[Any]]]:
+    """Chat-formatted prompt ids and the sidecar's samples (n per prompt), in batches with a progress bar."""
+    prompts = [tokenizer.apply_chat_template(student_messages(ex, settings.data), add_generation_prompt=True,
+                                             enable_thinking=settings.enable_thinking) for ex in examples]
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    samples: list[list[Any]] = []
+    step = settings.prompts_per_request
+    with _progress(len(prompts), desc, settings.progress) as bar:
+        for lo in range(0, len(prompts), step):
+            samples += client.generate(prompts[lo:lo + step], n=settings.n, temperature=settings.temperature,
+                                       top_p=settings.top_p, top_k=settings.top_k, max_tokens=settings.max_tokens,
+                                       stop_token_ids=stop, seed=settings.seed + lo)
+            bar.update(min(step, len(prompts) - lo))
+    return prompts, samples
+
+
+def evaluate_examples(client, tokenizer, examples: list[PromptExample], settings: EvalSettings,
+                      grader: Optional[Callable] = None, name: str = "eval") -> dict:
+    """Generate, grade and summarise one benchmark; see ``summarize`` for the keys."""
+    from megatron_opsd.rewards.boxed import extract_boxed_answer
+
+    grader = grader or default_grader(settings.boxed_only)
+    start = time.perf_counter()
+    prompts, samples = generate_benchmark(client, tokenizer, examples, settings, desc=name)
+    gen_s = time.perf_counter() - start
+    texts = [s.text if s.text else tokenizer.decode(s.token_ids, skip_special_tokens=True)
+             for group in samples for s in group]
+    golds = [ex.answer for ex, group in zip(examples, samples) for _ in group]
+    correct = grader(texts, golds)
+    records, flat = [], iter(zip(texts, correct))
+    for ex, prompt, group in zip(examples, prompts, samples):
+        prompt_rec = {"id": ex.id, "gold": ex.answer, "prompt_tokens": len(prompt), "samples": []}
+        prompt_rec.update({k: ex.extra[k] for k in GROUP_KEYS if ex.extra.get(k) is not None})
+        for j, s in enumerate(group):
+            text, ok = next(flat)
+            rec = {"index": j, "tokens": len(s.token_ids), "finish_reason": s.finish_reason,
+                   "truncated": s.finish_reason == "length", "answer": extract_boxed_answer(text),
+                   "correct": bool(ok)}
+            if settings.save_text:
+                rec["text"] = text
+            prompt_rec["samples"].append(rec)
+        records.append(prompt_rec)
+    result = summarize(records, settings.n)
+    result["generation_s"] = gen_s
+    result["grading_s"] = time.perf_counter() - start - gen_s
+    return result
+
+
+def summarize(prompts: list[dict], n: int) -> dict:
+    """Metrics of per-prompt records (each with ``samples``: tokens, truncated, correct): accuracy (mean over
+    samples), unbiased pass@k, response-token mean/median/p90, the share truncated at max tokens, and per
+    MATH level / subject (where the rows carry them) accuracy, prompt count and mean tokens."""
+    from megatron_opsd.evaluation.grading import summarize_grades
+
+    samples = [s for p in prompts for s in p["samples"]]
+    sizes = [len(p["samples"]) for p in prompts]
+    keys = {k: [p.get(k) for p in prompts] for k in GROUP_KEYS if all(k in p for p in prompts)}
+    out = {"num_prompts": len(prompts), "num_samples": len(samples), "n": n}
+    out.update(summarize_grades([s["correct"] for s in samples], sizes, [s["tokens"] for s in samples],
+                                [s["truncated"] for s in samples], group_keys=keys, ks=pass_at_k_values(n)))
+    for key, groups in out["by"].items():
+        for group, entry in groups.items():
+            members = [p for p in prompts if str(p[key]) == group]
+            tokens = [s["tokens"] for p in members for s in p["samples"]]
+            entry.update(num_prompts=len(members), mean_tokens=sum(tokens) / len(tokens))
+    out["prompts"] = prompts
+    return out
+
+
+def evaluate(client, tokenizer, benchmarks: Union[str, Sequence[str], dict], settings: EvalSettings,
+             data_dir: Optional[Union[str, Path]] = None, grader: Optional[Callable] = None,
+             model: Optional[str] = None) -> dict:
+    """Evaluate on each benchmark: a spec (``"math500,aime24"``), names/paths, or {name: [PromptExample]}.
+
+    Returns ``{"model", "settings", "benchmarks": {name: summary}}``, JSON-serialisable.
+    """
+    if isinstance(benchmarks, dict) and all(isinstance(v, list) for v in benchmarks.values()):
+        loaded = {name: (None, exs[:settings.limit] if settings.limit else exs) for name, exs in benchmarks.items()}
+    else:
+        loaded = {}
+        for name, path in resolve_benchmarks(benchmarks, data_dir).items():
+            data_cfg = settings.data
+            if name in BENCHMARK_ID_FIELDS and data_cfg.id_field is None:
+                data_cfg = replace(data_cfg, id_field=BENCHMARK_ID_FIELDS[name])
+            loaded[name] = (path, load_benchmark(path, data_cfg, settings.limit))
+    grader = grader or default_grader(settings.boxed_only)
+    results = {"model": model, "settings": _settings_dict(settings), "benchmarks": {}}
+    for name, (path, examples) in loaded.items():
+        res = evaluate_examples(client, tokenizer, examples, settings, grader=grader, name=name)
+        res["path"] = None if path is None else str(path)
+        results["benchmarks"][name] = res
+    return results
+
+
+def _settings_dict(settings: EvalSettings) -> dict:
+    d = asdict(settings)
+    d["data"] = {k: v for k, v in d["data"].items()
+                 if k in ("prompt_field", "answer_field", "id_field", "system_prompt", "prompt_template")}
+    return d

