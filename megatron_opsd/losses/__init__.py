@@ -1,5 +1,16 @@
-"""OPSD losses: vocab-parallel full-vocabulary divergences and logging helpers (see divergence.py)."""
+"""OPSD losses: vocab-parallel full-vocabulary divergences, sampled-token estimators, entropy logging.
+
+The vocabulary is never gathered: every function takes this rank's [..., vocab_shard] logits and the
+tensor-parallel ``group`` (None = single process) and works in fp32 token chunks (see divergence.py).
+"""
 from megatron_opsd.losses.divergence import vocab_parallel_divergence
+from megatron_opsd.losses.sampled import sampled_token_loss, vocab_parallel_logprobs_at, vocab_parallel_token_logprobs
 from megatron_opsd.losses.vocab_parallel import vocab_parallel_entropy
 
-__all__ = ["vocab_parallel_divergence", "vocab_parallel_entropy"]
+__all__ = [
+    "vocab_parallel_divergence",
+    "sampled_token_loss",
+    "vocab_parallel_logprobs_at",
+    "vocab_parallel_token_logprobs",
+    "vocab_parallel_entropy",
+]
