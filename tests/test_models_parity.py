@@ -71,6 +71,10 @@ def test_export_round_trip_is_bitwise(tiny_checkpoints, tmp_path):
         assert (Path(out) / "tokenizer.json").exists() and (Path(out) / "tokenizer_config.json").exists()
         assert not list(tmp_path.glob(".*tmp-*")), "temporary export directory left behind"
 
+    # transformers loads the sharded export and computes the same logits as from the source
+    tokens = torch.randint(0, 379, (1, 8))
+    assert torch.equal(hf_logits(pairs[tiny_checkpoints["llama"]], tokens), hf_logits(tiny_checkpoints["llama"], tokens))
+
     # iter_hf_tensors: same names in the same order on every rank, tensors only on dst_rank=3, bf16 as asked
     source = read_checkpoint(tiny_checkpoints["qwen3_tied"])
     names = [[name for name, _ in r["items"]] for r in results]

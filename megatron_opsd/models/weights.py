@@ -253,6 +253,7 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
 
     One megatron parameter at a time is gathered over TP on its pipeline stage and sent to ``dst_rank``, so
     no rank ever holds more than one full tensor group. Names come in the HF checkpoint's order on every rank.
+    Tensors are on the model's device (CUDA with NCCL, which cannot receive into CPU memory; CPU on gloo).
     """
     from megatron.core import parallel_state as ps
 
@@ -281,6 +282,7 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
         everyone = [owned]
     sender_of = {name: r for r, names in enumerate(everyone) for name in names}
     out_dtype = dtype or next(iter(local.values())).param.dtype
+    device = next(iter(local.values())).param.device
     for first_name in [n for n in shapes if n in sender_of]:
         src = sender_of[first_name]
         recipe = local.get(first_name)
@@ -296,7 +298,7 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
                 if src == me:
                     tensor = full[name].to(out_dtype).contiguous()
                 else:
-                    tensor = torch.empty(shapes[name], dtype=out_dtype)
+                    tensor = torch.empty(shapes[name], dtype=out_dtype, device=device)
                     dist.recv(tensor, src=src)
             elif me == src:
                 dist.send(full[name].to(out_dtype).contiguous(), dst=dst_rank)
@@ -314,39 +316,62 @@ def _siblings(first_name: str, shapes: dict) -> list:
 
 def save_hf_checkpoint(model_chunks, out_dir, *, source_dir=None, max_shard_bytes: int = 2**30,
                        dst_rank: int = 0, dtype: Optional[torch.dtype] = None) -> None:
-    """COLLECTIVE: write an HF checkpoint (safetensors shards + index + config + tokenizer) atomically."""
+    """COLLECTIVE: write an HF checkpoint (safetensors shards + index + config + tokenizer) atomically.
+
+    ``dst_rank`` writes each shard as soon as it reaches ``max_shard_bytes``, so it holds at most one shard in
+    memory; everything goes to a temporary sibling directory renamed onto ``out_dir`` at the end. All ranks
+    return once the directory is in place.
+    """
     from safetensors.torch import save_file
 
     from megatron_opsd.models.gpt import unwrap
 
-    me = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    dist = torch.distributed
+    me = dist.get_rank() if dist.is_initialized() else 0
     out_dir = Path(out_dir)
     tmp = None
     if me == dst_rank:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    shards, current, size = [], {}, 0
-    for name, tensor in iter_hf_tensors(model_chunks, dst_rank=dst_rank, dtype=dtype):
-        if tensor is None:
-            continue
-        if current and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += tensor.numel() * tensor.element_size()
-    if me != dst_rank:
-        return
-    shards.append(current)
+    files, current, size, total = [], {}, 0, 0  # files: (temporary name, tensor names)
+
+    def flush():
+        name = f"part-{len(files):05d}.safetensors"
+        save_file(current, str(tmp / name), metadata={"format": "pt"})
+        files.append((name, list(current)))
+
+    try:
+        for name, tensor in iter_hf_tensors(model_chunks, dst_rank=dst_rank, dtype=dtype):
+            if tensor is None:
+                continue
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+                current, size = {}, 0
+            current[name] = tensor.cpu()
+            size, total = size + nbytes, total + nbytes
+        if me == dst_rank:
+            flush()
+            _finish_hf_dir(tmp, out_dir, files, total, unwrap(model_chunks[0]).hf_config, source_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _finish_hf_dir(tmp: Path, out_dir: Path, files: list, total: int, hf_config, source_dir) -> None:
+    """Final shard names, index, config and tokenizer files in ``tmp``, then rename it onto ``out_dir``."""
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+    for i, (part, names) in enumerate(files):
+        final = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(tmp / part, tmp / final)
+        weight_map.update({n: final for n in names})
+    if len(files) > 1:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    unwrap(model_chunks[0]).hf_config.save_pretrained(str(tmp))
+    hf_config.save_pretrained(str(tmp))
     if source_dir is not None:
         for f in Path(source_dir).iterdir():
             tokenizer_file = "token" in f.name or f.suffix == ".model" or f.name in (
