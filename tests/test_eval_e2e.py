@@ -114,3 +114,33 @@ def test_eval_end_to_end(model_dir, sidecar, tmp_path):
     assert set(comp["by_level"]) == levels
     assert (out / "report.md").is_file() and (out / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert not math.isnan(comp["compression"]["ci"][0])
+
+
+def test_eval_during_training_hook(model_dir, sidecar, tmp_path):
+    """`train.eval_every`: the trainer's hook evaluates data.eval_path on the sidecar and returns eval/ scalars
+    equal to the full results it saves."""
+    from megatron_opsd.config import OPSDConfig
+    from megatron_opsd.evaluation.runner import default_data_dir, evaluate_for_training
+    from megatron_opsd.models.tokenizer import load_tokenizer
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join((default_data_dir() / "math500/test.jsonl").read_text().splitlines(True)[100:106]))
+    cfg = OPSDConfig()
+    cfg.data.eval_path = str(held_out)
+    cfg.rollout.max_tokens, cfg.rollout.temperature = 12, 1.0
+    with SidecarClient(sidecar.url, timeout_s=300) as client:
+        scalars = evaluate_for_training(client, load_tokenizer(model_dir), cfg, step=7, out_dir=tmp_path / "eval")
+        saved = json.loads((tmp_path / "eval" / "step-7.json").read_text())
+        bench = saved["benchmarks"]["held_out"]
+        assert bench["num_prompts"] == 6 and bench["num_samples"] == 6 and saved["model"] == "step 7"
+        assert scalars["eval/accuracy"] == bench["accuracy"]
+        assert scalars["eval/response_length/mean"] == bench["tokens"]["mean"] <= 12
+        assert scalars["eval/truncated_share"] == bench["tokens"]["truncated_share"]
+        levels = {str(json.loads(line)["level"]) for line in held_out.read_text().splitlines()}
+        assert {k for k in scalars if k.startswith("eval/accuracy/level_")} == {f"eval/accuracy/level_{v}" for v in levels}
+        # fixed seed: a second evaluation of the same weights draws the same samples
+        again = evaluate_for_training(client, load_tokenizer(model_dir), cfg, step=8)
+        assert again == scalars
+        cfg.data.eval_path = None
+        with pytest.raises(ValueError, match="needs data.eval_path"):
+            evaluate_for_training(client, load_tokenizer(model_dir), cfg, step=9)

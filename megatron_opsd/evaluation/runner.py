@@ -226,3 +226,38 @@ def _settings_dict(settings: EvalSettings) -> dict:
     d["data"] = {k: v for k, v in d["data"].items()
                  if k in ("prompt_field", "answer_field", "id_field", "system_prompt", "prompt_template")}
     return d
+
+
+def training_eval_settings(cfg) -> EvalSettings:
+    """Evaluation settings inside training (``train.eval_every``): one sample per held-out prompt with the
+    rollout's sampling and token budget, a fixed seed (every evaluation sees the same draws, so steps are
+    comparable), the training prompt template and thinking switch; grading as ``reward.boxed_only``."""
+    return EvalSettings(n=1, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                        top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None,
+                        max_tokens=cfg.rollout.max_tokens, seed=cfg.rollout.seed,
+                        enable_thinking=cfg.model.enable_thinking, boxed_only=cfg.reward.boxed_only,
+                        progress=False, data=cfg.data)  # data.limit, if set, already cuts the file
+
+
+def evaluate_for_training(client, tokenizer, cfg, step: int, out_dir: Optional[Union[str, Path]] = None
+                          ) -> dict[str, float]:
+    """The trainer's ``eval_every`` hook (call on rank 0, main thread, after the step's weight push):
+    evaluate ``data.eval_path`` on the sidecar's current weights and return scalars to log, prefixed
+    ``eval/``; with ``out_dir`` the full results go to ``out_dir/step-<step>.json`` as well."""
+    if not cfg.data.eval_path:
+        raise ValueError("train.eval_every > 0 needs data.eval_path (a held-out JSONL with problem/answer fields)")
+    settings = training_eval_settings(cfg)
+    results = evaluate(client, tokenizer, [cfg.data.eval_path], settings, model=f"step {step}")
+    bench = next(iter(results["benchmarks"].values()))
+    if out_dir is not None:
+        from megatron_opsd.evaluation.report import save_results
+
+        save_results(results, Path(out_dir) / f"step-{step}.json")
+    scalars = {"eval/accuracy": bench["accuracy"], "eval/truncated_share": bench["tokens"]["truncated_share"],
+               "eval/response_length/mean": bench["tokens"]["mean"],
+               "eval/response_length/median": bench["tokens"]["median"],
+               "eval/response_length/p90": bench["tokens"]["p90"]}
+    for level, entry in bench["by"].get("level", {}).items():
+        scalars[f"eval/accuracy/level_{level}"] = entry["accuracy"]
+        scalars[f"eval/response_length/level_{level}"] = entry["mean_tokens"]
+    return scalars
