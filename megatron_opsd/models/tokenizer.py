@@ -1,6 +1,7 @@
 """One tokenizer interface over HF tokenizers (with chat templates) and sentencepiece models."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,12 @@ class Tokenizer:
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            probe = "a\n  b\n"
+            if self._sp.decode(self._sp.encode(probe)) != probe:
+                warnings.warn(f"sentencepiece model {path} normalises whitespace (newlines become spaces), so text "
+                              "and the role-tagged chat template do not round-trip; train it with "
+                              "normalization_rule_name='identity', remove_extra_whitespaces=False, byte_fallback=True",
+                              stacklevel=3)
         elif path.is_dir():
             from transformers import AutoTokenizer
 
