@@ -24,7 +24,7 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int):
 
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint
-    from megatron_opsd.training.engine import setup_training
+    from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
     from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, student_forward_backward
 
     student_chunks = build_model(hf_dir)
@@ -39,15 +39,12 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int):
     student_mbs = build_microbatches(student, responses, weights, **kw)
     teacher_mbs = build_microbatches(teacher, responses, weights, **kw)
     teacher_rows = collect_teacher_rows(teacher_chunks, teacher_mbs)
-    for chunk in ddp:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    metrics = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossSettings(),
-                                       real_vocab_size=student_chunks[0].real_vocab_size, dp_size=dp)
-    optimizer.step()
-    loss = sum(m["loss"].item() for m in metrics) if metrics else None
+    zero_grads(ddp, optimizer)
+    out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossSettings(),
+                                   real_vocab_size=student_chunks[0].real_vocab_size)
+    optimizer_step(optimizer, scheduler)
     params = {name: t for name, t in iter_hf_tensors(student_chunks) if t is not None}
-    return loss, params
+    return out.loss, params
 
 
 def reference_loss(hf_dir: str, reduction: str) -> float:
@@ -70,9 +67,7 @@ def run(hf_dir, tp, pp, dp=1, reduction="token_mean", micro_batch_size=1):
     results = run_distributed(step_worker, tp * pp * dp, ParallelConfig(tensor_model_parallel_size=tp,
                                                                         pipeline_model_parallel_size=pp),
                               hf_dir, reduction, micro_batch_size)
-    # every TP rank of the last stage reports its micro-batches' loss; DP ranks report disjoint shares
-    loss = sum(r[0] for r in results if r[0] is not None) / tp
-    return loss, results[0][1]
+    return results[0][0], results[0][1]  # the step's loss is reduced onto every rank
 
 
 def relative_errors(a: dict, b: dict) -> float:

@@ -2,15 +2,13 @@
 
 A micro-batch is a dict of tensors for one side (student or teacher):
   tokens [b, L], position_ids [b, L]       the model inputs (padded to the step's common length L)
-  rows [n]                                  flat indices into [b*L] of the logits that predict response tokens
+  row_mask [b, L] (bool)                    the logits that predict response tokens (row-major order = token order)
   weights [n]                               per-token loss weights, already normalised over the whole step
 Student row i and teacher row i predict the same response token (the realignment is done when building the
 micro-batches), so the divergence compares like with like even when the teacher context is longer.
 
 Loss normalisation: the step's loss is ``sum_t weights_t * D_t`` over every response token of the step
-(``weights`` sum to 1 for token_mean and sequence_mean). Megatron's schedule divides each micro-batch loss by
-the number of micro-batches and DDP averages gradients over data-parallel ranks, so each micro-batch's loss
-is multiplied by ``num_microbatches * dp_size`` to undo both.
+(``weights`` sum to 1 for token_mean and sequence_mean), so the schedule runs with ``loss_reduction="sum"``.
 """
 from __future__ import annotations
 
@@ -63,7 +61,8 @@ def build_microbatches(prompts: list[list[int]], responses: list[list[int]], wei
     microbatches = []
     for start in range(dp_rank * micro_batch_size, len(prompts), group):
         tokens = torch.full((micro_batch_size, length), pad_id, dtype=torch.long)
-        rows, mb_weights = [], []
+        row_mask = torch.zeros((micro_batch_size, length), dtype=torch.bool)
+        mb_weights = []
         for j in range(micro_batch_size):
             prompt, response = prompts[start + j], responses[start + j]
             if len(weights[start + j]) != len(response):
@@ -71,58 +70,27 @@ def build_microbatches(prompts: list[list[int]], responses: list[list[int]], wei
                                  f"{len(response)} response tokens")
             seq = prompt + response
             tokens[j, : len(seq)] = torch.tensor(seq)
-            first = j * length + len(prompt) - 1
-            rows.append(torch.arange(first, first + len(response)))
+            row_mask[j, len(prompt) - 1: len(prompt) - 1 + len(response)] = True
             mb_weights.append(weights[start + j])
         microbatches.append({
             "tokens": tokens,
             "position_ids": torch.arange(length).unsqueeze(0).expand(micro_batch_size, -1).contiguous(),
-            "rows": torch.cat(rows),
+            "row_mask": row_mask,
             "weights": torch.cat(mb_weights).float(),
         })
     return microbatches
 
 
-def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
-
-
-def _run_schedule(model_chunks: list, microbatches: list[dict], forward_step, *, forward_only: bool):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    seq_length = microbatches[0]["tokens"].shape[1]
-    mbs = microbatches[0]["tokens"].shape[0]
-    iterators = [iter(microbatches) for _ in model_chunks]
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=mbs,
-        forward_only=forward_only)
-
-
-@torch.no_grad()
-def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> list[Optional[torch.Tensor]]:
-    """Teacher logits at the response rows of each micro-batch (local vocab shard), on the last PP stage.
-
-    Other stages get an empty list. Only the response rows are kept, so memory is [tokens, V/TP] per step.
-    """
-    collected: list = []
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        output = model(mb["tokens"], mb["position_ids"], attention_mask=None)
-
-        def loss_func(logits):
-            collected.append(_rows(logits, mb["rows"]).detach())
-            return logits.new_zeros(()), {}
-
-        return output, loss_func
+def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Optional[list]:
+    """Teacher logits at the response rows of each micro-batch (local vocab shard), on the last PP stage
+    (None elsewhere). Only the response rows are kept, so memory is [response tokens, V/TP] per step."""
+    from megatron_opsd.training.schedule import collect_logits
 
     for chunk in teacher_chunks:
         chunk.eval()
-    _run_schedule(teacher_chunks, microbatches, forward_step, forward_only=True)
-    return collected
+    tokens = microbatches[0]["tokens"]
+    return collect_logits(teacher_chunks, microbatches, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+                          gather_positions_key="row_mask")
 
 
 @dataclass
@@ -134,64 +102,32 @@ class LossSettings:
     chunk_tokens: int = 1024
 
 
-def student_forward_backward(ddp_chunks: list, microbatches: list[dict], teacher_rows: list, *,
-                             loss: LossSettings, real_vocab_size: int, dp_size: int) -> list[dict]:
-    """Forward + backward of the divergence to the stored teacher rows; returns per-micro-batch metrics."""
+def student_forward_backward(ddp_chunks: list, microbatches: list[dict], teacher_rows: Optional[list], *,
+                             loss: LossSettings, real_vocab_size: int):
+    """Forward + backward of the divergence to the stored teacher rows (``schedule.ForwardBackwardOutput``)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_opsd.training.schedule import forward_backward
+
     group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    scale = len(microbatches) * dp_size
     vocab_range = (0, real_vocab_size)
-    index = iter(range(len(microbatches)))
+    teacher_by_batch = {id(mb): rows for mb, rows in zip(microbatches, teacher_rows or [])}
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        output = model(mb["tokens"], mb["position_ids"], attention_mask=None)
-
-        def loss_func(logits):
-            i = next(index)
-            student = _rows(logits, mb["rows"])
-            weights = mb["weights"]
-            mask = weights > 0
-            weighted, per_token = vocab_parallel_divergence(
-                student, teacher_rows[i], kind=loss.kind, group=group, loss_mask=mask,
-                temperature=loss.temperature, beta=loss.beta, token_clip=loss.token_clip,
-                chunk_tokens=loss.chunk_tokens, vocab_range=vocab_range, reduction="sum", token_weights=weights)
-            with torch.no_grad():
-                entropy_s = vocab_parallel_entropy(student.detach(), group=group, vocab_range=vocab_range)
-                entropy_t = vocab_parallel_entropy(teacher_rows[i], group=group, vocab_range=vocab_range)
-            metrics = {
-                "loss": weighted.detach().clone(),
-                "divergence_sum": (per_token * mask).sum(),
-                "student_entropy_sum": (entropy_s * mask).sum(),
-                "teacher_entropy_sum": (entropy_t * mask).sum(),
-                "tokens": mask.sum().float(),
-            }
-            return (weighted * scale).clone(), metrics
-
-        return output, loss_func
+    def loss_fn(logits: torch.Tensor, mb: dict):
+        student, teacher = logits[mb["row_mask"]], teacher_by_batch[id(mb)]
+        mask = mb["weights"] > 0
+        weighted, per_token = vocab_parallel_divergence(
+            student, teacher, kind=loss.kind, group=group, loss_mask=mask, temperature=loss.temperature,
+            beta=loss.beta, token_clip=loss.token_clip, chunk_tokens=loss.chunk_tokens, vocab_range=vocab_range,
+            reduction="sum", token_weights=mb["weights"])
+        with torch.no_grad():
+            entropy_s = vocab_parallel_entropy(student.detach(), group=group, vocab_range=vocab_range)
+            entropy_t = vocab_parallel_entropy(teacher, group=group, vocab_range=vocab_range)
+        return weighted, {"divergence_sum": (per_token * mask).sum(), "student_entropy_sum": (entropy_s * mask).sum(),
+                          "teacher_entropy_sum": (entropy_t * mask).sum(), "tokens": mask.sum().float()}
 
     for chunk in ddp_chunks:
         chunk.train()
-    return _run_schedule(ddp_chunks, microbatches, forward_step, forward_only=False)
-
-
-# --------------------------------------------------------------------------------------------- teacher
-def copy_weights_(dst_chunks: list, src_chunks: list) -> None:
-    """Hard copy between two replicas sharded the same way (frozen init, refresh every M steps)."""
-    from megatron_opsd.models.gpt import unwrap
-
-    with torch.no_grad():
-        for dst, src in zip(dst_chunks, src_chunks):
-            for (name, p_dst), (_, p_src) in zip(unwrap(dst).named_parameters(), unwrap(src).named_parameters()):
-                p_dst.copy_(p_src)
-
-
-def ema_update_(ema_chunks: list, src_chunks: list, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * current, shard-local."""
-    from megatron_opsd.models.gpt import unwrap
-
-    with torch.no_grad():
-        for dst, src in zip(ema_chunks, src_chunks):
-            for p_dst, p_src in zip(unwrap(dst).parameters(), unwrap(src).parameters()):
-                p_dst.mul_(decay).add_(p_src, alpha=1.0 - decay)
+    tokens = microbatches[0]["tokens"]
+    return forward_backward(ddp_chunks, microbatches, loss_fn, seq_length=tokens.shape[1],
+                            micro_batch_size=tokens.shape[0], loss_reduction="sum")
