@@ -8,6 +8,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory (config.json + safetensors)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (local processes)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (local processes)")
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
     parser.add_argument("--tokens", type=int, default=16, help="sequence length of the random test batch")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
 
@@ -24,12 +25,14 @@ def main(args: argparse.Namespace) -> int:
     config = load_hf_config(args.model)
     torch.manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (2, args.tokens))
-    cfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    cfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                         virtual_pipeline_model_parallel_size=args.vpp)
     results = run_distributed(logits_on_last_stage, args.tp * args.pp, cfg, args.model, tokens)
     ours = next(r for r in results if r is not None)
-    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()(tokens).logits.detach()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()(tokens).logits
     diff = (ours - ref).abs().max().item()
     ok = diff < args.tolerance
-    print(f"TP={args.tp} PP={args.pp}: max |logits - transformers| = {diff:.3e} ({'OK' if ok else 'MISMATCH'}, "
-          f"tolerance {args.tolerance:g})")
+    print(f"TP={args.tp} PP={args.pp} VPP={args.vpp}: max |logits - transformers| = {diff:.3e} "
+          f"({'OK' if ok else 'MISMATCH'}, tolerance {args.tolerance:g})")
     return 0 if ok else 1

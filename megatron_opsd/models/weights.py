@@ -401,8 +401,10 @@ def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Te
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
+    device = next(chunks[0].parameters()).device
+    tokens = tokens.to(device)
     b, s = tokens.shape
-    positions = torch.arange(s).unsqueeze(0)
+    positions = torch.arange(s, device=device).unsqueeze(0)
     outputs = []
 
     def forward_step(data_iterator, model):
@@ -423,4 +425,4 @@ def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Te
             forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
-    return torch.cat(outputs, 0)[..., : chunks[0].real_vocab_size]
+    return torch.cat(outputs, 0)[..., : chunks[0].real_vocab_size].float().cpu()
