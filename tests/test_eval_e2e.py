@@ -144,3 +144,36 @@ def test_eval_during_training_hook(model_dir, sidecar, tmp_path):
         cfg.data.eval_path = None
         with pytest.raises(ValueError, match="needs data.eval_path"):
             evaluate_for_training(client, load_tokenizer(model_dir), cfg, step=9)
+
+
+def test_eval_cli_starts_its_own_sidecar(model_dir, tmp_path):
+    """The default path: the command starts a sidecar on --model, evaluates a built-in benchmark and a user
+    JSONL, writes its outputs and stops the sidecar."""
+    import psutil
+
+    from megatron_opsd.cli import main as cli_main
+    from megatron_opsd.evaluation.runner import default_data_dir
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"problem": "What is $1+1$?", "answer": "2", "level": 1}) + "\n"
+                    + json.dumps({"problem": "What is $2+3$?", "answer": 5, "level": 2}) + "\n")
+    out, log = tmp_path / "out", tmp_path / "sidecar.log"
+    sidecars = lambda: {c.pid for c in psutil.Process().children(recursive=True)  # noqa: E731
+                        if "sidecar" in " ".join(c.cmdline())}
+    before = sidecars()  # the module's shared sidecar may be running
+    rc = cli_main(["eval", "--model", model_dir, "--benchmarks", f"amc23,{mine}", "--limit", "3", "--n", "1",
+                   "--max-tokens", "4", "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--out", str(out),
+                   "--sidecar-log", str(log), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["benchmarks"]) == ["amc23", "mine"]
+    amc = [json.loads(line) for line in (default_data_dir() / "amc23/test.jsonl").open()][:3]
+    assert [p["id"] for p in results["benchmarks"]["amc23"]["prompts"]] == [str(r["id"]) for r in amc]
+    assert [p["gold"] for p in results["benchmarks"]["mine"]["prompts"]] == ["2", "5"]
+    assert set(results["benchmarks"]["mine"]["by"]["level"]) == {"1", "2"}
+    assert all(1 <= s["tokens"] <= 4 for b in results["benchmarks"].values() for p in b["prompts"]
+               for s in p["samples"])
+    md = (out / "report.md").read_text()
+    assert "| amc23 | 3 |" in md and "| mine | 2 |" in md
+    assert log.stat().st_size > 0
+    assert sidecars() == before  # the command stopped the sidecar it started

@@ -14,7 +14,8 @@ from megatron_opsd.evaluation.runner import BENCHMARKS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="HF checkpoint directory (config.json + safetensors + tokenizer) to evaluate")
+                        help="HF checkpoint directory (config.json + safetensors + tokenizer) to evaluate; a training "
+                             "checkpoint must be exported to one first")
     parser.add_argument("--benchmarks", default="math500,aime24,amc23",
                         help=f"comma-separated names ({', '.join(BENCHMARKS)}) and/or JSONL paths with problem/answer "
                              "fields")
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-prompts", type=int, default=8, help="prompts per generation request")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     side = parser.add_argument_group("sidecar (a local one is started on --model unless --sidecar-url is given)")
-    side.add_argument("--sidecar-url", default=None, help="reuse a running `megatron-opsd sidecar` serving --model")
+    side.add_argument("--sidecar-url", default=None, help="reuse running `megatron-opsd sidecar`(s) serving --model (comma-separated replicas)")
     side.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (use float32 on CPU for tests)")
     side.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     side.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -51,16 +52,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _sidecar_url(args: argparse.Namespace) -> Iterator[str]:
+def _sidecar_urls(args: argparse.Namespace) -> Iterator[list[str]]:
     if args.sidecar_url:
-        yield args.sidecar_url
+        yield [u for u in args.sidecar_url.split(",") if u.strip()]
         return
     from megatron_opsd.rollout.process import start_sidecar_process
 
     with start_sidecar_process(args.model, log_path=args.sidecar_log, dtype=args.dtype,
                                max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                                tensor_parallel_size=args.tensor_parallel_size) as proc:
-        yield proc.url
+        yield [proc.url]
 
 
 def _check_model_dir(model: str) -> Path:
@@ -69,8 +70,9 @@ def _check_model_dir(model: str) -> Path:
         raise FileNotFoundError(f"--model {model!r} is not a directory; give an HF checkpoint directory")
     if not (path / "config.json").is_file():
         if (path / "opsd_checkpoint.json").is_file() or (path / "latest").is_file():
-            raise ValueError(f"--model {model!r} is a training checkpoint, not an HF directory; export it first "
-                             "(megatron_opsd.models.weights.save_hf_checkpoint) and pass the exported folder")
+            raise ValueError(f"--model {model!r} is a training checkpoint, not an HF directory; export it to an HF "
+                             "directory first (megatron_opsd.models.weights.save_hf_checkpoint) and pass that folder: "
+                             "evaluating training checkpoints directly is not supported yet")
         raise FileNotFoundError(f"--model {model!r} has no config.json; give an HF checkpoint directory")
     return path
 
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     baseline = load_results(args.baseline) if args.baseline else None
     model_dir = _check_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
-    with _sidecar_url(args) as url, SidecarClient(url, timeout_s=3600.0) as client:
+    with _sidecar_urls(args) as urls, SidecarClient(urls, timeout_s=3600.0) as client:
         results = evaluate(client, tokenizer, [str(p) if n not in BENCHMARKS else n for n, p in benchmarks.items()],
                            settings, data_dir=args.data_dir, model=str(model_dir))
     paths = write_report(results, args.out, baseline=baseline, n_boot=args.bootstrap, seed=args.seed)
