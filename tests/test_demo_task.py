@@ -86,18 +86,26 @@ def test_verbose_traces_are_longer_and_sometimes_talk_themselves_into_errors(spl
     wrong = sum(task.boxed_answer(v) != ex["answer"] for v, ex in zip(verbose, train))
     p, n = task.TraceConfig().error_prob, len(train)
     assert abs(wrong - p * n) <= 4 * math.sqrt(n * p * (1 - p)), (wrong, p * n)
-    # without injected errors every verbose trace is right, and the steps it states are true
+    # without injected errors every verbose trace is right and every equation it states is true; a trace that
+    # talks itself into an error states exactly one false equation
     for ex in train[:200]:
         trace = task.verbose_trace(ex, rng, task.TraceConfig(error_prob=0.0))
         assert task.boxed_answer(trace) == ex["answer"]
-        for lhs, op, rhs, res in _stated_steps(trace):
-            assert res == (lhs + rhs if op == "+" else lhs - rhs), trace
+        assert _false_equations(trace) == 0, trace
+        assert _false_equations(task.concise_trace(ex, rng)) == 0
+        wrong_trace = task.verbose_trace(ex, rng, task.TraceConfig(error_prob=1.0))
+        assert _false_equations(wrong_trace) == 1 and task.boxed_answer(wrong_trace) != ex["answer"], wrong_trace
 
 
-def _stated_steps(text: str):
+def _false_equations(text: str) -> int:
+    """How many links 'lhs = rhs' of the equation chains stated in ``text`` are false."""
     import re
 
-    return [(int(a), op, int(b), int(c)) for a, op, b, c in re.findall(r"(-?\d+) ([+-]) (\d+) = (-?\d+)", text)]
+    false = 0
+    for chain in re.findall(r"-?\d+(?: [+-] \d+)*(?: = -?\d+(?: [+-] \d+)*)+", text):
+        values = [_left_to_right("Compute " + side + ".")[-1] for side in chain.split(" = ")]
+        false += sum(a != b for a, b in zip(values, values[1:]))
+    return false
 
 
 def test_prompts_match_the_trainer_contexts():

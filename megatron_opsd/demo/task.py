@@ -10,6 +10,10 @@ Problems are chains of single-digit additions and subtractions evaluated left to
   traces are a little less accurate, as the paper observes of long reasoning;
 - concise (answer to the concise-instruction prompt): the steps once, then the boxed answer.
 
+Both write the computation as a rewrite chain (``8 + 7 - 2 = 15 - 2 = 13``): each link needs only the
+expression just before it, which a 2-layer model learns in a few hundred steps; with step-by-step sentences
+("8 + 7 = 15. 15 - 2 = 13.") the model lost track of the next operand after a verification loop.
+
 OPSDC then uses :data:`CONCISE_INSTRUCTION` as the teacher's privileged context: the teacher assigns low
 probability to "Wait" where the student would emit it. The prompts are built by the trainer's own context
 builders (``data.contexts``) with default ``DataConfig`` and ``TeacherConfig(context="concise",
@@ -34,9 +38,9 @@ Messages = list[dict[str, str]]
 
 _PROBLEM_RE = re.compile(r"^Compute (\d+)((?: [+-] \d+)+)\.$")
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-_VERIFY_OPENERS = ("Wait, let me verify.", "Wait, let me double-check.", "Hmm, let me check that again.")
+_VERIFY_OPENERS = ("Wait, let me verify:", "Wait, let me double-check:", "Hmm, let me check that again:")
 _CONFIRMS = ("Yes.", "Correct.", "That is right.")
-_FINAL_OPENERS = ("Wait, let me verify the whole computation again.", "Let me double-check everything from the start.")
+_FINAL_OPENERS = ("Wait, let me verify the whole computation again:", "Let me double-check everything from the start:")
 
 
 @dataclass
@@ -65,9 +69,10 @@ class TaskConfig:
 class TraceConfig:
     """How verbose the verbose traces are, how often they go wrong, and the SFT mixture's composition."""
 
-    check_prob: float = 0.6  # a step is followed by a Wait-loop with this probability
-    repeat_prob: float = 0.4  # each loop repeats once more with this probability (geometric length)
-    final_check_prob: float = 0.7  # re-check the whole chain before answering
+    check_prob: float = 0.6  # a step is followed by a Wait-loop with this probability (> 0.5: greedy checks too)
+    repeat_prob: float = 0.25  # each loop repeats once more with this probability (geometric length) ...
+    max_loops: int = 3  # ... up to this many loops per step
+    final_check_prob: float = 0.6  # re-check the whole chain before answering
     error_prob: float = 0.1  # a verbose trace talks itself into a wrong intermediate value
     concise_fraction: float = 0.5  # share of SFT records that are (concise prompt, concise trace)
 
@@ -76,8 +81,8 @@ class TraceConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"TraceConfig.{name} must be a probability in [0, 1], got {value}")
-        if self.repeat_prob >= 1.0:
-            raise ValueError("TraceConfig.repeat_prob must be < 1 (else the Wait-loops never end)")
+        if self.max_loops < 1:
+            raise ValueError(f"TraceConfig.max_loops must be >= 1, got {self.max_loops}")
 
 
 # ----------------------------------------------------------------------------------------------- problems
@@ -106,10 +111,6 @@ def solve_steps(problem: str) -> list[tuple[int, str, int, int]]:
     return steps
 
 
-def _step_text(lhs: int, op: str, operand: int, result: int) -> str:
-    return f"{lhs} {op} {operand} = {result}."
-
-
 def _sample_problem(rng: random.Random, cfg: TaskConfig) -> str:
     value = rng.randint(1, cfg.max_operand)
     parts = [str(value)]
@@ -128,10 +129,9 @@ def _sample_problem(rng: random.Random, cfg: TaskConfig) -> str:
 
 def make_example(problem: str, example_id: str) -> dict:
     """One JSONL record: ``id``, ``problem``, ``answer`` (integer as text), ``solution`` (concise reference)."""
-    steps = solve_steps(problem)
-    answer = str(steps[-1][3])
-    solution = " ".join(_step_text(*s) for s in steps) + f" The answer is \\boxed{{{answer}}}."
-    return {"id": example_id, "problem": problem, "answer": answer, "solution": solution}
+    example = {"id": example_id, "problem": problem, "answer": str(solve_steps(problem)[-1][3])}
+    example["solution"] = concise_trace(example, random.Random(0))
+    return example
 
 
 def generate_splits(cfg: TaskConfig = TaskConfig()) -> tuple[list[dict], list[dict]]:
@@ -183,49 +183,63 @@ def boxed_answer(text: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------------- traces
 
+def _expr(value: int, ops: list[tuple[str, int]]) -> str:
+    return " ".join([str(value)] + [f"{op} {operand}" for op, operand in ops])
+
+
+def _chain(start: int, ops: list[tuple[str, int]]) -> str:
+    """``8 + 7 - 2 = 15 - 2 = 13``: each link folds the first two numbers of the previous expression and
+    copies the rest, so every step reads only the expression just before it (easy for a tiny model)."""
+    links, value = [_expr(start, ops)], start
+    for i, (op, operand) in enumerate(ops):
+        value = _apply(value, op, operand)
+        links.append(_expr(value, ops[i + 1:]))
+    return " = ".join(links)
+
+
 def concise_trace(example: dict, rng: random.Random) -> str:
-    """Each step once, then the boxed answer. ``rng`` is unused: concise traces are canonical (the SFT target
-    the concise teacher should reproduce); it is accepted so both generators share one signature."""
+    """The rewrite chain once, then the boxed answer. ``rng`` is unused: concise traces are canonical (the SFT
+    target the concise teacher should reproduce); it is accepted so both generators share one signature."""
     del rng
-    return make_example(example["problem"], example.get("id", ""))["solution"]
+    start, ops = parse_problem(example["problem"])
+    answer = solve_steps(example["problem"])[-1][3]
+    return f"{_chain(start, ops)}. The answer is \\boxed{{{answer}}}."
 
 
-def _verify_loop(rng: random.Random, step: tuple[int, str, int, int]) -> str:
-    return f"{rng.choice(_VERIFY_OPENERS)} {_step_text(*step)} {rng.choice(_CONFIRMS)}"
+def _verify_loop(rng: random.Random, lhs: int, op: str, operand: int, result: int) -> str:
+    return f" {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {result}. {rng.choice(_CONFIRMS)}"
 
 
 def _wrong_value(rng: random.Random, true_value: int) -> int:
-    choices = [v for v in (true_value - 2, true_value - 1, true_value + 1, true_value + 2) if v >= 0]
-    return rng.choice(choices)
+    return rng.choice([v for v in (true_value - 2, true_value - 1, true_value + 1, true_value + 2) if v >= 0])
 
 
 def verbose_trace(example: dict, rng: random.Random, cfg: TraceConfig = TraceConfig()) -> str:
-    """The steps with random ``Wait, let me verify`` loops and a final re-check; sometimes talks itself into an
-    error (a re-check "finds" a wrong value and carries it to the boxed answer)."""
-    value, ops = parse_problem(example["problem"])
+    """The rewrite chain, interrupted after a step by ``Wait, let me verify`` loops of random length (then ``So``
+    and the current expression again), and a final re-check of the whole chain. With probability ``error_prob``
+    a re-check talks itself into a wrong value ("..., not 15. So we have 14 ...") and carries it to the end."""
+    start, ops = parse_problem(example["problem"])
     error_at = rng.randrange(len(ops)) if rng.random() < cfg.error_prob else None
-    parts: list[str] = []
-    steps: list[tuple[int, str, int, int]] = []
+    text, value = _expr(start, ops), start
     for i, (op, operand) in enumerate(ops):
-        step = (value, op, operand, _apply(value, op, operand))
-        parts.append(_step_text(*step))
+        lhs, value = value, _apply(value, op, operand)
+        text += f" = {_expr(value, ops[i + 1:])}"
         if i == error_at:
-            wrong = _wrong_value(rng, step[3])
-            parts.append(f"{rng.choice(_VERIFY_OPENERS)} {value} {op} {operand} = {wrong}, not {step[3]}. "
-                         f"So we have {wrong}.")
-            step = (value, op, operand, wrong)
+            wrong = _wrong_value(rng, value)
+            text += (f". {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {wrong}, not {value}. "
+                     f"So we have {_expr(wrong, ops[i + 1:])}")
+            value = wrong
         elif rng.random() < cfg.check_prob:
-            parts.append(_verify_loop(rng, step))
-            while rng.random() < cfg.repeat_prob:
-                parts.append(_verify_loop(rng, step))
-        steps.append(step)
-        value = step[3]
+            text += "." + _verify_loop(rng, lhs, op, operand, value)
+            for _ in range(cfg.max_loops - 1):
+                if rng.random() >= cfg.repeat_prob:
+                    break
+                text += _verify_loop(rng, lhs, op, operand, value)
+            text += f" So {_expr(value, ops[i + 1:])}"
+    text += "."
     if error_at is None and rng.random() < cfg.final_check_prob:
-        parts.append(rng.choice(_FINAL_OPENERS))
-        parts += [_step_text(*s) for s in steps]
-        parts.append(rng.choice(_CONFIRMS))
-    parts.append(f"The answer is \\boxed{{{value}}}.")
-    return " ".join(parts)
+        text += f" {rng.choice(_FINAL_OPENERS)} {_chain(start, ops)}. {rng.choice(_CONFIRMS)}"
+    return text + f" The answer is \\boxed{{{value}}}."
 
 
 # ------------------------------------------------------------------------------------------------ prompts
