@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Multi-node torchrun launch of a trainer command; run this script once on every node.
+#
+#   NNODES=2 NODE_RANK=0 RDZV_HOST=node0 NPROC_PER_NODE=8 examples/launch/torchrun_multinode.sh \
+#       megatron-opsd train --config examples/configs/qwen3-32b_opsdc.yaml --set rollout.sidecar_urls=http://node2:8000
+#   (and NODE_RANK=1 on the second node). The command after the options runs once per GPU (torchrun --no-python).
+#
+# Rendezvous: c10d on RDZV_HOST:RDZV_PORT; node 0 hosts the store (is_host, so two "nodes" on one machine
+# work too). init_distributed reads the RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT that torchrun sets.
+# Logs: one stdout/stderr file per rank under LOG_DIR/node<NODE_RANK>/ (also tee'd to this terminal).
+# DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+NPROC_PER_NODE=${NPROC_PER_NODE:-8}
+RDZV_HOST=${RDZV_HOST:-127.0.0.1}
+RDZV_PORT=${RDZV_PORT:-29400}
+RDZV_ID=${RDZV_ID:-opsd-${USER:-user}}
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-900}
+LOG_DIR=${LOG_DIR:-logs/torchrun}
+
+if [ "$#" -eq 0 ]; then
+    echo "usage: [NNODES=.. NODE_RANK=.. RDZV_HOST=..] $0 COMMAND [ARGS...]" >&2
+    exit 2
+fi
+
+# NCCL / megatron settings (override any of them from the environment).
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: ordered TP/SP comm kernels
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME   # e.g. eth0 / ib0 when autodetection picks wrong
+[ -n "${NCCL_IB_HCA:-}" ] && export NCCL_IB_HCA
+
+is_host=0
+[ "$NODE_RANK" = "0" ] && is_host=1
+cmd=(torchrun
+     --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE"
+     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RDZV_ID"
+     --rdzv-conf "is_host=$is_host,join_timeout=$RDZV_TIMEOUT"
+     --max-restarts 0 --log-dir "$LOG_DIR/node$NODE_RANK" --redirects 3 --tee 3
+     --no-python "$@")
+
+if [ "${DRY_RUN:-0}" = "1" ]; then
+    printf '%q ' "${cmd[@]}"; echo
+    exit 0
+fi
+mkdir -p "$LOG_DIR"
+exec "${cmd[@]}"

