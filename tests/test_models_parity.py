@@ -137,6 +137,23 @@ def test_layout_validation():
         validate_layout(cfg, tp=1, pp=2, vpp=2)
 
 
+@pytest.mark.parametrize("change,pattern", [
+    (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
+    (dict(attention_bias=True), r"attention_bias=True is not supported for qwen3"),
+    (dict(use_sliding_window=True, sliding_window=64, max_window_layers=0), r"sliding-window attention"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                           "original_max_position_embeddings": 128}), r"rope_scaling.rope_type='yarn' is not supp"),
+])
+def test_unsupported_options_are_refused(change, pattern):
+    from transformers import Qwen3Config
+
+    from megatron_opsd.models.families import check_supported
+
+    check_supported(Qwen3Config(architectures=["Qwen3ForCausalLM"]))
+    with pytest.raises(ValueError, match=pattern):
+        check_supported(Qwen3Config(architectures=["Qwen3ForCausalLM"], **change))
+
+
 def test_unknown_architecture():
     from megatron_opsd.models.families import detect_family
 

@@ -72,6 +72,29 @@ def have_transformer_engine() -> bool:
     return True
 
 
+# RoPE variants reproduced exactly by replacing megatron's inverse frequencies; yarn / longrope also rescale
+# cos/sin (attention_factor) and dynamic depends on the sequence length, which megatron's RotaryEmbedding lacks.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_supported(hf_config) -> None:
+    """Refuse HF options our megatron mapping would silently ignore (wrong logits instead of an error)."""
+    family = detect_family(hf_config)
+    if hf_config.hidden_act != "silu":
+        raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported (SwiGLU with silu only)")
+    if getattr(hf_config, "attention_bias", None) and family != "qwen2":
+        raise ValueError(f"attention_bias=True is not supported for {family} (no mapping for q/k/v/o biases)")
+    if getattr(hf_config, "mlp_bias", None):
+        raise ValueError("mlp_bias=True is not supported (megatron is built with add_bias_linear=False)")
+    layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+    if getattr(hf_config, "use_sliding_window", False) or layer_types != {"full_attention"}:
+        raise ValueError(f"sliding-window attention (use_sliding_window / layer_types={sorted(layer_types)}) is not "
+                         "supported; set use_sliding_window=false if the model was trained without it")
+    rope_type = rope_parameters(hf_config)["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+
+
 def require_te_for_fp8(fp8: Optional[str]) -> None:
     """FP8 only works through the TE layer spec; megatron's local spec silently ignores the FP8 flags."""
     if fp8 and not have_transformer_engine():
@@ -117,8 +140,7 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     # Fused softmax / persistent layer norm exist only as TE/apex kernels: megatron's local spec (CPU, or a
     # GPU without TE) would crash on them (WrappedTorchNorm asserts, ``import scaled_masked_softmax_cuda``).
     use_te = have_transformer_engine()
-    if hf_config.hidden_act != "silu":
-        raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported (SwiGLU/silu only)")
+    check_supported(hf_config)
     kwargs = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,

@@ -41,14 +41,15 @@ def layer_spec(config, fp8: Optional[str]):
 
 
 def _hf_inv_freq(hf_config) -> Optional[torch.Tensor]:
-    """HF's inverse RoPE frequencies when they differ from plain theta RoPE (Llama 3 scaling)."""
+    """HF's inverse RoPE frequencies when they differ from plain theta RoPE (Llama 3 or linear scaling).
+
+    megatron's own llama3 option hard-codes low/high frequency factors 1/4 and an 8192 original context.
+    """
     params = rope_parameters(hf_config)
     if params["rope_type"] in ("default", None):
         return None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    if params["rope_type"] not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"rope_type={params['rope_type']!r} is not supported")
     inv_freq, _ = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"))
     return inv_freq.float()
 
