@@ -165,6 +165,7 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=ps.get_context_parallel_world_size(),
         use_cpu_initialization=not on_gpu,
         apply_rope_fusion=False,
         bias_dropout_fusion=on_gpu,

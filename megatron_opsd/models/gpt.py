@@ -61,8 +61,10 @@ def _rotary_base(theta: float):
 
 def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                 fp8_recipe: str = "delayed", recompute_granularity: Optional[str] = None,
-                make_vocab_size_divisible_by: int = 128) -> list:
+                make_vocab_size_divisible_by: int = 128, sequence_parallel: bool = False) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), not DDP-wrapped.
+
+    ``sequence_parallel`` (parallel.sequence_parallel) is handed to megatron's config; it only applies at TP > 1.
 
     Each chunk carries ``.hf_config`` and ``.real_vocab_size`` (the unpadded vocabulary): the padded logit
     columns must be excluded from every softmax (``vocab_range=(0, real_vocab_size)`` in the losses).
@@ -72,7 +74,9 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
 
     hf_config = load_hf_config(hf_config_or_dir)
     config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
-                                        recompute_granularity=recompute_granularity)
+                                        recompute_granularity=recompute_granularity,
+                                        sequence_parallel=sequence_parallel
+                                        and ps.get_tensor_model_parallel_world_size() > 1)
     spec = layer_spec(config, fp8)
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
