@@ -3,6 +3,7 @@ c10d rendezvous on 127.0.0.1 running the TP=2 smoke job, and - where a slurm clu
 one ``examples/launch/local_slurm.sh start`` sets up) - the sbatch script run for real with a CPU vLLM sidecar."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -145,16 +146,27 @@ def test_torchrun_two_nodes_on_localhost(tmp_path, single_process_smoke):
 
 
 # ------------------------------------------------------------------------------------------ real slurm
-def _slurm_env():
+@functools.lru_cache(maxsize=1)
+def _slurm_conf():
+    """The SLURM_CONF of a cluster that answers (env, local_slurm.sh's, or the system's), else None."""
     if shutil.which("sbatch") is None:
         return None
     conf = os.environ.get("SLURM_CONF") or "/tmp/opsd-slurm/slurm.conf"
-    env = _env(SLURM_CONF=conf) if Path(conf).exists() else _env()
+    if not Path(conf).exists():
+        conf = "/etc/slurm/slurm.conf"
+        if not Path(conf).exists():
+            return None
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=_env(SLURM_CONF=conf), capture_output=True,
+                             text=True, timeout=5)
     except subprocess.TimeoutExpired:
         return None
-    return env if out.returncode == 0 and re.search(r"idle|mix", out.stdout) else None
+    return conf if out.returncode == 0 and re.search(r"idle|mix", out.stdout) else None
+
+
+def _slurm_env():
+    conf = _slurm_conf()
+    return None if conf is None else _env(SLURM_CONF=conf)
 
 
 needs_slurm = pytest.mark.skipif(_slurm_env() is None, reason="no slurm cluster answers; start one with "
