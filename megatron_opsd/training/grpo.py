@@ -1,0 +1,137 @@
+"""GRPO with verifiable rewards, with the DAPO options, as pure functions and its config section.
+
+Per prompt, a group of n rollouts y_i with rewards r_i (from the verifier; optionally shaped by DAPO's soft
+overlong penalty). Advantages are group-normalised and shared by every token of a rollout:
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)        (std: Bessel-corrected, as TRL and verl; or no division)
+The policy loss per response token t is PPO's clipped surrogate against the behaviour policy (the sidecar's
+log-probs, or megatron's recomputation of them), with DAPO's clip-higher (eps_low != eps_high):
+    ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))
+    l_t     = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i)  [+ kl_coef * KL_t]
+summed with per-token weights: token-level (DAPO: 1 / all response tokens of the step) or sequence-level
+(GRPO: 1 / (|y_i| * number of rollouts)). ``GRPOTrainer`` (below) drives them on the OPSD trainer's machinery.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from megatron_opsd.config import ConfigError, OPSDConfig, load_config
+from megatron_opsd.losses.vocab_parallel import working_dtype
+
+
+@dataclass
+class RLConfig:
+    clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]
+    clip_eps_high: float = 0.28  # DAPO clip-higher (0.2 = symmetric PPO)
+    kl_coef: float = 0.0  # > 0: KL to a frozen reference model (the initial weights)
+    kl_estimator: Literal["full", "k3", "k1"] = "full"  # full: exact reverse KL over the vocabulary
+    std_normalize: bool = True  # False: A = r - mean (Dr. GRPO), no division by the group std
+    adv_eps: float = 1e-6
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (all correct / all wrong)
+    token_level_loss: bool = True  # DAPO token mean over the step; False: GRPO per-sequence mean
+    overlong_buffer: int = 0  # DAPO L_cache: soft penalty over the last L_cache tokens before max_tokens
+    overlong_penalty: float = 1.0  # the penalty reached at max_tokens
+    recompute_old_logprobs: bool = False  # True: behaviour log-probs from megatron, not the sidecar
+
+
+@dataclass
+class RLTrainConfig(OPSDConfig):
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
+    rl = cfg.rl
+    checks = [
+        (rl.clip_eps_low >= 0 and rl.clip_eps_high >= 0, f"rl.clip_eps_low/high must be >= 0, got "
+                                                          f"{rl.clip_eps_low}/{rl.clip_eps_high}"),
+        (rl.clip_eps_low < 1, f"rl.clip_eps_low must be < 1 (ratio floor 1 - eps > 0), got {rl.clip_eps_low}"),
+        (rl.kl_coef >= 0, f"rl.kl_coef must be >= 0, got {rl.kl_coef}"),
+        (rl.adv_eps > 0, f"rl.adv_eps must be > 0, got {rl.adv_eps}"),
+        (0 <= rl.overlong_buffer < cfg.rollout.max_tokens,
+         f"rl.overlong_buffer must be in [0, rollout.max_tokens={cfg.rollout.max_tokens}), got {rl.overlong_buffer}"),
+        (rl.overlong_penalty >= 0, f"rl.overlong_penalty must be >= 0, got {rl.overlong_penalty}"),
+        (cfg.rollout.n >= 2, f"rollout.n={cfg.rollout.n}: GRPO needs groups of at least 2 rollouts per prompt "
+                             "(set rollout.n=4 or more)"),
+        (cfg.rollout.filter == "all", f"rollout.filter={cfg.rollout.filter!r}: GRPO trains on every rollout "
+                                      "(use rl.dynamic_sampling to drop uninformative groups); set rollout.filter=all"),
+        (cfg.rollout.horizon is None and cfg.rollout.horizon_growth is None,
+         "rollout.horizon/horizon_growth are OPSD options; GRPO trains on whole responses: leave them null"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def load_rl_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] = None) -> RLTrainConfig:
+    """``load_config`` with the ``rl:`` section, validated."""
+    return validate_rl_config(load_config(path, overrides, cls=RLTrainConfig))
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+def overlong_penalty(length: int, max_tokens: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment (<= 0): 0 up to max_tokens - buffer, then linear down to -penalty at
+    max_tokens (and -penalty beyond)."""
+    if buffer <= 0:
+        return 0.0
+    start = max_tokens - buffer
+    if length <= start:
+        return 0.0
+    return -penalty * min(length - start, buffer) / buffer
+
+
+def group_advantages(rewards: Sequence[Sequence[float]], *, std_normalize: bool = True,
+                     eps: float = 1e-6) -> list[list[float]]:
+    """Per group: (r - mean) / (std + eps), std Bessel-corrected (0 for a single rollout); or r - mean."""
+    out = []
+    for g, group in enumerate(rewards):
+        if len(group) == 0:
+            raise ValueError(f"group {g} has no rollouts")
+        mean = sum(group) / len(group)
+        centred = [r - mean for r in group]
+        if std_normalize:
+            std = math.sqrt(sum(c * c for c in centred) / (len(group) - 1)) if len(group) > 1 else 0.0
+            centred = [c / (std + eps) for c in centred]
+        out.append(centred)
+    return out
+
+
+def informative_groups(rewards: Sequence[Sequence[float]]) -> list[bool]:
+    """DAPO dynamic sampling: a group is kept only if its rewards differ (else every advantage is 0)."""
+    return [len(set(group)) > 1 for group in rewards]
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        weights: torch.Tensor, *, eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_t weights_t * -min(ratio_t A_t, clip(ratio_t, 1-eps_low, 1+eps_high) A_t) and the per-token
+    'clipped' indicator (the token's gradient is zero because the clip is active). Gradient to ``logprobs``."""
+    if not (logprobs.shape == old_logprobs.shape == advantages.shape == weights.shape):
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, advantages "
+                         f"{tuple(advantages.shape)} and weights {tuple(weights.shape)} must have one shape")
+    dtype = working_dtype(logprobs.dtype)  # fp32, or fp64 when given fp64
+    logp = logprobs.to(dtype)
+    adv = advantages.detach().to(dtype)
+    ratio = torch.exp(logp - old_logprobs.detach().to(dtype))
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    is_clipped = (clipped < unclipped).detach()
+    return (per_token * weights.detach().to(dtype)).sum(), is_clipped
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) at the sampled tokens (``losses.sampled``'s k3)."""
+    logp = logprobs.to(working_dtype(logprobs.dtype))
+    r = ref_logprobs.detach().to(logp.dtype) - logp
+    return torch.expm1(r) - r
+
+
+def rollout_weights(lengths: Sequence[int], token_level: bool) -> list[torch.Tensor]:
+    """Per-token weights of the step: token mean (DAPO) or per-sequence mean (GRPO)."""
+    from megatron_opsd.training.opsd import token_weights
+
+    return token_weights(list(lengths), "token_mean" if token_level else "sequence_mean")
