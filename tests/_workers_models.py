@@ -62,3 +62,27 @@ def bad_inputs(cases: dict) -> dict:
         except Exception as err:  # noqa: BLE001 - the message is the thing under test
             out[name] = f"{type(err).__name__}: {err}"
     return out
+
+
+def grads_with_recompute(hf_dir: str, tokens: torch.Tensor, granularities: tuple) -> dict:
+    """granularity -> {param name: grad} of one forward/backward through megatron's schedule."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_opsd.models.gpt import build_model
+    from megatron_opsd.models.weights import load_hf_checkpoint
+
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+    out = {}
+    for granularity in granularities:
+        (model,) = build_model(hf_dir, recompute_granularity=granularity)
+        load_hf_checkpoint([model], hf_dir)
+
+        def step(_, m):
+            logits = m(tokens, positions, attention_mask=None)
+            return logits, lambda o: (o[..., : m.real_vocab_size].log_softmax(-1).mean(), {})
+
+        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=model,
+                                    num_microbatches=1, seq_length=tokens.shape[1],
+                                    micro_batch_size=tokens.shape[0], forward_only=False)
+        out[granularity] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out

@@ -23,6 +23,10 @@ Applied only when CUDA is absent (``apply()`` is a no-op on a GPU machine). Veri
    with interleaved pipelining at PP=2 (prev == next) the sends and receives then pair wrongly and results
    are silently wrong. We post send_next, recv_prev, send_prev, recv_next, which pairs correctly (rank r's
    send_next meets rank r+1's recv_prev first) and is bitwise equal to PP=1.
+7. ``megatron.core.tensor_parallel.random.CheckpointFunction`` / ``CheckpointWithoutOutputFunction`` backward
+   -> re-run under the mode of 5. A torch-function mode is popped while it handles a call, and
+   ``torch.autograd.backward`` / ``Tensor.backward`` are such calls, so activation recompute (selective or
+   full) would re-run the forward without the mode and die on megatron's ``device="cuda"`` causal mask.
 """
 from __future__ import annotations
 
@@ -109,6 +113,16 @@ def _batched_p2p_ops_gloo_order(
     return dist.batch_isend_irecv(ops) if ops else []
 
 
+def _backward_under_mode(backward):
+    """A custom autograd Function's backward that runs with the CUDA-on-CPU mode active (patch 7)."""
+
+    def wrapped(ctx, *grads):
+        with _CudaOnCpuMode():
+            return backward(ctx, *grads)
+
+    return staticmethod(wrapped)
+
+
 def apply(force: bool = False) -> bool:
     """Install the patches once per process when CUDA is absent. Returns True if they are active."""
     global _APPLIED, _MODE
@@ -131,6 +145,8 @@ def apply(force: bool = False) -> bool:
     logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
 
     p2p_communication._batched_p2p_ops = _batched_p2p_ops_gloo_order  # 6
+    for fn in (mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutputFunction):  # 7
+        fn.backward = _backward_under_mode(fn.backward)
 
     _MODE = _CudaOnCpuMode()  # 5
     _MODE.__enter__()
