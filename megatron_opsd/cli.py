@@ -15,7 +15,6 @@ from typing import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "version": ("megatron_opsd.cli", "print the package and dependency versions"),
     "check-model": ("megatron_opsd.models.check", "import an HF checkpoint and compare our logits with transformers'"),
-    "convert": ("megatron_opsd.models.convert_cli", "import/export between HF safetensors and megatron shards"),
     "sidecar": ("megatron_opsd.rollout.server", "start the vLLM rollout sidecar server"),
     "train": ("megatron_opsd.training.cli", "run on-policy self-distillation from a YAML config"),
     "sft": ("megatron_opsd.training.sft_cli", "supervised fine-tuning with megatron vocab-parallel cross-entropy"),
