@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-model": ("megatron_opsd.models.check", "import an HF checkpoint and compare our logits with transformers'"),
     "sidecar": ("megatron_opsd.rollout.server", "start the vLLM rollout sidecar server"),
     "train": ("megatron_opsd.training.cli", "run on-policy self-distillation from a YAML config"),
+    "rl": ("megatron_opsd.training.rl_cli", "GRPO with verifiable rewards on the rollout sidecar"),
     "sft": ("megatron_opsd.training.sft_cli", "supervised fine-tuning with megatron vocab-parallel cross-entropy"),
     "export": ("megatron_opsd.training.export_cli", "export a training checkpoint to an HF directory"),
     "eval": ("megatron_opsd.evaluation.cli", "accuracy and response length on MATH-500 / AIME / AMC"),
