@@ -8,7 +8,7 @@ log-probs, or megatron's recomputation of them), with DAPO's clip-higher (eps_lo
     ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))
     l_t     = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i)  [+ kl_coef * KL_t]
 summed with per-token weights: token-level (DAPO: 1 / all response tokens of the step) or sequence-level
-(GRPO: 1 / (|y_i| * number of rollouts)). ``GRPOTrainer`` (below) drives them on the OPSD trainer's machinery.
+(GRPO: 1 / (|y_i| * number of rollouts)). ``training/rl_trainer.py`` drives them on the OPSD trainer's machinery.
 """
 from __future__ import annotations
 
@@ -135,3 +135,4 @@ def rollout_weights(lengths: Sequence[int], token_level: bool) -> list[torch.Ten
     from megatron_opsd.training.opsd import token_weights
 
     return token_weights(list(lengths), "token_mean" if token_level else "sequence_mean")
+
