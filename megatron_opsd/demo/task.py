@@ -10,9 +10,10 @@ Problems are chains of single-digit additions and subtractions evaluated left to
   traces are a little less accurate, as the paper observes of long reasoning;
 - concise (answer to the concise-instruction prompt): the steps once, then the boxed answer.
 
-Both write the computation as a rewrite chain (``8 + 7 - 2 = 15 - 2 = 13``): each link needs only the
-expression just before it, which a 2-layer model learns in a few hundred steps; with step-by-step sentences
-("8 + 7 = 15. 15 - 2 = 13.") the model lost track of the next operand after a verification loop.
+Each step states what is left of the problem (``8 + 7 = 15, so 15 + 3 - 2.``) and every verification loop
+ends by restating it (``So we have 15 + 3 - 2.``), so the next step only copies from the sentence just before
+it: with bare steps ("8 + 7 = 15. 15 + 3 = 18.") a 2-layer model lost track of the next operand after a
+loop, and with a rewrite chain ("8 + 7 + 3 = 15 + 3 = 18") it had to add before writing the operands.
 
 OPSDC then uses :data:`CONCISE_INSTRUCTION` as the teacher's privileged context: the teacher assigns low
 probability to "Wait" where the student would emit it. The prompts are built by the trainer's own context
@@ -52,7 +53,7 @@ class TaskConfig:
     min_steps: int = 3  # operations per problem
     max_steps: int = 4
     max_operand: int = 9
-    max_value: int = 30  # every intermediate value stays in [0, max_value]
+    max_value: int = 20  # every intermediate value stays in [0, max_value]
     seed: int = 0
 
     def __post_init__(self):
@@ -187,23 +188,19 @@ def _expr(value: int, ops: list[tuple[str, int]]) -> str:
     return " ".join([str(value)] + [f"{op} {operand}" for op, operand in ops])
 
 
-def _chain(start: int, ops: list[tuple[str, int]]) -> str:
-    """``8 + 7 - 2 = 15 - 2 = 13``: each link folds the first two numbers of the previous expression and
-    copies the rest, so every step reads only the expression just before it (easy for a tiny model)."""
-    links, value = [_expr(start, ops)], start
-    for i, (op, operand) in enumerate(ops):
-        value = _apply(value, op, operand)
-        links.append(_expr(value, ops[i + 1:]))
-    return " = ".join(links)
+def _step(lhs: int, op: str, operand: int, result: int, rest: list[tuple[str, int]]) -> str:
+    """``8 + 7 = 15, so 15 + 3 - 2.``: the step, then what is left of the problem (nothing after the last)."""
+    return f"{lhs} {op} {operand} = {result}" + (f", so {_expr(result, rest)}." if rest else ".")
 
 
 def concise_trace(example: dict, rng: random.Random) -> str:
-    """The rewrite chain once, then the boxed answer. ``rng`` is unused: concise traces are canonical (the SFT
-    target the concise teacher should reproduce); it is accepted so both generators share one signature."""
+    """Each step once, then the boxed answer. ``rng`` is unused: concise traces are canonical (the SFT target the
+    concise teacher should reproduce); it is accepted so both generators share one signature."""
     del rng
     start, ops = parse_problem(example["problem"])
-    answer = solve_steps(example["problem"])[-1][3]
-    return f"{_chain(start, ops)}. The answer is \\boxed{{{answer}}}."
+    steps = [_step(lhs, op, operand, res, ops[i + 1:])
+             for i, (lhs, op, operand, res) in enumerate(solve_steps(example["problem"]))]
+    return " ".join(steps) + f" The answer is \\boxed{{{solve_steps(example['problem'])[-1][3]}}}."
 
 
 def _verify_loop(rng: random.Random, lhs: int, op: str, operand: int, result: int) -> str:
@@ -215,31 +212,32 @@ def _wrong_value(rng: random.Random, true_value: int) -> int:
 
 
 def verbose_trace(example: dict, rng: random.Random, cfg: TraceConfig = TraceConfig()) -> str:
-    """The rewrite chain, interrupted after a step by ``Wait, let me verify`` loops of random length (then ``So``
-    and the current expression again), and a final re-check of the whole chain. With probability ``error_prob``
-    a re-check talks itself into a wrong value ("..., not 15. So we have 14 ...") and carries it to the end."""
+    """The steps, each possibly followed by ``Wait, let me verify`` loops of random length (then ``So we have``
+    and what is left of the problem), and a final re-check of every step. With probability ``error_prob`` a
+    re-check talks itself into a wrong value ("..., not 15. So we have 14 ...") and carries it to the end."""
     start, ops = parse_problem(example["problem"])
     error_at = rng.randrange(len(ops)) if rng.random() < cfg.error_prob else None
-    text, value = _expr(start, ops), start
+    parts, value, done = [], start, []
     for i, (op, operand) in enumerate(ops):
         lhs, value = value, _apply(value, op, operand)
-        text += f" = {_expr(value, ops[i + 1:])}"
+        text = _step(lhs, op, operand, value, ops[i + 1:])
         if i == error_at:
             wrong = _wrong_value(rng, value)
-            text += (f". {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {wrong}, not {value}. "
-                     f"So we have {_expr(wrong, ops[i + 1:])}")
+            text += (f" {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {wrong}, not {value}. "
+                     f"So we have {_expr(wrong, ops[i + 1:])}.")
             value = wrong
         elif rng.random() < cfg.check_prob:
-            text += "." + _verify_loop(rng, lhs, op, operand, value)
+            text += _verify_loop(rng, lhs, op, operand, value)
             for _ in range(cfg.max_loops - 1):
                 if rng.random() >= cfg.repeat_prob:
                     break
                 text += _verify_loop(rng, lhs, op, operand, value)
-            text += f" So {_expr(value, ops[i + 1:])}"
-    text += "."
+            text += f" So we have {_expr(value, ops[i + 1:])}."
+        parts.append(text)
+        done.append(f"{lhs} {op} {operand} = {value}.")
     if error_at is None and rng.random() < cfg.final_check_prob:
-        text += f" {rng.choice(_FINAL_OPENERS)} {_chain(start, ops)}. {rng.choice(_CONFIRMS)}"
-    return text + f" The answer is \\boxed{{{value}}}."
+        parts.append(f"{rng.choice(_FINAL_OPENERS)} {' '.join(done)} {rng.choice(_CONFIRMS)}")
+    return " ".join(parts) + f" The answer is \\boxed{{{value}}}."
 
 
 # ------------------------------------------------------------------------------------------------ prompts
