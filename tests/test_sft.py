@@ -1,0 +1,185 @@
+"""`megatron-opsd sft`: tokenization and masking, bad input, TP/PP/DP parity, memorisation + HF export."""
+import json
+
+import pytest
+import torch
+
+from megatron_opsd.config import ConfigError
+from megatron_opsd.models.tokenizer import load_tokenizer
+from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.training.sft import (SFTDataConfig, build_sft_microbatches, load_sft_config, load_sft_dataset,
+                                        tokenize_conversation)
+from megatron_opsd.training.sft_cli import run_sft
+
+PAIRS = [(f"What is {a} + {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 1), (2, 7), (6, 2), (8, 1), (4, 4), (9, 3)]]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def pair_rows(field_prompt="prompt", field_response="response"):
+    return [{field_prompt: p, field_response: r} for p, r in PAIRS]
+
+
+def run_config(tmp_path, model_dir, train_path, name, *overrides):
+    return load_sft_config(None, [f"model.path={model_dir}", f"data.train_path={train_path}",
+                                  f"logging.dir={tmp_path / name}", "logging.progress=false",
+                                  "logging.tensorboard=false", *overrides])
+
+
+def step_losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@pytest.mark.parametrize("thinking", [None, False])
+def test_demo_mixture_masks_exactly_the_assistant_turn(tiny_checkpoints, thinking):
+    """The demo's SFT records load as they are; the trained tokens are the assistant turn + end of turn, and the
+    context before them is exactly the generation prompt the sidecar will be given."""
+    from megatron_opsd.demo.task import build_sft_mixture, generate_splits
+
+    tok = load_tokenizer(tiny_checkpoints["qwen3"])
+    train, _ = generate_splits()
+    for record in build_sft_mixture(train[:6]):
+        ids, trainable = tokenize_conversation(tok, record["messages"], thinking)
+        first = trainable.index(1)
+        assert ids[:first] == tok.apply_chat_template(record["messages"][:-1], True, thinking)
+        assert all(trainable[first:]) and len(ids) == len(trainable)
+        assert tok.decode(ids[first:]) == record["messages"][-1]["content"] + "<|im_end|>\n"
+
+
+def test_multi_turn_trains_every_assistant_turn(tiny_checkpoints):
+    tok = load_tokenizer(tiny_checkpoints["qwen3"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+    ids, trainable = tokenize_conversation(tok, messages)
+    assert tok.decode(ids) == tok.render_chat(messages, add_generation_prompt=False)
+    trained = tok.decode([i for i, t in zip(ids, trainable) if t])
+    assert trained == "Hello<|im_end|>\n4<|im_end|>\n"
+
+
+def test_pairs_with_configured_fields_system_and_template(tiny_checkpoints, tmp_path):
+    tok = load_tokenizer(tiny_checkpoints["qwen3"])
+    path = write_jsonl(tmp_path / "p.jsonl", pair_rows("question", "answer"))
+    d = SFTDataConfig(train_path=path, prompt_field="question", response_field="answer", system_prompt="Sys",
+                      prompt_template="Q: {{ prompt }}")
+    examples = load_sft_dataset(d, tok)
+    assert len(examples) == 8
+    expected = tok.apply_chat_template([{"role": "system", "content": "Sys"},
+                                        {"role": "user", "content": "Q: " + PAIRS[0][0]}], True)
+    first = examples[0].trainable.index(1)
+    assert examples[0].ids[:first] == expected
+    assert tok.decode(examples[0].ids[first:]) == PAIRS[0][1] + "<|im_end|>\n"
+
+
+def test_microbatches_weight_every_trained_token_by_one_over_the_global_count(tiny_checkpoints, tmp_path):
+    tok = load_tokenizer(tiny_checkpoints["qwen3"])
+    examples = load_sft_dataset(SFTDataConfig(train_path=write_jsonl(tmp_path / "p.jsonl", pair_rows())), tok)
+    total = sum(sum(ex.trainable) for ex in examples)
+    per_rank = [build_sft_microbatches(examples, micro_batch_size=2, pad_id=0, dp_size=2, dp_rank=r) for r in (0, 1)]
+    weights = torch.cat([mb["weights"].flatten() for mbs in per_rank for mb in mbs])
+    assert len(per_rank[0]) == 2 and torch.allclose(weights.sum(), torch.tensor(1.0))
+    assert int((weights > 0).sum()) == total and torch.allclose(weights[weights > 0], torch.tensor(1.0 / total))
+    mb = per_rank[1][0]  # rank 1 holds sequences 2 and 3; labels are the next tokens where weighted
+    ex = examples[2]
+    n = len(ex.ids)
+    assert mb["tokens"][0, :n].tolist() == ex.ids and mb["labels"][0, : n - 1].tolist() == ex.ids[1:]
+    assert mb["tokens"].shape[1] % 8 == 0
+    with pytest.raises(ValueError, match="data.global_batch_size=8 must be a multiple"):
+        build_sft_microbatches(examples, micro_batch_size=3, pad_id=0)
+
+
+def test_bad_input_names_the_field(tiny_checkpoints, tmp_path):
+    tok = load_tokenizer(tiny_checkpoints["qwen3"])
+    bad_pair = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x", "reply": "y"}])
+    with pytest.raises(ValueError, match=r"row 1: .*'messages'.*\['response'\].*data.response_field"):
+        load_sft_dataset(SFTDataConfig(train_path=bad_pair), tok)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"data.train_path.*empty"):
+        load_sft_dataset(SFTDataConfig(train_path=str(tmp_path / "empty.jsonl")), tok)
+    with pytest.raises(FileNotFoundError, match="data.train_path"):
+        load_sft_dataset(SFTDataConfig(train_path=str(tmp_path / "missing.jsonl")), tok)
+    no_assistant = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(ValueError, match="no assistant turn"):
+        load_sft_dataset(SFTDataConfig(train_path=no_assistant), tok)
+    bad_message = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(ValueError, match=r"messages\[0\] must be an object with string 'role' and 'content'"):
+        load_sft_dataset(SFTDataConfig(train_path=bad_message), tok)
+    too_long = write_jsonl(tmp_path / "d.jsonl", pair_rows())
+    with pytest.raises(ValueError, match="data.max_seq_len=8"):
+        load_sft_dataset(SFTDataConfig(train_path=too_long, max_seq_len=8), tok)
+    with pytest.raises(ConfigError, match="data.train_path must be set"):
+        load_sft_config(None, [f"model.path={tiny_checkpoints['qwen3']}"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.prompt_feld'"):
+        load_sft_config(None, ["data.prompt_feld=q"])
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+@pytest.mark.parametrize("layout,world", [({}, 1), ({"tensor_model_parallel_size": 2}, 2),
+                                          ({"pipeline_model_parallel_size": 2}, 2), ({}, 2)],
+                         ids=["tp1", "tp2", "pp2", "dp2"])
+def test_sft_losses_match_across_layouts(tiny_checkpoints, tmp_path_factory, layout, world, request):
+    """Three optimizer steps on the same data: the token-mean loss at TP=2, PP=2 and DP=2 equals TP=1 (step 1
+    checks the forward, steps 2-3 the gradients and the optimizer)."""
+    root = tmp_path_factory.getbasetemp() / "sft_parity"
+    root.mkdir(exist_ok=True)
+    train = write_jsonl(root / "train.jsonl", pair_rows())
+    overrides = [f"parallel.{k}={v}" for k, v in layout.items()]
+    name = request.node.callspec.id
+    cfg = run_config(root, tiny_checkpoints["qwen3"], train, name, "train.steps=3", "optim.lr=3e-3",
+                     "data.global_batch_size=4", "data.shuffle=false", *overrides)
+    run_distributed(run_sft, world, cfg.parallel, cfg)
+    losses = step_losses(root / name)
+    assert len(losses) == 3 and losses[2] < losses[0]
+    reference = root / "tp1"
+    if name == "tp1":
+        return
+    assert reference.exists(), "run the tp1 case first (parametrize order)"
+    expected = step_losses(reference)
+    assert losses[0] == pytest.approx(expected[0], rel=1e-5)
+    assert losses == pytest.approx(expected, rel=1e-4)
+
+
+def test_sft_cli_memorises_and_exports_hf(tiny_checkpoints, tmp_path):
+    """`megatron-opsd sft` on 8 short examples: the loss falls by > 50% in 30 steps, and the exported HF model,
+    loaded with transformers, greedily answers every training prompt with its trained response."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opsd.cli import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": p},
+                                                                 {"role": "assistant", "content": r}]}
+                                                   for p, r in PAIRS])
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{path: {tiny_checkpoints['qwen3']}}}\ndata: {{train_path: {train}}}\n")
+    out = tmp_path / "exported"
+    rc = main(["sft", "--config", str(config), "--export-hf", str(out), "--nproc", "1", "optim.lr=5e-3",
+               "train.steps=40", "optim.micro_batch_size=4", f"logging.dir={tmp_path / 'run'}",
+               "logging.progress=false"])
+    assert rc == 0
+    losses = step_losses(tmp_path / "run")
+    assert len(losses) == 40 and losses[29] < 0.5 * losses[0]
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists() and list((tmp_path / "run" / "tensorboard").iterdir())
+
+    tok = load_tokenizer(out)  # the tokenizer travelled with the export
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    for prompt, response in PAIRS:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], True)
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        new = gen[0, len(ids):].tolist()
+        assert new[-1] == tok.eos_token_id and tok.decode(new, skip_special_tokens=True) == response, prompt
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    cfg = load_sft_config(str(Path(__file__).parent.parent / "examples" / "sft_tiny.yaml"))
+    assert cfg.logging.dir == "runs/sft_tiny" and cfg.export.hf_dir == "runs/sft_tiny/hf"
+    assert cfg.data.global_batch_size % (cfg.optim.micro_batch_size) == 0
