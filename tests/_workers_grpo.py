@@ -1,0 +1,61 @@
+"""Multi-process workers for tests/test_grpo_step.py (top-level so run_distributed can pickle them)."""
+import torch
+
+from megatron_opsd.training.rl_trainer import GRPOTrainer
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
+REWARDS = [[1.0, 0.0, 0.0], [0.2, 0.9, 0.5]]
+LENGTHS = [[3, 5, 4], [6, 2, 4]]
+
+
+def fixed_responses() -> list:
+    g = torch.Generator().manual_seed(0)
+    return [[torch.randint(20, 300, (n,), generator=g).tolist() for n in group] for group in LENGTHS]
+
+
+def hf_logprobs(model_dir: str, prompts: list, responses: list) -> list:
+    """log p(response tokens) under transformers' forward of the same checkpoint (the behaviour policy)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for prompt, group in zip(prompts, responses):
+            rows = []
+            for resp in group:
+                logits = model(torch.tensor([prompt + resp])).logits[0, len(prompt) - 1: -1]
+                rows.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(resp)[:, None])[:, 0].tolist())
+            out.append(rows)
+    return out
+
+
+class SkipWeightPush:
+    """Test double for the sidecar client: these tests have no sidecar (the e2e test covers the real push)."""
+
+    def push_weights(self, model_chunks, version):
+        return None
+
+
+class FixedRolloutsGRPO(GRPOTrainer):
+    """Test double for the sidecar's rollouts: fixed token ids, rewards, and transformers' log-probs."""
+
+    def _rollouts(self):
+        from megatron_opsd.training.trainer import StepRollouts, _broadcast
+
+        result = None
+        if self.rank == 0:
+            responses = fixed_responses()
+            logprobs = hf_logprobs(self.cfg.model.path, PROMPTS, responses)
+            correct = [[r > 0.5 for r in g] for g in REWARDS]
+            result = StepRollouts(PROMPTS, PROMPTS, responses, correct, [[self.step] * 3 for _ in PROMPTS],
+                                  REWARDS, logprobs)
+        return _broadcast(result)
+
+
+def grpo_steps(cfg, steps: int) -> list:
+    torch.manual_seed(0)
+    trainer = FixedRolloutsGRPO(cfg)
+    trainer.client = SkipWeightPush()
+    history = [trainer.train_step() for _ in range(steps)]
+    trainer.logger and trainer.logger.close()
+    return history
