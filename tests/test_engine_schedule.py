@@ -49,7 +49,7 @@ def local_grads(ddp_chunks) -> dict:
     return grads
 
 
-def layout_worker(hf_dir: str, microbatches: list, sum_too: bool) -> dict:
+def layout_worker(hf_dir: str, microbatches: list, sum_too: bool, replicas: bool) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_opsd.models.gpt import build_model
@@ -77,6 +77,8 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool) -> dict:
         result.update(sum_loss=out.loss, sum_grads=local_grads(ddp_chunks))
     logits = collect_logits(chunks, mine, **kw)
     picked = collect_logits(chunks, mine, gather_positions_key="response", **kw)
+    if replicas:
+        result.update(replica_checks(hf_dir, chunks))
     if logits is not None:
         result["logits"] = logits
         result["picked_equal"] = all(torch.equal(full[mb["response"]], part)
@@ -84,14 +86,11 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool) -> dict:
     return result
 
 
-def replica_worker(hf_dir: str) -> dict:
-    """copy_weights_ / ema_update_ at TP=2 between the loaded model and a differently initialised replica."""
+def replica_checks(hf_dir: str, student: list) -> dict:
+    """copy_weights_ / ema_update_ between the loaded model and a differently initialised replica."""
     from megatron_opsd.models.gpt import build_model
-    from megatron_opsd.models.weights import load_hf_checkpoint
     from megatron_opsd.training.schedule import copy_weights_, ema_update_
 
-    student = build_model(hf_dir)
-    load_hf_checkpoint(student, hf_dir)
     ema = build_model(hf_dir)  # megatron's random init, not the HF weights
     pairs = lambda: list(zip(ema[0].parameters(), student[0].parameters()))  # noqa: E731
     before = [(e.detach().clone(), s.detach().clone()) for e, s in pairs()]
@@ -134,7 +133,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def runs(hf_dir):
     mbs = make_microbatches()
-    return {name: run_distributed(layout_worker, world, cfg, hf_dir, mbs, name in ("single", "dp2"))
+    return {name: run_distributed(layout_worker, world, cfg, hf_dir, mbs, name in ("single", "dp2"), name == "tp2")
             for name, (world, cfg) in LAYOUTS.items()}
 
 
@@ -207,9 +206,9 @@ def test_collect_logits_matches_single_process(runs, layout):
         torch.testing.assert_close(mine[..., :vocab], theirs[..., :vocab], rtol=1e-5, atol=1e-5)
 
 
-def test_copy_and_ema_helpers(hf_dir):
-    (r0, r1) = run_distributed(replica_worker, 2, ParallelConfig(tensor_model_parallel_size=2), hf_dir)
-    for r in (r0, r1):
+def test_copy_and_ema_helpers(runs):
+    """At TP=2, after the forward/backward passes of that layout (the helpers copy shards, not gradients)."""
+    for r in runs["tp2"]:
         assert r["ema_err"] < 5e-7  # fp32 rounding of the two formulas
         assert r["copied"] and r["unchanged"]
         assert "different parameters" in r["mismatch_error"] or "shard shapes" in r["mismatch_error"]
