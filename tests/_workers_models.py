@@ -15,7 +15,8 @@ def logits_of_many(hf_dirs: dict, tokens: torch.Tensor):
 
 
 def export_many(pairs: dict, probe_dir: str, dst_rank: int) -> dict:
-    """Import each HF dir and save it back; then iterate the probe model's tensors towards ``dst_rank``."""
+    """Import each HF dir and save it back (the probe twice, the second time over its first export, as one
+    file); then iterate the probe model's tensors towards ``dst_rank``."""
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 
@@ -25,6 +26,7 @@ def export_many(pairs: dict, probe_dir: str, dst_rank: int) -> dict:
         save_hf_checkpoint(chunks, out, source_dir=src, max_shard_bytes=64 * 1024)  # several shards + index
     chunks = build_model(probe_dir)
     load_hf_checkpoint(chunks, probe_dir)
+    save_hf_checkpoint(chunks, pairs[probe_dir], source_dir=probe_dir)  # replaces an existing export atomically
     padded_rows_zero = True
     for chunk in chunks:
         for name, param in chunk.named_parameters():

@@ -64,12 +64,16 @@ def test_export_round_trip_is_bitwise(tiny_checkpoints, tmp_path):
         assert sorted(before) == sorted(after), src
         for key in before:
             assert torch.equal(before[key], after[key]), f"{src}: {key}"
-        index = json.loads((Path(out) / "model.safetensors.index.json").read_text())
-        assert set(index["weight_map"]) == set(before)
-        assert all((Path(out) / f).exists() for f in set(index["weight_map"].values()))
+        if src == tiny_checkpoints["qwen3_tied"]:  # re-exported over the sharded export, as a single file
+            assert sorted(p.name for p in Path(out).glob("*.safetensors")) == ["model.safetensors"]
+            assert not (Path(out) / "model.safetensors.index.json").exists()
+        else:
+            index = json.loads((Path(out) / "model.safetensors.index.json").read_text())
+            assert set(index["weight_map"]) == set(before)
+            assert all((Path(out) / f).exists() for f in set(index["weight_map"].values()))
         assert json.loads((Path(out) / "config.json").read_text())["vocab_size"] == 379
         assert (Path(out) / "tokenizer.json").exists() and (Path(out) / "tokenizer_config.json").exists()
-        assert not list(tmp_path.glob(".*tmp-*")), "temporary export directory left behind"
+        assert not list(tmp_path.glob(".*")), "temporary or replaced export directory left behind"
 
     # transformers loads the sharded export and computes the same logits as from the source
     tokens = torch.randint(0, 379, (1, 8))
