@@ -104,12 +104,19 @@ def assert_states_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("tp,dp", [(1, 2)])
-def test_resume_equals_uninterrupted(tiny_checkpoints, tmp_path, tp, dp):
-    hf_dir, root = tiny_checkpoints["qwen3"], str(tmp_path / "ckpt")
-    cfg = ParallelConfig(tensor_model_parallel_size=tp)
-    full = run_distributed(train_worker, tp * dp, cfg, hf_dir, root, False, 5, (2,))
-    resumed = run_distributed(train_worker, tp * dp, cfg, hf_dir, root, True, 5, ())
+@pytest.mark.parametrize("layout", ["dp2", pytest.param("pp2_vpp2", marks=pytest.mark.slow)])
+def test_resume_equals_uninterrupted(tiny_checkpoints, tmp_path, layout):
+    """DP=2 shards the distributed optimizer; PP=2 x VPP=2 (4 layers) saves the chunks as model0/model1."""
+    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+
+    root = str(tmp_path / "ckpt")
+    if layout == "dp2":
+        hf_dir, cfg = tiny_checkpoints["qwen3"], ParallelConfig()
+    else:
+        hf_dir = str(make_tiny_hf_checkpoint(tmp_path / "l4", family="qwen3", num_layers=4))
+        cfg = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    full = run_distributed(train_worker, 2, cfg, hf_dir, root, False, 5, (2,))
+    resumed = run_distributed(train_worker, 2, cfg, hf_dir, root, True, 5, ())
     for rank, (a, b) in enumerate(zip(full, resumed)):
         assert b["resumed_step"] == 2 and b["rng_restored"]
         assert b["data_state"] == {"position": 2 * NUM_MB} and b["extra_state"] == {"note": "after step 2"}
