@@ -167,3 +167,15 @@ def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "step-5"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "step-10", [])
+
+
+def test_bad_arguments_name_the_field(tmp_path):
+    from megatron_opsd.training.checkpoint import _sharded_state_dict, save_checkpoint
+
+    with pytest.raises(ValueError, match="optimizer_sharding must be one of"):
+        save_checkpoint(tmp_path, 1, [], optimizer_sharding="fully_sharded_model_space")
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        save_checkpoint(tmp_path, 1, [], keep_last=0)
+    for name in ("step", "model0", "optimizer"):
+        with pytest.raises(ValueError, match=f"extra_models name '{name}' is reserved"):
+            _sharded_state_dict([], None, {name: []}, False, "dp_reshardable")

@@ -41,6 +41,7 @@ _RNG_KEY = "opsd.rng_state"
 # its own optimizer shard, no gather; reload only at the same TP/PP) and "fully_reshardable" (gathered per
 # parameter on DP rank 0: reloadable at any TP/PP/DP, more memory and time at save).
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+_RESERVED = {"optimizer", "scheduler", "step", "world_size", "format_version", "data_state", "extra_state"}
 
 
 @dataclass
@@ -103,7 +104,7 @@ def _sharded_state_dict(model_chunks: list, optimizer, extra_models: Optional[di
         metadata = {"distrib_optim_sharding_type": optimizer_sharding, "chained_optim_avoid_prefix": True}
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     for name, chunks in (extra_models or {}).items():
-        if name in ("optimizer", "scheduler", "step") or re.fullmatch(r"model\d*", name) or name.startswith("opsd"):
+        if name in _RESERVED or re.fullmatch(r"model\d*", name) or name.startswith("opsd"):
             raise ValueError(f"extra_models name {name!r} is reserved: pick another (e.g. 'teacher', 'ema')")
         for i, chunk in enumerate(chunks):
             state[_chunk_key(name, i, len(chunks))] = _unwrap(chunk).sharded_state_dict(prefix=f"{name}.")
@@ -237,6 +238,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer=N
         tmp.mkdir()
     _barrier()
 
+    if optimizer is not None:  # a save before the first step (e.g. nothing passed the filter yet)
+        _ensure_optimizer_state(optimizer)  # never overwrites existing Adam state
     state = _sharded_state_dict(model_chunks, optimizer, extra_models, False, optimizer_sharding)
     state[_RNG_KEY] = _rng_object(_rng_state())
     state.update(step=step, world_size=torch.distributed.get_world_size(), format_version=FORMAT_VERSION,

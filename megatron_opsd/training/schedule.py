@@ -116,7 +116,8 @@ def forward_backward(model_chunks: list, microbatches: list, loss_fn: LossFn, *,
     metrics = _run_schedule(model_chunks, microbatches, on_logits, seq_length=seq_length,
                             micro_batch_size=micro_batch_size, forward_only=forward_only)
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    total = torch.zeros(1, dtype=torch.float64)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs device tensors
+    total = torch.zeros(1, dtype=torch.float64, device=device)
     if last:
         total += sum(float(m["loss"]) for m in metrics)
         if loss_reduction == "mean":
