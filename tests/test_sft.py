@@ -51,6 +51,22 @@ def test_demo_mixture_masks_exactly_the_assistant_turn(tiny_checkpoints, thinkin
         assert tok.decode(ids[first:]) == record["messages"][-1]["content"] + "<|im_end|>\n"
 
 
+def test_demo_mixture_file_loads_as_jsonl_and_parquet(tiny_checkpoints, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_opsd.demo.task import build_sft_mixture, generate_splits, write_jsonl as write_demo_jsonl
+
+    tok = load_tokenizer(tiny_checkpoints["qwen3"])
+    records = build_sft_mixture(generate_splits()[0][:5])
+    write_demo_jsonl(tmp_path / "mix.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), str(tmp_path / "mix.parquet"))
+    from_jsonl = load_sft_dataset(SFTDataConfig(train_path=str(tmp_path / "mix.jsonl")), tok)
+    from_parquet = load_sft_dataset(SFTDataConfig(train_path=str(tmp_path / "mix.parquet")), tok)
+    assert [e.id for e in from_jsonl] == [r["id"] for r in records]
+    assert [(e.ids, e.trainable) for e in from_jsonl] == [(e.ids, e.trainable) for e in from_parquet]
+
+
 def test_multi_turn_trains_every_assistant_turn(tiny_checkpoints):
     tok = load_tokenizer(tiny_checkpoints["qwen3"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -279,6 +279,7 @@ class SFTTrainer:
         self.ddp, self.optimizer, self.scheduler = setup_training(self.model, settings)
         self.loss_fn = make_weighted_ce_loss_fn(self.model[0].real_vocab_size)
         self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint on disk (a finished run re-run: no new save)
         self.logger = MetricsLogger(cfg, self.run_dir) if self.rank == 0 else None
 
     def train_step(self) -> dict:
@@ -308,6 +309,7 @@ class SFTTrainer:
     def save(self) -> None:
         from megatron_opsd.training.checkpoint import save_checkpoint
 
+        self.saved_step = self.step
         save_checkpoint(self.ckpt_dir, self.step, self.ddp, self.optimizer, self.scheduler,
                         data_state=self.sampler.state_dict(), config_dict=config_to_dict(self.cfg),
                         keep_last=self.cfg.checkpoint.keep_last)
@@ -319,7 +321,7 @@ class SFTTrainer:
             return
         loaded = load_latest(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler)
         if loaded is not None:
-            self.step = loaded.step
+            self.step = self.saved_step = loaded.step
             self.sampler.load_state_dict(loaded.data_state)
             if self.rank == 0:
                 print(f"resumed from {loaded.path} at step {self.step}")
@@ -362,7 +364,8 @@ class SFTTrainer:
                 every = cfg.checkpoint.save_every
                 if every and self.step % every == 0 and self.step < cfg.train.steps:
                     self.save()
-            self.save()
+            if self.saved_step != self.step:
+                self.save()
             self.export()
         finally:
             if bar is not None:
