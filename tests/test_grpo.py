@@ -118,3 +118,15 @@ def test_rl_config_loads_and_validates(tmp_path):
         load_rl_config("examples/grpo_tiny.yaml", ["rollout.filter=correct"])
     with pytest.raises(ConfigError, match="rl.nonsense"):
         load_rl_config("examples/grpo_tiny.yaml", ["rl.nonsense=1"])
+
+
+def test_rl_cli_refuses_bad_values_before_starting(capsys):
+    from megatron_opsd.cli import main
+
+    with pytest.raises(ConfigError, match="rl.clip_eps_low must be < 1"):
+        main(["rl", "--config", "examples/grpo_tiny.yaml", "--set", "rl.clip_eps_low=1.5", "--nproc", "2"])
+    with pytest.raises(ConfigError, match="rl.kl_coef must be >= 0"):
+        main(["rl", "--config", "examples/grpo_tiny.yaml", "rl.kl_coef=-1"])
+    with pytest.raises(SystemExit):
+        main(["rl", "--help"])
+    assert "GRPO with verifiable rewards" in capsys.readouterr().out

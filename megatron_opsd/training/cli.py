@@ -1,0 +1,42 @@
+"""`megatron-opsd train --config X.yaml [--set key=value ...] [key=value ...]`.
+
+Under torchrun/srun every process runs this command and joins the process group from the environment.
+``--nproc N`` instead spawns N local processes (gloo on CPU), handy for a laptop or a quick TP=2 check.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see examples/)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set loss.kind=jsd (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--nproc", type=int, default=0, help="spawn this many local processes (no torchrun)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-style overrides")
+
+
+def _final_metrics(history: list) -> dict:
+    return history[-1] if history else {}
+
+
+def main(args: argparse.Namespace) -> int:
+    from megatron_opsd.config import load_config
+
+    overrides = list(args.sets) + list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    if args.nproc:
+        from megatron_opsd.parallel.launch import run_distributed
+
+        run_distributed(run_trainer, args.nproc, cfg.parallel, cfg)
+    else:
+        run_trainer(cfg)
+    return 0
+
+
+def run_trainer(cfg) -> dict:
+    """Entry point per process: train and return the last step's metrics."""
+    from megatron_opsd.training.trainer import train
+
+    return _final_metrics(train(cfg))

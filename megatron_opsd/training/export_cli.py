@@ -1,0 +1,53 @@
+"""`megatron-opsd export --checkpoint C --out HF_DIR`: a training checkpoint to a Hugging Face directory.
+
+The checkpoint's own config.yaml names the base model (for the architecture and tokenizer) and the parallel
+layout it was saved with; dist_checkpointing reshards on load, so ``--tp/--pp`` may differ from training.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a step-N checkpoint directory, or the checkpoints root (its latest is used)")
+    parser.add_argument("--out", required=True, help="HF directory to write (atomically)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load with (local processes)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load with")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from megatron_opsd.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "config.yaml").exists() and path.name.startswith("step-"):
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"--checkpoint {path}: no complete step-N checkpoint there")
+    return found
+
+
+def export_worker(checkpoint: str, out: str) -> None:
+    """Per rank: build the base model, load the checkpoint's weights (no optimizer), write the HF directory."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.models.gpt import build_model
+    from megatron_opsd.models.weights import save_hf_checkpoint
+    from megatron_opsd.training.checkpoint import load_checkpoint
+
+    cfg = load_config(str(Path(checkpoint) / "config.yaml"))
+    chunks = build_model(cfg.model.path, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
+    load_checkpoint(checkpoint, chunks, restore_rng=False)
+    save_hf_checkpoint(chunks, out, source_dir=cfg.model.tokenizer or cfg.model.path)
+
+
+def main(args: argparse.Namespace) -> int:
+    from megatron_opsd.parallel import ParallelConfig
+    from megatron_opsd.parallel.launch import run_distributed
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    run_distributed(export_worker, args.tp * args.pp, cfg, str(checkpoint), args.out)
+    print(f"exported {checkpoint} to {args.out}")
+    return 0
