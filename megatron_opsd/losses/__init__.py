@@ -1,10 +1,13 @@
-"""OPSD losses: vocab-parallel full-vocabulary divergences, sampled-token estimators, entropy logging.
+"""OPSD losses: vocab-parallel full-vocabulary divergences, sampled-token estimators, teacher top-k divergences,
+Purified-OPSD (PMI) and DemoPSD target builders, entropy logging.
 
 The vocabulary is never gathered: every function takes this rank's [..., vocab_shard] logits and the
 tensor-parallel ``group`` (None = single process) and works in fp32 token chunks (see divergence.py).
 """
 from megatron_opsd.losses.divergence import vocab_parallel_divergence
 from megatron_opsd.losses.sampled import sampled_token_loss, vocab_parallel_logprobs_at, vocab_parallel_token_logprobs
+from megatron_opsd.losses.targets import demopsd_target_logprobs, pmi_target_logprobs
+from megatron_opsd.losses.topk import TeacherTopK, topk_divergence, vocab_parallel_bucket_logprobs, vocab_parallel_topk
 from megatron_opsd.losses.vocab_parallel import vocab_parallel_entropy
 
 __all__ = [
@@ -13,4 +16,10 @@ __all__ = [
     "vocab_parallel_logprobs_at",
     "vocab_parallel_token_logprobs",
     "vocab_parallel_entropy",
+    "TeacherTopK",
+    "topk_divergence",
+    "vocab_parallel_bucket_logprobs",
+    "vocab_parallel_topk",
+    "pmi_target_logprobs",
+    "demopsd_target_logprobs",
 ]
