@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("megatron_opsd.training.sft_cli", "supervised fine-tuning with megatron vocab-parallel cross-entropy"),
     "export": ("megatron_opsd.training.export_cli", "export a training checkpoint to an HF directory"),
     "eval": ("megatron_opsd.evaluation.cli", "accuracy and response length on MATH-500 / AIME / AMC"),
+    "pipeline": ("megatron_opsd.pipeline.cli", "SFT -> RLVR (GRPO) -> OPSD stages in order, evaluated after each"),
     "demo": ("megatron_opsd.demo.cli", "the tiny CPU reproduction: SFT then OPSDC compression"),
     "plan": ("megatron_opsd.planning.cli", "estimate per-GPU memory for a config before launch"),
 }

@@ -139,7 +139,7 @@ def test_bad_files(capsys, tmp_path):
     (ckpt / "opsd_checkpoint.json").write_text("{}")
     rc = cli_main(["eval", "--model", str(ckpt), "--benchmarks", "amc23"])
     err = capsys.readouterr().err
-    assert rc == 2 and "is a training checkpoint, not an HF directory; export it to an HF directory first" in err
+    assert rc == 2 and "is a training checkpoint, not an HF directory; export it first (megatron-opsd export --checkpoint" in err
 
 
 def test_settings_validation():

@@ -4,10 +4,8 @@ accuracy_vs_tokens.png. See docs/evaluation.md."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator
 
 from megatron_opsd.evaluation.runner import BENCHMARKS
 
@@ -15,7 +13,7 @@ from megatron_opsd.evaluation.runner import BENCHMARKS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="HF checkpoint directory (config.json + safetensors + tokenizer) to evaluate; a training "
-                             "checkpoint must be exported to one first")
+                             "checkpoint must be exported to one first (megatron-opsd export)")
     parser.add_argument("--benchmarks", default="math500,aime24,amc23",
                         help=f"comma-separated names ({', '.join(BENCHMARKS)}) and/or JSONL paths with problem/answer "
                              "fields")
@@ -51,28 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     side.add_argument("--sidecar-log", default=None, help="where the local sidecar writes its log")
 
 
-@contextlib.contextmanager
-def _sidecar_urls(args: argparse.Namespace) -> Iterator[list[str]]:
-    if args.sidecar_url:
-        yield [u for u in args.sidecar_url.split(",") if u.strip()]
-        return
-    from megatron_opsd.rollout.process import start_sidecar_process
-
-    with start_sidecar_process(args.model, log_path=args.sidecar_log, dtype=args.dtype,
-                               max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                               tensor_parallel_size=args.tensor_parallel_size) as proc:
-        yield [proc.url]
-
-
 def _check_model_dir(model: str) -> Path:
     path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {model!r} is not a directory; give an HF checkpoint directory")
     if not (path / "config.json").is_file():
         if (path / "opsd_checkpoint.json").is_file() or (path / "latest").is_file():
-            raise ValueError(f"--model {model!r} is a training checkpoint, not an HF directory; export it to an HF "
-                             "directory first (megatron_opsd.models.weights.save_hf_checkpoint) and pass that folder: "
-                             "evaluating training checkpoints directly is not supported yet")
+            raise ValueError(f"--model {model!r} is a training checkpoint, not an HF directory; export it first "
+                             f"(megatron-opsd export --checkpoint {model} --out HF_DIR) and pass HF_DIR")
         raise FileNotFoundError(f"--model {model!r} has no config.json; give an HF checkpoint directory")
     return path
 
@@ -83,9 +67,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron_opsd.config import DataConfig
     from megatron_opsd.evaluation.report import load_results, write_report
-    from megatron_opsd.evaluation.runner import EvalSettings, evaluate, load_benchmark, resolve_benchmarks
-    from megatron_opsd.models.tokenizer import load_tokenizer
-    from megatron_opsd.rollout.client import SidecarClient
+    from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir, load_benchmark, resolve_benchmarks
 
     data = DataConfig(system_prompt=args.system_prompt)
     if args.prompt_template is not None:
@@ -100,10 +82,12 @@ def run(args: argparse.Namespace) -> dict:
         load_benchmark(path, data, limit=1)
     baseline = load_results(args.baseline) if args.baseline else None
     model_dir = _check_model_dir(args.model)
-    tokenizer = load_tokenizer(model_dir)
-    with _sidecar_urls(args) as urls, SidecarClient(urls, timeout_s=3600.0) as client:
-        results = evaluate(client, tokenizer, [str(p) if n not in BENCHMARKS else n for n, p in benchmarks.items()],
-                           settings, data_dir=args.data_dir, model=str(model_dir))
+    urls = [u for u in args.sidecar_url.split(",") if u.strip()] if args.sidecar_url else None
+    results = evaluate_model_dir(model_dir, [str(p) if n not in BENCHMARKS else n for n, p in benchmarks.items()],
+                                 settings, data_dir=args.data_dir, sidecar_urls=urls, log_path=args.sidecar_log,
+                                 dtype=args.dtype, max_model_len=args.max_model_len,
+                                 kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                                 tensor_parallel_size=args.tensor_parallel_size)
     paths = write_report(results, args.out, baseline=baseline, n_boot=args.bootstrap, seed=args.seed)
     return {"paths": paths, "results": results}
 

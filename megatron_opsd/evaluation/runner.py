@@ -8,6 +8,7 @@ comparison (``report.compare_to_baseline``) can pair prompts by id.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -219,6 +220,25 @@ def evaluate(client, tokenizer, benchmarks: Union[str, Sequence[str], dict], set
         res["path"] = None if path is None else str(path)
         results["benchmarks"][name] = res
     return results
+
+
+def evaluate_model_dir(model_dir: Union[str, Path], benchmarks: Union[str, Sequence[str], dict],
+                       settings: EvalSettings, *, data_dir: Optional[Union[str, Path]] = None,
+                       sidecar_urls: Optional[Sequence[str]] = None, log_path: Optional[Union[str, Path]] = None,
+                       **sidecar_options: Any) -> dict:
+    """``evaluate`` an HF directory on running sidecar(s) serving it, or on a local sidecar started for it
+    (``sidecar_options`` become its flags, e.g. ``dtype="float32", max_model_len=512``) and stopped after."""
+    from megatron_opsd.models.tokenizer import load_tokenizer
+    from megatron_opsd.rollout.client import SidecarClient
+    from megatron_opsd.rollout.process import start_sidecar_process
+
+    tokenizer = load_tokenizer(str(model_dir))
+    with contextlib.ExitStack() as stack:
+        if not sidecar_urls:
+            proc = stack.enter_context(start_sidecar_process(model_dir, log_path=log_path, **sidecar_options))
+            sidecar_urls = [proc.url]
+        client = stack.enter_context(SidecarClient(list(sidecar_urls), timeout_s=3600.0))
+        return evaluate(client, tokenizer, benchmarks, settings, data_dir=data_dir, model=str(model_dir))
 
 
 def _settings_dict(settings: EvalSettings) -> dict:

@@ -6,6 +6,7 @@ Under torchrun/srun every process runs this command and joins the process group 
 from __future__ import annotations
 
 import argparse
+from typing import Callable, Sequence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,26 +18,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-style overrides")
 
 
-def _final_metrics(history: list) -> dict:
-    return history[-1] if history else {}
+def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable, extra_overrides: Sequence[str] = ()
+           ) -> int:
+    """Shared by train / rl / sft: config from --config + overrides, then ``entry(cfg)`` on this process (under
+    torchrun/srun) or on ``--nproc`` spawned local processes."""
+    overrides = list(args.sets) + list(args.overrides) + list(extra_overrides)
+    if args.resume:
+        overrides.append("checkpoint.resume=true")
+    cfg = load_config_fn(args.config, overrides)
+    if args.nproc:
+        from megatron_opsd.parallel.launch import run_distributed
+
+        run_distributed(entry, args.nproc, cfg.parallel, cfg)
+    else:
+        entry(cfg)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     from megatron_opsd.config import load_config
 
-    overrides = list(args.sets) + list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
-    if args.nproc:
-        from megatron_opsd.parallel.launch import run_distributed
-
-        run_distributed(run_trainer, args.nproc, cfg.parallel, cfg)
-    else:
-        run_trainer(cfg)
-    return 0
+    return launch(args, load_config, run_trainer)
 
 
 def run_trainer(cfg) -> dict:
     """Entry point per process: train and return the last step's metrics."""
     from megatron_opsd.training.trainer import train
 
-    return _final_metrics(train(cfg))
+    history = train(cfg)
+    return history[-1] if history else {}

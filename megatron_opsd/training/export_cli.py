@@ -30,16 +30,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def export_worker(checkpoint: str, out: str) -> None:
-    """Per rank: build the base model, load the checkpoint's weights (no optimizer), write the HF directory."""
-    from megatron_opsd.config import load_config
+    """Per rank: build the base model, load the checkpoint's weights (no optimizer), write the HF directory.
+
+    Only the ``model`` section of the checkpoint's config is read, so OPSD, GRPO and SFT checkpoints all export."""
+    import yaml
+
+    from megatron_opsd.config import ModelConfig, from_dict
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import save_hf_checkpoint
     from megatron_opsd.training.checkpoint import load_checkpoint
 
-    cfg = load_config(str(Path(checkpoint) / "config.yaml"))
-    chunks = build_model(cfg.model.path, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
+    saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text()) or {}
+    model = from_dict(ModelConfig, saved.get("model", {}), prefix="model")
+    chunks = build_model(model.path, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by)
     load_checkpoint(checkpoint, chunks, restore_rng=False)
-    save_hf_checkpoint(chunks, out, source_dir=cfg.model.tokenizer or cfg.model.path)
+    save_hf_checkpoint(chunks, out, source_dir=model.tokenizer or model.path)
 
 
 def main(args: argparse.Namespace) -> int:

