@@ -139,7 +139,10 @@ def test_bad_files(capsys, tmp_path):
     (ckpt / "opsd_checkpoint.json").write_text("{}")
     rc = cli_main(["eval", "--model", str(ckpt), "--benchmarks", "amc23"])
     err = capsys.readouterr().err
-    assert rc == 2 and "is a training checkpoint, not an HF directory; export it first (megatron-opsd export --checkpoint" in err
+    assert rc == 2 and "no complete step-N checkpoint there" in err  # a marker alone is no checkpoint
+    rc = cli_main(["eval", "--model", str(tmp_path), "--benchmarks", "amc23"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no config.json and is no training checkpoint" in err
 
 
 def test_settings_validation():

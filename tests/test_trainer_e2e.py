@@ -76,3 +76,17 @@ def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, tmp_path):
 
     logits = AutoModelForCausalLM.from_pretrained(str(out)).eval()(torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
+
+    # `megatron-opsd eval --model <checkpoints>` exports the checkpoint itself (same weights as above), then
+    # evaluates it on the sidecar.
+    from megatron_opsd.cli import main as cli_main
+
+    eval_out = tmp_path / "eval_ckpt"
+    assert cli_main(["eval", "--model", str(tmp_path / "run" / "checkpoints"), "--benchmarks",
+                     str(tmp_path / "train.jsonl"), "--limit", "2", "--max-tokens", "8", "--dtype", "float32",
+                     "--out", str(eval_out), "--no-progress"]) == 0
+    exported = load_file(str(eval_out / "model_hf" / "model.safetensors"))
+    assert all(torch.equal(after[k], exported[k]) for k in after)
+    results = json.loads((eval_out / "results.json").read_text())
+    assert results["model"] == str(eval_out / "model_hf")
+    assert next(iter(results["benchmarks"].values()))["tokens"]["mean"] > 0

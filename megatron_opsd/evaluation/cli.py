@@ -12,8 +12,8 @@ from megatron_opsd.evaluation.runner import BENCHMARKS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="HF checkpoint directory (config.json + safetensors + tokenizer) to evaluate; a training "
-                             "checkpoint must be exported to one first (megatron-opsd export)")
+                        help="HF checkpoint directory (config.json + safetensors + tokenizer) or a megatron-opsd training "
+                             "checkpoint (step-N or its checkpoints folder: exported to <out>/model_hf first)")
     parser.add_argument("--benchmarks", default="math500,aime24,amc23",
                         help=f"comma-separated names ({', '.join(BENCHMARKS)}) and/or JSONL paths with problem/answer "
                              "fields")
@@ -49,16 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     side.add_argument("--sidecar-log", default=None, help="where the local sidecar writes its log")
 
 
-def _check_model_dir(model: str) -> Path:
+def is_training_checkpoint(path: Path) -> bool:
+    return (path / "opsd_checkpoint.json").is_file() or (path / "latest").is_file()
+
+
+def _resolve_model(model: str, out_dir: str) -> Path:
+    """An HF directory as is; a training checkpoint (step-N dir or checkpoints root) exported to
+    ``<out>/model_hf`` first, so the sidecar can serve it."""
     path = Path(model)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {model!r} is not a directory; give an HF checkpoint directory")
-    if not (path / "config.json").is_file():
-        if (path / "opsd_checkpoint.json").is_file() or (path / "latest").is_file():
-            raise ValueError(f"--model {model!r} is a training checkpoint, not an HF directory; export it first "
-                             f"(megatron-opsd export --checkpoint {model} --out HF_DIR) and pass HF_DIR")
-        raise FileNotFoundError(f"--model {model!r} has no config.json; give an HF checkpoint directory")
-    return path
+        raise FileNotFoundError(f"--model {model!r} is not a directory; give an HF directory or a training checkpoint")
+    if (path / "config.json").is_file():
+        return path
+    if is_training_checkpoint(path):
+        from megatron_opsd.training.export_cli import export_checkpoint
+
+        return export_checkpoint(path, Path(out_dir) / "model_hf")
+    raise FileNotFoundError(f"--model {model!r} has no config.json and is no training checkpoint; give an HF "
+                            "directory or a megatron-opsd checkpoint (step-N or its checkpoints folder)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     for path in benchmarks.values():
         load_benchmark(path, data, limit=1)
     baseline = load_results(args.baseline) if args.baseline else None
-    model_dir = _check_model_dir(args.model)
+    model_dir = _resolve_model(args.model, args.out)
     urls = [u for u in args.sidecar_url.split(",") if u.strip()] if args.sidecar_url else None
     results = evaluate_model_dir(model_dir, [str(p) if n not in BENCHMARKS else n for n, p in benchmarks.items()],
                                  settings, data_dir=args.data_dir, sidecar_urls=urls, log_path=args.sidecar_log,

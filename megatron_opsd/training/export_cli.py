@@ -47,12 +47,18 @@ def export_worker(checkpoint: str, out: str) -> None:
     save_hf_checkpoint(chunks, out, source_dir=model.tokenizer or model.path)
 
 
-def main(args: argparse.Namespace) -> int:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> Path:
+    """Export a step-N checkpoint (or a checkpoints root's latest) to the HF directory ``out``; returns ``out``."""
     from megatron_opsd.parallel import ParallelConfig
     from megatron_opsd.parallel.launch import run_distributed
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    cfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    run_distributed(export_worker, args.tp * args.pp, cfg, str(checkpoint), args.out)
-    print(f"exported {checkpoint} to {args.out}")
+    step_dir = resolve_checkpoint(checkpoint)
+    cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    run_distributed(export_worker, tp * pp, cfg, str(step_dir), str(out))
+    print(f"exported {step_dir} to {out}")
+    return Path(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    export_checkpoint(args.checkpoint, args.out, args.tp, args.pp)
     return 0
