@@ -107,7 +107,9 @@ class LossConfig:
     beta: float = 0.5  # JSD_beta: 0 = KL(teacher || student), 1 = KL(student || teacher)
     temperature: float = 1.0  # applied to student and teacher logits
     token_clip: Optional[float] = None  # clamp each vocabulary entry's term before summing
-    top_k: Optional[int] = None  # kind=topk: the teacher's top-k tokens, renormalised
+    top_k: Optional[int] = None  # kind=topk: the teacher's (or target's) global top-k tokens
+    topk_tail: bool = True  # kind=topk: k + 1 buckets (the rest of the mass as one); false: renormalise over k
+    topk_divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"  # kind=topk: over the buckets
     reduction: Literal["token_mean", "sequence_mean", "sum"] = "token_mean"
     chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide computation
     target: Literal["teacher", "pmi", "demopsd"] = "teacher"  # what the student is pulled towards
@@ -364,6 +366,21 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(loss.chunk_tokens >= 1, f"loss.chunk_tokens must be >= 1, got {loss.chunk_tokens}")
     need(loss.target != "pmi" or t.purified,
          "loss.target=pmi needs teacher.purified=true (the PMI target uses the reference-only and base teachers)")
+    need(not t.purified or loss.target == "pmi",
+         "teacher.purified=true needs loss.target=pmi (the reference-only and base forwards only feed the PMI "
+         "target); set loss.target=pmi or teacher.purified=false")
+    need(not t.purified or t.context not in ("reference_only", "base"),
+         f"teacher.purified=true with teacher.context={t.context}: the full teacher must see the question and the "
+         "privileged text (e.g. teacher.context=reference); reference_only and base are added automatically")
+    need(t.pmi_beta > 0 and t.pmi_clip > 0,
+         f"teacher.pmi_beta and teacher.pmi_clip must be > 0, got {t.pmi_beta} and {t.pmi_clip}")
+    need(0.0 <= loss.demopsd_alpha_max <= 1.0, f"loss.demopsd_alpha_max must be in [0, 1], got {loss.demopsd_alpha_max}")
+    need(loss.token_clip is None or loss.kind not in ("k1", "k3", "pg"),
+         f"loss.token_clip clamps per-vocabulary-entry terms, which loss.kind={loss.kind} (a sampled-token "
+         "estimator) does not have; unset loss.token_clip or use loss.kind=reverse_kl|forward_kl|jsd|topk")
+    need(t.context != "rollout" or r.n >= 2,
+         "teacher.context=rollout (DemoPSD) shows the teacher another correct rollout of the same group: set "
+         f"rollout.n >= 2 (got {r.n})")
     need(0.0 < t.ema_decay < 1.0, f"teacher.ema_decay must be in (0, 1), got {t.ema_decay}")
     need(t.refresh_every >= 1, f"teacher.refresh_every must be >= 1, got {t.refresh_every}")
     need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")

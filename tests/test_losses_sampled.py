@@ -129,3 +129,24 @@ def test_bad_inputs_are_named():
         sampled_token_loss(ls, lt, loss_mask=torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="ids shape"):
         vocab_parallel_logprobs_at(torch.zeros(2, 3, 5), torch.zeros(3, 2, 1, dtype=torch.long))
+
+
+def test_token_weights_replace_the_reduction():
+    """token_weights = reduction_weights(mask, r) gives the reduction's loss and gradient; masked tokens count 0."""
+    from megatron_opsd.losses.divergence import reduction_weights
+
+    gen = torch.Generator().manual_seed(9)
+    ls = (-torch.rand(2, 4, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    lt = -torch.rand(2, 4, generator=gen, dtype=torch.float64) * 3
+    mask = torch.tensor([[True, True, False, True], [False, True, True, False]])
+    for estimator in ("k1", "k3", "pg"):
+        for reduction in ("token_mean", "sequence_mean"):
+            ref, _ = sampled_token_loss(ls, lt, estimator=estimator, loss_mask=mask, reduction=reduction)
+            (g_ref,) = torch.autograd.grad(ref, ls)
+            weights = reduction_weights(mask, reduction, None) + (~mask) * 5.0  # junk on masked tokens is ignored
+            got, _ = sampled_token_loss(ls, lt, estimator=estimator, loss_mask=mask, token_weights=weights)
+            (g_got,) = torch.autograd.grad(got, ls)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+            torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="token_weights shape"):
+        sampled_token_loss(ls, lt, token_weights=torch.ones(3))

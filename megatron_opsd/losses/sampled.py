@@ -91,11 +91,13 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
 
 def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *, estimator: str = "pg",
                        loss_mask: Optional[torch.Tensor] = None, reduction: str = "token_mean",
-                       sequence_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       sequence_ids: Optional[torch.Tensor] = None,
+                       token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduced sampled-token loss and the per-token KL estimate (k1 for pg, else the estimator's value).
 
     ``student_logprobs`` = log p_S(y) with grad, ``teacher_logprobs`` = log p_T(y) (detached here); both have
-    the same leading shape as ``loss_mask``. Reductions as in ``vocab_parallel_divergence``.
+    the same leading shape as ``loss_mask``. Reductions and ``token_weights`` (replace the reduction's
+    weights; masked tokens still count 0) as in ``vocab_parallel_divergence``.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}: choose one of {ESTIMATORS}")
@@ -118,6 +120,12 @@ def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
         term = -r.detach() * ls
     zero = torch.zeros_like(term)
     term = torch.where(mask, term, zero)
-    weights = reduction_weights(mask, reduction, sequence_ids).to(term.dtype)
+    if token_weights is not None:
+        if token_weights.shape != mask.shape:
+            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the log-probs' shape "
+                             f"{tuple(mask.shape)}")
+        weights = (token_weights.to(term.dtype) * mask)
+    else:
+        weights = reduction_weights(mask, reduction, sequence_ids).to(term.dtype)
     per_token = torch.where(mask, (-r if estimator != "k3" else term).detach(), zero)
     return (term * weights).sum(), per_token

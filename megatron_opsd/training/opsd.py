@@ -9,6 +9,15 @@ micro-batches), so the divergence compares like with like even when the teacher 
 
 Loss normalisation: the step's loss is ``sum_t weights_t * D_t`` over every response token of the step
 (``weights`` sum to 1 for token_mean and sequence_mean), so the schedule runs with ``loss_reduction="sum"``.
+
+What the student is pulled towards (``LossSettings.target``) and how (``LossSettings.kind``):
+  teacher   the teacher's logits (``teacher.context``)
+  pmi       Purified OPSD: the PMI target built from three teacher forwards (context, reference_only, base)
+            before the student forward (``teacher_signals``), so one [tokens, V/TP] tensor is kept, not three
+  demopsd   DemoPSD: the barycenter of the teacher and the student's own (detached) distribution, built in the
+            loss function from the student's logits of this very forward
+  kinds     reverse_kl | forward_kl | jsd over the full vocabulary; topk over the target's top-k (+ tail);
+            k1 | k3 | pg on the sampled response tokens only (losses/sampled.py)
 """
 from __future__ import annotations
 
@@ -17,7 +26,16 @@ from typing import Optional
 
 import torch
 
-from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_entropy
+from megatron_opsd.losses import (
+    demopsd_target_logprobs,
+    pmi_target_logprobs,
+    sampled_token_loss,
+    topk_divergence,
+    vocab_parallel_divergence,
+    vocab_parallel_entropy,
+    vocab_parallel_token_logprobs,
+    vocab_parallel_topk,
+)
 
 
 def token_weights(response_lengths: list[int], reduction: str) -> list[torch.Tensor]:
@@ -95,36 +113,145 @@ def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Opti
 
 @dataclass
 class LossSettings:
-    kind: str = "reverse_kl"
+    kind: str = "reverse_kl"  # reverse_kl | forward_kl | jsd | topk | k1 | k3 | pg
     beta: float = 0.5
     temperature: float = 1.0
     token_clip: Optional[float] = None
     chunk_tokens: int = 1024
+    target: str = "teacher"  # teacher | pmi | demopsd
+    top_k: Optional[int] = None  # kind=topk
+    topk_tail: bool = True
+    topk_divergence: str = "reverse_kl"
+    pmi_beta: float = 1.0
+    pmi_clip: float = 10.0
+    demopsd_alpha_max: float = 0.15
+    demopsd_beta: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        """From an ``OPSDConfig`` (``loss`` section, plus the PMI settings of ``teacher``)."""
+        loss = cfg.loss
+        return cls(kind=loss.kind, beta=loss.beta, temperature=loss.temperature, token_clip=loss.token_clip,
+                   chunk_tokens=loss.chunk_tokens, target=loss.target, top_k=loss.top_k, topk_tail=loss.topk_tail,
+                   topk_divergence=loss.topk_divergence, pmi_beta=cfg.teacher.pmi_beta,
+                   pmi_clip=cfg.teacher.pmi_clip, demopsd_alpha_max=loss.demopsd_alpha_max,
+                   demopsd_beta=loss.demopsd_beta)
 
 
-def student_forward_backward(ddp_chunks: list, microbatches: list[dict], teacher_rows: Optional[list], *,
-                             loss: LossSettings, real_vocab_size: int):
-    """Forward + backward of the divergence to the stored teacher rows (``schedule.ForwardBackwardOutput``)."""
+SAMPLED = ("k1", "k3", "pg")
+
+
+def _tp_group():
     from megatron.core import parallel_state as ps
 
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def response_token_ids(mb: dict) -> torch.Tensor:
+    """The token each response row of micro-batch ``mb`` predicts (row p predicts token p + 1)."""
+    return torch.roll(mb["tokens"], -1, dims=1)[mb["row_mask"]]
+
+
+def teacher_signals(teacher_rows: dict, microbatches: list[dict], *, loss: LossSettings,
+                    real_vocab_size: int) -> Optional[list[dict]]:
+    """Per student micro-batch, what its loss needs from the teacher forwards (last PP stage; None elsewhere).
+
+    ``teacher_rows`` maps each teacher context to ``collect_teacher_rows``' output; the first entry is the
+    privileged teacher (``teacher.context``), then ``reference_only`` and ``base`` for Purified OPSD. Returns
+    dicts with ``target`` [n, V/TP] (teacher logits, or target log-probs when ``is_logprobs``), or, where the
+    target does not depend on the student, only the compact part the loss reads: ``topk`` (kind=topk) or
+    ``token_logprobs`` [n] (k1/k3/pg); plus ``teacher_entropy_sum`` (the privileged teacher's, for logging).
+    """
+    rows = list(teacher_rows.values())
+    if rows[0] is None:
+        return None
+    group, vocab_range = _tp_group(), (0, real_vocab_size)
+    signals = []
+    for i, mb in enumerate(microbatches):
+        teacher, mask = rows[0][i], mb["weights"] > 0
+        entropy = vocab_parallel_entropy(teacher, group=group, vocab_range=vocab_range, chunk_tokens=loss.chunk_tokens)
+        signal = {"target": teacher, "is_logprobs": False, "teacher_entropy_sum": (entropy * mask).sum()}
+        if loss.target == "pmi":
+            full, reference_only, base = (r[i] for r in rows)
+            signal["target"] = pmi_target_logprobs(full, reference_only, base, group=group, vocab_range=vocab_range,
+                                                   temperature=loss.temperature, clip=loss.pmi_clip, beta=loss.pmi_beta,
+                                                   chunk_tokens=loss.chunk_tokens)
+            signal["is_logprobs"] = True
+        if loss.target != "demopsd":  # otherwise the target needs the student's logits: see student_loss
+            if loss.kind == "topk":
+                signal["topk"] = _topk(signal, loss, group, vocab_range)
+                del signal["target"]
+            elif loss.kind in SAMPLED:
+                signal["token_logprobs"] = _token_logprobs(signal, response_token_ids(mb), loss, group, vocab_range)
+                del signal["target"]
+        signals.append(signal)
+    return signals
+
+
+def _topk(signal: dict, loss: LossSettings, group, vocab_range):
+    temperature = 1.0 if signal["is_logprobs"] else loss.temperature
+    return vocab_parallel_topk(signal["target"], loss.top_k, group=group, vocab_range=vocab_range,
+                               temperature=temperature, chunk_tokens=loss.chunk_tokens)
+
+
+def _token_logprobs(signal: dict, ids: torch.Tensor, loss: LossSettings, group, vocab_range) -> torch.Tensor:
+    temperature = 1.0 if signal["is_logprobs"] else loss.temperature
+    with torch.no_grad():
+        return vocab_parallel_token_logprobs(signal["target"], ids, group=group, vocab_range=vocab_range,
+                                             temperature=temperature, chunk_tokens=loss.chunk_tokens)
+
+
+def student_loss(student: torch.Tensor, signal: dict, mb: dict, *, loss: LossSettings, real_vocab_size: int):
+    """(weighted loss with grad to ``student`` [n, V/TP], per-token divergence [n] detached) for one micro-batch."""
+    group, vocab_range = _tp_group(), (0, real_vocab_size)
+    mask, weights = mb["weights"] > 0, mb["weights"]
+    if loss.target == "demopsd":  # the barycenter of the teacher and this forward's (detached) student
+        signal = {**signal, "is_logprobs": True, "target": demopsd_target_logprobs(
+            student, signal["target"], group=group, vocab_range=vocab_range, temperature=loss.temperature,
+            alpha_max=loss.demopsd_alpha_max, beta=loss.demopsd_beta, chunk_tokens=loss.chunk_tokens)}
+    common = dict(group=group, loss_mask=mask, temperature=loss.temperature, chunk_tokens=loss.chunk_tokens,
+                  vocab_range=vocab_range, reduction="sum", token_weights=weights)
+    if loss.kind == "topk":
+        top = signal["topk"] if "topk" in signal else _topk(signal, loss, group, vocab_range)
+        return topk_divergence(student, top, kind=loss.topk_divergence, tail=loss.topk_tail, beta=loss.beta,
+                               token_clip=loss.token_clip, **common)
+    if loss.kind in SAMPLED:
+        ids = response_token_ids(mb)
+        teacher_lp = (signal["token_logprobs"] if "token_logprobs" in signal
+                      else _token_logprobs(signal, ids, loss, group, vocab_range))
+        student_lp = vocab_parallel_token_logprobs(student, ids, group=group, vocab_range=vocab_range,
+                                                   temperature=loss.temperature, chunk_tokens=loss.chunk_tokens)
+        return sampled_token_loss(student_lp, teacher_lp, estimator=loss.kind, loss_mask=mask, reduction="sum",
+                                  token_weights=weights)
+    return vocab_parallel_divergence(student, signal["target"], kind=loss.kind, beta=loss.beta,
+                                     token_clip=loss.token_clip, teacher_is_logprobs=signal["is_logprobs"], **common)
+
+
+def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals: Optional[list], *,
+                             loss: LossSettings, real_vocab_size: int):
+    """Forward + backward of the loss to the teacher signals (``schedule.ForwardBackwardOutput``).
+
+    ``signals``: ``teacher_signals``' output, or (plain OPSD) the list of teacher rows from
+    ``collect_teacher_rows`` itself.
+    """
     from megatron_opsd.training.schedule import forward_backward
 
-    group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    vocab_range = (0, real_vocab_size)
-    teacher_by_batch = {id(mb): rows for mb, rows in zip(microbatches, teacher_rows or [])}
+    group, vocab_range = _tp_group(), (0, real_vocab_size)
+    signals = [s if isinstance(s, dict) else {"target": s, "is_logprobs": False} for s in signals or []]
+    signal_by_batch = {id(mb): s for mb, s in zip(microbatches, signals)}
 
     def loss_fn(logits: torch.Tensor, mb: dict):
-        student, teacher = logits[mb["row_mask"]], teacher_by_batch[id(mb)]
+        student, signal = logits[mb["row_mask"]], signal_by_batch[id(mb)]
         mask = mb["weights"] > 0
-        weighted, per_token = vocab_parallel_divergence(
-            student, teacher, kind=loss.kind, group=group, loss_mask=mask, temperature=loss.temperature,
-            beta=loss.beta, token_clip=loss.token_clip, chunk_tokens=loss.chunk_tokens, vocab_range=vocab_range,
-            reduction="sum", token_weights=mb["weights"])
+        weighted, per_token = student_loss(student, signal, mb, loss=loss, real_vocab_size=real_vocab_size)
         with torch.no_grad():
             entropy_s = vocab_parallel_entropy(student.detach(), group=group, vocab_range=vocab_range)
-            entropy_t = vocab_parallel_entropy(teacher, group=group, vocab_range=vocab_range)
+            teacher_entropy = signal.get("teacher_entropy_sum")
+            if teacher_entropy is None:
+                teacher_entropy = (vocab_parallel_entropy(signal["target"], group=group, vocab_range=vocab_range)
+                                   * mask).sum()
         return weighted, {"divergence_sum": (per_token * mask).sum(), "student_entropy_sum": (entropy_s * mask).sum(),
-                          "teacher_entropy_sum": (entropy_t * mask).sum(), "tokens": mask.sum().float()}
+                          "teacher_entropy_sum": teacher_entropy, "tokens": mask.sum().float()}
 
     for chunk in ddp_chunks:
         chunk.train()

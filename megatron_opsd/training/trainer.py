@@ -20,12 +20,16 @@ class StepRollouts:
     """What rank 0 gathered for one step (broadcast to every rank as a picklable object)."""
 
     student_prompts: list  # per prompt: token ids
-    teacher_prompts: list  # per prompt: token ids of the teacher context
+    teacher_prompts: list  # per prompt: token ids of teacher.context when the group shares it ([] otherwise)
     responses: list  # per prompt: list of n token-id lists
     correct: list  # per prompt: list of n bools
     versions: list  # per prompt: list of n weight versions
     rewards: list = field(default_factory=list)  # per prompt: list of n float rewards (GRPO)
     logprobs: list = field(default_factory=list)  # per prompt: list of n sidecar log-prob lists (GRPO)
+    # teacher context name -> per prompt -> per rollout: the teacher's prompt ids, or None where that rollout has
+    # no teacher (teacher.context=rollout and no other correct rollout in its group). One context, or three for
+    # Purified OPSD (teacher.context, reference_only, base), in that order.
+    teachers: dict = field(default_factory=dict)
 
 
 def _broadcast(obj, src: int = 0):
@@ -140,9 +144,34 @@ class OPSDTrainer:
             self.client.wait_healthy()
 
     # ------------------------------------------------------------------------------------------ rollouts
+    def _teacher_prompts(self, examples: list, texts: list, correct: list) -> dict:
+        """``StepRollouts.teachers``: each teacher context's prompt ids per rollout (``texts``/``correct`` per
+        prompt, per rollout). A ``rollout`` (DemoPSD) teacher sees the first *other* correct rollout of the same
+        group, and may be up to ``data.max_prompt_tokens + rollout.max_tokens`` long; rollouts without one get
+        None (they are left out of the step)."""
+        from megatron_opsd.data.contexts import teacher_context_names, teacher_messages
+        from megatron_opsd.data.sequences import encode_prompt
+
+        cfg = self.cfg
+
+        def encode(ex, ctx: str, demo: Optional[str] = None) -> list:
+            limit = cfg.data.max_prompt_tokens + (cfg.rollout.max_tokens if ctx == "rollout" else 0)
+            return encode_prompt(self.tokenizer, teacher_messages(ex, cfg.data, cfg.teacher, ctx, demo), limit, ex.id,
+                                 f"teacher ({ctx})", cfg.model.enable_thinking)
+
+        teachers = {}
+        for ctx in teacher_context_names(cfg.teacher):
+            teachers[ctx] = []
+            for ex, group, ok in zip(examples, texts, correct):
+                if ctx != "rollout":  # one prompt shared by the group
+                    teachers[ctx].append([encode(ex, ctx)] * len(group))
+                    continue
+                demos = [next((k for k in range(len(group)) if ok[k] and k != j), None) for j in range(len(group))]
+                teachers[ctx].append([None if k is None else encode(ex, ctx, group[k]) for k in demos])
+        return teachers
+
     def _rollouts(self) -> StepRollouts:
-        from megatron_opsd.data.contexts import teacher_messages
-        from megatron_opsd.data.sequences import encode_prompt, student_prompt_ids
+        from megatron_opsd.data.sequences import student_prompt_ids
         from megatron_opsd.rollout.client import check_on_policy
 
         cfg, examples = self.cfg, self.sampler.next_batch()
@@ -150,8 +179,6 @@ class OPSDTrainer:
         if self.rank == 0:
             thinking = cfg.model.enable_thinking
             student = [student_prompt_ids(self.tokenizer, ex, cfg.data, thinking) for ex in examples]
-            teacher = [encode_prompt(self.tokenizer, teacher_messages(ex, cfg.data, cfg.teacher),
-                                     cfg.data.max_prompt_tokens, ex.id, "teacher", thinking) for ex in examples]
             samples = self.client.generate(
                 student, n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None, max_tokens=cfg.rollout.max_tokens,
@@ -162,19 +189,23 @@ class OPSDTrainer:
             scores = iter(self.reward(texts, owners))  # one batched call: math-verify grades in a pool
             rewards = [[float(next(scores)) for _ in g] for g in samples]
             correct = [[r > 0.5 for r in g] for g in rewards]
-            result = StepRollouts(student, teacher, [[s.token_ids for s in g] for g in samples], correct,
+            per_group = iter(texts)
+            teachers = self._teacher_prompts(examples, [[next(per_group) for _ in g] for g in samples], correct)
+            shared = [] if cfg.teacher.context == "rollout" else [g[0] for g in teachers[cfg.teacher.context]]
+            result = StepRollouts(student, shared, [[s.token_ids for s in g] for g in samples], correct,
                                   [[s.weight_version for s in g] for g in samples], rewards,
-                                  [[s.logprobs for s in g] for g in samples])
+                                  [[s.logprobs for s in g] for g in samples], teachers)
         return _broadcast(result)
 
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         from megatron.core import parallel_state as ps
 
+        from megatron_opsd.data.sequences import horizon_at_step
         from megatron_opsd.rewards.filters import group_filter
         from megatron_opsd.training.engine import optimizer_step, zero_grads
         from megatron_opsd.training.opsd import (LossSettings, build_microbatches, collect_teacher_rows,
-                                                 student_forward_backward, token_weights)
+                                                 student_forward_backward, teacher_signals, token_weights)
         from megatron_opsd.training.schedule import copy_weights_, ema_update_
 
         cfg = self.cfg
@@ -183,31 +214,39 @@ class OPSDTrainer:
         rollouts = self._rollouts()
         times["time/rollout"] = time.perf_counter() - t0
         filtered = group_filter(rollouts.responses, rollouts.correct, cfg.rollout.filter)
-        keep = [(i, j) for i, idx in enumerate(filtered.kept_indices) for j in idx]
+        # a rollout is distilled on if the filter keeps it and every teacher context exists for it (DemoPSD)
+        has_teacher = [[all(t[i][j] is not None for t in rollouts.teachers.values()) for j in range(len(g))]
+                       for i, g in enumerate(rollouts.responses)]
+        keep = [(i, j) for i, idx in enumerate(filtered.kept_indices) for j in idx if has_teacher[i][j]]
         stats = {f"rollout/{k}": v for k, v in filtered.stats.items()}
+        stats["rollout/no_teacher"] = float(sum(len(idx) for idx in filtered.kept_indices) - len(keep))
         lengths_all = sorted(len(r) for g in rollouts.responses for r in g)
         stats["rollout/length_p50"] = float(lengths_all[len(lengths_all) // 2])
         stats["rollout/length_p90"] = float(lengths_all[min(len(lengths_all) - 1, int(0.9 * len(lengths_all)))])
+        horizon = horizon_at_step(self.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
+        if horizon is not None:
+            stats["rollout/horizon"] = float(horizon)
         metrics = {"loss": 0.0, "divergence": 0.0, "entropy/student": 0.0, "entropy/teacher": 0.0}
         if keep:
             responses = [rollouts.responses[i][j] for i, j in keep]
-            horizon = cfg.rollout.horizon
             lengths = [min(len(r), horizon) if horizon else len(r) for r in responses]
             weights = token_weights(lengths, cfg.loss.reduction)
             weights = [torch.cat([w, torch.zeros(len(r) - len(w))]) for w, r in zip(weights, responses)]
             kw = dict(micro_batch_size=cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
                       dp_size=self.dp_size, dp_rank=self.dp_rank)
             student_mbs = build_microbatches([rollouts.student_prompts[i] for i, _ in keep], responses, weights, **kw)
-            teacher_mbs = build_microbatches([rollouts.teacher_prompts[i] for i, _ in keep], responses, weights, **kw)
+            loss = LossSettings.from_config(cfg)
             t0 = time.perf_counter()
-            teacher_rows = collect_teacher_rows(self.teacher or self.ddp, teacher_mbs)
+            teacher_rows = {}  # one forward per teacher context (three for Purified OPSD)
+            for context, prompts in rollouts.teachers.items():
+                teacher_mbs = build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **kw)
+                teacher_rows[context] = collect_teacher_rows(self.teacher or self.ddp, teacher_mbs)
+            signals = teacher_signals(teacher_rows, student_mbs, loss=loss, real_vocab_size=self.real_vocab)
+            del teacher_rows
             times["time/teacher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             zero_grads(self.ddp, self.optimizer)
-            loss = LossSettings(kind=cfg.loss.kind, beta=cfg.loss.beta, temperature=cfg.loss.temperature,
-                                token_clip=cfg.loss.token_clip, chunk_tokens=cfg.loss.chunk_tokens)
-            out = student_forward_backward(self.ddp, student_mbs, teacher_rows, loss=loss,
-                                           real_vocab_size=self.real_vocab)
+            out = student_forward_backward(self.ddp, student_mbs, signals, loss=loss, real_vocab_size=self.real_vocab)
             step_info = optimizer_step(self.optimizer, self.scheduler)
             times["time/student"] = time.perf_counter() - t0
             metrics.update(self._reduce_metrics(out.metrics, ps))

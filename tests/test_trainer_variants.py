@@ -1,0 +1,193 @@
+"""The OPSD trainer's step with the variant settings, on fixed rollouts (a test double for the sidecar client and
+fixed rewards; everything else is the real trainer: chat prompts, teacher contexts, group filter, micro-batches,
+megatron forward/backward, optimizer): DemoPSD (teacher.context=rollout, per-row teacher prompts holding another
+correct rollout of the group, loss.target=demopsd) with progressive OPD (rollout.horizon_growth=linear), and
+Purified OPSD (teacher.purified, three teacher forwards, loss.target=pmi). The first step's loss equals a
+transformers + plain-torch reference computed from the prompts the trainer built. Config combinations the trainer
+cannot run are rejected with the key and the fix.
+"""
+import json
+
+import pytest
+import torch
+import yaml
+
+from megatron_opsd.config import ConfigError, load_config
+from megatron_opsd.parallel.launch import run_distributed
+
+PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3")]
+RESPONSE_LENGTHS = [[3, 5, 4], [6, 2, 4]]
+CORRECT = [[True, False, True], [False, False, True]]  # group 1's only correct rollout has no other to show
+
+
+def fixed_responses():
+    g = torch.Generator().manual_seed(3)
+    return [[torch.randint(20, 300, (n,), generator=g).tolist() for n in group] for group in RESPONSE_LENGTHS]
+
+
+class FakeClient:
+    """Sidecar test double: the fixed responses, stamped with the current weight version."""
+
+    def __init__(self):
+        self.version = 0
+
+    def generate(self, prompts, *, n, **_):
+        from megatron_opsd.rollout.client import Sample
+
+        assert len(prompts) == len(RESPONSE_LENGTHS) and n == 3
+        return [[Sample(r, [0.0] * len(r), "stop", self.version) for r in group] for group in fixed_responses()]
+
+    def push_weights(self, model_chunks, version):
+        self.version = version
+
+
+def trainer_worker(cfg, steps: int):
+    from megatron_opsd.training.trainer import OPSDTrainer
+
+    class Recording(OPSDTrainer):
+        def _rollouts(self):
+            rollouts = super()._rollouts()
+            self.recorded.append(rollouts)
+            return rollouts
+
+    torch.manual_seed(0)
+    trainer = Recording(cfg)
+    trainer.recorded, trainer.client = [], FakeClient()
+    flat = [c for group in CORRECT for c in group]
+    trainer.reward = lambda texts, examples: [float(c) for c in flat[:len(texts)]]
+    history = [trainer.train_step() for _ in range(steps)]
+    if trainer.logger is not None:
+        trainer.logger.close()
+    return history, trainer.recorded
+
+
+def make_config(tmp_path, model_dir, **sections):
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i, (problem, answer) in enumerate(PROBLEMS):
+            f.write(json.dumps({"problem": problem, "answer": answer, "id": f"p{i}",
+                                "solution": f"Compute it: the answer is $\\boxed{{{answer}}}$."}) + "\n")
+    cfg = {
+        "model": {"path": model_dir},
+        "data": {"train_path": str(tmp_path / "train.jsonl"), "max_prompt_tokens": 256, "shuffle": False},
+        "rollout": {"n": 3, "prompts_per_step": 2, "max_tokens": 8},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 2},
+        "logging": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(str(path))
+
+
+def hf_rows(model, prompt, response):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1: len(prompt) + len(response) - 1]
+    return logits.double().log_softmax(-1)
+
+
+def test_demopsd_rollout_context_with_progressive_horizon(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_checkpoints["qwen3"]
+    cfg = make_config(tmp_path, model_dir, teacher={"context": "rollout"},
+                      loss={"target": "demopsd", "demopsd_alpha_max": 0.5, "demopsd_beta": 50.0},
+                      rollout={"horizon_growth": "linear", "horizon_start": 2, "horizon_end": 4, "horizon_steps": 1})
+    history, recorded = run_distributed(trainer_worker, 1, cfg.parallel, cfg, 2)[0]
+    responses = fixed_responses()
+    keep = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]  # (1, 2) is its group's only correct rollout: no demonstration
+    for step, (metrics, horizon) in enumerate(zip(history, (2, 4))):
+        assert metrics["rollout/horizon"] == horizon and metrics["rollout/no_teacher"] == 1.0
+        assert metrics["tokens"] == sum(min(len(responses[i][j]), horizon) for i, j in keep), step
+    teachers = recorded[0].teachers
+    assert list(teachers) == ["rollout"] and teachers["rollout"][1][2] is None
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # each row's teacher shows the first *other* correct rollout of its group
+    for (i, j), (gi, gj) in {(0, 0): (0, 2), (0, 1): (0, 0), (0, 2): (0, 0), (1, 0): (1, 2), (1, 1): (1, 2)}.items():
+        prompt = tok.decode(teachers["rollout"][i][j])
+        assert PROBLEMS[i][0] in prompt and f"this problem:\n{tok.decode(responses[gi][gj])}\n\n" in prompt, (i, j)
+
+    # step 1's loss: KL(student || barycenter(teacher, detached student)), token mean over the first 2 tokens
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    per_token, plain_tokens = [], []
+    for i, j in keep:
+        r = responses[i][j][:2]
+        lp = hf_rows(model, recorded[0].student_prompts[i], r)
+        lq = hf_rows(model, teachers["rollout"][i][j], r)
+        m = (0.5 * lp.exp() + 0.5 * lq.exp()).log()
+        jsd = 0.5 * (lp.exp() * (lp - m)).sum(-1) + 0.5 * (lq.exp() * (lq - m)).sum(-1)
+        alpha = ((torch.sigmoid(50.0 * jsd) - 0.5) * 2 * 0.5)[:, None]
+        target = ((1 - alpha) * lq + alpha * lp).log_softmax(-1)
+        per_token.append((lp.exp() * (lp - target)).sum(-1))
+        plain_tokens.append((lp.exp() * (lp - lq)).sum(-1))
+    expected, plain = torch.cat(per_token).mean().item(), torch.cat(plain_tokens).mean().item()
+    assert abs(plain - expected) > 0.01 * expected  # the barycenter is not the plain teacher (not vacuous)
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    print(f"DemoPSD trainer step: loss {history[0]['loss']:.6g}, reference {expected:.6g} (plain {plain:.6g})")
+
+
+def test_purified_three_teacher_forwards_pmi_target(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_checkpoints["qwen3"]
+    cfg = make_config(tmp_path, model_dir, teacher={"context": "reference", "purified": True, "pmi_clip": 1.0,
+                                                   "pmi_beta": 0.5},
+                      loss={"target": "pmi", "kind": "jsd", "beta": 0.5})
+    history, recorded = run_distributed(trainer_worker, 1, cfg.parallel, cfg, 1)[0]
+    rollouts, responses = recorded[0], fixed_responses()
+    assert list(rollouts.teachers) == ["reference", "reference_only", "base"]
+    assert history[0]["tokens"] == sum(map(sum, RESPONSE_LENGTHS))  # rollout.filter=all: every rollout
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for i, (problem, _) in enumerate(PROBLEMS):
+        full, ref_only, base = (tok.decode(rollouts.teachers[c][i][0]) for c in rollouts.teachers)
+        assert "Compute it" in full and problem in full
+        assert "Compute it" in ref_only and problem not in ref_only
+        assert rollouts.teachers["base"][i][0] == rollouts.student_prompts[i]
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    per_token, plain_tokens = [], []
+    for i, group in enumerate(responses):
+        for j, r in enumerate(group):
+            lp = hf_rows(model, rollouts.student_prompts[i], r)
+            lt, lr, l0 = (hf_rows(model, rollouts.teachers[c][i][j], r) for c in rollouts.teachers)
+            delta = lt - lr
+            delta = 1.0 * torch.tanh((delta - delta.mean(-1, keepdim=True)) / 1.0)
+            for q_log, out in (((l0 + delta / 0.5).log_softmax(-1), per_token), (lt, plain_tokens)):
+                m = (0.5 * q_log.exp() + 0.5 * lp.exp()).log()
+                out.append(0.5 * (q_log.exp() * (q_log - m)).sum(-1) + 0.5 * (lp.exp() * (lp - m)).sum(-1))
+    expected, plain = torch.cat(per_token).mean().item(), torch.cat(plain_tokens).mean().item()
+    assert abs(expected - plain) > 0.05 * expected  # the PMI target is not the plain teacher
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    print(f"Purified OPSD trainer step: loss {history[0]['loss']:.6g}, reference {expected:.6g} (plain {plain:.6g})")
+
+
+def test_loss_settings_from_config():
+    from megatron_opsd.training.opsd import LossSettings
+
+    cfg = load_config(None, ["loss.kind=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.topk_divergence=jsd",
+                             "loss.beta=0.3", "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi",
+                             "teacher.pmi_beta=0.5", "teacher.pmi_clip=3", "loss.demopsd_alpha_max=0.2",
+                             "loss.demopsd_beta=2"])
+    s = LossSettings.from_config(cfg)
+    assert (s.kind, s.top_k, s.topk_tail, s.topk_divergence, s.beta, s.temperature) == ("topk", 7, False, "jsd", 0.3,
+                                                                                       1.2)
+    assert (s.target, s.pmi_beta, s.pmi_clip, s.demopsd_alpha_max, s.demopsd_beta) == ("pmi", 0.5, 3.0, 0.2, 2.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.purified=true"], "teacher.purified=true needs loss.target=pmi"),
+    (["teacher.purified=true", "loss.target=pmi", "teacher.context=base"], "teacher.purified=true with "
+                                                                           "teacher.context=base"),
+    (["loss.kind=pg", "loss.token_clip=0.1"], "unset loss.token_clip"),
+    (["teacher.context=rollout", "rollout.n=1"], "set rollout.n >= 2"),
+    (["teacher.purified=true", "loss.target=pmi", "teacher.pmi_clip=0"], "teacher.pmi_beta and teacher.pmi_clip"),
+    (["loss.demopsd_alpha_max=2"], "loss.demopsd_alpha_max must be in [0, 1]"),
+    (["loss.kind=topk"], "loss.top_k must be a positive integer"),
+    (["rollout.horizon=4", "rollout.horizon_growth=linear", "rollout.horizon_start=1", "rollout.horizon_end=2",
+      "rollout.horizon_steps=3"], "not both"),
+])
+def test_rejected_combinations_name_key_and_fix(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
