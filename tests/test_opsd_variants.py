@@ -111,8 +111,8 @@ def reference(hf_dir: str, name: str, **override) -> tuple[float, float, float]:
 
     def rows(prompt, response, grad=False):
         with torch.set_grad_enabled(grad):
-            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1: len(prompt) + len(response) - 1]
-        return logits.double() / s.temperature
+            logits = model(torch.tensor([prompt + response])).logits[0]
+        return logits[len(prompt) - 1: len(prompt) + len(response) - 1].double() / s.temperature
 
     loss, alphas = 0.0, []
     for i, r in enumerate(responses):
