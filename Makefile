@@ -10,6 +10,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/megatron-opsd demo
 
 test: setup
+	bash scripts/setup_test_slurm.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Skips the tests marked slow (they still run in CI through `make test`).
