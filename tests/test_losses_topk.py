@@ -17,9 +17,11 @@ from megatron_opsd.parallel.launch import run_distributed
 REAL_V, PADDED_V, B, S = 37, 40, 3, 5
 T_TEACHER, T_STUDENT = 1.3, 0.9
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 implementation vs fp64 reference
+# every kind with and without the tail, k below and above the TP=2 shard width (20); few cases, because each
+# costs a handful of gloo collectives per chunk
 CASES = [dict(kind=kind, beta=beta, k=k, tail=tail, token_clip=None)
-         for kind, beta in (("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3))
-         for k in (5, 30) for tail in (True, False)]
+         for kind, beta, k in (("reverse_kl", 0.5, 5), ("forward_kl", 0.5, 30), ("jsd", 0.3, 5), ("jsd", 0.3, 30))
+         for tail in (True, False) if (kind, k, tail) != ("jsd", 30, True)]
 CASES += [dict(kind="reverse_kl", beta=0.5, k=REAL_V, tail=True, token_clip=None),  # = full-vocabulary KL
           dict(kind="jsd", beta=0.5, k=REAL_V, tail=True, token_clip=None),
           dict(kind="reverse_kl", beta=0.5, k=8, tail=True, token_clip=0.02)]
@@ -76,12 +78,12 @@ def run_cases(student, teacher, mask, group, rank, size):
     for case in CASES:
         t = teacher[..., cols].clone().requires_grad_(True)
         top = vocab_parallel_topk(t, case["k"], group=group, vocab_range=(0, REAL_V), temperature=T_TEACHER,
-                                  chunk_tokens=4)
+                                  chunk_tokens=8)
         assert not top.logprobs.requires_grad and not top.tail.requires_grad
         s = student[..., cols].clone().requires_grad_(True)
         loss, per_token = topk_divergence(s, top, kind=case["kind"], beta=case["beta"], tail=case["tail"],
                                           token_clip=case["token_clip"], group=group, loss_mask=mask,
-                                          temperature=T_STUDENT, vocab_range=(0, REAL_V), chunk_tokens=4)
+                                          temperature=T_STUDENT, vocab_range=(0, REAL_V), chunk_tokens=8)
         loss.backward()
         assert t.grad is None
         out.append((top, loss.detach(), per_token, s.grad))
