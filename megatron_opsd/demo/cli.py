@@ -1,24 +1,263 @@
-"""`megatron-opsd demo`: the newcomer's main job on CPU.
+"""`megatron-opsd demo [--quick] [--name NAME | --out DIR] [--seed N]`: the newcomer's main job on CPU.
 
-Until the OPSD trainer lands, the demo builds a tiny random Qwen3 checkpoint locally and runs the model
-parity check (our TP=2 megatron model vs transformers), which exercises the install end to end.
+A tiny reproduction of the OPSDC papers' effect through the commands users run at scale: a synthetic
+arithmetic task with verbose ("Wait, let me verify ...") and concise traces, a random tiny Qwen3 with a BPE
+tokenizer trained on the task, ``megatron-opsd sft`` on the trace mixture, then OPSDC (``megatron-opsd train``:
+vLLM sidecar rollouts, concise-instruction self-teacher, reverse KL) from the SFT model once per rollout filter
+(all | correct | incorrect), each exported with ``megatron-opsd export`` and evaluated greedily on the held-out
+split. The stages run through ``megatron-opsd pipeline``'s runner (each its own process, from the previous
+stage's HF export). Writes under ``runs/<name>/``: ``results.json``, ``table.md``, ``curves.png``, the task
+data and initial model, ``stages/<stage>/`` (config, metrics.jsonl, checkpoints, HF export) and ``eval/``.
+See docs/demo_design.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import resource
+import shutil
+import sys
+import time
 from pathlib import Path
+
+# What a demo run writes under its run directory (removed at the start of a new run with the same name).
+_OWNED = ("data", "init", "stages", "eval", "results.json", "table.md", "curves.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="where the tiny checkpoint and results go")
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the parity check")
+    parser.add_argument("--quick", action="store_true",
+                        help="the CI variant: one OPSDC run (filter all) of 20 steps, 100 held-out problems")
+    parser.add_argument("--name", default=None, help="run name: results go to runs/<name>/ (default demo, or "
+                                                      "demo-quick with --quick)")
+    parser.add_argument("--out", default=None, help="the run directory (default runs/<name>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task, tokenizer, model, data order and "
+                                                            "rollouts (default 0)")
+    parser.add_argument("--filters", default=None,
+                        help="comma-separated OPSDC rollout filters to run (default all,correct,incorrect; "
+                             "--quick: all); the first one is the before/after verdict")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes per training stage = tensor-parallel size (default 1)")
+    parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
+                                                           "(default examples/demo of this checkout)")
+
+
+class DemoArgumentError(ValueError):
+    pass
+
+
+def resolve(args: argparse.Namespace):
+    """(recipe, run_dir, config_dir) from the arguments; bad values raise DemoArgumentError naming the flag."""
+    from dataclasses import replace
+
+    from megatron_opsd.demo.recipe import FILTERS, FULL, QUICK, examples_dir
+
+    recipe = QUICK if args.quick else FULL
+    if args.seed < 0:
+        raise DemoArgumentError(f"--seed must be >= 0, got {args.seed}")
+    name = args.name or ("demo-quick" if args.quick else "demo")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise DemoArgumentError(f"--name {name!r} must be a folder name (letters, digits, '.', '_', '-')")
+    if args.filters is not None:
+        filters = tuple(f.strip() for f in args.filters.split(",") if f.strip())
+        bad = [f for f in filters if f not in FILTERS]
+        if not filters or bad:
+            raise DemoArgumentError(f"--filters {args.filters!r}: choose a comma-separated subset of {','.join(FILTERS)}")
+        if len(set(filters)) != len(filters):
+            raise DemoArgumentError(f"--filters {args.filters!r} names a filter twice")
+        recipe = replace(recipe, filters=filters)
+    if args.nproc is not None:
+        if args.nproc not in (1, 2):
+            raise DemoArgumentError(f"--nproc must be 1 or 2 (the tiny model has 4 attention heads, 2 KV heads), "
+                                    f"got {args.nproc}")
+        recipe = replace(recipe, nproc=args.nproc)
+    run_dir = Path(args.out) if args.out else Path("runs") / name
+    config_dir = Path(args.config_dir) if args.config_dir else examples_dir()
+    for stage in ("sft", "opsdc"):
+        if not (config_dir / f"{stage}.yaml").is_file():
+            raise DemoArgumentError(f"{config_dir / (stage + '.yaml')} not found: run the demo from a source checkout "
+                                    "(it reads examples/demo/*.yaml) or pass --config-dir")
+    return recipe, run_dir, config_dir
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of every finished child process (stages, sidecars)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class _Clock:
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+        self.t0, self.c0 = time.perf_counter(), _cpu_seconds()
+
+    def run(self, name: str, fn, *a, **kw):
+        t, c = time.perf_counter(), _cpu_seconds()
+        out = fn(*a, **kw)
+        self.stages[name] = {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(_cpu_seconds() - c, 1)}
+        print(f"[demo] {name}: {self.stages[name]['wall_s']:.0f} s wall, {self.stages[name]['cpu_s']:.0f} s CPU",
+              flush=True)
+        return out
+
+    def total(self) -> dict:
+        return {"wall_s": round(time.perf_counter() - self.t0, 1), "cpu_s": round(_cpu_seconds() - self.c0, 1),
+                "stages": self.stages}
+
+
+def demo_pipeline(recipe, run_dir: Path, config_dir: Path, seed: int):
+    """The demo's training stages as a ``megatron-opsd pipeline`` config: SFT from the random tiny model, then
+    one OPSDC stage per filter, each from the SFT export (``init_from: sft``). No per-stage evaluation: the
+    demo evaluates every model on one sidecar afterwards (greedy and sampled, student and concise prompts)."""
+    from megatron_opsd.demo.prepare import DemoInputs
+    from megatron_opsd.pipeline import PipelineConfig, StageConfig
+    from megatron_opsd.pipeline.config import PipelineEvalConfig, validate_pipeline_config
+
+    inputs = DemoInputs.under(run_dir)
+    common = [f"parallel.tensor_model_parallel_size={recipe.nproc}", f"data.seed={seed}", f"train.seed={seed}"]
+    sft = StageConfig(name="sft", kind="sft", config=str(config_dir / "sft.yaml"), evaluate=False,
+                      overrides=common + [f"data.train_path={inputs.sft}", f"train.steps={recipe.sft_steps}"])
+    opsdc = [StageConfig(name=f"opsdc-{f}", kind="opsd", config=str(config_dir / "opsdc.yaml"), init_from="sft",
+                         evaluate=False,
+                         overrides=common + [f"data.train_path={inputs.train}", f"data.eval_path={inputs.curve}",
+                                             f"rollout.seed={seed}", f"rollout.filter={f}",
+                                             f"train.steps={recipe.opsdc_steps}", f"train.eval_every={recipe.eval_every}"])
+             for f in recipe.filters]
+    cfg = PipelineConfig(name=run_dir.name, out_dir=str(run_dir / "stages"), model=str(inputs.init_model),
+                         nproc=recipe.nproc, eval=PipelineEvalConfig(path=None, baseline=False), stages=[sft, *opsdc])
+    return validate_pipeline_config(cfg)
+
+
+def stage_config_objects(pipeline_cfg):
+    """Each stage's config loaded as its command will load it (a bad key fails before anything runs)."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.training.sft import load_sft_config
+
+    out = {}
+    for stage in pipeline_cfg.stages:
+        overrides = list(stage.overrides) + [f"model.path={pipeline_cfg.model}"]
+        out[stage.name] = (load_sft_config(stage.config, overrides) if stage.kind == "sft"
+                           else load_config(stage.config, overrides))
+    return out
+
+
+def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) -> dict:
+    from dataclasses import replace
+
+    from megatron_opsd.demo.prepare import prepare
+    from megatron_opsd.pipeline import run_pipeline
+
+    pipeline_cfg = demo_pipeline(recipe, run_dir, config_dir, seed)
+    configs = stage_config_objects(pipeline_cfg)
+    for entry in _OWNED:  # a fresh run: nothing of an earlier run with this name is reused
+        path = run_dir / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clock = _Clock()
+    print(f"[demo] {'quick' if quick else 'full'} run, seed {seed}, under {run_dir}", flush=True)
+    inputs = clock.run("prepare", prepare, run_dir, recipe, seed)
+    print(f"[demo] task: {recipe.n_train} train / {recipe.n_test} held-out problems ({recipe.task_steps} steps, "
+          f"values 0-{recipe.max_value}); SFT mixture {inputs.sft}; random tiny Qwen3 {inputs.init_model}", flush=True)
+    # The pipeline skips finished stages, so running it on a growing prefix of the stage list trains one more
+    # stage per call: the same runs as one call, with each stage's time measured on its own.
+    for i, stage in enumerate(pipeline_cfg.stages):
+        clock.run(stage.name, run_pipeline, replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]))
+    opsdc_cfg = configs[f"opsdc-{recipe.filters[0]}"]
+    return evaluate_and_report(recipe, run_dir, seed, quick, clock, opsdc_cfg,
+                               {s.name: {"config": s.config, "overrides": s.overrides,
+                                         "init_from": s.init_from or "init"} for s in pipeline_cfg.stages})
+
+
+def evaluate_and_report(recipe, run_dir: Path, seed: int, quick: bool, clock: "_Clock", opsdc_cfg,
+                        stage_configs: dict) -> dict:
+    """Evaluate the trained models of ``run_dir`` and write the table, results.json and curves PNG."""
+    from megatron_opsd.demo import report
+    from megatron_opsd.demo.evaluate import DemoEvaluator
+    from megatron_opsd.demo.prepare import DemoInputs
+    from megatron_opsd.evaluation.runner import training_eval_settings
+
+    inputs, stages_dir = DemoInputs.under(run_dir), run_dir / "stages"
+    sft_dir = stages_dir / "sft"
+    rows, step0 = [], None
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+
+    def evaluate_all():
+        nonlocal step0
+        with DemoEvaluator(sft_dir / "hf", inputs.test, max_tokens=recipe.eval_max_tokens,
+                           log_path=eval_dir / "sidecar.log") as ev:
+            sampling = training_eval_settings(opsdc_cfg)  # the trainer's eval_every settings (rollout sampling)
+
+            def row(label: str, prompt: str, model: Path, name: str, **extra) -> dict:
+                concise = prompt != "student"
+                greedy = ev.evaluate(model, concise_prompt=concise, save_to=eval_dir / f"{name}.json")
+                sampled = ev.evaluate(model, concise_prompt=concise, settings=sampling,
+                                      save_to=eval_dir / f"{name}_sampled.json")
+                return {"label": label, "prompt": prompt, "model": str(model), **extra, **greedy,
+                        "sampled": {k: sampled[k] for k in ("accuracy", "mean_tokens", "truncated_share")}}
+
+            rows.append(row("SFT (before)", "student", sft_dir / "hf", "sft"))
+            rows.append(row("SFT + concise instruction", "concise (the OPSDC teacher's)", sft_dir / "hf",
+                            "sft_concise"))
+            # step 0 of the held-out curves: the trainer's eval_every settings on the curve split
+            step0 = ev.evaluate_settings(sft_dir / "hf", inputs.curve, sampling)
+            for filt in recipe.filters:
+                rows.append(row(f"OPSDC filter={filt} (after)", "student", stages_dir / f"opsdc-{filt}" / "hf",
+                                f"opsdc-{filt}", filter=filt))
+
+    clock.run("evaluate", evaluate_all)
+
+    curves = {f: report.read_curves(stages_dir / f"opsdc-{f}" / "metrics.jsonl", step0) for f in recipe.filters}
+    before = rows[0]
+    verdicts = {r["filter"]: report.verdict(before, r) for r in rows if "filter" in r}
+    table = report.results_table(rows)
+    runtime = clock.total()
+    results = {"name": run_dir.name, "run_dir": str(run_dir), "seed": seed, "quick": quick,
+               "recipe": recipe.to_dict(), "rows": rows, "verdict": verdicts, "headline_filter": recipe.filters[0],
+               "curves": curves, "evaluation": "rows: data/test.jsonl, greedy (accuracy, mean_tokens, ...) and "
+               "sampled with the trainer's eval_every settings (rows' 'sampled'); held-out curve points: "
+               "train.eval_every on data/curve.jsonl (sampled), step 0 = the SFT model with the same settings",
+               "runtime": runtime, "stages": stage_configs}
+    png = report.plot_curves(curves, run_dir / "curves.png",
+                             f"OPSDC on the CPU demo task (seed {seed}{', quick' if quick else ''}): "
+                             f"SFT {before['mean_tokens']:.0f} tokens, {100 * before['accuracy']:.0f}% greedy")
+    results["curves_png"] = str(png) if png else None
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (run_dir / "table.md").write_text(table + "\n")
+
+    print("\n" + table + "\n")
+    for filt, v in verdicts.items():
+        status = "MET" if v["met"] else "NOT MET"
+        print(f"OPSDC filter={filt}: {100 * v['token_reduction']:.1f}% fewer tokens, accuracy "
+              f"{100 * v['accuracy_change']:+.1f} points -> goal ({v['goal']}) {status}")
+    print(f"\nruntime: {runtime['wall_s']:.0f} s wall, {runtime['cpu_s']:.0f} s CPU (this process and its children)")
+    print(f"results: {run_dir / 'results.json'}, {run_dir / 'table.md'}"
+          + (f", {png}" if png else ""), flush=True)
+    return results
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_opsd.models import check
-    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+    from megatron_opsd.config import ConfigError
+    from megatron_opsd.pipeline import PipelineError
 
-    model_dir = Path(args.out) / "tiny-qwen3"
-    make_tiny_hf_checkpoint(model_dir, "qwen3")
-    print(f"tiny Qwen3 checkpoint written to {model_dir}")
-    return check.main(argparse.Namespace(model=str(model_dir), tp=args.tp, pp=1, tokens=16, tolerance=1e-4))
+    try:
+        recipe, run_dir, config_dir = resolve(args)
+    except DemoArgumentError as err:
+        print(f"megatron-opsd demo: error: {err}", file=sys.stderr)
+        return 2
+    import os
+
+    quiet = "PYTHONWARNINGS" not in os.environ
+    if quiet:  # the stage processes inherit it: no screens of megatron/torch warnings between progress bars
+        os.environ["PYTHONWARNINGS"] = "ignore"
+    try:
+        run_demo(recipe, run_dir, config_dir, args.seed, args.quick)
+    except (ConfigError, PipelineError) as err:
+        print(f"megatron-opsd demo: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if quiet:
+            del os.environ["PYTHONWARNINGS"]
+    return 0

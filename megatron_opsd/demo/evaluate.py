@@ -1,0 +1,95 @@
+"""Held-out evaluation of the demo's models: greedy decoding on ``test.jsonl`` through the evaluation runner
+(``evaluation.runner.evaluate``, what ``megatron-opsd eval`` runs) on one vLLM sidecar.
+
+One sidecar serves every model: it starts on the first model directory and each further model's HF weights
+are pushed to it (the trainer's weight-update path), which saves a vLLM start per model.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from megatron_opsd.config import DEFAULT_PROMPT_TEMPLATE, DataConfig
+from megatron_opsd.demo.task import CONCISE_INSTRUCTION
+
+# The concise-instruction prompt (the OPSDC teacher's context) as a student prompt template: the evaluation
+# builds exactly the text of ``task.concise_messages`` (checked in tests/test_demo.py).
+CONCISE_PROMPT_TEMPLATE = CONCISE_INSTRUCTION + "\n\n" + DEFAULT_PROMPT_TEMPLATE
+
+
+def summary(bench: dict) -> dict:
+    """The numbers the demo reports for one evaluation."""
+    return {"accuracy": bench["accuracy"], "mean_tokens": bench["tokens"]["mean"],
+            "median_tokens": bench["tokens"]["median"], "p90_tokens": bench["tokens"]["p90"],
+            "truncated_share": bench["tokens"]["truncated_share"], "prompts": bench["num_prompts"]}
+
+
+class DemoEvaluator:
+    """``with DemoEvaluator(first_model_dir, ...) as ev: ev.evaluate(model_dir)`` -> summary dict."""
+
+    def __init__(self, first_model: Path, test_path: Path, *, max_tokens: int, log_path: Path,
+                 max_model_len: int = 512):
+        self.first_model, self.test_path, self.log_path = Path(first_model), Path(test_path), Path(log_path)
+        self.max_tokens, self.max_model_len = max_tokens, max_model_len
+        self.sidecar = self.client = self.tokenizer = None
+        self.version = 0
+        self.loaded: Optional[Path] = None
+
+    def __enter__(self) -> "DemoEvaluator":
+        from megatron_opsd.models.tokenizer import load_tokenizer
+        from megatron_opsd.rollout.client import SidecarClient
+        from megatron_opsd.rollout.process import start_sidecar_process
+
+        self.tokenizer = load_tokenizer(str(self.first_model))
+        self.sidecar = start_sidecar_process(self.first_model, log_path=self.log_path, dtype="float32",
+                                             max_model_len=self.max_model_len)
+        self.client = SidecarClient(self.sidecar.url, timeout_s=3600.0)
+        self.loaded = self.first_model
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.sidecar is not None:
+            self.sidecar.stop()
+
+    def _load(self, model_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.loaded == model_dir:
+            return
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to evaluate")
+        self.version += 1
+        tensors = (item for f in files for item in load_file(str(f)).items())
+        self.client.push_weights_from_iterator(tensors, version=self.version)
+        self.loaded = model_dir
+
+    def evaluate(self, model_dir: Path, *, concise_prompt: bool = False, settings=None,
+                 save_to: Optional[Path] = None) -> dict:
+        """Accuracy and response tokens of ``model_dir`` on the held-out split, greedy unless ``settings`` (an
+        ``EvalSettings``) say otherwise, from the student prompt or the concise-instruction prompt
+        (``concise_prompt``); full results (texts included) to ``save_to`` if given."""
+        from megatron_opsd.evaluation.runner import EvalSettings
+
+        if settings is None:
+            settings = EvalSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=self.max_tokens, seed=0,
+                                    progress=False, data=DataConfig())
+        data = settings.data
+        if concise_prompt:
+            data = replace(data, prompt_template=CONCISE_PROMPT_TEMPLATE)
+        settings = replace(settings, data=data, prompts_per_request=64, save_text=True, progress=False)
+        return self.evaluate_settings(model_dir, self.test_path, settings, save_to=save_to)
+
+    def evaluate_settings(self, model_dir: Path, path: Path, settings, save_to: Optional[Path] = None) -> dict:
+        """``model_dir`` on the JSONL ``path`` with the evaluation runner's ``EvalSettings``; summary dict."""
+        from megatron_opsd.evaluation.report import save_results
+        from megatron_opsd.evaluation.runner import evaluate
+
+        self._load(Path(model_dir))
+        results = evaluate(self.client, self.tokenizer, [str(path)], settings, model=str(model_dir))
+        if save_to is not None:
+            save_results(results, save_to)
+        return summary(next(iter(results["benchmarks"].values())))
