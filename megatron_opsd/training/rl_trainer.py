@@ -174,17 +174,7 @@ class GRPOTrainer(OPSDTrainer):
                             "grad_norm": float(step_info["grad_norm"] or 0.0)})
             if rl.recompute_old_logprobs:
                 metrics["rl/sidecar_logprob_abs_diff"] = sums["logprob_diff_sum"] / n
-        t0 = time.perf_counter()
-        self.client.push_weights(self.student, version=self.step + 1)
-        times["time/sync"] = time.perf_counter() - t0
-        self.step += 1
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        every = cfg.train.eval_every
-        if every and self.step % every == 0 and self.rank == 0:
-            from megatron_opsd.evaluation.runner import evaluate_for_training
-
-            metrics.update(evaluate_for_training(self.client, self.tokenizer, cfg, self.step, self.run_dir / "eval"))
-        return {**metrics, **stats, **times}
+        return self._finish_step(metrics, stats, times)
 
 
 def train_grpo(cfg: RLTrainConfig) -> list[dict]:

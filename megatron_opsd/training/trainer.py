@@ -257,16 +257,22 @@ class OPSDTrainer:
                 ema_update_(self.teacher, self.student, cfg.teacher.ema_decay)
             elif cfg.teacher.weights == "refresh" and (self.step + 1) % cfg.teacher.refresh_every == 0:
                 copy_weights_(self.teacher, self.student)
+        return self._finish_step(metrics, stats, times)
+
+    def _finish_step(self, metrics: dict, stats: dict, times: dict) -> dict:
+        """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
+        every ``train.eval_every`` steps evaluate the held-out set on the sidecar. Shared with GRPO."""
         t0 = time.perf_counter()
         self.client.push_weights(self.student, version=self.step + 1)
         times["time/sync"] = time.perf_counter() - t0
         self.step += 1
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        every = cfg.train.eval_every
-        if every and self.step % every == 0 and self.rank == 0:  # held-out accuracy and length, on the sidecar
+        every = self.cfg.train.eval_every
+        if every and self.step % every == 0 and self.rank == 0:
             from megatron_opsd.evaluation.runner import evaluate_for_training
 
-            metrics.update(evaluate_for_training(self.client, self.tokenizer, cfg, self.step, self.run_dir / "eval"))
+            metrics.update(evaluate_for_training(self.client, self.tokenizer, self.cfg, self.step,
+                                                 self.run_dir / "eval"))
         return {**metrics, **stats, **times}
 
     def _reduce_metrics(self, per_mb: list, ps) -> dict:
