@@ -135,28 +135,7 @@ def test_gradcheck_float64(kind, beta, reduction):
         return vocab_parallel_divergence(x, t, kind=kind, beta=beta, loss_mask=mask, temperature=T, vocab_range=(0, 6),
                                          chunk_tokens=2, reduction=reduction)[0]
 
-    # torch.autograd.gradcheck would backpropagate twice through one forward; like megatron's cross-entropy
-    # the function scales its saved gradient in place, so check every entry against central differences.
-    fn(s).backward()
-    numeric = torch.zeros_like(s)
-    eps = 1e-6
-    with torch.no_grad():
-        for i in range(s.numel()):
-            x = s.detach().clone().view(-1)
-            x[i] += eps
-            up = fn(x.view_as(s))
-            x[i] -= 2 * eps
-            numeric.view(-1)[i] = (up - fn(x.view_as(s))) / (2 * eps)
-    assert numeric.abs().max() > 1e-3  # the check is not vacuous
-    torch.testing.assert_close(s.grad, numeric, rtol=1e-5, atol=1e-8)
-
-
-def test_second_backward_through_one_forward_is_refused():
-    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    loss, _ = vocab_parallel_divergence(s, torch.randn(3, 5, dtype=torch.float64))
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
+    assert torch.autograd.gradcheck(fn, (s,))
 
 
 def test_jsd_endpoints_are_kl():

@@ -48,84 +48,75 @@ def _terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
     return beta * _xlogy_term(q, logq - logm) + (1.0 - beta) * student_part, (1.0 - beta) * student_part, p
 
 
-def _kl_inplace(kind: str, logp: torch.Tensor, logq: torch.Tensor, token_clip, need_grad: bool):
-    """Reverse / forward KL on owned chunk buffers (overwritten), keeping ~3-4 [rows, shard] tensors live.
+def _kl_inplace(kind: str, logp: torch.Tensor, logq: torch.Tensor, token_clip, backward: bool):
+    """Reverse / forward KL on owned chunk buffers, overwriting them to keep ~3 [rows, shard] tensors live.
 
-    Returns (f, p * df/dp, p) — the last two None without ``need_grad``. Same maths as ``_terms``.
+    Forward returns the per-entry terms f; backward returns (p * df/dp, p). Same maths as ``_terms``.
     """
     reverse = kind == "reverse_kl"
-    p = torch.exp(logp) if (reverse or need_grad) else None
+    p = torch.exp(logp)
     weight = p if reverse else torch.exp(logq)  # the distribution the expectation is taken under
     diff = logq.neg_().add_(logp) if reverse else logp.neg_().add_(logq)  # log p - log q  /  log q - log p
     zero = weight == 0
-    f = diff.mul_(weight).masked_fill_(zero, 0.0)
-    keep = None
-    if token_clip is not None:
-        keep = f <= token_clip
-        f = f.clamp_(max=token_clip)
-    if not need_grad:
-        return f, None, None
-    # reverse: p a = p (log p - log q + 1) = f + p where kept (f is unclamped there), written into logp's
-    # buffer (f lives in logq's); forward: p a = -q
-    pa = logp.copy_(f).add_(p) if reverse else weight.neg_()
-    if keep is not None:
-        pa = pa.masked_fill_(~keep, 0.0)
-    return f, pa, p
+    if not backward:
+        f = diff.mul_(weight).masked_fill_(zero, 0.0)
+        return f.clamp_(max=token_clip) if token_clip is not None else f
+    keep = None if token_clip is None else (diff * weight).masked_fill_(zero, 0.0) <= token_clip
+    pa = diff.add_(1.0).mul_(p).masked_fill_(zero, 0.0) if reverse else weight.neg_()
+    return (pa.masked_fill_(~keep, 0.0) if keep is not None else pa), p
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
-    """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient.
-
-    Like megatron's vocab_parallel_cross_entropy, the gradient is computed in the forward, chunk by chunk,
-    while the softmaxes are at hand (one all-reduce of [chunk, 2] per chunk for both the divergence and the
-    gradient's normaliser); the backward only scales its rows by the upstream per-token gradient. So the
-    softmax is never recomputed, and neither logits tensor is kept for the backward.
-    """
+    """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient."""
 
     @staticmethod
     def forward(ctx, student, teacher, mask, kind, beta, temperature, token_clip, chunk, cols, group,
                 teacher_is_logprobs):
         dtype = working_dtype(student.dtype)
         teacher_scale = 1.0 if teacher_is_logprobs else temperature
-        need_grad = ctx.needs_input_grad[0]
         n = student.shape[0]
         per_token = torch.zeros(n, dtype=dtype, device=student.device)
-        grad = torch.empty_like(student) if need_grad else None
+        lse_s = torch.empty(n, dtype=dtype, device=student.device)
+        lse_t = torch.empty_like(lse_s)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             s = to_fp32_masked(student[rows], cols, temperature, dtype)
             t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
-            lse_s, lse_t = log_softmax_stats(s, t, group=group)
-            logp, logq = s.sub_(lse_s[:, None]), t.sub_(lse_t[:, None])
+            lse_s[rows], lse_t[rows] = log_softmax_stats(s, t, group=group)
+            logp, logq = s.sub_(lse_s[rows, None]), t.sub_(lse_t[rows, None])
             if kind == "jsd":
-                f, pa, p = _terms(kind, beta, logp, logq)
-                if token_clip is not None:
-                    pa = pa.masked_fill_(f > token_clip, 0.0)
-                    f = f.clamp(max=token_clip)
+                f = _terms(kind, beta, logp, logq)[0]
+                f = f.clamp(max=token_clip) if token_clip is not None else f
             else:
-                f, pa, p = _kl_inplace(kind, logp, logq, token_clip, need_grad)
-            if need_grad:  # g = p a - p sum_v p_v a_v, unscaled
-                sums = all_reduce(torch.stack([f.sum(dim=-1), pa.sum(dim=-1)], dim=-1), dist.ReduceOp.SUM, group)
-                d = sums[:, 0]
-                g = pa.sub_(p.mul_(sums[:, 1:2])).masked_fill_(~mask[rows, None], 0.0)
-                grad[rows] = g.to(grad.dtype)
-            else:
-                d = all_reduce(f.sum(dim=-1), dist.ReduceOp.SUM, group)
+                f = _kl_inplace(kind, logp, logq, token_clip, backward=False)
+            d = all_reduce(f.sum(dim=-1), dist.ReduceOp.SUM, group)
             per_token[rows] = torch.where(mask[rows], d, torch.zeros_like(d))
-        ctx.save_for_backward(mask)
-        ctx.grad = grad
-        ctx.temperature = temperature
+        ctx.save_for_backward(student, teacher, mask, lse_s, lse_t)
+        ctx.cfg = (kind, beta, temperature, teacher_scale, token_clip, chunk, cols, group)
         return per_token
 
     @staticmethod
     def backward(ctx, grad_per_token):
-        (mask,) = ctx.saved_tensors
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("vocab_parallel_divergence: backward ran twice through the same forward "
-                               "(retain_graph is not supported; the gradient buffer is scaled in place)")
-        row_scale = torch.where(mask, grad_per_token, torch.zeros_like(grad_per_token)) / ctx.temperature
-        grad.mul_(row_scale.to(grad.dtype).unsqueeze(-1))
+        student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
+        kind, beta, temperature, teacher_scale, token_clip, chunk, cols, group = ctx.cfg
+        dtype = lse_s.dtype
+        grad = torch.empty_like(student)
+        row_scale = torch.where(mask, grad_per_token.to(dtype), torch.zeros_like(lse_s)) / temperature
+        for start in range(0, student.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            s = to_fp32_masked(student[rows], cols, temperature, dtype)
+            t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
+            logp, logq = s.sub_(lse_s[rows, None]), t.sub_(lse_t[rows, None])
+            if kind == "jsd":
+                f, pa, p = _terms(kind, beta, logp, logq)
+                if token_clip is not None:
+                    pa = pa.masked_fill_(f > token_clip, 0.0)
+                del f
+            else:
+                pa, p = _kl_inplace(kind, logp, logq, token_clip, backward=True)
+            sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
+            g = pa.sub_(p.mul_(sum_pa.unsqueeze(-1))).mul_(row_scale[rows, None])
+            grad[rows] = g.masked_fill_(~mask[rows, None], 0.0).to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None, None, None
 
 
