@@ -104,12 +104,15 @@ def test_table_verdict_and_curves(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(m) for m in [
         {"step": 1, "divergence": 0.1, "entropy/student": 0.2, "entropy/teacher": 0.3, "rollout/mean_length": 90,
-         "rollout/accuracy": 0.5},
+         "rollout/accuracy": 0.5, "tokens": 12},
         {"step": 2, "divergence": 0.05, "entropy/student": 0.1, "entropy/teacher": 0.2, "rollout/mean_length": 60,
-         "rollout/accuracy": 0.6, "eval/accuracy": 0.7, "eval/response_length/mean": 50.0}]) + "\n")
+         "rollout/accuracy": 0.6, "eval/accuracy": 0.7, "eval/response_length/mean": 50.0, "tokens": 9},
+        {"step": 3, "divergence": 0.0, "entropy/student": 0.0, "entropy/teacher": 0.0, "rollout/mean_length": 40,
+         "rollout/accuracy": 1.0}]) + "\n")  # filter=incorrect, all correct: nothing trained, no KL point
     curves = report.read_curves(metrics, {"accuracy": 0.6, "mean_tokens": 95.0})
     assert curves["kl"] == {"steps": [1, 2], "values": [0.1, 0.05]}
     assert curves["heldout_length"] == {"steps": [0, 2], "values": [95.0, 50.0]}
+    assert curves["rollout_length"]["steps"] == [1, 2, 3]
     png = report.plot_curves({"all": curves, "correct": curves}, tmp_path / "c.png", "t")
     assert png is None or png.stat().st_size > 1000
 

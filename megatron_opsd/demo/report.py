@@ -20,11 +20,13 @@ CURVE_KEYS = {  # curve name -> metrics.jsonl key
     "heldout_accuracy": "eval/accuracy",
     "heldout_length": "eval/response_length/mean",
 }
+_TRAINED_ONLY = ("divergence", "entropy/student", "entropy/teacher")
 
 
 def read_curves(metrics_path: Path, step0: Optional[dict] = None) -> dict:
     """``{curve: {"steps": [...], "values": [...]}}`` from a trainer's metrics.jsonl; ``step0`` (held-out
-    accuracy and length of the starting model) prepends step 0 to the held-out curves."""
+    accuracy and length of the starting model) prepends step 0 to the held-out curves. KL and entropy are
+    points only of steps that trained on at least one rollout."""
     curves = {name: {"steps": [], "values": []} for name in CURVE_KEYS}
     if step0 is not None:
         for name, key in (("heldout_accuracy", "accuracy"), ("heldout_length", "mean_tokens")):
@@ -34,8 +36,9 @@ def read_curves(metrics_path: Path, step0: Optional[dict] = None) -> dict:
         if not line.strip():
             continue
         m = json.loads(line)
+        trained = m.get("tokens", 0) > 0  # a step whose filter kept no rollout logs 0 for KL and entropy
         for name, key in CURVE_KEYS.items():
-            if key in m:
+            if key in m and (trained or key not in _TRAINED_ONLY):
                 curves[name]["steps"].append(m["step"])
                 curves[name]["values"].append(m[key])
     return curves
