@@ -87,8 +87,12 @@ def rendezvous_env(environ: Optional[dict] = None) -> dict:
         out["MASTER_PORT"] = int(env["MASTER_PORT"])
     elif "SLURM_JOB_ID" in env:
         out["MASTER_PORT"] = 20000 + int(env["SLURM_JOB_ID"]) % 20000
-    else:
-        out["MASTER_PORT"] = 29500
+    elif "RANK" in env or "SLURM_PROCID" in env:
+        out["MASTER_PORT"] = 29500  # torchrun's default
+    else:  # a lone process (no launcher): any free port, so two single-process runs never collide
+        from megatron_opsd.parallel.launch import free_port
+
+        out["MASTER_PORT"] = free_port()
     return out
 
 
