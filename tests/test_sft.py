@@ -136,16 +136,21 @@ def test_bad_input_names_the_field(tiny_checkpoints, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ training
 
-@pytest.mark.parametrize("layout,world", [({}, 1), ({"tensor_model_parallel_size": 2}, 2),
-                                          ({"pipeline_model_parallel_size": 2}, 2), ({}, 2)],
-                         ids=["tp1", "tp2", "pp2", "dp2"])
+PACKED = {"data.packing": "true", "optim.micro_batch_size": 1}  # 4 conversations -> fewer, longer rows
+
+
+@pytest.mark.parametrize("layout,world", [({}, 1), ({"parallel.tensor_model_parallel_size": 2}, 2),
+                                          ({"parallel.pipeline_model_parallel_size": 2}, 2), ({}, 2),
+                                          (PACKED, 1), ({**PACKED, "parallel.pipeline_model_parallel_size": 2}, 2)],
+                         ids=["tp1", "tp2", "pp2", "dp2", "packed", "packed_pp2"])
 def test_sft_losses_match_across_layouts(tiny_checkpoints, tmp_path_factory, layout, world, request):
-    """Three optimizer steps on the same data: the token-mean loss at TP=2, PP=2 and DP=2 equals TP=1 (step 1
+    """Three optimizer steps on the same data: the token-mean loss at TP=2, PP=2 and DP=2, and with packed rows
+    (block-diagonal causal attention, positions restarting per conversation), equals TP=1 unpacked (step 1
     checks the forward, steps 2-3 the gradients and the optimizer)."""
     root = tmp_path_factory.getbasetemp() / "sft_parity"
     root.mkdir(exist_ok=True)
     train = write_jsonl(root / "train.jsonl", pair_rows())
-    overrides = [f"parallel.{k}={v}" for k, v in layout.items()]
+    overrides = [f"{k}={v}" for k, v in layout.items()]
     name = request.node.callspec.id
     cfg = run_config(root, tiny_checkpoints["qwen3"], train, name, "train.steps=3", "optim.lr=3e-3",
                      "data.global_batch_size=4", "data.shuffle=false", *overrides)
@@ -215,3 +220,23 @@ def test_example_config_loads():
     cfg = load_sft_config(str(Path(__file__).parent.parent / "examples" / "sft_tiny.yaml"))
     assert cfg.logging.dir == "runs/sft_tiny" and cfg.export.hf_dir == "runs/sft_tiny/hf"
     assert cfg.data.global_batch_size % (cfg.optim.micro_batch_size) == 0
+
+
+def test_packed_microbatch_layout():
+    """Packing puts conversations side by side: positions restart, labels never cross a boundary, attention
+    is causal inside each conversation only, and the token weights are the same as unpacked."""
+    from megatron_opsd.training.sft import SFTExample, build_sft_microbatches
+
+    examples = [SFTExample("a", [1, 2, 3], [0, 1, 1]), SFTExample("b", [4, 5], [0, 1]),
+                SFTExample("c", [6, 7, 8, 9], [0, 0, 1, 1])]
+    rows = build_sft_microbatches(examples, micro_batch_size=1, pad_id=0, pad_multiple=4, pack_to=8)
+    assert len(rows) == 2 and rows[1]["tokens"].tolist() == [[6, 7, 8, 9, 0, 0, 0, 0]]
+    mb = rows[0]
+    assert mb["tokens"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]  # c (4 tokens) does not fit: next row
+    assert mb["position_ids"].tolist()[0][:5] == [0, 1, 2, 0, 1]
+    assert mb["labels"].tolist()[0][:5] == [2, 3, 0, 5, 0]
+    assert [round(w * 5) for w in mb["weights"].tolist()[0][:5]] == [1, 1, 0, 1, 0]  # 5 trainable tokens in all
+    visible = ~mb["attention_mask"][0, 0]
+    assert visible[4].tolist() == [False, False, False, True, True, False, False, False]
+    assert visible[2].tolist() == [True, True, True, False, False, False, False, False]
+    assert not visible[6].any()  # padding attends to nothing (its loss weight is 0)

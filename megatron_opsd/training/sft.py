@@ -36,6 +36,7 @@ class SFTDataConfig:
     seed: int = 0
     limit: Optional[int] = None  # keep only the first N rows
     pad_to_multiple_of: int = 8
+    packing: bool = False  # several conversations per row up to max_seq_len (block-diagonal causal attention)
 
 
 @dataclass
@@ -187,32 +188,67 @@ def load_sft_dataset(d: SFTDataConfig, tokenizer, enable_thinking: Optional[bool
     return examples
 
 
+def pack_examples(examples: list[SFTExample], capacity: int) -> list[list[SFTExample]]:
+    """First-fit packing in data order (deterministic): rows of conversations with at most ``capacity`` tokens."""
+    rows: list[list[SFTExample]] = []
+    sizes: list[int] = []
+    for ex in examples:
+        for i, size in enumerate(sizes):
+            if size + len(ex.ids) <= capacity:
+                rows[i].append(ex)
+                sizes[i] += len(ex.ids)
+                break
+        else:
+            rows.append([ex])
+            sizes.append(len(ex.ids))
+    return rows
+
+
 def build_sft_microbatches(examples: list[SFTExample], *, micro_batch_size: int, pad_id: int, pad_multiple: int = 8,
-                           dp_size: int = 1, dp_rank: int = 0) -> list[dict]:
+                           dp_size: int = 1, dp_rank: int = 0, pack_to: Optional[int] = None) -> list[dict]:
     """This DP rank's micro-batches of one step (``examples`` is the whole global batch, the same on every rank).
 
     ``labels[p]`` is token p+1; ``weights[p]`` is 1/N where token p+1 is trainable (N: trainable tokens of the whole
     global batch), so summing ``weights * cross_entropy`` over every micro-batch and DP rank is the token mean.
+    With ``pack_to`` several conversations share a row: positions restart at 0 for each, and an
+    ``attention_mask`` [b, 1, L, L] (True = masked) keeps attention causal within each conversation, so the loss
+    equals the unpacked one; rows are padded with empty ones to a multiple of micro_batch_size x DP.
     """
     group = micro_batch_size * dp_size
-    if len(examples) % group:
-        raise ValueError(f"data.global_batch_size={len(examples)} must be a multiple of optim.micro_batch_size x "
-                         f"data-parallel size = {micro_batch_size} x {dp_size}")
+    if pack_to is None:
+        if len(examples) % group:
+            raise ValueError(f"data.global_batch_size={len(examples)} must be a multiple of optim.micro_batch_size x "
+                             f"data-parallel size = {micro_batch_size} x {dp_size}")
+        rows = [[ex] for ex in examples]
+    else:
+        rows = pack_examples(examples, pack_to)
+        rows += [[] for _ in range(-len(rows) % group)]
     total = sum(sum(ex.trainable[1:]) for ex in examples)
-    longest = max(len(ex.ids) for ex in examples)
+    longest = max(sum(len(ex.ids) for ex in row) for row in rows)
     length = -(-longest // pad_multiple) * pad_multiple
     microbatches = []
-    for start in range(dp_rank * micro_batch_size, len(examples), group):
+    for start in range(dp_rank * micro_batch_size, len(rows), group):
         tokens = torch.full((micro_batch_size, length), pad_id, dtype=torch.long)
         labels = torch.full((micro_batch_size, length), pad_id, dtype=torch.long)
         weights = torch.zeros((micro_batch_size, length), dtype=torch.float32)
-        for j, ex in enumerate(examples[start: start + micro_batch_size]):
-            n = len(ex.ids)
-            tokens[j, :n] = torch.tensor(ex.ids)
-            labels[j, : n - 1] = torch.tensor(ex.ids[1:])
-            weights[j, : n - 1] = torch.tensor(ex.trainable[1:], dtype=torch.float32) / max(total, 1)
-        microbatches.append({"tokens": tokens, "labels": labels, "weights": weights,
-                             "position_ids": torch.arange(length).unsqueeze(0).expand(micro_batch_size, -1).contiguous()})
+        positions = torch.arange(length).unsqueeze(0).repeat(micro_batch_size, 1)
+        segments = torch.full((micro_batch_size, length), -1, dtype=torch.long)
+        for j, row in enumerate(rows[start: start + micro_batch_size]):
+            offset = 0
+            for k, ex in enumerate(row):
+                n, span = len(ex.ids), slice(offset, offset + len(ex.ids))
+                tokens[j, span] = torch.tensor(ex.ids)
+                labels[j, offset: offset + n - 1] = torch.tensor(ex.ids[1:])
+                weights[j, offset: offset + n - 1] = torch.tensor(ex.trainable[1:], dtype=torch.float32) / max(total, 1)
+                positions[j, span] = torch.arange(n)
+                segments[j, span] = k
+                offset += n
+        mb = {"tokens": tokens, "labels": labels, "weights": weights, "position_ids": positions}
+        if pack_to is not None:
+            same = (segments.unsqueeze(2) == segments.unsqueeze(1)) & (segments >= 0).unsqueeze(2)
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            mb["attention_mask"] = ~(same & causal).unsqueeze(1)
+        microbatches.append(mb)
     return microbatches
 
 
@@ -239,6 +275,7 @@ class SFTTrainer:
         from megatron.core import parallel_state as ps
 
         from megatron_opsd.data.datasets import PromptSampler
+        from megatron_opsd.models.families import have_transformer_engine
         from megatron_opsd.models.gpt import build_model
         from megatron_opsd.models.tokenizer import load_tokenizer
         from megatron_opsd.models.weights import load_hf_checkpoint
@@ -247,6 +284,10 @@ class SFTTrainer:
         from megatron_opsd.training.trainer import MetricsLogger
 
         self.cfg = validate_sft_config(cfg)
+        if cfg.data.packing and have_transformer_engine():
+            raise ConfigError("data.packing=true needs megatron's local attention spec (block-diagonal mask); with "
+                              "Transformer Engine installed the packed (THD) path is not implemented: set "
+                              "data.packing=false")
         init_distributed(cfg.parallel)
         self.rank = torch.distributed.get_rank()
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -291,7 +332,8 @@ class SFTTrainer:
         cfg = self.cfg
         mbs = build_sft_microbatches(self.sampler.next_batch(), micro_batch_size=cfg.optim.micro_batch_size,
                                      pad_id=self.tokenizer.pad_token_id, pad_multiple=cfg.data.pad_to_multiple_of,
-                                     dp_size=self.dp_size, dp_rank=self.dp_rank)
+                                     dp_size=self.dp_size, dp_rank=self.dp_rank,
+                                     pack_to=cfg.data.max_seq_len if cfg.data.packing else None)
         zero_grads(self.ddp, self.optimizer)
         for chunk in self.ddp:
             chunk.train()
