@@ -108,6 +108,17 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
     return chunks
 
 
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # ModelConfig.params_dtype
+
+
+def build_model_from_config(model_cfg, **extra) -> list:
+    """``build_model`` for a config's ``model`` section (path, dtype, FP8, recompute, vocabulary padding), so the
+    trainers build identical models; ``extra`` are further build_model keywords (e.g. sequence_parallel)."""
+    return build_model(model_cfg.path, params_dtype=PARAMS_DTYPES[model_cfg.params_dtype], fp8=model_cfg.fp8,
+                       fp8_recipe=model_cfg.fp8_recipe, recompute_granularity=model_cfg.recompute_granularity,
+                       make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by, **extra)
+
+
 def unwrap(model):
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):

@@ -9,7 +9,7 @@ pipeline schedules expect. ``train_step`` runs one optimizer step through megatr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -28,6 +28,12 @@ class OptimizerSettings:
     total_steps: int = 1000
     lr_decay_style: str = "constant"  # constant | linear | cosine
     use_distributed_optimizer: bool = True
+
+    @classmethod
+    def from_config(cls, optim_cfg, total_steps: int) -> "OptimizerSettings":
+        """From a config's ``optim`` section (every field of the same name) and ``train.steps``."""
+        names = {f.name for f in fields(cls)} - {"total_steps"}
+        return cls(total_steps=total_steps, **{n: getattr(optim_cfg, n) for n in names})
 
 
 def setup_training(model_chunks: list, settings: OptimizerSettings):

@@ -276,7 +276,7 @@ class SFTTrainer:
 
         from megatron_opsd.data.datasets import PromptSampler
         from megatron_opsd.models.families import have_transformer_engine
-        from megatron_opsd.models.gpt import build_model
+        from megatron_opsd.models.gpt import build_model_from_config
         from megatron_opsd.models.tokenizer import load_tokenizer
         from megatron_opsd.models.weights import load_hf_checkpoint
         from megatron_opsd.parallel import init_distributed
@@ -306,17 +306,9 @@ class SFTTrainer:
         examples = load_sft_dataset(cfg.data, self.tokenizer, cfg.model.enable_thinking)
         self.sampler = PromptSampler(examples, cfg.data.global_batch_size, cfg.data.shuffle, cfg.data.seed)
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.params_dtype]
-        self.model = build_model(cfg.model.path, params_dtype=dtype, fp8=cfg.model.fp8, fp8_recipe=cfg.model.fp8_recipe,
-                                 recompute_granularity=cfg.model.recompute_granularity,
-                                 make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                 sequence_parallel=cfg.parallel.sequence_parallel)
+        self.model = build_model_from_config(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
         load_hf_checkpoint(self.model, cfg.model.path)
-        o = cfg.optim
-        settings = OptimizerSettings(
-            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps, clip_grad=o.clip_grad, warmup_steps=o.warmup_steps, total_steps=cfg.train.steps,
-            lr_decay_style=o.lr_decay_style, use_distributed_optimizer=o.use_distributed_optimizer)
+        settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
         self.ddp, self.optimizer, self.scheduler = setup_training(self.model, settings)
         self.loss_fn = make_weighted_ce_loss_fn(self.model[0].real_vocab_size)
         self.step = 0
@@ -370,11 +362,12 @@ class SFTTrainer:
 
     def export(self) -> Optional[Path]:
         """COLLECTIVE: the current weights as an HF directory (``export.hf_dir``), tokenizer files included."""
+        from megatron_opsd.models.gpt import PARAMS_DTYPES
         from megatron_opsd.models.weights import save_hf_checkpoint
 
         if not self.cfg.export.hf_dir:
             return None
-        dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.export.dtype]
+        dtype = PARAMS_DTYPES[self.cfg.export.dtype] if self.cfg.export.dtype else None
         out = Path(self.cfg.export.hf_dir)
         save_hf_checkpoint(self.model, out, source_dir=self.tokenizer_dir, dtype=dtype)
         if self.rank == 0:

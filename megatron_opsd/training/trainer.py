@@ -78,7 +78,7 @@ class OPSDTrainer:
         from megatron.core import parallel_state as ps
 
         from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
-        from megatron_opsd.models.gpt import build_model
+        from megatron_opsd.models.gpt import build_model_from_config
         from megatron_opsd.models.tokenizer import load_tokenizer
         from megatron_opsd.models.weights import load_hf_checkpoint
         from megatron_opsd.parallel import init_distributed
@@ -100,25 +100,17 @@ class OPSDTrainer:
         self.sampler = PromptSampler(examples, cfg.rollout.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
         self.reward = build_reward(cfg.reward)
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.params_dtype]
-        build = dict(params_dtype=dtype, fp8=cfg.model.fp8, fp8_recipe=cfg.model.fp8_recipe,
-                     recompute_granularity=cfg.model.recompute_granularity,
-                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
-        self.student = build_model(cfg.model.path, **build)
+        self.student = build_model_from_config(cfg.model)
         load_hf_checkpoint(self.student, cfg.model.path)
         self.real_vocab = self.student[0].real_vocab_size
         self.teacher = None
         if cfg.teacher.weights != "live":  # a second replica sharded like the student
-            self.teacher = build_model(cfg.model.path, **build)
+            self.teacher = build_model_from_config(cfg.model)
             copy_weights_(self.teacher, self.student)
             if self.rank == 0:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
                 print(f"teacher ({cfg.teacher.weights}) holds {n / 2**20:.1f} MiB of weights on rank 0")
-        settings = OptimizerSettings(
-            lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-            adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
-            clip_grad=cfg.optim.clip_grad, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
-            lr_decay_style=cfg.optim.lr_decay_style, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+        settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
         self.ddp, self.optimizer, self.scheduler = setup_training(self.student, settings)
         self.step = 0
         self.sidecar = None
