@@ -133,7 +133,7 @@ def test_gradcheck_float64(kind, beta, reduction):
 
     def fn(x):
         return vocab_parallel_divergence(x, t, kind=kind, beta=beta, loss_mask=mask, temperature=T, vocab_range=(0, 6),
-                                         chunk_tokens=2, reduction=reduction)[0]
+                                         chunk_tokens=2, reduction=reduction, reusable_backward=True)[0]
 
     assert torch.autograd.gradcheck(fn, (s,))
 
@@ -226,3 +226,32 @@ def test_teacher_gets_no_grad_and_bad_inputs_are_named():
         vocab_parallel_divergence(s, t, vocab_range=(0, 41))
     with pytest.raises(ValueError, match="sequence_ids"):
         vocab_parallel_divergence(s.reshape(-1, PADDED_V), t.reshape(-1, PADDED_V), reduction="sequence_mean")
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_in_place_backward_equals_reusable_and_refuses_a_second_pass(kind):
+    """The default backward scales the gradient computed in the forward in place (no second [tokens, vocab]
+    tensor): same values as the reusable backward, bf16 included, and a second backward is a clear error."""
+    student, teacher, mask = make_inputs()
+    weights = torch.rand(B, S, generator=torch.Generator().manual_seed(5))  # a non-uniform incoming gradient
+    for dtype, tol in ((torch.float32, 0.0), (torch.bfloat16, 1e-2)):
+        grads = []
+        for reusable in (False, True):
+            s = student.to(dtype, copy=True).requires_grad_(True)
+            loss, _ = vocab_parallel_divergence(s, teacher.to(dtype), kind=kind, loss_mask=mask, temperature=T,
+                                                vocab_range=(0, REAL_V), chunk_tokens=3, token_weights=weights,
+                                                reusable_backward=reusable)
+            loss.backward(retain_graph=True)
+            grads.append(s.grad.float().clone())
+            if reusable:
+                loss.backward()  # accumulates the same gradient again
+                torch.testing.assert_close(s.grad.float(), 2 * grads[-1], rtol=tol, atol=tol)
+            else:
+                with pytest.raises(RuntimeError, match="reusable_backward=True"):
+                    loss.backward()
+        assert grads[0].abs().max() > 0
+        torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol)
+    with torch.no_grad():  # no gradient is computed or kept when none can be asked for
+        s = student.requires_grad_(True)
+        loss, _ = vocab_parallel_divergence(s, teacher, kind=kind, loss_mask=mask)
+    assert not loss.requires_grad

@@ -8,7 +8,7 @@ the backward needs only the saved per-token log-sum-exps and one all-reduce SUM 
   jsd_beta    f = b q (log q - log m) + (1-b) p (log p - log m),  m = b q + (1-b) p,   p a = (1-b) p (log p - log m)
 with q the teacher distribution. ``token_clip`` clamps each f_v from above before the vocabulary sum; a
 clamped entry contributes zero gradient (a_v := 0), which is what autograd of ``clamp`` gives.
-Working memory is a handful of fp32 [chunk_tokens, vocab_shard] tensors; nothing is kept between chunks.
+Working memory is three fp32 [chunk_tokens, vocab_shard] buffers reused for every chunk, plus the gradient.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch.distributed as dist
 from megatron_opsd.losses.vocab_parallel import (
     VocabRange,
     all_reduce,
-    log_softmax_stats,
-    to_fp32_masked,
+    load_chunk,
+    log_softmax_into,
     valid_columns,
     working_dtype,
 )
@@ -48,76 +48,78 @@ def _terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
     return beta * _xlogy_term(q, logq - logm) + (1.0 - beta) * student_part, (1.0 - beta) * student_part, p
 
 
-def _kl_inplace(kind: str, logp: torch.Tensor, logq: torch.Tensor, token_clip, backward: bool):
-    """Reverse / forward KL on owned chunk buffers, overwriting them to keep ~3 [rows, shard] tensors live.
+def _chunk_terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor, scratch: torch.Tensor):
+    """(f, p * df/dp, p) of one chunk as ``_terms``; the KLs overwrite logp, logq and scratch (no allocation).
 
-    Forward returns the per-entry terms f; backward returns (p * df/dp, p). Same maths as ``_terms``.
-    """
-    reverse = kind == "reverse_kl"
-    p = torch.exp(logp)
-    weight = p if reverse else torch.exp(logq)  # the distribution the expectation is taken under
-    diff = logq.neg_().add_(logp) if reverse else logp.neg_().add_(logq)  # log p - log q  /  log q - log p
-    zero = weight == 0
-    if not backward:
-        f = diff.mul_(weight).masked_fill_(zero, 0.0)
-        return f.clamp_(max=token_clip) if token_clip is not None else f
-    keep = None if token_clip is None else (diff * weight).masked_fill_(zero, 0.0) <= token_clip
-    pa = diff.add_(1.0).mul_(p).masked_fill_(zero, 0.0) if reverse else weight.neg_()
-    return (pa.masked_fill_(~keep, 0.0) if keep is not None else pa), p
+    nan_to_num maps the 0 * -inf entries (zero probability) to 0 and keeps +inf (support mismatch)."""
+    if kind == "reverse_kl":
+        p = torch.exp(logp, out=scratch)
+        diff = torch.sub(logp, logq, out=logq).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
+        f = torch.mul(p, diff, out=logp)
+        return f, torch.add(f, p, out=diff), p  # p a = p (log p - log q + 1)
+    if kind == "forward_kl":
+        q = torch.exp(logq, out=scratch)
+        f = torch.sub(logq, logp, out=logq).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0).mul_(q)
+        return f, q.neg_(), logp.exp_()
+    return _terms(kind, beta, logp, logq)
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
-    """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient."""
+    """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient.
+
+    The gradient is computed in the forward while each chunk's softmaxes are at hand (as megatron's
+    vocab-parallel cross-entropy does) into one [tokens, shard] tensor in the student's dtype; the backward
+    only scales its rows in place. So nothing is recomputed, and neither the student's nor the teacher's
+    logits are kept for the backward. Three reused fp32 [chunk, shard] buffers are the working memory.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, mask, kind, beta, temperature, token_clip, chunk, cols, group,
-                teacher_is_logprobs):
+                teacher_is_logprobs, want_grad, reusable_backward):
         dtype = working_dtype(student.dtype)
         teacher_scale = 1.0 if teacher_is_logprobs else temperature
         n = student.shape[0]
         per_token = torch.zeros(n, dtype=dtype, device=student.device)
-        lse_s = torch.empty(n, dtype=dtype, device=student.device)
-        lse_t = torch.empty_like(lse_s)
+        grad = torch.empty_like(student) if want_grad else None
+        scratch, logp_buf, logq_buf = (torch.empty(min(chunk, n), student.shape[1], dtype=dtype,
+                                                   device=student.device) for _ in range(3))
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            s = to_fp32_masked(student[rows], cols, temperature, dtype)
-            t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
-            lse_s[rows], lse_t[rows] = log_softmax_stats(s, t, group=group)
-            logp, logq = s.sub_(lse_s[rows, None]), t.sub_(lse_t[rows, None])
-            if kind == "jsd":
-                f = _terms(kind, beta, logp, logq)[0]
-                f = f.clamp(max=token_clip) if token_clip is not None else f
-            else:
-                f = _kl_inplace(kind, logp, logq, token_clip, backward=False)
+            row_mask = mask[rows]
+            if not bool(row_mask.any()):  # same mask on every tensor-parallel rank: all skip together
+                if grad is not None:
+                    grad[rows].zero_()
+                continue
+            k = row_mask.shape[0]
+            logp = log_softmax_into(load_chunk(student[rows], scratch, cols, temperature), logp_buf[:k],
+                                    scratch, group)
+            logq = log_softmax_into(load_chunk(teacher[rows], scratch, cols, teacher_scale), logq_buf[:k],
+                                    scratch, group)
+            f, pa, p = _chunk_terms(kind, beta, logp, logq, scratch[:k])
+            if token_clip is not None:  # a clamped entry contributes no gradient (autograd of clamp)
+                pa.masked_fill_(f > token_clip, 0.0)
+                f.clamp_(max=token_clip)
             d = all_reduce(f.sum(dim=-1), dist.ReduceOp.SUM, group)
-            per_token[rows] = torch.where(mask[rows], d, torch.zeros_like(d))
-        ctx.save_for_backward(student, teacher, mask, lse_s, lse_t)
-        ctx.cfg = (kind, beta, temperature, teacher_scale, token_clip, chunk, cols, group)
+            per_token[rows] = torch.where(row_mask, d, torch.zeros_like(d))
+            if grad is not None:  # g = p a - p sum_v p_v a_v, unscaled by the incoming gradient
+                sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
+                g = torch.addcmul(pa, p, sum_pa.unsqueeze(-1), value=-1.0, out=grad[rows])
+                if not bool(row_mask.all()):
+                    g[~row_mask] = 0.0
+        ctx.grad, ctx.temperature, ctx.reusable = grad, temperature, reusable_backward
         return per_token
 
     @staticmethod
     def backward(ctx, grad_per_token):
-        student, teacher, mask, lse_s, lse_t = ctx.saved_tensors
-        kind, beta, temperature, teacher_scale, token_clip, chunk, cols, group = ctx.cfg
-        dtype = lse_s.dtype
-        grad = torch.empty_like(student)
-        row_scale = torch.where(mask, grad_per_token.to(dtype), torch.zeros_like(lse_s)) / temperature
-        for start in range(0, student.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            s = to_fp32_masked(student[rows], cols, temperature, dtype)
-            t = to_fp32_masked(teacher[rows], cols, teacher_scale, dtype)
-            logp, logq = s.sub_(lse_s[rows, None]), t.sub_(lse_t[rows, None])
-            if kind == "jsd":
-                f, pa, p = _terms(kind, beta, logp, logq)
-                if token_clip is not None:
-                    pa = pa.masked_fill_(f > token_clip, 0.0)
-                del f
-            else:
-                pa, p = _kl_inplace(kind, logp, logq, token_clip, backward=True)
-            sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
-            g = pa.sub_(p.mul_(sum_pa.unsqueeze(-1))).mul_(row_scale[rows, None])
-            grad[rows] = g.masked_fill_(~mask[rows, None], 0.0).to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("vocab_parallel_divergence: a second backward through one forward (retain_graph, "
+                               "gradcheck) needs reusable_backward=True; or the student logits did not require grad")
+        scale = (grad_per_token.to(torch.promote_types(grad.dtype, torch.float32)) / ctx.temperature).unsqueeze(-1)
+        if ctx.reusable:
+            return (grad * scale).to(grad.dtype), *([None] * 12)
+        ctx.grad = None  # scaled in place: no second [tokens, shard] tensor, and no second backward
+        return grad.mul_(scale), *([None] * 12)
 
 
 def reduction_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -164,6 +166,7 @@ def vocab_parallel_divergence(
     sequence_ids: Optional[torch.Tensor] = None,
     teacher_is_logprobs: bool = False,
     token_weights: Optional[torch.Tensor] = None,
+    reusable_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Divergence between student and teacher next-token distributions over the (sharded) vocabulary.
 
@@ -173,7 +176,9 @@ def vocab_parallel_divergence(
     columns outside get probability 0 whatever their value; ``teacher_is_logprobs`` = the teacher tensor holds
     normalised target log-probs (e.g. from a target builder): used as-is, no temperature; ``token_weights``
     (leading shape, float) replace the reduction's weights, for callers that normalise over a whole step of
-    micro-batches and data-parallel ranks (masked tokens still count 0).
+    micro-batches and data-parallel ranks (masked tokens still count 0); ``reusable_backward`` = the graph may
+    be backpropagated more than once (retain_graph, gradcheck) at the cost of a second [tokens, shard] tensor
+    in the backward (default: the gradient is scaled in place, as megatron's vocab-parallel cross-entropy).
     Returns (loss scalar in the working dtype (fp32; fp64 for fp64 inputs) with grad to ``student_logits``
     only, per-token divergence [...] detached, 0 on masked tokens).
     """
@@ -207,6 +212,7 @@ def vocab_parallel_divergence(
     cols = valid_columns(width, group, vocab_range, student_logits.device)
     per_token = _VocabParallelDivergence.apply(
         student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), mask.reshape(-1), kind,
-        float(beta), float(temperature), token_clip, int(chunk_tokens), cols, group, teacher_is_logprobs)
+        float(beta), float(temperature), token_clip, int(chunk_tokens), cols, group, teacher_is_logprobs,
+        torch.is_grad_enabled() and student_logits.requires_grad, reusable_backward)
     loss = (per_token * weights.to(per_token.dtype)).sum()
     return loss, per_token.detach().reshape(lead)

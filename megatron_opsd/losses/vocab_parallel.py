@@ -54,6 +54,36 @@ def to_fp32_masked(x: torch.Tensor, cols: Optional[torch.Tensor], scale: float, 
     return out
 
 
+def load_chunk(x: torch.Tensor, scratch: torch.Tensor, cols: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``x`` in working precision / ``scale`` with padded columns at -inf, written into ``scratch`` (reused
+    across chunks, so no page-faulting allocation per chunk); ``x`` itself when nothing needs changing."""
+    if x.dtype == scratch.dtype and scale == 1.0 and cols is None:
+        return x
+    out = scratch[: x.shape[0]].copy_(x)
+    if scale != 1.0:
+        out.div_(scale)
+    if cols is not None:
+        out[:, ~cols] = float("-inf")
+    return out
+
+
+def log_softmax_into(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, group) -> torch.Tensor:
+    """Global log-softmax of sharded [rows, shard] ``x`` written into ``out``.
+
+    One process: torch's fused kernel. Tensor-parallel: all-reduce MAX and SUM of the row statistics, as
+    megatron's vocab-parallel cross-entropy, working in place in ``scratch`` (``x`` may already live there).
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return torch.log_softmax(x, dim=-1, out=out)
+    if x.data_ptr() != scratch.data_ptr():
+        x = scratch[: x.shape[0]].copy_(x)
+    row_max = all_reduce(x.amax(dim=-1), dist.ReduceOp.MAX, group)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    x.sub_(row_max.unsqueeze(-1))
+    sum_exp = all_reduce(torch.exp(x, out=out).sum(dim=-1), dist.ReduceOp.SUM, group)
+    return torch.sub(x, sum_exp.log_().unsqueeze(-1), out=out)
+
+
 def log_softmax_stats(*xs: torch.Tensor, group) -> list[torch.Tensor]:
     """Global log-sum-exp per row of sharded [rows, shard] chunks: one all-reduce MAX and one SUM for all."""
     row_max = torch.stack([x.max(dim=-1).values for x in xs])
