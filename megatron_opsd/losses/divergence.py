@@ -106,7 +106,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 g = torch.addcmul(pa, p, sum_pa.unsqueeze(-1), value=-1.0, out=grad[rows])
                 if not bool(row_mask.all()):
                     g[~row_mask] = 0.0
-        ctx.grad, ctx.temperature, ctx.reusable = grad, temperature, reusable_backward
+        ctx.grad, ctx.temperature, ctx.reusable, ctx.chunk = grad, temperature, reusable_backward, chunk
         return per_token
 
     @staticmethod
@@ -119,7 +119,9 @@ class _VocabParallelDivergence(torch.autograd.Function):
         if ctx.reusable:
             return (grad * scale).to(grad.dtype), *([None] * 12)
         ctx.grad = None  # scaled in place: no second [tokens, shard] tensor, and no second backward
-        return grad.mul_(scale), *([None] * 12)
+        for start in range(0, grad.shape[0], ctx.chunk):  # by chunk: a bf16 * fp32 product has an fp32 temporary
+            grad[start:start + ctx.chunk].mul_(scale[start:start + ctx.chunk])
+        return grad, *([None] * 12)
 
 
 def reduction_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional[torch.Tensor]) -> torch.Tensor:
