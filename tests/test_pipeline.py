@@ -103,15 +103,15 @@ def test_pipeline_end_to_end_on_demo_task(demo_files, tmp_path, capsys):
     out = tmp_path / "run"
     path = _write(tmp_path, {"name": "t", "model": model, "nproc": 2, "out_dir": str(out), "stages": stages,
                              "eval": {"path": str(root / "test.jsonl"), "max_tokens": 48, "dtype": "float32",
-                                      "baseline": False}})
+                                      "baseline": True}})
     from megatron_opsd.cli import main
 
     assert main(["pipeline", "--config", path]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert [r["stage"] for r in results["rows"]] == ["sft", "rlvr", "opsd"]
-    assert results["rows"][1]["started_from"] == str(out / "sft" / "hf")
-    assert results["rows"][2]["started_from"] == str(out / "rlvr" / "hf")
+    assert [r["stage"] for r in results["rows"]] == ["start", "sft", "rlvr", "opsd"]  # start: the base model
+    assert results["rows"][2]["started_from"] == str(out / "sft" / "hf")
+    assert results["rows"][3]["started_from"] == str(out / "rlvr" / "hf")
     for row in results["rows"]:
         assert row["prompts"] == 6 and 0.0 <= row["accuracy"] <= 1.0 and 0 < row["mean_tokens"] <= 48
         assert f"| {row['stage']} | {100 * row['accuracy']:.1f}% |" in printed

@@ -77,13 +77,13 @@ def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[d
         data.prompt_template = e.prompt_template
     settings = EvalSettings(n=e.n, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, seed=e.seed,
                             enable_thinking=e.enable_thinking, limit=e.limit, data=data)
+    out.parent.mkdir(parents=True, exist_ok=True)  # also for "start", which has no stage folder
     results = evaluate_model_dir(model_dir, [e.path], settings, log_path=out.parent / "eval_sidecar.log",
                                  dtype=e.dtype, max_model_len=e.max_model_len)
     bench = next(iter(results["benchmarks"].values()))
     summary = {"stage": name, "model": str(model_dir), "accuracy": bench["accuracy"],
                "mean_tokens": bench["tokens"]["mean"], "p90_tokens": bench["tokens"]["p90"],
                "truncated_share": bench["tokens"]["truncated_share"], "prompts": len(bench["prompts"])}
-    out.parent.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out, summary)
     return summary
 

@@ -76,6 +76,7 @@ def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, 
             cmd.append(str(value))
     child_env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", **(env or {}))
     child_env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "opsd-vllm-cache"))
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
     sidecar = SidecarProcess(proc, f"http://{host}:{port}", log_path)
