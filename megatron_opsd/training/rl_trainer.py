@@ -20,6 +20,8 @@ class GRPOTrainer(OPSDTrainer):
     Log-probs are the raw model's (temperature 1), as the sidecar returns them, on both sides of the ratio.
     """
 
+    progress_name = "grpo"
+
     def __init__(self, cfg: RLTrainConfig):
         import copy
 

@@ -9,7 +9,6 @@ the step (all micro-batches and data-parallel ranks): per-token weights 1/N with
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -19,6 +18,7 @@ import torch
 from megatron_opsd.config import (CheckpointConfig, ConfigError, LoggingConfig, ModelConfig, OptimConfig,
                                   TrainConfig, config_to_dict, save_config)
 from megatron_opsd.parallel.distributed import ParallelConfig
+from megatron_opsd.training.loop import run_steps
 
 
 @dataclass
@@ -375,36 +375,13 @@ class SFTTrainer:
         return out
 
     def fit(self) -> list[dict]:
-        cfg = self.cfg
         self.maybe_resume()
-        history = []
-        bar = None
-        if self.rank == 0 and cfg.logging.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="sft", dynamic_ncols=True)
         try:
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                metrics["time/step"] = time.perf_counter() - t0
-                metrics["tokens_per_s"] = metrics["tokens"] / max(metrics["time/step"], 1e-9)
-                history.append(metrics)
-                if self.rank == 0:
-                    if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
-                        self.logger.log(self.step, metrics)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                every = cfg.checkpoint.save_every
-                if every and self.step % every == 0 and self.step < cfg.train.steps:
-                    self.save()
+            history = run_steps(self, "sft", lambda m: dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}"))
             if self.saved_step != self.step:
                 self.save()
             self.export()
         finally:
-            if bar is not None:
-                bar.close()
             if self.logger is not None:
                 self.logger.close()
         return history

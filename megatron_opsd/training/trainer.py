@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_opsd.config import OPSDConfig, config_to_dict, save_config
+from megatron_opsd.training.loop import run_steps
 
 
 @dataclass
@@ -74,6 +75,8 @@ class MetricsLogger:
 
 
 class OPSDTrainer:
+    progress_name = "opsd"  # the progress bar's label
+
     def __init__(self, cfg: OPSDConfig):
         from megatron.core import parallel_state as ps
 
@@ -306,38 +309,16 @@ class OPSDTrainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> list[dict]:
-        cfg = self.cfg
         self.maybe_resume()
         self._connect_sidecar()
         if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
             self.client.push_weights(self.student, version=self.step)
-        history = []
-        bar = None
-        if self.rank == 0 and cfg.logging.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd", dynamic_ncols=True)
         try:
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / max(time.perf_counter() - t0, 1e-9)
-                history.append(metrics)
-                if self.rank == 0:
-                    self.logger.log(self.step, metrics)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['divergence']:.4f}",
-                                        acc=f"{metrics['rollout/accuracy']:.2f}",
-                                        len=f"{metrics['rollout/mean_length']:.0f}",
-                                        tok_s=f"{metrics['tokens_per_s']:.0f}")
-                every = cfg.checkpoint.save_every
-                if every and self.step % every == 0 and self.step < cfg.train.steps:
-                    self.save()
+            history = run_steps(self, self.progress_name, lambda m: dict(
+                loss=f"{m['loss']:.4f}", kl=f"{m['divergence']:.4f}", acc=f"{m['rollout/accuracy']:.2f}",
+                len=f"{m['rollout/mean_length']:.0f}", tok_s=f"{m['tokens_per_s']:.0f}"))
             self.save()
         finally:
-            if bar is not None:
-                bar.close()
             if self.logger is not None:
                 self.logger.close()
             if self.sidecar is not None:
