@@ -1,8 +1,9 @@
 """Full-vocabulary per-token divergences between student and teacher, vocab-parallel and token-chunked.
 
 All kinds share one custom autograd function. For a per-entry term f_v(p_v) (p = student softmax) the
-gradient w.r.t. the student's scaled logits is  g_j = p_j a_j - p_j sum_v p_v a_v  with a_v = df_v/dp_v, so
-the backward needs only the saved per-token log-sum-exps and one all-reduce SUM per chunk:
+gradient w.r.t. the student's scaled logits is  g_j = p_j a_j - p_j sum_v p_v a_v  with a_v = df_v/dp_v: shard-
+local once the per-token sum is known. For the KLs that sum is closed-form (KL + 1 reverse, -1 forward), so the
+divergence's own all-reduce is the only one; jsd and token_clip all-reduce sum_v p_v a_v as well:
   reverse_kl  f = p (log p - log q)                      p a = p (log p - log q + 1)  -> g = p (log p - log q - KL)
   forward_kl  f = q (log q - log p)                      p a = -q                     -> g = p - q
   jsd_beta    f = b q (log q - log m) + (1-b) p (log p - log m),  m = b q + (1-b) p,   p a = (1-b) p (log p - log m)
@@ -102,7 +103,10 @@ class _VocabParallelDivergence(torch.autograd.Function):
             d = all_reduce(f.sum(dim=-1), dist.ReduceOp.SUM, group)
             per_token[rows] = torch.where(row_mask, d, torch.zeros_like(d))
             if grad is not None:  # g = p a - p sum_v p_v a_v, unscaled by the incoming gradient
-                sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
+                if token_clip is None and kind != "jsd":  # sum_v p_v a_v = KL + 1 (reverse) or -1 (forward):
+                    sum_pa = d + 1.0 if kind == "reverse_kl" else torch.full_like(d, -1.0)  # no 2nd all-reduce
+                else:
+                    sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
                 g = torch.addcmul(pa, p, sum_pa.unsqueeze(-1), value=-1.0, out=grad[rows])
                 if not bool(row_mask.all()):
                     g[~row_mask] = 0.0
