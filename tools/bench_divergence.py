@@ -8,8 +8,10 @@ The memory run uses ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors return to 
 torch memory); a small warm-up step runs first so lazy initialisation is not counted. Time comes from a
 separate run with glibc's default allocator: best of ``--repeats`` forward+backward passes. TP>1 reports the max over ranks.
 
-    python tools/bench_divergence.py            # V=151,936, 4,096 tokens, TP=1 and 2 (needs ~16 GiB free)
-    python tools/bench_divergence.py --quick    # 1,024 tokens
+    python tools/bench_divergence.py --tp 1                  # V=151,936, 4,096 tokens (naive needs ~12 GiB)
+    python tools/bench_divergence.py --tp 2 --tokens 2048    # naive: ~8 GiB on each rank (4,096: ~17 GiB each)
+    python tools/bench_divergence.py --quick                 # 1,024 tokens, TP=1 and 2
+The table in docs/benchmarks.md was made with ``--chunk 128``.
 """
 from __future__ import annotations
 
