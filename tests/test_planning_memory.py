@@ -73,8 +73,8 @@ def test_qwen3_8b_table_by_hand():
     assert c["recompute working set"] == no_recompute * 9216
     assert c["student logits"] == c["student logits grad"] == 9216 * 76032 * 4
     assert c["teacher logits"] == 8192 * 76032 * 4 * 11
-    assert c["divergence chunks"] == 6 * 1024 * 76032 * 4
-    assert stage.total == pytest.approx(80.48 * GIB, rel=1e-3)
+    assert c["divergence chunks"] == 4 * 1024 * 76032 * 4
+    assert stage.total == pytest.approx(79.90 * GIB, rel=1e-3)
 
 
 def test_llama_70b_pipeline_stages_by_hand():
@@ -221,7 +221,7 @@ def _check(measured: dict, plan_stage, tol: float = 0.20) -> None:
     assert measured["weights"] == pytest.approx(c["student weights"], rel=0.01)
     assert measured["grads"] == pytest.approx(c["student grads"], rel=0.01)
     assert measured["optimizer"] == pytest.approx(c["optimizer state"], rel=0.01)
-    assert measured["student_logits"] == pytest.approx(c["student logits"], rel=0.02)
+    assert measured["loss_held"] == pytest.approx(c["student logits grad"], rel=0.02)  # the divergence's gradient
     assert measured["activations"] == pytest.approx(c["activations"], rel=tol)
 
 

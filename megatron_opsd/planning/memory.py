@@ -18,8 +18,9 @@ RECOMPUTE = (None, "selective", "full")
 TEACHER_WEIGHTS = ("live", "frozen", "ema", "refresh")
 IMPLEMENTATIONS = ("te", "local")
 TEACHER_LOGITS_HELD = ("step", "microbatch")
-# fp32 [chunk, vocab/TP] tensors alive at once in the divergence's chunk loop (backward: s, t, f, p*a, p, g).
-DIVERGENCE_CHUNK_BUFFERS = 6
+# fp32 [chunk, vocab/TP] tensors alive at once in the divergence's chunk loop: three reused buffers, plus one
+# temporary when the gradient is cast into bf16 logits' dtype.
+DIVERGENCE_CHUNK_BUFFERS = 4
 
 
 @dataclass(frozen=True)
