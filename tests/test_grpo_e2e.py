@@ -3,20 +3,18 @@ import json
 from statistics import fmean
 
 import pytest
-import yaml
 
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.training.grpo import load_rl_config
 from megatron_opsd.training.rl_cli import run_rl_trainer
+from tests._run_configs import write_run_config
 
 PROBLEMS = ["Say something.", "Write a word.", "Tell me a story.", "Go on."]
 
 
 def grpo_config(tmp_path, model_dir, steps, **sections):
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for i, problem in enumerate(PROBLEMS):
-            f.write(json.dumps({"problem": problem, "answer": "", "id": f"p{i}"}) + "\n")
-    cfg = {
+    rows = [{"problem": problem, "answer": "", "id": f"p{i}"} for i, problem in enumerate(PROBLEMS)]
+    return load_rl_config(str(write_run_config(tmp_path, rows, {
         "model": {"path": model_dir},
         "parallel": {"tensor_model_parallel_size": 2},
         "data": {"train_path": str(tmp_path / "train.jsonl"), "max_prompt_tokens": 128},
@@ -27,12 +25,7 @@ def grpo_config(tmp_path, model_dir, steps, **sections):
         "train": {"steps": steps},
         "checkpoint": {"save_every": 0},
         "logging": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_rl_config(str(path))
+    }, sections)))
 
 
 @pytest.mark.slow

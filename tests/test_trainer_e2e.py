@@ -2,27 +2,21 @@
 import json
 
 import pytest
-import yaml
 
 from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.training.cli import run_trainer
+from tests._run_configs import write_run_config
 
 pytestmark = pytest.mark.vllm
 
 PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3"), ("What is 6 * 2?", "12"), ("What is 9 + 1?", "10")]
 
 
-def write_dataset(path):
-    with open(path, "w") as f:
-        for i, (problem, answer) in enumerate(PROBLEMS):
-            f.write(json.dumps({"problem": problem, "answer": answer,
-                                "solution": f"The answer is $\\boxed{{{answer}}}$.", "id": f"p{i}"}) + "\n")
-
-
 def tiny_run_config(tmp_path, model_dir, **sections):
-    write_dataset(tmp_path / "train.jsonl")
-    cfg = {
+    rows = [{"problem": problem, "answer": answer, "solution": f"The answer is $\\boxed{{{answer}}}$.", "id": f"p{i}"}
+            for i, (problem, answer) in enumerate(PROBLEMS)]
+    return write_run_config(tmp_path, rows, {
         "model": {"path": model_dir},
         "parallel": {"tensor_model_parallel_size": 2},
         "data": {"train_path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "train.jsonl"),
@@ -33,12 +27,7 @@ def tiny_run_config(tmp_path, model_dir, **sections):
         "optim": {"lr": 1e-3},
         "train": {"steps": 2, "eval_every": 2},
         "logging": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": True},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    }, sections)
 
 
 def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, tmp_path):

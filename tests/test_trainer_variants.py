@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.parallel.launch import run_distributed
+from tests._run_configs import write_run_config
 
 PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3")]
 RESPONSE_LENGTHS = [[3, 5, 4], [6, 2, 4]]
@@ -62,23 +62,17 @@ def trainer_worker(cfg, steps: int):
 
 
 def make_config(tmp_path, model_dir, **sections):
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for i, (problem, answer) in enumerate(PROBLEMS):
-            f.write(json.dumps({"problem": problem, "answer": answer, "id": f"p{i}",
-                                "solution": f"Compute it: the answer is $\\boxed{{{answer}}}$."}) + "\n")
-    cfg = {
+    rows = [{"problem": problem, "answer": answer, "id": f"p{i}",
+             "solution": f"Compute it: the answer is $\\boxed{{{answer}}}$."}
+            for i, (problem, answer) in enumerate(PROBLEMS)]
+    return load_config(str(write_run_config(tmp_path, rows, {
         "model": {"path": model_dir},
         "data": {"train_path": str(tmp_path / "train.jsonl"), "max_prompt_tokens": 256, "shuffle": False},
         "rollout": {"n": 3, "prompts_per_step": 2, "max_tokens": 8},
         "optim": {"lr": 1e-3},
         "train": {"steps": 2},
         "logging": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_config(str(path))
+    }, sections)))
 
 
 def hf_rows(model, prompt, response):
