@@ -41,30 +41,35 @@ def valid_columns(shard_width: int, group, vocab_range: VocabRange, device) -> O
     return (ids >= lo) & (ids < hi)
 
 
-def to_fp32_masked(x: torch.Tensor, cols: Optional[torch.Tensor], scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """Chunk in working precision, divided by ``scale`` (temperature), padded columns set to -inf.
+def _scale_and_mask_(out: torch.Tensor, cols: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """In place: divide by ``scale`` (temperature) and set padded columns to -inf.
 
     Padded logits from megatron are arbitrary numbers, so the mask is by column id, not by value.
     """
-    out = x.to(dtype, copy=True)  # the only [rows, shard] copy; the rest is in place
-    if scale != 1.0:
-        out.div_(scale)
-    if cols is not None:
-        out.masked_fill_(~cols, float("-inf"))
-    return out
-
-
-def load_chunk(x: torch.Tensor, scratch: torch.Tensor, cols: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """``x`` in working precision / ``scale`` with padded columns at -inf, written into ``scratch`` (reused
-    across chunks, so no page-faulting allocation per chunk); ``x`` itself when nothing needs changing."""
-    if x.dtype == scratch.dtype and scale == 1.0 and cols is None:
-        return x
-    out = scratch[: x.shape[0]].copy_(x)
     if scale != 1.0:
         out.div_(scale)
     if cols is not None:
         out[:, ~cols] = float("-inf")
     return out
+
+
+def to_fp32_masked(x: torch.Tensor, cols: Optional[torch.Tensor], scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """A new chunk in working precision, divided by ``scale``, padded columns at -inf (the caller owns it)."""
+    return _scale_and_mask_(x.to(dtype, copy=True), cols, scale)
+
+
+def load_chunk(x: torch.Tensor, scratch: torch.Tensor, cols: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``to_fp32_masked`` written into ``scratch`` (reused across chunks, so no page-faulting allocation per
+    chunk); ``x`` itself when nothing needs changing."""
+    if x.dtype == scratch.dtype and scale == 1.0 and cols is None:
+        return x
+    return _scale_and_mask_(scratch[: x.shape[0]].copy_(x), cols, scale)
+
+
+def _global_row_max(local_max: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce MAX of per-row maxima; rows that are -inf everywhere get 0 so that x - max stays -inf."""
+    all_reduce(local_max, dist.ReduceOp.MAX, group)
+    return torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
 
 
 def log_softmax_into(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, group) -> torch.Tensor:
@@ -77,18 +82,14 @@ def log_softmax_into(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, 
         return torch.log_softmax(x, dim=-1, out=out)
     if x.data_ptr() != scratch.data_ptr():
         x = scratch[: x.shape[0]].copy_(x)
-    row_max = all_reduce(x.amax(dim=-1), dist.ReduceOp.MAX, group)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    x.sub_(row_max.unsqueeze(-1))
+    x.sub_(_global_row_max(x.amax(dim=-1), group).unsqueeze(-1))
     sum_exp = all_reduce(torch.exp(x, out=out).sum(dim=-1), dist.ReduceOp.SUM, group)
     return torch.sub(x, sum_exp.log_().unsqueeze(-1), out=out)
 
 
 def log_softmax_stats(*xs: torch.Tensor, group) -> list[torch.Tensor]:
     """Global log-sum-exp per row of sharded [rows, shard] chunks: one all-reduce MAX and one SUM for all."""
-    row_max = torch.stack([x.max(dim=-1).values for x in xs])
-    all_reduce(row_max, dist.ReduceOp.MAX, group)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    row_max = _global_row_max(torch.stack([x.max(dim=-1).values for x in xs]), group)
     sum_exp = torch.stack([torch.exp(x - m.unsqueeze(-1)).sum(dim=-1) for x, m in zip(xs, row_max)])
     all_reduce(sum_exp, dist.ReduceOp.SUM, group)
     return list(row_max + torch.log(sum_exp))
