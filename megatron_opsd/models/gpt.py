@@ -111,12 +111,14 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # ModelConfig.params_dtype
 
 
-def build_model_from_config(model_cfg, **extra) -> list:
-    """``build_model`` for a config's ``model`` section (path, dtype, FP8, recompute, vocabulary padding), so the
-    trainers build identical models; ``extra`` are further build_model keywords (e.g. sequence_parallel)."""
-    return build_model(model_cfg.path, params_dtype=PARAMS_DTYPES[model_cfg.params_dtype], fp8=model_cfg.fp8,
-                       fp8_recipe=model_cfg.fp8_recipe, recompute_granularity=model_cfg.recompute_granularity,
-                       make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by, **extra)
+def build_model_from_config(cfg) -> list:
+    """``build_model`` for a trainer config: its ``model`` section (path, dtype, FP8, recompute, vocabulary
+    padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way."""
+    m = cfg.model
+    return build_model(m.path, params_dtype=PARAMS_DTYPES[m.params_dtype], fp8=m.fp8, fp8_recipe=m.fp8_recipe,
+                       recompute_granularity=m.recompute_granularity,
+                       make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+                       sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 def unwrap(model):

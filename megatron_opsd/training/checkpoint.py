@@ -204,7 +204,8 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old content or ``text``, never a partial write (temp file + os.replace)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -260,7 +261,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer=N
         if final.exists():  # re-saving a step (e.g. after a resume): keep the old one until the new one is in
             os.replace(final, replaced)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST_FILE, final.name)
+        write_text_atomic(root / LATEST_FILE, final.name)
         shutil.rmtree(replaced, ignore_errors=True)
         if keep_last is not None:
             for old in _step_dirs(root)[:-keep_last]:

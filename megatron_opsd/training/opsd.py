@@ -21,7 +21,7 @@ What the student is pulled towards (``LossSettings.target``) and how (``LossSett
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -129,19 +129,17 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
-        """From an ``OPSDConfig`` (``loss`` section, plus the PMI settings of ``teacher``)."""
-        loss = cfg.loss
-        return cls(kind=loss.kind, beta=loss.beta, temperature=loss.temperature, token_clip=loss.token_clip,
-                   chunk_tokens=loss.chunk_tokens, target=loss.target, top_k=loss.top_k, topk_tail=loss.topk_tail,
-                   topk_divergence=loss.topk_divergence, pmi_beta=cfg.teacher.pmi_beta,
-                   pmi_clip=cfg.teacher.pmi_clip, demopsd_alpha_max=loss.demopsd_alpha_max,
-                   demopsd_beta=loss.demopsd_beta)
+        """From an ``OPSDConfig``: every field of the same name in ``loss``, the PMI ones from ``teacher``."""
+        from_teacher = {"pmi_beta", "pmi_clip"}
+        return cls(**{f.name: getattr(cfg.teacher if f.name in from_teacher else cfg.loss, f.name)
+                      for f in fields(cls)})
 
 
 SAMPLED = ("k1", "k3", "pg")
 
 
-def _tp_group():
+def tp_group():
+    """The tensor-parallel group the vocabulary is sharded over, or None at TP=1 (the losses' one-process path)."""
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
@@ -165,7 +163,7 @@ def teacher_signals(teacher_rows: dict, microbatches: list[dict], *, loss: LossS
     rows = list(teacher_rows.values())
     if rows[0] is None:
         return None
-    group, vocab_range = _tp_group(), (0, real_vocab_size)
+    group, vocab_range = tp_group(), (0, real_vocab_size)
     signals = []
     for i, mb in enumerate(microbatches):
         teacher, mask = rows[0][i], mb["weights"] > 0
@@ -203,7 +201,7 @@ def _token_logprobs(signal: dict, ids: torch.Tensor, loss: LossSettings, group, 
 
 def student_loss(student: torch.Tensor, signal: dict, mb: dict, *, loss: LossSettings, real_vocab_size: int):
     """(weighted loss with grad to ``student`` [n, V/TP], per-token divergence [n] detached) for one micro-batch."""
-    group, vocab_range = _tp_group(), (0, real_vocab_size)
+    group, vocab_range = tp_group(), (0, real_vocab_size)
     mask, weights = mb["weights"] > 0, mb["weights"]
     if loss.target == "demopsd":  # the barycenter of the teacher and this forward's (detached) student
         signal = {**signal, "is_logprobs": True, "target": demopsd_target_logprobs(
@@ -236,7 +234,7 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
     """
     from megatron_opsd.training.schedule import forward_backward
 
-    group, vocab_range = _tp_group(), (0, real_vocab_size)
+    group, vocab_range = tp_group(), (0, real_vocab_size)
     signals = [s if isinstance(s, dict) else {"target": s, "is_logprobs": False} for s in signals or []]
     signal_by_batch = {id(mb): s for mb, s in zip(microbatches, signals)}
 
@@ -245,11 +243,12 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
         mask = mb["weights"] > 0
         weighted, per_token = student_loss(student, signal, mb, loss=loss, real_vocab_size=real_vocab_size)
         with torch.no_grad():
-            entropy_s = vocab_parallel_entropy(student.detach(), group=group, vocab_range=vocab_range)
+            entropy_s = vocab_parallel_entropy(student.detach(), group=group, vocab_range=vocab_range,
+                                               chunk_tokens=loss.chunk_tokens)
             teacher_entropy = signal.get("teacher_entropy_sum")
             if teacher_entropy is None:
-                teacher_entropy = (vocab_parallel_entropy(signal["target"], group=group, vocab_range=vocab_range)
-                                   * mask).sum()
+                teacher_entropy = (vocab_parallel_entropy(signal["target"], group=group, vocab_range=vocab_range,
+                                                          chunk_tokens=loss.chunk_tokens) * mask).sum()
         return weighted, {"divergence_sum": (per_token * mask).sum(), "student_entropy_sum": (entropy_s * mask).sum(),
                           "teacher_entropy_sum": teacher_entropy, "tokens": mask.sum().float()}
 

@@ -10,7 +10,9 @@ import torch
 
 from megatron_opsd.training.grpo import (RLTrainConfig, clipped_policy_loss, group_advantages, informative_groups,
                                          k3_kl, overlong_penalty, rollout_weights, validate_rl_config)
+from megatron_opsd.training.opsd import response_token_ids, tp_group
 from megatron_opsd.training.trainer import OPSDTrainer
+
 
 class GRPOTrainer(OPSDTrainer):
     """The OPSD trainer's machinery (sidecar, rollouts broadcast from rank 0, weight push, logging,
@@ -30,11 +32,6 @@ class GRPOTrainer(OPSDTrainer):
         cfg.teacher.context = "base"  # the unused teacher prompt is the student's (no reference field needed)
         super().__init__(validate_rl_config(cfg))
 
-    def _tp_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-
     def _token_logprobs(self, chunks: list, mbs: list) -> Optional[list]:
         """Forward-only log-probs of each micro-batch's response tokens (last PP stage; None elsewhere)."""
         from megatron_opsd.losses import vocab_parallel_token_logprobs
@@ -43,7 +40,7 @@ class GRPOTrainer(OPSDTrainer):
         rows = collect_teacher_rows(chunks, mbs)
         if rows is None:
             return None
-        return [vocab_parallel_token_logprobs(r, mb["targets"], group=self._tp_group(),
+        return [vocab_parallel_token_logprobs(r, mb["targets"], group=tp_group(),
                                               vocab_range=(0, self.real_vocab)) for r, mb in zip(rows, mbs)]
 
     def _microbatches(self, rollouts, keep: list, advantages: list) -> list:
@@ -66,14 +63,14 @@ class GRPOTrainer(OPSDTrainer):
         for key in ("advantages", "old_logprobs"):  # same layout as the weights: one value per response row
             for mb, other in zip(mbs, build_microbatches(prompts, responses, per_token[key], **kw)):
                 mb[key] = other["weights"]
-        for mb in mbs:  # the token each response row predicts
-            mb["targets"] = torch.roll(mb["tokens"], -1, dims=1)[mb["row_mask"]]
+        for mb in mbs:
+            mb["targets"] = response_token_ids(mb)
         return mbs
 
     def _loss_fn(self, ref_rows: Optional[dict]):
         from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_entropy, vocab_parallel_token_logprobs
 
-        rl, group, vocab_range = self.cfg.rl, self._tp_group(), (0, self.real_vocab)
+        rl, group, vocab_range = self.cfg.rl, tp_group(), (0, self.real_vocab)
 
         def loss_fn(logits: torch.Tensor, mb: dict):
             rows, mask, weights = logits[mb["row_mask"]], mb["weights"] > 0, mb["weights"]
@@ -92,7 +89,8 @@ class GRPOTrainer(OPSDTrainer):
                 kl = k3_kl(logp, ref) if rl.kl_estimator == "k3" else logp.float() - ref.float()
                 loss = loss + rl.kl_coef * (kl * weights).sum()
             with torch.no_grad():
-                entropy = vocab_parallel_entropy(rows.detach(), group=group, vocab_range=vocab_range)
+                entropy = vocab_parallel_entropy(rows.detach(), group=group, vocab_range=vocab_range,
+                                                 chunk_tokens=self.cfg.loss.chunk_tokens)
                 ratio = torch.exp(logp.detach().float() - mb["old_logprobs"].float())
                 m = mask.float()
                 return loss, {"tokens": m.sum(), "clipped": (clipped.float() * m).sum(),

@@ -306,7 +306,7 @@ class SFTTrainer:
         examples = load_sft_dataset(cfg.data, self.tokenizer, cfg.model.enable_thinking)
         self.sampler = PromptSampler(examples, cfg.data.global_batch_size, cfg.data.shuffle, cfg.data.seed)
 
-        self.model = build_model_from_config(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
+        self.model = build_model_from_config(cfg)
         load_hf_checkpoint(self.model, cfg.model.path)
         settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
         self.ddp, self.optimizer, self.scheduler = setup_training(self.model, settings)

@@ -103,12 +103,12 @@ class OPSDTrainer:
         self.sampler = PromptSampler(examples, cfg.rollout.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
         self.reward = build_reward(cfg.reward)
 
-        self.student = build_model_from_config(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
+        self.student = build_model_from_config(cfg)
         load_hf_checkpoint(self.student, cfg.model.path)
         self.real_vocab = self.student[0].real_vocab_size
         self.teacher = None
         if cfg.teacher.weights != "live":  # a second replica sharded like the student
-            self.teacher = build_model_from_config(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
+            self.teacher = build_model_from_config(cfg)
             copy_weights_(self.teacher, self.student)
             if self.rank == 0:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
