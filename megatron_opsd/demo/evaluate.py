@@ -18,13 +18,6 @@ from megatron_opsd.demo.task import CONCISE_INSTRUCTION
 CONCISE_PROMPT_TEMPLATE = CONCISE_INSTRUCTION + "\n\n" + DEFAULT_PROMPT_TEMPLATE
 
 
-def summary(bench: dict) -> dict:
-    """The numbers the demo reports for one evaluation."""
-    return {"accuracy": bench["accuracy"], "mean_tokens": bench["tokens"]["mean"],
-            "median_tokens": bench["tokens"]["median"], "p90_tokens": bench["tokens"]["p90"],
-            "truncated_share": bench["tokens"]["truncated_share"], "prompts": bench["num_prompts"]}
-
-
 class DemoEvaluator:
     """``with DemoEvaluator(first_model_dir, ...) as ev: ev.evaluate(model_dir)`` -> summary dict."""
 
@@ -85,11 +78,11 @@ class DemoEvaluator:
 
     def evaluate_settings(self, model_dir: Path, path: Path, settings, save_to: Optional[Path] = None) -> dict:
         """``model_dir`` on the JSONL ``path`` with the evaluation runner's ``EvalSettings``; summary dict."""
-        from megatron_opsd.evaluation.report import save_results
+        from megatron_opsd.evaluation.report import benchmark_summary, save_results
         from megatron_opsd.evaluation.runner import evaluate
 
         self._load(Path(model_dir))
         results = evaluate(self.client, self.tokenizer, [str(path)], settings, model=str(model_dir))
         if save_to is not None:
             save_results(results, save_to)
-        return summary(next(iter(results["benchmarks"].values())))
+        return benchmark_summary(next(iter(results["benchmarks"].values())))

@@ -14,6 +14,14 @@ from typing import Optional, Union
 from megatron_opsd.evaluation import metrics
 
 
+def benchmark_summary(bench: dict) -> dict:
+    """The headline numbers of one benchmark's results (``results["benchmarks"][name]``), as the demo and the
+    pipeline tables report them."""
+    tokens = bench["tokens"]
+    return {"accuracy": bench["accuracy"], "mean_tokens": tokens["mean"], "median_tokens": tokens["median"],
+            "p90_tokens": tokens["p90"], "truncated_share": tokens["truncated_share"], "prompts": bench["num_prompts"]}
+
+
 def save_results(results: dict, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,9 @@ class PipelineError(RuntimeError):
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    from megatron_opsd.training.checkpoint import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def stage_commands(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> list[list[str]]:
@@ -64,6 +64,7 @@ def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[d
     """Greedy (by default) accuracy and response length of ``model_dir`` on ``eval.path``, cached in
     ``<out_dir>/<name>/eval.json``."""
     from megatron_opsd.config import DataConfig
+    from megatron_opsd.evaluation.report import benchmark_summary
     from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir
 
     e = cfg.eval
@@ -80,10 +81,8 @@ def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[d
     out.parent.mkdir(parents=True, exist_ok=True)  # also for "start", which has no stage folder
     results = evaluate_model_dir(model_dir, [e.path], settings, log_path=out.parent / "eval_sidecar.log",
                                  dtype=e.dtype, max_model_len=e.max_model_len)
-    bench = next(iter(results["benchmarks"].values()))
-    summary = {"stage": name, "model": str(model_dir), "accuracy": bench["accuracy"],
-               "mean_tokens": bench["tokens"]["mean"], "p90_tokens": bench["tokens"]["p90"],
-               "truncated_share": bench["tokens"]["truncated_share"], "prompts": len(bench["prompts"])}
+    summary = {"stage": name, "model": str(model_dir),
+               **benchmark_summary(next(iter(results["benchmarks"].values())))}
     _write_json_atomic(out, summary)
     return summary
 
