@@ -7,8 +7,10 @@ logits, ``[batch, seq, padded_vocab / TP]`` (GPTModel returns batch-first). Ever
 padded to the same ``seq_length``: the schedules run with ``variable_seq_lengths=False`` (gloo pairs
 point-to-point messages in posting order; variable shapes add a shape exchange that we do not rely on).
 
-``copy_weights_`` / ``ema_update_`` act on two replicas sharded the same way (frozen / refreshed / EMA
-teacher), shard-locally, with no communication.
+``copy_weights_`` / ``ema_update_`` / ``FP32EMA`` act on two replicas sharded the same way (frozen / refreshed /
+EMA teacher), shard-locally, with no communication. An EMA teacher in bf16 must use ``FP32EMA``: with decay 0.999
+the per-step increment ``(1 - decay) * (student - ema)`` is far below half a bf16 ulp of most weights, so
+``ema_update_`` in bf16 rounds almost every update away (measured: 99.9% of entries never move over 300 steps).
 """
 from __future__ import annotations
 
@@ -193,8 +195,92 @@ def copy_weights_(dst_chunks: list, src_chunks: list) -> None:
 
 @torch.no_grad()
 def ema_update_(ema_chunks: list, src_chunks: list, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * src`` for every local parameter shard, in the EMA's dtype."""
+    """``ema <- decay * ema + (1 - decay) * src`` for every local parameter shard, in the EMA's dtype: exact for
+    fp32 replicas only; a bf16 EMA needs ``FP32EMA``."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
     for e, s in _parameter_pairs(ema_chunks, src_chunks):
         e.mul_(decay).add_(s.to(e.dtype), alpha=1.0 - decay)
+
+
+class FP32EMA:
+    """An EMA teacher whose average lives in fp32: ``shadow <- decay * shadow + (1 - decay) * src`` in fp32 for
+    every local shard, then ``ema <- shadow`` rounded to the replica's dtype (what the teacher forward uses).
+
+    fp32 parameters are their own shadow (no copy). The source is the student's model parameters (the weights
+    the rollouts come from), not the optimizer's fp32 main parameters: those are sharded over DP by the
+    distributed optimizer, and the student's bf16 weights are the model whose average the teacher is. Memory:
+    4 bytes per local parameter of a bf16 replica (the replica itself holds 2). ``checkpoint_chunks()`` hands the
+    shadows to ``save_checkpoint``/``load_checkpoint`` as an extra model, so a resume keeps the fp32 average.
+    """
+
+    def __init__(self, ema_chunks: list):
+        self.chunks = ema_chunks
+        self.shadows = {}  # id(replica parameter) -> its fp32 shadow (the parameter itself when fp32)
+        with torch.no_grad():
+            for chunk in ema_chunks:
+                for p in _unwrap(chunk).parameters():
+                    self.shadows[id(p)] = p if p.dtype == torch.float32 else p.detach().float().clone()
+
+    @property
+    def has_copies(self) -> bool:
+        """False when every replica parameter is fp32 (nothing extra to keep or checkpoint)."""
+        return any(self.shadows[id(p)] is not p for chunk in self.chunks for p in _unwrap(chunk).parameters())
+
+    def shadow_tensors(self) -> list:
+        """The fp32 shadows in the replica's parameter order."""
+        return [self.shadows[id(p)] for chunk in self.chunks for p in _unwrap(chunk).parameters()]
+
+    @torch.no_grad()
+    def update_(self, src_chunks: list, decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        for e, s in _parameter_pairs(self.chunks, src_chunks):
+            shadow = self.shadows[id(e)]
+            shadow.mul_(decay).add_(s.to(shadow.dtype), alpha=1.0 - decay)
+            if shadow is not e:
+                e.copy_(shadow)
+
+    def checkpoint_chunks(self) -> list:
+        """One stand-in per chunk for ``extra_models`` of the checkpoint functions (their sharded state dicts
+        are the replica's, with each parameter's tensor replaced by its fp32 shadow)."""
+        return [_ShadowChunk(chunk, self.shadows) for chunk in self.chunks]
+
+
+class _ShadowChunk:
+    """A model chunk as the checkpoint functions see it (``sharded_state_dict``/``load_state_dict``), whose
+    tensors are the fp32 EMA shadows of the replica chunk's parameters (same keys, shapes and sharding)."""
+
+    def __init__(self, chunk, shadows: dict):
+        self.chunk, self.shadows = _unwrap(chunk), shadows
+        self.by_pointer = {p.data_ptr(): shadows[id(p)] for p in self.chunk.parameters()}
+
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        from dataclasses import replace
+
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        out = {}
+        for key, item in self.chunk.sharded_state_dict(prefix=prefix).items():
+            data = getattr(item, "data", None)
+            shadow = self.by_pointer.get(data.data_ptr()) if isinstance(data, torch.Tensor) else None
+            if shadow is None or shadow.shape != data.shape:
+                continue  # not a parameter (e.g. TE extra state): the replica's own entry keeps it
+            if isinstance(item, ShardedTensor):
+                out[key] = replace(item, data=shadow, dtype=shadow.dtype)
+            elif isinstance(item, ShardedTensorFactory):
+                out[key] = replace(item, data=shadow)
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        named = dict(self.chunk.named_parameters())
+        missing = [name for name in named if name not in state]
+        if strict and missing:
+            raise KeyError(f"the checkpoint has no fp32 EMA shadow for {missing[:4]}...: was it saved by an older "
+                           "version? resume from a step-N saved with teacher.weights=ema")
+        for name, p in named.items():
+            if name in state:
+                self.shadows[id(p)].copy_(state[name])
+                if self.shadows[id(p)] is not p:
+                    p.copy_(self.shadows[id(p)])

@@ -87,7 +87,7 @@ class OPSDTrainer:
         from megatron_opsd.parallel import init_distributed
         from megatron_opsd.rewards import build_reward
         from megatron_opsd.training.engine import OptimizerSettings, setup_training
-        from megatron_opsd.training.schedule import copy_weights_
+        from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
         self.cfg = cfg
         init_distributed(cfg.parallel)
@@ -113,6 +113,7 @@ class OPSDTrainer:
             if self.rank == 0:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
                 print(f"teacher ({cfg.teacher.weights}) holds {n / 2**20:.1f} MiB of weights on rank 0")
+        self.ema = FP32EMA(self.teacher) if cfg.teacher.weights == "ema" else None  # the average in fp32
         settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
         self.ddp, self.optimizer, self.scheduler = setup_training(self.student, settings)
         self.step = 0
@@ -201,7 +202,7 @@ class OPSDTrainer:
         from megatron_opsd.training.engine import optimizer_step, zero_grads
         from megatron_opsd.training.opsd import (LossSettings, build_microbatches, collect_teacher_rows,
                                                  student_forward_backward, teacher_signals, token_weights)
-        from megatron_opsd.training.schedule import copy_weights_, ema_update_
+        from megatron_opsd.training.schedule import copy_weights_
 
         cfg = self.cfg
         times = {}
@@ -248,8 +249,8 @@ class OPSDTrainer:
             metrics["loss"] = out.loss
             metrics["grad_norm"] = float(step_info["grad_norm"] or 0.0)
         if self.teacher is not None:
-            if cfg.teacher.weights == "ema":
-                ema_update_(self.teacher, self.student, cfg.teacher.ema_decay)
+            if self.ema is not None:
+                self.ema.update_(self.student, cfg.teacher.ema_decay)
             elif cfg.teacher.weights == "refresh" and (self.step + 1) % cfg.teacher.refresh_every == 0:
                 copy_weights_(self.teacher, self.student)
         return self._finish_step(metrics, stats, times)
@@ -285,7 +286,11 @@ class OPSDTrainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _extra_models(self) -> Optional[dict]:
-        return {"teacher": self.teacher} if self.teacher is not None else None
+        if self.teacher is None:
+            return None
+        if self.ema is not None and self.ema.has_copies:  # a bf16 EMA teacher's fp32 average
+            return {"teacher": self.teacher, "teacher_ema_fp32": self.ema.checkpoint_chunks()}
+        return {"teacher": self.teacher}
 
     def save(self) -> None:
         from megatron_opsd.training.checkpoint import save_checkpoint
