@@ -115,6 +115,7 @@ class LossConfig:
     target: Literal["teacher", "pmi", "demopsd"] = "teacher"  # what the student is pulled towards
     demopsd_alpha_max: float = 0.15
     demopsd_beta: float = 1.0  # DemoPSD: alpha_t = (sigmoid(beta * JSD_t) - 0.5) * 2 * alpha_max
+    allow_k1_loss: bool = False  # kind=k1 has zero expected gradient on-policy: refused unless opted in
 
 
 @dataclass
@@ -171,6 +172,12 @@ class OPSDConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# k1 = log p_S(y) - log p_T(y) at y ~ p_S: its value estimates KL(p_S || p_T), but its gradient is grad log p_S(y),
+# whose expectation under on-policy sampling is 0 (sum_y grad p_S(y) = grad 1): as a loss it trains on noise.
+K1_REFUSAL = ("{key} trains on noise: the k1 estimator's expected gradient is 0 under on-policy sampling (it is "
+              "for logging the KL); use {fix}, or set {opt_in} to train with it anyway")
 
 
 class ConfigError(ValueError):
@@ -378,6 +385,8 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(loss.token_clip is None or loss.kind not in ("k1", "k3", "pg"),
          f"loss.token_clip clamps per-vocabulary-entry terms, which loss.kind={loss.kind} (a sampled-token "
          "estimator) does not have; unset loss.token_clip or use loss.kind=reverse_kl|forward_kl|jsd|topk")
+    need(loss.kind != "k1" or loss.allow_k1_loss, K1_REFUSAL.format(key="loss.kind=k1", fix="loss.kind=pg "
+         "(reverse-KL gradient) or loss.kind=k3 (forward-KL gradient)", opt_in="loss.allow_k1_loss=true"))
     need(t.context != "rollout" or r.n >= 2,
          "teacher.context=rollout (DemoPSD) shows the teacher another correct rollout of the same group: set "
          f"rollout.n >= 2 (got {r.n})")

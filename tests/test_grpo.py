@@ -30,6 +30,20 @@ def test_dynamic_sampling_drops_uniform_groups():
     assert informative_groups([[0.0, 0.0], [0.0, 1.0]]) == [False, True]
 
 
+def test_dynamic_sampling_filters_on_accuracy_not_shaped_reward():
+    from megatron_opsd.training.grpo import RLConfig, step_rewards
+
+    rl = RLConfig(dynamic_sampling=True, overlong_buffer=5, overlong_penalty=1.0)
+    # group 0: all correct, one overlong (shaped rewards 1 and 0.4 differ); group 1: mixed; group 2: all wrong,
+    # graded 0 and 0.5 (accuracy counts reward > 0.5 as correct)
+    rewards, lengths = [[1.0, 1.0], [1.0, 0.0], [0.0, 0.5]], [[10, 18], [10, 10], [10, 10]]
+    correct = [[r > 0.5 for r in g] for g in rewards]
+    out = step_rewards(rewards, correct, lengths, rl, max_tokens=20)
+    assert out.shaped[0] == pytest.approx([1.0, 0.4])
+    assert out.used == [False, True, False]  # DAPO: 0 < accuracy < 1
+    assert step_rewards(rewards, correct, lengths, RLConfig(), max_tokens=20).used == [True, True, True]
+
+
 def test_overlong_penalty_by_hand():
     # max_tokens 20, L_cache 5: free up to 15 tokens, then linear to -1 at 20.
     got = [overlong_penalty(n, 20, 5, 1.0) for n in (10, 15, 16, 18, 20, 25)]
@@ -110,6 +124,10 @@ def test_rl_config_loads_and_validates(tmp_path):
     assert cfg.rollout.n >= 2
     with pytest.raises(ConfigError, match="rl.kl_estimator"):
         load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_estimator=k9"])
+    with pytest.raises(ConfigError, match=r"rl.kl_estimator=k1 trains on noise.*rl.allow_k1_kl=true"):
+        load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_coef=0.1", "rl.kl_estimator=k1"])
+    assert load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_coef=0.1", "rl.kl_estimator=k1",
+                                                      "rl.allow_k1_kl=true"]).rl.allow_k1_kl
     with pytest.raises(ConfigError, match="rl.overlong_buffer"):
         load_rl_config("examples/grpo_tiny.yaml", ["rl.overlong_buffer=100000"])
     with pytest.raises(ConfigError, match="rollout.n=1"):

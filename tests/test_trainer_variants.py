@@ -178,6 +178,7 @@ def test_loss_settings_from_config():
     (["teacher.purified=true", "loss.target=pmi", "teacher.pmi_clip=0"], "teacher.pmi_beta and teacher.pmi_clip"),
     (["loss.demopsd_alpha_max=2"], "loss.demopsd_alpha_max must be in [0, 1]"),
     (["loss.kind=topk"], "loss.top_k must be a positive integer"),
+    (["loss.kind=k1"], "loss.kind=k1 trains on noise: the k1 estimator's expected gradient is 0"),
     (["rollout.horizon=4", "rollout.horizon_growth=linear", "rollout.horizon_start=1", "rollout.horizon_end=2",
       "rollout.horizon_steps=3"], "not both"),
 ])
@@ -185,3 +186,7 @@ def test_rejected_combinations_name_key_and_fix(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+def test_k1_loss_needs_the_opt_in():
+    assert load_config(None, ["loss.kind=k1", "loss.allow_k1_loss=true"]).loss.kind == "k1"

@@ -1,10 +1,14 @@
-"""Sampled-token estimators of KL(p_S || p_T) for rollouts y ~ p_S, using only log p(y) of the sampled tokens.
+"""Sampled-token losses for rollouts y ~ p_S, using only log p(y) of the sampled tokens.
 
-With r = log p_T(y) - log p_S(y) (Schulman's estimators; p_S's log-prob carries the gradient):
-  k1  = -r                               unbiased value, gradient E[grad log p_S] = 0 (logging / baseline)
-  k3  = exp(r) - 1 - r                   unbiased, non-negative value
-  pg  = -sg(r) * log p_S(y)              policy-gradient form, advantage sg(log p_T - log p_S): its expected
-                                         gradient equals the full-vocabulary reverse-KL gradient
+With r = log p_T(y) - log p_S(y) (Schulman's estimators; p_S's log-prob carries the gradient). All three
+*values* estimate KL(p_S || p_T) without bias; their *expected gradients* differ (on-policy, y ~ p_S):
+  k1  = -r                      E[grad] = E[grad log p_S(y)] = 0: trains on noise. For logging; as a training
+                                loss it is refused unless ``loss.allow_k1_loss`` (config validation)
+  k3  = exp(r) - 1 - r          E[grad] = E[-(p_T/p_S)(y) grad log p_S(y)] + 0 = -sum_y p_T grad log p_S
+                                = grad KL(p_T || p_S): the *forward* KL's gradient (mode-covering)
+  pg  = -sg(r) * log p_S(y)     E[grad] = grad KL(p_S || p_T): the reverse KL's gradient (OPSD's
+                                policy-gradient variant, advantage sg(log p_T - log p_S))
+tests/test_losses_sampled.py enumerates a small vocabulary and checks the three expectations exactly.
 ``vocab_parallel_token_logprobs`` gives log p(y) from vocab-sharded logits without gathering the vocabulary.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from megatron_opsd.config import ConfigError, OPSDConfig, load_config
+from megatron_opsd.config import K1_REFUSAL, ConfigError, OPSDConfig, load_config
 from megatron_opsd.losses.vocab_parallel import working_dtype
 
 
@@ -28,6 +28,7 @@ class RLConfig:
     clip_eps_high: float = 0.28  # DAPO clip-higher (0.2 = symmetric PPO)
     kl_coef: float = 0.0  # > 0: KL to a frozen reference model (the initial weights)
     kl_estimator: Literal["full", "k3", "k1"] = "full"  # full: exact reverse KL over the vocabulary
+    allow_k1_kl: bool = False  # kl_estimator=k1 has zero expected gradient on-policy: refused unless opted in
     std_normalize: bool = True  # False: A = r - mean (Dr. GRPO), no division by the group std
     adv_eps: float = 1e-6
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (all correct / all wrong)
@@ -49,6 +50,9 @@ def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
                                                           f"{rl.clip_eps_low}/{rl.clip_eps_high}"),
         (rl.clip_eps_low < 1, f"rl.clip_eps_low must be < 1 (ratio floor 1 - eps > 0), got {rl.clip_eps_low}"),
         (rl.kl_coef >= 0, f"rl.kl_coef must be >= 0, got {rl.kl_coef}"),
+        (rl.kl_coef == 0 or rl.kl_estimator != "k1" or rl.allow_k1_kl,
+         K1_REFUSAL.format(key="rl.kl_estimator=k1", fix="rl.kl_estimator=full (exact reverse KL) or k3",
+                           opt_in="rl.allow_k1_kl=true")),
         (rl.adv_eps > 0, f"rl.adv_eps must be > 0, got {rl.adv_eps}"),
         (0 <= rl.overlong_buffer < cfg.rollout.max_tokens,
          f"rl.overlong_buffer must be in [0, rollout.max_tokens={cfg.rollout.max_tokens}), got {rl.overlong_buffer}"),
@@ -99,9 +103,28 @@ def group_advantages(rewards: Sequence[Sequence[float]], *, std_normalize: bool 
     return out
 
 
-def informative_groups(rewards: Sequence[Sequence[float]]) -> list[bool]:
-    """DAPO dynamic sampling: a group is kept only if its rewards differ (else every advantage is 0)."""
-    return [len(set(group)) > 1 for group in rewards]
+def informative_groups(accuracy: Sequence[Sequence[float]]) -> list[bool]:
+    """DAPO dynamic sampling: a group is kept only if its verified accuracies differ (0 < acc < 1)."""
+    return [len(set(group)) > 1 for group in accuracy]
+
+
+@dataclass
+class GroupRewards:
+    shaped: list  # per group, per rollout: the verifier's reward plus the overlong penalty
+    advantages: list  # per group, per rollout
+    used: list  # per group: trained on (False: dropped by dynamic sampling)
+
+
+def step_rewards(rewards: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]], lengths: Sequence[Sequence[int]],
+                 rl: "RLConfig", max_tokens: int) -> GroupRewards:
+    """Shaping, advantages and dynamic sampling for one step. Dynamic sampling filters on verified accuracy, as
+    DAPO does: a group whose rollouts are all correct or all wrong is dropped even when the overlong penalty (or a
+    graded reward) makes its shaped rewards differ."""
+    shaped = [[r + overlong_penalty(n, max_tokens, rl.overlong_buffer, rl.overlong_penalty) for r, n in zip(rs, ns)]
+              for rs, ns in zip(rewards, lengths)]
+    advantages = group_advantages(shaped, std_normalize=rl.std_normalize, eps=rl.adv_eps)
+    used = informative_groups(correct) if rl.dynamic_sampling else [True] * len(shaped)
+    return GroupRewards(shaped, advantages, used)
 
 
 # ---------------------------------------------------------------------------------------------- loss

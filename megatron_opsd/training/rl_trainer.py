@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from megatron_opsd.training.grpo import (RLTrainConfig, clipped_policy_loss, group_advantages, informative_groups,
-                                         k3_kl, overlong_penalty, rollout_weights, validate_rl_config)
+from megatron_opsd.training.grpo import (RLTrainConfig, clipped_policy_loss, k3_kl, rollout_weights, step_rewards,
+                                         validate_rl_config)
 from megatron_opsd.training.opsd import response_token_ids, tp_group
 from megatron_opsd.training.trainer import OPSDTrainer
 
@@ -122,10 +122,9 @@ class GRPOTrainer(OPSDTrainer):
         t0 = time.perf_counter()
         rollouts = self._rollouts()
         times["time/rollout"] = time.perf_counter() - t0
-        shaped = [[r + overlong_penalty(len(y), cfg.rollout.max_tokens, rl.overlong_buffer, rl.overlong_penalty)
-                   for r, y in zip(rs, ys)] for rs, ys in zip(rollouts.rewards, rollouts.responses)]
-        advantages = group_advantages(shaped, std_normalize=rl.std_normalize, eps=rl.adv_eps)
-        use = informative_groups(shaped) if rl.dynamic_sampling else [True] * len(shaped)
+        lengths = [[len(y) for y in ys] for ys in rollouts.responses]
+        grouped = step_rewards(rollouts.rewards, rollouts.correct, lengths, rl, cfg.rollout.max_tokens)
+        shaped, advantages, use = grouped.shaped, grouped.advantages, grouped.used
         keep = [(i, j) for i, ok in enumerate(use) if ok for j in range(len(rollouts.responses[i]))]
         stats = {f"rollout/{k}": v for k, v in group_filter(rollouts.responses, rollouts.correct, "all").stats.items()}
         stats.update({"reward/mean": fmean(r for g in rollouts.rewards for r in g),
