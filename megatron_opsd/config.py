@@ -21,10 +21,15 @@ from megatron_opsd.parallel.distributed import ParallelConfig
 
 DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_PROMPT_TEMPLATE = "{{ problem }}\n" + DEFAULT_PROMPT_SUFFIX
+# OPSDC's instruction as published (Sang et al. 2603.05433: the prompt figure and the public code)
 DEFAULT_CONCISE_INSTRUCTION = (
-    "Solve the following problem concisely. Avoid unnecessary verification and repetition; "
-    "think only as much as needed."
+    "Solve the following math problem concisely and correctly. Be direct -- avoid unnecessary elaboration, "
+    "redundant steps, or restating the problem. Focus only on the key reasoning steps needed to reach the answer."
 )
+# DemoPSD's sigmoid sharpness: the per-token JSD is at most ln 2, so alpha_t = (sigmoid(beta d) - 0.5) 2 alpha_max
+# can only reach alpha_max if beta ln 2 saturates the sigmoid. beta = 8: 99.2% of alpha_max at d = ln 2, half of it
+# at d = ln(3) / 8 = 0.137 nats (beta = 1 caps alpha_t at 0.33 alpha_max: a target that is nearly the teacher).
+DEFAULT_DEMOPSD_BETA = 8.0
 
 
 @dataclass
@@ -62,7 +67,8 @@ class DataConfig:
 class TeacherConfig:
     context: Literal["reference", "answer", "concise", "reference_only", "base", "rollout", "per_example",
                      "template"] = "reference"
-    template: Optional[str] = None  # Jinja user turn (context=template): problem, reference, answer, instruction, rollout
+    template: Optional[str] = None  # Jinja user turn (context=template): problem, reference, answer, instruction,
+    # rollout (another correct rollout of the group, as for context=rollout; rows without one are skipped)
     concise_instruction: str = DEFAULT_CONCISE_INSTRUCTION  # OPSDC's conciseness instruction
     weights: Literal["live", "frozen", "ema", "refresh"] = "frozen"
     ema_decay: float = 0.999
@@ -70,6 +76,10 @@ class TeacherConfig:
     purified: bool = False  # Purified OPSD: full, reference-only and base teacher forwards
     pmi_beta: float = 1.0  # Purified OPSD's beta in softmax(log pi_0 + Delta / beta)
     pmi_clip: float = 10.0  # Purified OPSD's soft clip c in c * tanh(Delta / c)
+    # where Delta is centred before the clip: uniform = its plain mean over the vocabulary (the paper's "centre over
+    # the vocabulary"; dominated by the ~150k tail tokens), teacher = its mean under the full teacher pi_T
+    # (= KL(pi_T || pi_R)), so the clip is symmetric around the tokens the teacher actually predicts
+    pmi_center: Literal["uniform", "teacher"] = "uniform"
 
 
 @dataclass
@@ -114,7 +124,7 @@ class LossConfig:
     chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide computation
     target: Literal["teacher", "pmi", "demopsd"] = "teacher"  # what the student is pulled towards
     demopsd_alpha_max: float = 0.15
-    demopsd_beta: float = 1.0  # DemoPSD: alpha_t = (sigmoid(beta * JSD_t) - 0.5) * 2 * alpha_max
+    demopsd_beta: float = DEFAULT_DEMOPSD_BETA  # DemoPSD: alpha_t = (sigmoid(beta * JSD_t) - 0.5) * 2 * alpha_max
     allow_k1_loss: bool = False  # kind=k1 has zero expected gradient on-policy: refused unless opted in
 
 
@@ -387,9 +397,11 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
          "estimator) does not have; unset loss.token_clip or use loss.kind=reverse_kl|forward_kl|jsd|topk")
     need(loss.kind != "k1" or loss.allow_k1_loss, K1_REFUSAL.format(key="loss.kind=k1", fix="loss.kind=pg "
          "(reverse-KL gradient) or loss.kind=k3 (forward-KL gradient)", opt_in="loss.allow_k1_loss=true"))
-    need(t.context != "rollout" or r.n >= 2,
-         "teacher.context=rollout (DemoPSD) shows the teacher another correct rollout of the same group: set "
-         f"rollout.n >= 2 (got {r.n})")
+    from megatron_opsd.data.contexts import needs_demonstration
+
+    need(not needs_demonstration(t.context, t) or r.n >= 2,
+         f"teacher.context={t.context} (DemoPSD{', a template using {{ rollout }}' if t.context == 'template' else ''}) "
+         f"shows the teacher another correct rollout of the same group: set rollout.n >= 2 (got {r.n})")
     need(0.0 < t.ema_decay < 1.0, f"teacher.ema_decay must be in (0, 1), got {t.ema_decay}")
     need(t.refresh_every >= 1, f"teacher.refresh_every must be >= 1, got {t.refresh_every}")
     need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
@@ -406,6 +418,21 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
     need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     return cfg
+
+
+FULL_VOCABULARY_KINDS = ("reverse_kl", "forward_kl", "jsd", "topk")
+
+
+def distillation_warnings(cfg: OPSDConfig) -> list[str]:
+    """Settings that are allowed but probably not meant (the trainer prints them at start)."""
+    out = []
+    if cfg.loss.kind in FULL_VOCABULARY_KINDS and cfg.loss.temperature != cfg.rollout.temperature:
+        out.append(f"loss.temperature={cfg.loss.temperature} differs from rollout.temperature="
+                   f"{cfg.rollout.temperature} with loss.kind={cfg.loss.kind}: the rollouts are sampled from "
+                   "softmax(z / rollout.temperature) but the divergence compares softmax(z / loss.temperature), so "
+                   "the distribution being matched is not the one that sampled (OPSD ties both, 1.1 in the paper); "
+                   "set loss.temperature = rollout.temperature unless this is intended")
+    return out
 
 
 def resolve_config(cfg: OPSDConfig) -> OPSDConfig:

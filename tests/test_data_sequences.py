@@ -12,8 +12,9 @@ from megatron_opsd.models.tokenizer import Tokenizer
 
 DATA = "/work/shared/data"
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-INSTRUCTION = ("Solve the following problem concisely. Avoid unnecessary verification and repetition; think only "
-               "as much as needed.")
+INSTRUCTION = ("Solve the following math problem concisely and correctly. Be direct -- avoid unnecessary elaboration, "
+               "redundant steps, or restating the problem. Focus only on the key reasoning steps needed to reach the "
+               "answer.")  # OPSDC's published wording (the default teacher.concise_instruction)
 SOLVE_YOURSELF = "After understanding the reference solution, solve the problem yourself, reasoning from first principles."
 ROLLOUT_TEXT = "Since 2 + 2 = 4, we get \\boxed{4}."
 TEMPLATE = "Hint: the answer is {{ answer }}. {{ instruction }}\nProblem: {{ problem }}"

@@ -20,7 +20,7 @@ from megatron_opsd.parallel.launch import run_distributed
 
 REAL_V, PADDED_V, B, S, T = 37, 40, 3, 5, 1.3
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 implementation vs fp64 reference (log-probs of magnitude up to ~40)
-PMI_SETTINGS = [dict(clip=10.0, beta=1.0), dict(clip=2.0, beta=0.7)]
+PMI_SETTINGS = [dict(clip=10.0, beta=1.0), dict(clip=2.0, beta=0.7), dict(clip=2.0, beta=0.7, center="teacher")]
 DEMO_SETTINGS = [dict(alpha_max=0.15, beta=1.0), dict(alpha_max=0.5, beta=4.0)]
 
 
@@ -38,10 +38,11 @@ def lsm(x, temperature=T):
     return F.log_softmax(x.double()[..., :REAL_V] / temperature, -1)
 
 
-def pmi_reference(full, ref_only, base, clip, beta, centre=True, soft_clip=True):
+def pmi_reference(full, ref_only, base, clip, beta, center="uniform", centre=True, soft_clip=True):
     delta = lsm(full) - lsm(ref_only)
-    if centre:
-        delta = delta - delta.mean(-1, keepdim=True)
+    if centre:  # teacher.pmi_center: the plain vocabulary mean, or the mean under the full teacher
+        weights = lsm(full).exp() if center == "teacher" else torch.full_like(delta, 1.0 / delta.shape[-1])
+        delta = delta - (weights * delta).sum(-1, keepdim=True)
     if soft_clip:
         delta = clip * torch.tanh(delta / clip)
     return F.log_softmax(lsm(base) + delta / beta, -1)
@@ -104,6 +105,8 @@ def check(per_rank, full, ref_only, base, student, mask):
         s = PMI_SETTINGS[i]  # not vacuous: the clip and the centring each change the target
         assert (pmi_reference(full, ref_only, base, **s, soft_clip=False) - ref).abs().max() > 0.1
         assert (pmi_reference(full, ref_only, base, **s, centre=False) - ref).abs().max() > 0.1
+        if s.get("center") == "teacher":  # the two centres give different targets where the clip bites
+            assert (pmi_reference(full, ref_only, base, **{**s, "center": "uniform"}) - ref).abs().max() > 0.1
     demo_refs = [demo_reference(student, full, **s) for s in DEMO_SETTINGS]
     for i, (ref, ref_alpha) in enumerate(demo_refs):
         got = torch.cat([r[1][i][0] for r in per_rank], -1)
@@ -165,6 +168,21 @@ def test_demopsd_identical_student_and_teacher_gives_teacher():
     target, alpha = demopsd_target_logprobs(student, student, vocab_range=(0, REAL_V), return_alpha=True)
     assert alpha.abs().max() < 1e-6
     torch.testing.assert_close(target[..., :REAL_V], F.log_softmax(student[..., :REAL_V], -1), rtol=1e-5, atol=1e-5)
+
+
+def test_demopsd_default_beta_reaches_alpha_max():
+    """The per-token JSD is at most ln 2 (disjoint distributions): the default loss.demopsd_beta must let alpha_t
+    reach alpha_max there (beta = 1 stops at a third of it)."""
+    from megatron_opsd.config import LossConfig
+
+    student, teacher = torch.zeros(1, REAL_V), torch.zeros(1, REAL_V)
+    student[0, 0], teacher[0, 1] = 60.0, 60.0  # all mass on different tokens: JSD = ln 2 to fp32 precision
+    cfg = LossConfig()
+    _, alpha = demopsd_target_logprobs(student, teacher, alpha_max=cfg.demopsd_alpha_max, beta=cfg.demopsd_beta,
+                                       return_alpha=True)
+    assert alpha.item() >= 0.99 * cfg.demopsd_alpha_max
+    _, alpha_default = demopsd_target_logprobs(student, teacher, return_alpha=True)  # the function's default too
+    assert alpha_default.item() == pytest.approx(alpha.item())
 
 
 def test_bad_inputs_are_named():

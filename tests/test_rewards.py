@@ -174,4 +174,4 @@ def test_group_filter_modes_and_stats():
     with pytest.raises(ValueError, match="group 1: 2 rollouts but 1 correctness values"):
         group_filter(groups, [[1, 1, 1], [1], [1]], "all")
     assert correct_demonstrations([[True, False, True], [False, False], [False, True]]) == [
-        [2, 2, 0], [None, None], [1, 1]]  # the next correct one, cyclically
+        [2, 2, 0], [None, None], [1, None]]  # the next *other* correct one, cyclically; never itself

@@ -29,19 +29,20 @@ class FakeClient:
     """Sidecar test double: the fixed responses, stamped with the current weight version."""
 
     def __init__(self):
-        self.version = 0
+        self.version, self.max_tokens = 0, []
 
-    def generate(self, prompts, *, n, **_):
+    def generate(self, prompts, *, n, max_tokens, **_):
         from megatron_opsd.rollout.client import Sample
 
         assert len(prompts) == len(RESPONSE_LENGTHS) and n == 3
+        self.max_tokens.append(max_tokens)
         return [[Sample(r, [0.0] * len(r), "stop", self.version) for r in group] for group in fixed_responses()]
 
     def push_weights(self, model_chunks, version):
         self.version = version
 
 
-def trainer_worker(cfg, steps: int):
+def trainer_worker(cfg, steps: int, client=None):
     from megatron_opsd.training.trainer import OPSDTrainer
 
     class Recording(OPSDTrainer):
@@ -52,7 +53,7 @@ def trainer_worker(cfg, steps: int):
 
     torch.manual_seed(0)
     trainer = Recording(cfg)
-    trainer.recorded, trainer.client = [], FakeClient()
+    trainer.recorded, trainer.client = [], client or FakeClient()
     flat = [c for group in CORRECT for c in group]
     trainer.reward = lambda texts, examples: [float(c) for c in flat[:len(texts)]]
     history = [trainer.train_step() for _ in range(steps)]
@@ -97,8 +98,8 @@ def test_demopsd_rollout_context_with_progressive_horizon(tiny_checkpoints, tmp_
     teachers = recorded[0].teachers
     assert list(teachers) == ["rollout"] and teachers["rollout"][1][2] is None
     tok = AutoTokenizer.from_pretrained(model_dir)
-    # each row's teacher shows the first *other* correct rollout of its group
-    for (i, j), (gi, gj) in {(0, 0): (0, 2), (0, 1): (0, 0), (0, 2): (0, 0), (1, 0): (1, 2), (1, 1): (1, 2)}.items():
+    # each row's teacher shows the next *other* correct rollout of its group, cyclically
+    for (i, j), (gi, gj) in {(0, 0): (0, 2), (0, 1): (0, 2), (0, 2): (0, 0), (1, 0): (1, 2), (1, 1): (1, 2)}.items():
         prompt = tok.decode(teachers["rollout"][i][j])
         assert PROBLEMS[i][0] in prompt and f"this problem:\n{tok.decode(responses[gi][gj])}\n\n" in prompt, (i, j)
 
@@ -190,3 +191,74 @@ def test_rejected_combinations_name_key_and_fix(overrides, message):
 
 def test_k1_loss_needs_the_opt_in():
     assert load_config(None, ["loss.kind=k1", "loss.allow_k1_loss=true"]).loss.kind == "k1"
+
+
+def spying_worker(cfg, steps: int):
+    """``trainer_worker`` that also records, per step, the generation limit, each side's micro-batch length
+    (student first, then the teacher contexts in order) and a checksum of the weights each teacher forward ran."""
+    from megatron_opsd.training import opsd
+
+    seen = {"lengths": [], "teacher_weights": []}
+    build, collect = opsd.build_microbatches, opsd.collect_teacher_rows
+
+    def recording_build(*args, **kwargs):
+        mbs = build(*args, **kwargs)
+        seen["lengths"].append(mbs[0]["tokens"].shape[1])
+        return mbs
+
+    def recording_collect(chunks, mbs):
+        seen["teacher_weights"].append(sum(p.detach().double().sum().item() for c in chunks for p in c.parameters()))
+        return collect(chunks, mbs)
+
+    opsd.build_microbatches, opsd.collect_teacher_rows = recording_build, recording_collect
+    client = FakeClient()
+    try:
+        history, recorded = trainer_worker(cfg, steps, client)
+    finally:
+        opsd.build_microbatches, opsd.collect_teacher_rows = build, collect
+    return history, recorded, seen, client.max_tokens
+
+
+@pytest.mark.slow
+def test_truncated_opd_generates_and_forwards_only_to_the_horizon(tiny_checkpoints, tmp_path):
+    """rollout.horizon with rollout.filter=all: the sidecar generates h tokens and both forwards end at prompt + h
+    (padded to data.pad_to_multiple_of); with a correctness filter the rollouts are whole and cut for the forwards."""
+    cfg = make_config(tmp_path, tiny_checkpoints["qwen3"], rollout={"horizon": 2},
+                      data={"pad_to_multiple_of": 16})
+    history, recorded, seen, max_tokens = run_distributed(spying_worker, 1, cfg.parallel, cfg, 1)[0]
+    assert max_tokens == [2]
+    assert history[0]["tokens"] == sum(min(n, 2) for g in RESPONSE_LENGTHS for n in g)
+    student_len = max(len(p) for p in recorded[0].student_prompts) + 2
+    teacher_len = max(len(p) for g in recorded[0].teachers["reference"] for p in g) + 2
+    assert seen["lengths"] == [-(-student_len // 16) * 16, -(-teacher_len // 16) * 16]
+
+    cfg = make_config(tmp_path / "correct", tiny_checkpoints["qwen3"], rollout={"horizon": 2, "filter": "correct"})
+    history, _, seen, max_tokens = run_distributed(spying_worker, 1, cfg.parallel, cfg, 1)[0]
+    assert max_tokens == [8]  # rollout.max_tokens: grading needs the whole response
+    assert history[0]["tokens"] == sum(min(n, 2) for g, ok in zip(RESPONSE_LENGTHS, CORRECT)
+                                       for n, c in zip(g, ok) if c)
+    assert all(n % 8 == 0 for n in seen["lengths"])  # the default data.pad_to_multiple_of
+
+
+@pytest.mark.slow
+def test_purified_base_and_reference_only_stay_the_initial_model(tiny_checkpoints, tmp_path):
+    """teacher.weights=live moves the full teacher with the student; the reference-only and base forwards of
+    Purified OPSD must still be the initial model at step 2."""
+    cfg = make_config(tmp_path, tiny_checkpoints["qwen3"], teacher={"purified": True, "weights": "live"},
+                      loss={"target": "pmi", "kind": "jsd"}, optim={"lr": 1e-2})
+    _, _, seen, _ = run_distributed(spying_worker, 1, cfg.parallel, cfg, 2)[0]
+    (full_1, ref_1, base_1), (full_2, ref_2, base_2) = seen["teacher_weights"][:3], seen["teacher_weights"][3:]
+    assert full_1 == ref_1 == base_1 == ref_2 == base_2  # the initial weights
+    assert abs(full_2 - full_1) > 1e-3  # the live teacher moved after one step at lr 1e-2
+
+
+def test_template_with_rollout_variable_gets_a_demonstration(tiny_checkpoints, tmp_path):
+    template = "{{ problem }}\nA correct solution: {{ rollout }}\nNow solve it yourself."
+    cfg = make_config(tmp_path, tiny_checkpoints["qwen3"], teacher={"context": "template", "template": template})
+    history, recorded, _, _ = run_distributed(spying_worker, 1, cfg.parallel, cfg, 1)[0]
+    teachers = recorded[0].teachers["template"]
+    assert teachers[1][2] is None and history[0]["rollout/no_teacher"] == 1.0  # the lone correct rollout
+    from transformers import AutoTokenizer
+
+    tok, responses = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen3"]), fixed_responses()
+    assert f"A correct solution: {tok.decode(responses[0][2])}" in tok.decode(teachers[0][0])  # next correct one

@@ -17,7 +17,9 @@ close to OPSD's public code:
 - ``rollout`` (DemoPSD): problem, "Here is a correct solution to this problem:" + a correct rollout of
   the same group, then the same "solve it yourself" line as ``reference``.
 - ``per_example``: the dataset's teacher prompt (``data.teacher_prompt_field``), used verbatim.
-- ``template``: ``teacher.template`` rendered with problem, reference, answer, instruction, rollout.
+- ``template``: ``teacher.template`` rendered with problem, reference, answer, instruction, rollout. A template
+  that uses ``{{ rollout }}`` gets what ``rollout`` gets: another correct rollout of the same group
+  (``needs_demonstration``), and rows without one are skipped.
 """
 from __future__ import annotations
 
@@ -154,6 +156,26 @@ def teacher_messages(example: PromptExample, data_cfg: DataConfig, teacher_cfg: 
     if name not in CONTEXT_BUILDERS:
         raise ValueError(f"teacher.context={name!r} is not one of {sorted(CONTEXT_BUILDERS)}")
     return CONTEXT_BUILDERS[name](example, data_cfg, teacher_cfg, rollout)
+
+
+def template_variables(template: str) -> set[str]:
+    """The variables a Jinja template reads."""
+    import jinja2
+    from jinja2 import meta
+
+    env = jinja2.Environment(autoescape=False)
+    try:
+        return set(meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateSyntaxError as err:
+        raise ValueError(f"teacher.template is not a valid Jinja template: {err}") from err
+
+
+def needs_demonstration(context: str, teacher_cfg: TeacherConfig) -> bool:
+    """Whether teacher context ``context`` shows a correct rollout of the group (DemoPSD's ``rollout``, or a
+    ``template`` that reads ``{{ rollout }}``): its prompt is built per rollout, after grading."""
+    if context == "rollout":
+        return True
+    return context == "template" and bool(teacher_cfg.template) and "rollout" in template_variables(teacher_cfg.template)
 
 
 def teacher_context_names(teacher_cfg: TeacherConfig) -> list[str]:

@@ -27,6 +27,7 @@ from megatron_opsd.losses.vocab_parallel import (
 # A residual log pi_T - log pi_R is +-inf (or NaN) only where a probability is exactly 0; it is clamped to
 # this magnitude before centring so the vocabulary mean stays finite (the soft clip maps it to +-c anyway).
 _RESIDUAL_BOUND = 1e4
+PMI_CENTERS = ("uniform", "teacher")  # teacher.pmi_center
 
 
 def _log_softmax(x: torch.Tensor, group) -> torch.Tensor:
@@ -47,24 +48,29 @@ def _n_valid(width: int, group, vocab_range: VocabRange) -> int:
 @torch.no_grad()
 def pmi_target_logprobs(teacher_logits: torch.Tensor, reference_logits: torch.Tensor, base_logits: torch.Tensor,
                         *, group=None, vocab_range: VocabRange = None, temperature: float = 1.0,
-                        clip: float = 10.0, beta: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+                        clip: float = 10.0, beta: float = 1.0, center: str = "uniform",
+                        chunk_tokens: int = 1024) -> torch.Tensor:
     """Purified OPSD's PMI target (METHODS.md, "Purified OPSD"), as log-probs:
 
         Delta(v)   = log pi_T(v) - log pi_R(v)                        residual
-        Delta~(v)  = c * tanh((Delta(v) - mean_u Delta(u)) / c)       centred over the valid vocabulary, soft clip
+        Delta~(v)  = c * tanh((Delta(v) - m) / c)                     centred, soft clip
         log P(v)   = log softmax( log pi_0(v) + Delta~(v) / beta )
 
     ``teacher_logits`` = full teacher pi_T(.|q, r, y<t), ``reference_logits`` = reference-only teacher
     pi_R(.|r, y<t), ``base_logits`` = base pi_0(.|q, y<t); each is divided by ``temperature`` before its
-    log-softmax. ``clip`` = c (10 in the paper), ``beta`` = 1 in the paper. The mean is the uniform mean over
-    the valid vocabulary (one all-reduce SUM); centring only matters through the clip (softmax is
-    shift-invariant).
+    log-softmax. ``clip`` = c (10 in the paper), ``beta`` = 1 in the paper. The centre m (one all-reduce SUM;
+    it only matters through the clip, softmax being shift-invariant): ``center="uniform"``, the plain mean of
+    Delta over the valid vocabulary; ``"teacher"``, its mean under pi_T, sum_u pi_T(u) Delta(u) = KL(pi_T || pi_R).
+    The uniform mean is set by the ~V tail tokens, so head tokens can sit far from it and be clipped; the
+    teacher-weighted mean puts the clip's linear range around the tokens the teacher predicts.
     """
     _check_same_shape(teacher_logits=teacher_logits, reference_logits=reference_logits, base_logits=base_logits)
     if clip <= 0 or beta <= 0:
         raise ValueError(f"clip={clip} and beta={beta} must be > 0")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    if center not in PMI_CENTERS:
+        raise ValueError(f"center={center!r}: choose one of {PMI_CENTERS}")
     lead, width = teacher_logits.shape[:-1], teacher_logits.shape[-1]
     cols = valid_columns(width, group, vocab_range, teacher_logits.device)
     n_valid = _n_valid(width, group, vocab_range)
@@ -80,7 +86,10 @@ def pmi_target_logprobs(teacher_logits: torch.Tensor, reference_logits: torch.Te
         residual.clamp_(-_RESIDUAL_BOUND, _RESIDUAL_BOUND)
         if cols is not None:
             residual.masked_fill_(~cols, 0.0)
-        mean = all_reduce(residual.sum(dim=-1), dist.ReduceOp.SUM, group) / n_valid
+        if center == "uniform":
+            mean = all_reduce(residual.sum(dim=-1), dist.ReduceOp.SUM, group) / n_valid
+        else:  # padded columns: pi_T = 0 and residual 0
+            mean = all_reduce((log_t.exp() * residual).sum(dim=-1), dist.ReduceOp.SUM, group)
         residual = torch.tanh(residual.sub_(mean[:, None]).div_(clip)).mul_(clip / beta)
         out[rows] = _log_softmax(log_0.add_(residual), group).float()  # padded columns stay -inf via log_0
     return out.reshape(*lead, width)
@@ -89,7 +98,7 @@ def pmi_target_logprobs(teacher_logits: torch.Tensor, reference_logits: torch.Te
 @torch.no_grad()
 def demopsd_target_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, group=None,
                             vocab_range: VocabRange = None, temperature: float = 1.0, alpha_max: float = 0.15,
-                            beta: float = 1.0, chunk_tokens: int = 1024, return_alpha: bool = False):
+                            beta: float = 8.0, chunk_tokens: int = 1024, return_alpha: bool = False):
     """DemoPSD's reverse-KL barycenter target (METHODS.md, "DemoPSD"), as log-probs, student stop-gradient:
 
         d_t     = JSD(pi_S || pi_T)      (the symmetric JSD, M = (pi_S + pi_T) / 2, in nats, full vocabulary)
@@ -97,7 +106,8 @@ def demopsd_target_logprobs(student_logits: torch.Tensor, teacher_logits: torch.
         log P   = log softmax( (1 - alpha_t) log pi_T + alpha_t log pi_S )   i.e. P ∝ pi_T^(1-a) pi_S^a
 
     Train with ``kind="reverse_kl"`` (KL(pi_theta || sg(P))). ``alpha_max`` = 0.15 in the paper; ``beta`` is
-    the sigmoid's sharpness (its published value is not in METHODS.md; config ``loss.demopsd_beta``). Both
+    the sigmoid's sharpness (its published value is not in METHODS.md; config ``loss.demopsd_beta``). d_t <= ln 2,
+    so alpha_t <= (sigmoid(beta ln 2) - 0.5) 2 alpha_max: the default 8 reaches 99.2% of alpha_max (1: 33%). Both
     logits are divided by ``temperature``. With ``return_alpha`` also returns alpha_t [...] (fp32) for logging.
     """
     _check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)

@@ -74,10 +74,11 @@ def group_filter(rollout_groups: Sequence[Sequence[Any]], correctness: Sequence[
 
 
 def correct_demonstrations(correctness: Sequence[Sequence[Any]]) -> list[list[Optional[int]]]:
-    """DemoPSD: for each rollout, the index of a correct rollout of the same group to show the teacher.
-
-    Another correct rollout is preferred (the next one, cyclically); a rollout that is the only correct one
-    gets itself; groups without a correct rollout get None.
+    """DemoPSD: for each rollout, the index of *another* correct rollout of the same group to show the teacher
+    (the next one, cyclically), or None when there is none: the group's only correct rollout and groups without
+    a correct rollout get no demonstration (the trainer leaves them out of the step). A rollout is never its own
+    demonstration: a teacher shown the very tokens it scores copies them (probability ~1 on each), which is a
+    self-imitation target, not the demonstration-conditioned teacher DemoPSD describes.
     """
     out = []
     for corr in correctness:
@@ -85,9 +86,6 @@ def correct_demonstrations(correctness: Sequence[Sequence[Any]]) -> list[list[Op
         row: list[Optional[int]] = []
         for i in range(len(corr)):
             others = [j for j in ok if j != i]
-            if others:
-                row.append(min(others, key=lambda j: (j - i) % len(corr)))
-            else:
-                row.append(i if i in ok else None)
+            row.append(min(others, key=lambda j: (j - i) % len(corr)) if others else None)
         out.append(row)
     return out

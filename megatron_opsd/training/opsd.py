@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from megatron_opsd.config import DEFAULT_DEMOPSD_BETA
 from megatron_opsd.losses import (
     demopsd_target_logprobs,
     pmi_target_logprobs,
@@ -124,13 +125,14 @@ class LossSettings:
     topk_divergence: str = "reverse_kl"
     pmi_beta: float = 1.0
     pmi_clip: float = 10.0
+    pmi_center: str = "uniform"
     demopsd_alpha_max: float = 0.15
-    demopsd_beta: float = 1.0
+    demopsd_beta: float = DEFAULT_DEMOPSD_BETA
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
         """From an ``OPSDConfig``: every field of the same name in ``loss``, the PMI ones from ``teacher``."""
-        from_teacher = {"pmi_beta", "pmi_clip"}
+        from_teacher = {"pmi_beta", "pmi_clip", "pmi_center"}
         return cls(**{f.name: getattr(cfg.teacher if f.name in from_teacher else cfg.loss, f.name)
                       for f in fields(cls)})
 
@@ -173,7 +175,7 @@ def teacher_signals(teacher_rows: dict, microbatches: list[dict], *, loss: LossS
             full, reference_only, base = (r[i] for r in rows)
             signal["target"] = pmi_target_logprobs(full, reference_only, base, group=group, vocab_range=vocab_range,
                                                    temperature=loss.temperature, clip=loss.pmi_clip, beta=loss.pmi_beta,
-                                                   chunk_tokens=loss.chunk_tokens)
+                                                   center=loss.pmi_center, chunk_tokens=loss.chunk_tokens)
             signal["is_logprobs"] = True
         if loss.target != "demopsd":  # otherwise the target needs the student's logits: see student_loss
             if loss.kind == "topk":

@@ -23,6 +23,7 @@ class GRPOTrainer(OPSDTrainer):
     """
 
     progress_name = "grpo"
+    distils = False  # no distillation loss: loss.* settings other than chunk_tokens are unused
 
     def __init__(self, cfg: RLTrainConfig):
         import copy
@@ -57,8 +58,7 @@ class GRPOTrainer(OPSDTrainer):
             "advantages": [torch.full((len(r),), float(advantages[i][j])) for (i, j), r in zip(keep, responses)],
             "old_logprobs": old,
         }
-        kw = dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
-                  pad_multiple=self.cfg.data.pad_to_multiple_of, dp_size=self.dp_size, dp_rank=self.dp_rank)
+        kw = self._batch_layout()
         mbs = build_microbatches(prompts, responses, per_token["weights"], **kw)
         for key in ("advantages", "old_logprobs"):  # same layout as the weights: one value per response row
             for mb, other in zip(mbs, build_microbatches(prompts, responses, per_token[key], **kw)):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_opsd.config import OPSDConfig, config_to_dict, save_config
+from megatron_opsd.config import OPSDConfig, config_to_dict, distillation_warnings, save_config
 from megatron_opsd.training.loop import run_steps
 
 
@@ -28,7 +29,7 @@ class StepRollouts:
     rewards: list = field(default_factory=list)  # per prompt: list of n float rewards (GRPO)
     logprobs: list = field(default_factory=list)  # per prompt: list of n sidecar log-prob lists (GRPO)
     # teacher context name -> per prompt -> per rollout: the teacher's prompt ids, or None where that rollout has
-    # no teacher (teacher.context=rollout and no other correct rollout in its group). One context, or three for
+    # no teacher (a demonstration context and no other correct rollout in its group). One context, or three for
     # Purified OPSD (teacher.context, reference_only, base), in that order.
     teachers: dict = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ class MetricsLogger:
 
 class OPSDTrainer:
     progress_name = "opsd"  # the progress bar's label
+    distils = True  # the loss section is used (GRPO: False)
 
     def __init__(self, cfg: OPSDConfig):
         from megatron.core import parallel_state as ps
@@ -114,6 +116,15 @@ class OPSDTrainer:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
                 print(f"teacher ({cfg.teacher.weights}) holds {n / 2**20:.1f} MiB of weights on rank 0")
         self.ema = FP32EMA(self.teacher) if cfg.teacher.weights == "ema" else None  # the average in fp32
+        # Purified OPSD's reference-only and base forwards are the *initial* model (the PMI target contrasts the
+        # teacher with what the model knew before training): a frozen copy unless the teacher already is one.
+        self.initial = None
+        if cfg.teacher.purified and cfg.teacher.weights != "frozen":
+            self.initial = build_model_from_config(cfg)
+            copy_weights_(self.initial, self.student)
+        if self.rank == 0 and self.distils:
+            for message in distillation_warnings(cfg):
+                warnings.warn(message, stacklevel=2)
         settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
         self.ddp, self.optimizer, self.scheduler = setup_training(self.student, settings)
         self.step = 0
@@ -142,31 +153,49 @@ class OPSDTrainer:
     # ------------------------------------------------------------------------------------------ rollouts
     def _teacher_prompts(self, examples: list, texts: list, correct: list) -> dict:
         """``StepRollouts.teachers``: each teacher context's prompt ids per rollout (``texts``/``correct`` per
-        prompt, per rollout). A ``rollout`` (DemoPSD) teacher sees the first *other* correct rollout of the same
-        group, and may be up to ``data.max_prompt_tokens + rollout.max_tokens`` long; rollouts without one get
-        None (they are left out of the step)."""
-        from megatron_opsd.data.contexts import teacher_context_names, teacher_messages
+        prompt, per rollout). A demonstration context (``rollout``, DemoPSD; or a ``template`` reading
+        ``{{ rollout }}``) sees another correct rollout of the same group (``filters.correct_demonstrations``), and
+        may be up to ``data.max_prompt_tokens + rollout.max_tokens`` long; rollouts without one get None (they are
+        left out of the step)."""
+        from megatron_opsd.data.contexts import needs_demonstration, teacher_context_names, teacher_messages
         from megatron_opsd.data.sequences import encode_prompt
+        from megatron_opsd.rewards.filters import correct_demonstrations
 
         cfg = self.cfg
 
         def encode(ex, ctx: str, demo: Optional[str] = None) -> list:
-            limit = cfg.data.max_prompt_tokens + (cfg.rollout.max_tokens if ctx == "rollout" else 0)
+            limit = cfg.data.max_prompt_tokens + (cfg.rollout.max_tokens if demo is not None else 0)
             return encode_prompt(self.tokenizer, teacher_messages(ex, cfg.data, cfg.teacher, ctx, demo), limit, ex.id,
                                  f"teacher ({ctx})", cfg.model.enable_thinking)
 
         teachers = {}
         for ctx in teacher_context_names(cfg.teacher):
             teachers[ctx] = []
-            for ex, group, ok in zip(examples, texts, correct):
-                if ctx != "rollout":  # one prompt shared by the group
+            for ex, group, demos in zip(examples, texts, correct_demonstrations(correct)):
+                if not needs_demonstration(ctx, cfg.teacher):  # one prompt shared by the group
                     teachers[ctx].append([encode(ex, ctx)] * len(group))
                     continue
-                demos = [next((k for k in range(len(group)) if ok[k] and k != j), None) for j in range(len(group))]
                 teachers[ctx].append([None if k is None else encode(ex, ctx, group[k]) for k in demos])
         return teachers
 
+    def _generation_limit(self) -> int:
+        """Tokens to generate per rollout: ``rollout.max_tokens``, or only the step's horizon (truncated /
+        progressive OPD) when nothing needs whole responses. Whole responses are needed to grade them for
+        ``rollout.filter: correct | incorrect`` and to show a correct one to a demonstration teacher (DemoPSD);
+        then they are generated in full and cut at the horizon for the forwards. With ``rollout.filter: all``
+        the grading only feeds the logs, and ``rollout/accuracy`` then grades the first h tokens (near 0):
+        measure accuracy with ``train.eval_every``, whose generation is not truncated."""
+        from megatron_opsd.data.contexts import needs_demonstration, teacher_context_names
+        from megatron_opsd.data.sequences import horizon_at_step
+
+        cfg = self.cfg
+        horizon = horizon_at_step(self.step, cfg.rollout)
+        whole = cfg.rollout.filter != "all" or any(needs_demonstration(c, cfg.teacher)
+                                                   for c in teacher_context_names(cfg.teacher))
+        return cfg.rollout.max_tokens if horizon is None or whole else min(cfg.rollout.max_tokens, horizon)
+
     def _rollouts(self) -> StepRollouts:
+        from megatron_opsd.data.contexts import needs_demonstration
         from megatron_opsd.data.sequences import student_prompt_ids
         from megatron_opsd.rollout.client import check_on_policy
 
@@ -177,7 +206,7 @@ class OPSDTrainer:
             student = [student_prompt_ids(self.tokenizer, ex, cfg.data, thinking) for ex in examples]
             samples = self.client.generate(
                 student, n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None, max_tokens=cfg.rollout.max_tokens,
+                top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None, max_tokens=self._generation_limit(),
                 stop_token_ids=[self.tokenizer.eos_token_id], seed=cfg.rollout.seed + 100_003 * self.step)
             check_on_policy(samples, self.step, cfg.rollout.max_staleness)
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
@@ -187,7 +216,8 @@ class OPSDTrainer:
             correct = [[r > 0.5 for r in g] for g in rewards]
             per_group = iter(texts)
             teachers = self._teacher_prompts(examples, [[next(per_group) for _ in g] for g in samples], correct)
-            shared = [] if cfg.teacher.context == "rollout" else [g[0] for g in teachers[cfg.teacher.context]]
+            shared = ([] if needs_demonstration(cfg.teacher.context, cfg.teacher)
+                      else [g[0] for g in teachers[cfg.teacher.context]])
             result = StepRollouts(student, shared, [[s.token_ids for s in g] for g in samples], correct,
                                   [[s.weight_version for s in g] for g in samples], rewards,
                                   [[s.logprobs for s in g] for g in samples], teachers)
@@ -224,19 +254,18 @@ class OPSDTrainer:
             stats["rollout/horizon"] = float(horizon)
         metrics = {"loss": 0.0, "divergence": 0.0, "entropy/student": 0.0, "entropy/teacher": 0.0}
         if keep:
-            responses = [rollouts.responses[i][j] for i, j in keep]
-            lengths = [min(len(r), horizon) if horizon else len(r) for r in responses]
-            weights = token_weights(lengths, cfg.loss.reduction)
-            weights = [torch.cat([w, torch.zeros(len(r) - len(w))]) for w, r in zip(weights, responses)]
-            kw = dict(micro_batch_size=cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
-                      dp_size=self.dp_size, dp_rank=self.dp_rank)
+            # truncated OPD: student and teacher sequences end at prompt + h (causal attention: the logits
+            # before the cut do not depend on the tokens after it, so this is exact and saves the forwards)
+            responses = [rollouts.responses[i][j][:horizon] for i, j in keep]
+            weights = token_weights([len(r) for r in responses], cfg.loss.reduction)
+            kw = self._batch_layout()
             student_mbs = build_microbatches([rollouts.student_prompts[i] for i, _ in keep], responses, weights, **kw)
             loss = LossSettings.from_config(cfg)
             t0 = time.perf_counter()
             teacher_rows = {}  # one forward per teacher context (three for Purified OPSD)
             for context, prompts in rollouts.teachers.items():
                 teacher_mbs = build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **kw)
-                teacher_rows[context] = collect_teacher_rows(self.teacher or self.ddp, teacher_mbs)
+                teacher_rows[context] = collect_teacher_rows(self._teacher_model(context), teacher_mbs)
             signals = teacher_signals(teacher_rows, student_mbs, loss=loss, real_vocab_size=self.real_vocab)
             del teacher_rows
             times["time/teacher"] = time.perf_counter() - t0
@@ -254,6 +283,18 @@ class OPSDTrainer:
             elif cfg.teacher.weights == "refresh" and (self.step + 1) % cfg.teacher.refresh_every == 0:
                 copy_weights_(self.teacher, self.student)
         return self._finish_step(metrics, stats, times)
+
+    def _batch_layout(self) -> dict:
+        """``build_microbatches``' layout keywords for this rank (shared with GRPO)."""
+        return dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
+                    pad_multiple=self.cfg.data.pad_to_multiple_of, dp_size=self.dp_size, dp_rank=self.dp_rank)
+
+    def _teacher_model(self, context: str) -> list:
+        """The chunks that run teacher context ``context``: the teacher replica (or the live student), except
+        Purified OPSD's reference-only and base forwards, which are always the frozen initial model."""
+        if self.cfg.teacher.purified and context in ("reference_only", "base"):
+            return self.initial or self.teacher
+        return self.teacher or self.ddp
 
     def _finish_step(self, metrics: dict, stats: dict, times: dict) -> dict:
         """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
