@@ -118,3 +118,35 @@ def test_apply_overrides_on_any_dataclass():
     assert cfg.inner.ids == [1, 2, 3]
     with pytest.raises(ConfigError, match=r"inner.ids\[1\]: expected an integer, got 'b'"):
         apply_overrides(Outer(), ["inner.ids=1,b"])
+
+
+@pytest.mark.parametrize("overrides, warns", [
+    (["rollout.temperature=1.1"], True),  # loss.temperature stays 1.0
+    (["rollout.temperature=1.1", "loss.temperature=1.1"], False),  # OPSD's tied setting
+    (["rollout.temperature=1.1", "loss.kind=topk", "loss.top_k=4"], True),
+    (["rollout.temperature=1.1", "loss.kind=pg"], False),  # sampled-token kinds read log-probs of the samples
+])
+def test_temperature_mismatch_warning(overrides, warns):
+    from megatron_opsd.config import distillation_warnings
+
+    messages = distillation_warnings(load_config(None, overrides))
+    assert bool(messages) == warns
+    if warns:
+        assert "loss.temperature=1.0 differs from rollout.temperature=1.1" in messages[0]
+
+
+def test_published_defaults():
+    """OPSDC's instruction as published; the large OPSDC configs refresh the teacher every 50 steps (OPSDC's M);
+    the tiny pipeline's compression stage is Kim & Lee's: reference-solution teacher on correct rollouts."""
+    from pathlib import Path
+
+    cfg = OPSDConfig()
+    assert cfg.teacher.concise_instruction.startswith("Solve the following math problem concisely and correctly. "
+                                                      "Be direct -- avoid unnecessary elaboration")
+    for path in sorted(Path("examples/configs").glob("*_opsdc.yaml")):
+        opsdc = load_config(str(path))
+        assert (opsdc.teacher.weights, opsdc.teacher.refresh_every) == ("refresh", 50), path
+    stages = yaml.safe_load(Path("examples/pipeline_tiny.yaml").read_text())["stages"]
+    (stage,) = [s for s in stages if s["kind"] == "opsd"]
+    compression = load_config(stage["config"], stage["overrides"])
+    assert (compression.teacher.context, compression.rollout.filter) == ("reference", "correct")

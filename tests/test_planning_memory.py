@@ -254,3 +254,15 @@ def test_tiny_model_measured_tp2(tiny_dir):
     stage = estimate_memory(ModelShape.from_hf_config(tiny_dir), s).stages[0]
     for rank_results in results:
         _check(rank_results[0], stage)
+
+
+def test_teacher_weight_bytes_count_the_fp32_ema_and_purified_initial_copy():
+    from megatron_opsd.planning.memory import TrainSettings, teacher_weight_bytes
+
+    p = 1000
+    assert teacher_weight_bytes(TrainSettings(teacher_weights="live"), p) == 0
+    assert teacher_weight_bytes(TrainSettings(teacher_weights="frozen"), p) == 2 * p
+    assert teacher_weight_bytes(TrainSettings(teacher_weights="ema"), p) == 6 * p  # bf16 replica + fp32 average
+    assert teacher_weight_bytes(TrainSettings(teacher_weights="ema", param_bytes=4), p) == 4 * p  # its own average
+    assert teacher_weight_bytes(TrainSettings(teacher_weights="frozen", teacher_forwards=3), p) == 2 * p
+    assert teacher_weight_bytes(TrainSettings(teacher_weights="live", teacher_forwards=3), p) == 2 * p  # initial copy

@@ -186,6 +186,17 @@ def parse_memory_size(text: Union[str, int, float]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- activations
+def teacher_weight_bytes(s: TrainSettings, params: int) -> float:
+    """The teacher replica (frozen/ema/refresh), the fp32 EMA average of a 16-bit EMA teacher
+    (``schedule.FP32EMA``), and Purified OPSD's frozen initial model when the teacher is not already frozen."""
+    total = 0 if s.teacher_weights == "live" else params * s.param_bytes
+    if s.teacher_weights == "ema" and s.param_bytes < 4:
+        total += params * 4
+    if s.teacher_forwards == 3 and s.teacher_weights != "frozen":
+        total += params * s.param_bytes
+    return total
+
+
 def activation_bytes_per_token_per_layer(shape: ModelShape, s: TrainSettings, recompute: Optional[str] = "auto"
                                          ) -> float:
     """Bytes one layer keeps for backward per token on one TP rank (Korthikanti et al. 2022, generalised).
@@ -299,7 +310,7 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
             "student weights": params * s.param_bytes,
             "student grads": params * grad_bytes,
             "optimizer state": params * optim_bytes / optim_shards,
-            "teacher weights": 0 if s.teacher_weights == "live" else params * s.param_bytes,
+            "teacher weights": teacher_weight_bytes(s, params),
         }
         act = layers * per_layer * tokens * in_flight_microbatches(s, stage)
         if stage == 0:  # token ids (int64)
