@@ -365,11 +365,15 @@ class OPSDTrainer:
                 len=f"{m['rollout/mean_length']:.0f}", tok_s=f"{m['tokens_per_s']:.0f}"))
             self.save()
         finally:
-            if self.logger is not None:
-                self.logger.close()
-            if self.sidecar is not None:
-                self.sidecar.stop()
+            self.close()
         return history
+
+    def close(self) -> None:
+        """Close the metrics files and stop the local sidecar (if this rank started one)."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.sidecar is not None:
+            self.sidecar.stop()
 
 
 def train(cfg: OPSDConfig) -> list[dict]:
