@@ -162,12 +162,13 @@ def test_loss_settings_from_config():
 
     cfg = load_config(None, ["loss.kind=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.topk_divergence=jsd",
                              "loss.beta=0.3", "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi",
-                             "teacher.pmi_beta=0.5", "teacher.pmi_clip=3", "loss.demopsd_alpha_max=0.2",
-                             "loss.demopsd_beta=2"])
+                             "teacher.pmi_beta=0.5", "teacher.pmi_clip=3", "teacher.pmi_center=teacher",
+                             "loss.demopsd_alpha_max=0.2", "loss.demopsd_beta=2"])
     s = LossSettings.from_config(cfg)
     assert (s.kind, s.top_k, s.topk_tail, s.topk_divergence, s.beta, s.temperature) == ("topk", 7, False, "jsd", 0.3,
                                                                                        1.2)
-    assert (s.target, s.pmi_beta, s.pmi_clip, s.demopsd_alpha_max, s.demopsd_beta) == ("pmi", 0.5, 3.0, 0.2, 2.0)
+    assert (s.target, s.pmi_beta, s.pmi_clip, s.pmi_center, s.demopsd_alpha_max, s.demopsd_beta) == (
+        "pmi", 0.5, 3.0, "teacher", 0.2, 2.0)
 
 
 @pytest.mark.parametrize("overrides, message", [
