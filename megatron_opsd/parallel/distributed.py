@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ class ParallelConfig:
 
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def sequence_multiple(self, pad_to_multiple_of: int) -> int:
+        """What padded sequence lengths must be a multiple of: ``data.pad_to_multiple_of``, and with sequence
+        parallelism also TP (megatron splits the sequence into TP equal parts: embedding reduce-scatter)."""
+        if self.sequence_parallel:
+            return math.lcm(pad_to_multiple_of, self.tensor_model_parallel_size)
+        return pad_to_multiple_of
 
     def data_parallel_size(self, world_size: int) -> int:
         self.validate_world(world_size)

@@ -58,7 +58,8 @@ class GRPOTrainer(OPSDTrainer):
             "old_logprobs": old,
         }
         kw = dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
-                  pad_multiple=self.cfg.data.pad_to_multiple_of, dp_size=self.dp_size, dp_rank=self.dp_rank)
+                  pad_multiple=self.cfg.parallel.sequence_multiple(self.cfg.data.pad_to_multiple_of),
+                  dp_size=self.dp_size, dp_rank=self.dp_rank)
         mbs = build_microbatches(prompts, responses, per_token["weights"], **kw)
         for key in ("advantages", "old_logprobs"):  # same layout as the weights: one value per response row
             for mb, other in zip(mbs, build_microbatches(prompts, responses, per_token[key], **kw)):

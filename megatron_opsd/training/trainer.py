@@ -228,6 +228,7 @@ class OPSDTrainer:
             weights = token_weights(lengths, cfg.loss.reduction)
             weights = [torch.cat([w, torch.zeros(len(r) - len(w))]) for w, r in zip(weights, responses)]
             kw = dict(micro_batch_size=cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
+                      pad_multiple=cfg.parallel.sequence_multiple(cfg.data.pad_to_multiple_of),
                       dp_size=self.dp_size, dp_rank=self.dp_rank)
             student_mbs = build_microbatches([rollouts.student_prompts[i] for i, _ in keep], responses, weights, **kw)
             loss = LossSettings.from_config(cfg)
