@@ -60,7 +60,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     limit: Optional[int] = None  # keep only the first N rows of a dataset file
-    pad_to_multiple_of: int = 8  # padded sequence length is a multiple of this (e.g. 8, or the TP size)
+    pad_to_multiple_of: int = 8  # padded sequence length is a multiple of this (and of TP with sequence parallel)
 
 
 @dataclass

@@ -9,8 +9,13 @@ from megatron_opsd.models.weights import logits_on_last_stage
 
 
 def logits_of_many(hf_dirs: dict, tokens: torch.Tensor):
-    """name -> our real-vocab logits on last-stage ranks, None elsewhere."""
-    out = {name: logits_on_last_stage(path, tokens) for name, path in hf_dirs.items()}
+    """name -> our real-vocab logits on last-stage ranks, None elsewhere; at TP > 1 also ``(name, "sp")`` -> the
+    logits with sequence parallelism."""
+    from megatron.core import parallel_state as ps
+
+    variants = (False, True) if ps.get_tensor_model_parallel_world_size() > 1 else (False,)
+    out = {(name, "sp") if sp else name: logits_on_last_stage(path, tokens, sequence_parallel=sp)
+           for name, path in hf_dirs.items() for sp in variants}
     return None if any(v is None for v in out.values()) else out
 
 

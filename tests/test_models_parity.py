@@ -1,4 +1,5 @@
-"""Our megatron GPTModel vs transformers: logits parity across TP/PP/VPP, export round-trip, bad input."""
+"""Our megatron GPTModel vs transformers: logits parity across TP/PP/VPP (and with sequence parallelism at TP > 1),
+export round-trip, bad input."""
 import json
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from megatron_opsd.parallel.launch import run_distributed
 from tests._workers_models import bad_inputs, export_many, logits_of_many
 
 TOL = 1e-4  # fp32, max abs logit difference
+SP_TOL = 1e-6  # sequence parallel on vs off at the same TP (fp32; measured 0.0)
 ALL = ("qwen3", "qwen3_tied", "qwen2", "llama")  # qwen2 is tied too (and has qkv bias); llama has llama3 RoPE
 
 # (TP, PP, VPP, checkpoints): one spawn per layout
@@ -52,6 +54,9 @@ def test_logits_match_transformers(tiny_checkpoints, tp, pp, vpp, names):
             assert ours[name].shape == ref.shape == (2, 12, 379), name
             diff = (ours[name] - ref).abs().max().item()
             assert diff < TOL, f"{name} at TP={tp} PP={pp} VPP={vpp}: max abs diff {diff:.2e}"
+            if tp > 1:  # sequence parallelism splits the sequence, not the arithmetic: measured bitwise equal
+                sp_diff = (ours[name, "sp"] - ours[name]).abs().max().item()
+                assert sp_diff <= SP_TOL, f"{name} at TP={tp} PP={pp}: sequence parallel on vs off {sp_diff:.2e}"
 
 
 def test_export_round_trip_is_bitwise(tiny_checkpoints, tmp_path):

@@ -19,7 +19,9 @@ def rollouts():
     return student, teacher, responses
 
 
-def step_worker(hf_dir: str, reduction: str, micro_batch_size: int):
+def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_parallel: bool = False):
+    """(loss, grad norm, updated params by HF name, layer-norm grads after finalize_model_grads, the sequence
+    length the final norm saw)."""
     from megatron.core import parallel_state as ps
 
     from megatron_opsd.models.gpt import build_model
@@ -27,9 +29,9 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int):
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
     from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, student_forward_backward
 
-    student_chunks = build_model(hf_dir)
+    student_chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(student_chunks, hf_dir)
-    teacher_chunks = build_model(hf_dir)
+    teacher_chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(teacher_chunks, hf_dir)  # frozen teacher: the initial weights
     ddp, optimizer, scheduler = setup_training(student_chunks, OptimizerSettings(lr=1e-3, clip_grad=1.0))
     student, teacher, responses = rollouts()
@@ -39,12 +41,18 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int):
     student_mbs = build_microbatches(student, responses, weights, **kw)
     teacher_mbs = build_microbatches(teacher, responses, weights, **kw)
     teacher_rows = collect_teacher_rows(teacher_chunks, teacher_mbs)
+    seen = []  # the final norm's input rows: seq / TP when the sequence is really split
+    final_norm = student_chunks[-1].decoder.final_layernorm
+    if final_norm is not None:
+        final_norm.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     zero_grads(ddp, optimizer)
     out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossSettings(),
                                    real_vocab_size=student_chunks[0].real_vocab_size)
-    optimizer_step(optimizer, scheduler)
+    norm_grads = {name: p.main_grad.clone() for chunk in student_chunks for name, p in chunk.named_parameters()
+                  if "layernorm" in name}
+    info = optimizer_step(optimizer, scheduler)
     params = {name: t for name, t in iter_hf_tensors(student_chunks) if t is not None}
-    return out.loss, params
+    return out.loss, info["grad_norm"], params, norm_grads, set(seen)
 
 
 def reference_loss(hf_dir: str, reduction: str) -> float:
@@ -63,11 +71,11 @@ def reference_loss(hf_dir: str, reduction: str) -> float:
     return torch.stack([k.mean() for k in per_seq]).mean().item()
 
 
-def run(hf_dir, tp, pp, dp=1, reduction="token_mean", micro_batch_size=1):
-    results = run_distributed(step_worker, tp * pp * dp, ParallelConfig(tensor_model_parallel_size=tp,
-                                                                        pipeline_model_parallel_size=pp),
-                              hf_dir, reduction, micro_batch_size)
-    return results[0][0], results[0][1]  # the step's loss is reduced onto every rank
+def run(hf_dir, tp, pp, dp=1, reduction="token_mean", micro_batch_size=1, sequence_parallel=False):
+    """Rank 0's ``step_worker`` result (the loss and grad norm are reduced onto every rank)."""
+    cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                         sequence_parallel=sequence_parallel)
+    return run_distributed(step_worker, tp * pp * dp, cfg, hf_dir, reduction, micro_batch_size, sequence_parallel)[0]
 
 
 def relative_errors(a: dict, b: dict) -> float:
@@ -77,17 +85,25 @@ def relative_errors(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
 def test_step_tp1_matches_reference(tiny_checkpoints, reduction):
-    loss, _ = run(tiny_checkpoints["qwen3"], 1, 1, reduction=reduction)
+    loss, *_ = run(tiny_checkpoints["qwen3"], 1, 1, reduction=reduction)
     assert loss == pytest.approx(reference_loss(tiny_checkpoints["qwen3"], reduction), rel=1e-5)
 
 
 def test_step_same_across_tp_pp_dp(tiny_checkpoints):
+    """TP=2 (with and without sequence parallelism), PP=2 and DP=2 against TP=1: loss, grad norm, updated
+    parameters; at TP=2 also the norm weights' gradients (q/k norms see a rank's heads, and with sequence
+    parallelism every norm sees a rank's tokens: finalize_model_grads must sum them over TP)."""
     hf_dir = tiny_checkpoints["qwen3"]
-    base_loss, base_params = run(hf_dir, 1, 1)
-    for tp, pp, dp, mbs in ((2, 1, 1, 2), (1, 2, 1, 1), (1, 1, 2, 1)):
-        loss, params = run(hf_dir, tp, pp, dp, micro_batch_size=mbs)
-        assert loss == pytest.approx(base_loss, rel=REL_TOL), (tp, pp, dp)
-        assert relative_errors(params, base_params) < REL_TOL, (tp, pp, dp)
+    base_loss, base_norm, base_params, base_norm_grads, _ = run(hf_dir, 1, 1)
+    for tp, pp, dp, mbs, sp in ((2, 1, 1, 2, False), (2, 1, 1, 2, True), (1, 2, 1, 1, False), (1, 1, 2, 1, False)):
+        layout = dict(tp=tp, pp=pp, dp=dp, sequence_parallel=sp)
+        loss, grad_norm, params, norm_grads, seen = run(hf_dir, tp, pp, dp, micro_batch_size=mbs, sequence_parallel=sp)
+        assert loss == pytest.approx(base_loss, rel=REL_TOL), layout
+        assert grad_norm == pytest.approx(base_norm, rel=REL_TOL), layout
+        assert relative_errors(params, base_params) < REL_TOL, layout
+        if tp > 1:
+            assert relative_errors(norm_grads, base_norm_grads) < REL_TOL, layout
+            assert seen == {16 // tp if sp else 16}, layout  # student rows: 13 tokens at most, padded to 16
 
 
 def test_token_weights_equal_reduction_weights():

@@ -32,6 +32,10 @@ def test_world_not_divisible_names_the_sizes():
     assert cfg.data_parallel_size(8) == 2
 
 
-def test_cpu_refuses_sequence_parallel():
-    with pytest.raises(ValueError, match="parallel.sequence_parallel needs CUDA"):
-        ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate_world(2)
+def test_sequence_parallel_runs_on_cpu_and_pads_to_tp():
+    ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate_world(2)  # no longer refused
+    with pytest.raises(ValueError, match="parallel.context_parallel_size > 1 needs Transformer Engine"):
+        ParallelConfig(context_parallel_size=2).validate_world(2)
+    assert ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True).sequence_multiple(6) == 12
+    assert ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).sequence_multiple(8) == 8
+    assert ParallelConfig(tensor_model_parallel_size=4).sequence_multiple(6) == 6

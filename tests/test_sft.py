@@ -29,8 +29,8 @@ def run_config(tmp_path, model_dir, train_path, name, *overrides):
                                   "logging.tensorboard=false", *overrides])
 
 
-def step_losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def step_losses(run_dir, key="loss"):
+    return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -137,16 +137,20 @@ def test_bad_input_names_the_field(tiny_checkpoints, tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 PACKED = {"data.packing": "true", "optim.micro_batch_size": 1}  # 4 conversations -> fewer, longer rows
+# unpadded lengths: sequence parallelism must pad them to a multiple of TP itself
+SEQUENCE_PARALLEL = {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": "true",
+                     "data.pad_to_multiple_of": 1}
 
 
 @pytest.mark.parametrize("layout,world", [({}, 1), ({"parallel.tensor_model_parallel_size": 2}, 2),
                                           ({"parallel.pipeline_model_parallel_size": 2}, 2), ({}, 2),
-                                          (PACKED, 1), ({**PACKED, "parallel.pipeline_model_parallel_size": 2}, 2)],
-                         ids=["tp1", "tp2", "pp2", "dp2", "packed", "packed_pp2"])
+                                          (PACKED, 1), ({**PACKED, "parallel.pipeline_model_parallel_size": 2}, 2),
+                                          (SEQUENCE_PARALLEL, 2)],
+                         ids=["tp1", "tp2", "pp2", "dp2", "packed", "packed_pp2", "tp2_sp"])
 def test_sft_losses_match_across_layouts(tiny_checkpoints, tmp_path_factory, layout, world, request):
-    """Three optimizer steps on the same data: the token-mean loss at TP=2, PP=2 and DP=2, and with packed rows
-    (block-diagonal causal attention, positions restarting per conversation), equals TP=1 unpacked (step 1
-    checks the forward, steps 2-3 the gradients and the optimizer)."""
+    """Three optimizer steps on the same data: the token-mean loss at TP=2 (also with sequence parallelism),
+    PP=2 and DP=2, and with packed rows (block-diagonal causal attention, positions restarting per
+    conversation), equals TP=1 unpacked (step 1 checks the forward, steps 2-3 the gradients and the optimizer)."""
     root = tmp_path_factory.getbasetemp() / "sft_parity"
     root.mkdir(exist_ok=True)
     train = write_jsonl(root / "train.jsonl", pair_rows())
@@ -163,6 +167,8 @@ def test_sft_losses_match_across_layouts(tiny_checkpoints, tmp_path_factory, lay
     assert reference.exists(), "run the tp1 case first (parametrize order)"
     expected = step_losses(reference)
     assert losses == pytest.approx(expected, rel=1e-5)  # measured: <= 2.4e-8
+    if name == "tp2_sp":  # the norms' gradients are summed over TP (finalize_model_grads) or the norm is off
+        assert step_losses(root / name, "grad_norm") == pytest.approx(step_losses(reference, "grad_norm"), rel=1e-5)
 
 
 @pytest.mark.slow  # ~25 s alone; keeps the default area under ~3 min

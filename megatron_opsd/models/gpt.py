@@ -9,6 +9,7 @@ import torch
 
 from megatron_opsd.models.families import (have_transformer_engine, require_te_for_fp8, rope_parameters,
                                           transformer_config_from_hf)
+from megatron_opsd.models.local_spec import local_block_spec
 
 
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
@@ -28,16 +29,15 @@ def load_hf_config(hf_config_or_dir):
     return hf_config_or_dir
 
 
-def layer_spec(config, fp8: Optional[str]):
-    """Transformer Engine spec on GPU (required for FP8), megatron's local spec on CPU."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
+def layer_spec(config, fp8: Optional[str], vp_stage: Optional[int] = None):
+    """Transformer Engine's layer spec on GPU (required for FP8); otherwise megatron's local spec with norms that
+    support sequence parallelism (``local_spec.local_block_spec``), as a block spec for this pipeline stage."""
     require_te_for_fp8(fp8)
     if have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    return local_block_spec(config, vp_stage)
 
 
 def _hf_inv_freq(hf_config) -> Optional[torch.Tensor]:
@@ -77,7 +77,6 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
                                         recompute_granularity=recompute_granularity,
                                         sequence_parallel=sequence_parallel
                                         and ps.get_tensor_model_parallel_world_size() > 1)
-    spec = layer_spec(config, fp8)
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
     rope = rope_parameters(hf_config)
@@ -88,7 +87,7 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec(config, fp8, stage),
             vocab_size=vocab,
             max_sequence_length=hf_config.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

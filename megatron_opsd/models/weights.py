@@ -388,10 +388,11 @@ def _finish_hf_dir(tmp: Path, out_dir: Path, files: list, total: int, hf_config,
 
 
 # ----------------------------------------------------------------------------------------------- check
-def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool = False) -> Optional[torch.Tensor]:
     """Per-rank worker: real-vocabulary logits of the model in ``hf_dir`` on the last stage (gathered over TP).
 
-    Runs megatron's own pipeline schedule (1F1B or interleaved), one sequence per micro-batch.
+    Runs megatron's own pipeline schedule (1F1B or interleaved), one sequence per micro-batch; with
+    ``sequence_parallel`` (TP > 1) the sequence length must be a multiple of TP.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -399,7 +400,7 @@ def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor) -> Optional[torch.Te
 
     from megatron_opsd.models.gpt import build_model
 
-    chunks = build_model(hf_dir)
+    chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(chunks, hf_dir)
     device = next(chunks[0].parameters()).device
     tokens = tokens.to(device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
+    def sequence_multiple(self, pad_to_multiple_of: int) -> int:
+        """What padded sequence lengths must be a multiple of: ``data.pad_to_multiple_of``, and with sequence
+        parallelism also TP (megatron splits the sequence into TP equal parts: embedding reduce-scatter)."""
+        if self.sequence_parallel:
+            return math.lcm(pad_to_multiple_of, self.tensor_model_parallel_size)
+        return pad_to_multiple_of
+
     def data_parallel_size(self, world_size: int) -> int:
         self.validate_world(world_size)
         return world_size // self.model_parallel_size()
@@ -44,11 +52,8 @@ class ParallelConfig:
                 f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "
                 f"({self.context_parallel_size}) = {mp}; change the sizes or launch {mp}*k processes"
             )
-        if not torch.cuda.is_available():
-            if self.sequence_parallel:
-                raise ValueError("parallel.sequence_parallel needs CUDA (megatron's torch norm asserts on CPU); set it false")
-            if self.context_parallel_size > 1:
-                raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine attention on GPU; set it to 1")
+        if not torch.cuda.is_available() and self.context_parallel_size > 1:
+            raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine attention on GPU; set it to 1")
 
 
 def _first_slurm_host(nodelist: str) -> str:

@@ -323,7 +323,8 @@ class SFTTrainer:
 
         cfg = self.cfg
         mbs = build_sft_microbatches(self.sampler.next_batch(), micro_batch_size=cfg.optim.micro_batch_size,
-                                     pad_id=self.tokenizer.pad_token_id, pad_multiple=cfg.data.pad_to_multiple_of,
+                                     pad_id=self.tokenizer.pad_token_id,
+                                     pad_multiple=cfg.parallel.sequence_multiple(cfg.data.pad_to_multiple_of),
                                      dp_size=self.dp_size, dp_rank=self.dp_rank,
                                      pack_to=cfg.data.max_seq_len if cfg.data.packing else None)
         zero_grads(self.ddp, self.optimizer)

@@ -287,7 +287,8 @@ class OPSDTrainer:
     def _batch_layout(self) -> dict:
         """``build_microbatches``' layout keywords for this rank (shared with GRPO)."""
         return dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
-                    pad_multiple=self.cfg.data.pad_to_multiple_of, dp_size=self.dp_size, dp_rank=self.dp_rank)
+                    pad_multiple=self.cfg.parallel.sequence_multiple(self.cfg.data.pad_to_multiple_of),
+                    dp_size=self.dp_size, dp_rank=self.dp_rank)
 
     def _teacher_model(self, context: str) -> list:
         """The chunks that run teacher context ``context``: the teacher replica (or the live student), except
