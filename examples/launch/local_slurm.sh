@@ -4,7 +4,8 @@
 #   examples/launch/local_slurm.sh start   # prints the SLURM_CONF to export
 #   export SLURM_CONF=/tmp/opsd-slurm/slurm.conf; sbatch ... examples/launch/opsd.sbatch
 #   examples/launch/local_slurm.sh stop
-# The node advertises CPUS (default 8) CPUs whatever the hardware has, so CPU test jobs can oversubscribe.
+# The node advertises CPUS (default 8) CPUs and 8 count-only GPUs whatever the hardware has, so CPU test jobs can
+# oversubscribe and opsd.sbatch's --gpus-per-node=8 is satisfiable.
 set -euo pipefail
 DIR=${SLURM_LOCAL_DIR:-/tmp/opsd-slurm}
 CPUS=${CPUS:-8}
@@ -35,9 +36,12 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
-NodeName=$HOST CPUs=$CPUS RealMemory=$(( $(free -m | awk '/^Mem:/ {print $2}') * 8 / 10 )) State=UNKNOWN
+GresTypes=gpu
+NodeName=$HOST CPUs=$CPUS Gres=gpu:8 RealMemory=$(( $(free -m | awk '/^Mem:/ {print $2}') * 8 / 10 )) State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+    # 8 count-only "GPUs" (no device files) so opsd.sbatch's `#SBATCH --gpus-per-node=8` is satisfiable on CPU
+    echo "NodeName=$HOST Name=gpu Count=8" > "$DIR/gres.conf"
     /usr/sbin/slurmctld -f "$DIR/slurm.conf"
     /usr/sbin/slurmd -f "$DIR/slurm.conf"
     for _ in $(seq 30); do

@@ -5,6 +5,7 @@ tensor names make up a layer. The weight mapping itself (fusions, TP slicing) is
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,15 +62,47 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
+TE_REQUIREMENT = "transformer-engine[pytorch]>=2.9,<2.12"  # megatron-core 0.16.1's range (setup.py extra `te`)
+MEGATRON_TE_MODULE = "megatron.core.extensions.transformer_engine"
+
+
 def have_transformer_engine() -> bool:
-    """Transformer Engine importable and a GPU present: the only case that builds the TE layer spec."""
+    """True when the TE layer spec will be built: a GPU is present and megatron-core can use Transformer Engine.
+
+    What counts is what megatron itself imports (``megatron.core.extensions.transformer_engine``), not a bare
+    ``import transformer_engine``: a TE that is installed but does not load (a wheel for another torch or CUDA,
+    a version outside megatron's range) is an error here, never a silent fall-back to the local spec. TE absent
+    on a GPU: False, with one loud warning (``warn_local_spec_on_gpu``).
+    """
+    import importlib
+    import importlib.util
+
     if not torch.cuda.is_available():
         return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformer_engine") is None:
+        warn_local_spec_on_gpu()
         return False
+    try:
+        importlib.import_module(MEGATRON_TE_MODULE)
+    except Exception as err:  # noqa: BLE001 - any failure to load TE is the same user problem
+        raise RuntimeError(f"Transformer Engine is installed but megatron-core cannot load it ({type(err).__name__}: "
+                           f"{err}); reinstall it with pip install '{TE_REQUIREMENT}' built for this torch/CUDA, "
+                           "or uninstall transformer-engine to use megatron's local spec") from err
     return True
+
+
+_WARNED_LOCAL_SPEC = False
+
+
+def warn_local_spec_on_gpu() -> None:
+    """Once per process: the GPU run uses megatron's local spec, which has no fused attention."""
+    global _WARNED_LOCAL_SPEC
+    if not _WARNED_LOCAL_SPEC:
+        _WARNED_LOCAL_SPEC = True
+        warnings.warn(f"CUDA without Transformer Engine: megatron's LOCAL layer spec is used (unfused attention "
+                      "materialises [heads, seq, seq] scores, no FP8, no fused norms): long sequences will not fit "
+                      f"and steps are slower; install pip install 'megatron-opsd[te]' ({TE_REQUIREMENT})",
+                      RuntimeWarning, stacklevel=3)
 
 
 # RoPE variants reproduced exactly by replacing megatron's inverse frequencies; yarn / longrope also rescale
@@ -99,8 +132,8 @@ def require_te_for_fp8(fp8: Optional[str]) -> None:
     """FP8 only works through the TE layer spec; megatron's local spec silently ignores the FP8 flags."""
     if fp8 and not have_transformer_engine():
         raise RuntimeError(
-            f"model.fp8={fp8!r} needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); megatron's local "
-            "layer spec would silently ignore FP8. Set model.fp8=null to run in bf16/fp32."
+            f"model.fp8={fp8!r} (or teacher.fp8) needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); "
+            "megatron's local layer spec would silently ignore FP8: set model.fp8=null to run in bf16/fp32"
         )
 
 
