@@ -82,12 +82,15 @@ def have_transformer_engine() -> bool:
     if importlib.util.find_spec("transformer_engine") is None:
         warn_local_spec_on_gpu()
         return False
-    try:
-        importlib.import_module(MEGATRON_TE_MODULE)
-    except Exception as err:  # noqa: BLE001 - any failure to load TE is the same user problem
-        raise RuntimeError(f"Transformer Engine is installed but megatron-core cannot load it ({type(err).__name__}: "
-                           f"{err}); reinstall it with pip install '{TE_REQUIREMENT}' built for this torch/CUDA, "
-                           "or uninstall transformer-engine to use megatron's local spec") from err
+    try:  # megatron catches TE's ImportError itself and records HAVE_TE = False
+        usable, err = importlib.import_module(MEGATRON_TE_MODULE).HAVE_TE, None
+    except Exception as caught:  # noqa: BLE001 - any failure to load TE is the same user problem
+        usable, err = False, caught
+    if not usable:
+        reason = f"{type(err).__name__}: {err}" if err else "its import fails inside megatron"
+        raise RuntimeError(f"Transformer Engine is installed but megatron-core cannot load it ({reason}); reinstall "
+                           f"pip install '{TE_REQUIREMENT}' built for this torch/CUDA, or uninstall transformer-engine "
+                           "to use megatron's local spec") from err
     return True
 
 
