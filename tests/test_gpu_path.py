@@ -178,3 +178,19 @@ def test_teacher_fp8_config(tmp_path):
     assert teacher_fp8(load_config(str(path), ["model.fp8=hybrid", "teacher.fp8=null"])) is None
     with pytest.raises(ConfigError, match="teacher.fp8=e4m3: teacher.weights=live"):
         load_config(str(path), ["teacher.weights=live", "teacher.fp8=e4m3"])
+
+
+def test_kernel_report_names_what_megatron_picked(monkeypatch, capsys):
+    """`megatron-opsd version` reports megatron's own choice (TE > apex > torch), read from megatron's modules."""
+    from megatron.core import optimizer as mcore_optimizer
+
+    from megatron_opsd.cli import main
+    from megatron_opsd.models.families import kernel_report
+
+    assert kernel_report() == {"adam": "torch.AdamW", "multi_tensor_applier": "megatron",
+                               "layer_spec (norm, attention)": "local"}
+    fused = type("FusedAdam", (), {"__module__": "apex.optimizers.fused_adam"})
+    monkeypatch.setattr(mcore_optimizer, "Adam", fused)
+    assert kernel_report()["adam"] == "apex.FusedAdam"
+    assert main(["version"]) == 0
+    assert "adam: apex.FusedAdam" in capsys.readouterr().out

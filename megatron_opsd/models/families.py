@@ -94,6 +94,30 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def kernel_report() -> dict:
+    """Which fused kernels megatron-core 0.16.1 uses in this environment (``megatron-opsd version``).
+
+    megatron picks at import time, TE first, then apex, then torch: ``megatron.core.optimizer.Adam`` (TE's or
+    apex's FusedAdam, else ``torch.optim.AdamW``, also under the distributed optimizer) and the optimizer's and
+    grad clipping's ``multi_tensor_applier`` (TE, apex's ``amp_C``, else a per-tensor loop). Norms and attention
+    come from the layer spec: TE's fused RMSNorm and fused attention with TE on a GPU, else torch's norm and
+    megatron's unfused attention (apex's fused norms serve LayerNorm only, which no supported family uses).
+    """
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer_impl
+
+    def origin(obj) -> str:
+        return getattr(obj, "__module__", "?").split(".")[0]
+
+    try:
+        spec = "transformer_engine" if have_transformer_engine() else "local"
+    except RuntimeError as err:
+        spec = f"broken ({err})"
+    return {"adam": f"{origin(mcore_optimizer.Adam)}.{mcore_optimizer.Adam.__name__}",
+            "multi_tensor_applier": origin(mcore_optimizer_impl.multi_tensor_applier),
+            "layer_spec (norm, attention)": spec}
+
+
 _WARNED_LOCAL_SPEC = False
 
 
