@@ -86,10 +86,9 @@ class OPSDTrainer:
         from megatron_opsd.models.weights import load_hf_checkpoint
         from megatron_opsd.parallel import init_distributed
         from megatron_opsd.rewards import build_reward
+        from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu
         from megatron_opsd.training.engine import OptimizerSettings, setup_training
         from megatron_opsd.training.schedule import copy_weights_
-
-        from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu
 
         self.cfg = cfg
         refuse_local_sidecar_on_gpu(cfg.rollout.sidecar_urls)
