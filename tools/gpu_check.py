@@ -13,7 +13,8 @@ others; exit status 1 if any failed):
                               on CUDA each step's loss and grad norm are compared with the same step run on the
                               CPU (this script with --device cpu in a subprocess)
   teacher_per_microbatch      the PP=1 trainer's teacher forward per micro-batch gives the step's loss and grad
-                              norm of teacher-forwards-first (training/opsd.py teacher_signal_source)
+                              norm of teacher-forwards-first (training/opsd.py teacher_signal_source), for the
+                              plain teacher, Purified OPSD (three teachers) and DemoPSD
   divergence                  vocab-parallel reverse KL forward+backward at 8,192 x 151,936 vs the naive
                               log-softmax of both: time, peak memory, achieved bytes/s vs a measured copy bandwidth
   opsd_throughput             OPSD step (teacher forward + student forward/backward + Adam) at a ~1B shape:
@@ -163,13 +164,27 @@ def probe_grpo_step(ctx: dict) -> dict:
     return _step_numbers(trainer)
 
 
+TEACHER_TARGETS = {"teacher": ["loss.kind=jsd"], "pmi": ["loss.target=pmi", "teacher.purified=true"],
+                   "demopsd": ["loss.target=demopsd"]}
+
+
 def probe_teacher_per_microbatch(ctx: dict) -> dict:
-    """The trainer's PP=1 per-micro-batch teacher vs all teacher rows collected first: same loss and grad norm."""
+    """The trainer's PP=1 per-micro-batch teacher vs all teacher rows collected first: same loss and grad norm,
+    for the plain teacher, Purified OPSD's three teacher forwards and DemoPSD's barycenter."""
+    out = {}
+    for target, overrides in TEACHER_TARGETS.items():
+        result = _teacher_modes(ctx, target, overrides)
+        out.update({f"{target}_{k}": v for k, v in result.items()})
+    out["status"] = "pass" if all(v == "pass" for k, v in out.items() if k.endswith("_status")) else "fail"
+    return out
+
+
+def _teacher_modes(ctx: dict, target: str, overrides: list) -> dict:
     from megatron_opsd.training import opsd
 
     numbers = {}
     for mode in ("microbatch", "step"):
-        trainer = _opsd_trainer(ctx, f"teacher_{mode}", ["loss.kind=jsd", "optim.micro_batch_size=1"])
+        trainer = _opsd_trainer(ctx, f"teacher_{target}_{mode}", overrides)
         if mode == "step":
             original = opsd.teacher_signal_source
 
