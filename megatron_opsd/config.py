@@ -38,7 +38,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # default: model.path
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine on GPU; refused loudly without it
-    fp8_recipe: Literal["delayed", "current"] = "delayed"
+    fp8_recipe: Literal["delayed", "current"] = "current"  # current (tensorwise) scaling: no amax history (docs/gpu.md)
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     make_vocab_size_divisible_by: int = 128  # padded vocabulary rows are excluded from every divergence
     enable_thinking: Optional[bool] = None  # chat template switch (Qwen3); None = template default
@@ -80,6 +80,7 @@ class TeacherConfig:
     # the vocabulary"; dominated by the ~150k tail tokens), teacher = its mean under the full teacher pi_T
     # (= KL(pi_T || pi_R)), so the clip is symmetric around the tokens the teacher actually predicts
     pmi_center: Literal["uniform", "teacher"] = "uniform"
+    fp8: Optional[Literal["student", "hybrid", "e4m3"]] = "student"  # teacher replica's FP8; null: BF16 teacher
 
 
 @dataclass
@@ -417,6 +418,9 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
     need(cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
     need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    need(t.weights != "live" or t.fp8 == "student",
+         f"teacher.fp8={t.fp8}: teacher.weights=live runs the teacher on the student's own weights (model.fp8); set "
+         "teacher.fp8=student or teacher.weights=frozen|ema|refresh")
     return cfg
 
 

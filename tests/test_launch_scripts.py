@@ -44,6 +44,25 @@ def option(argv: list, name: str) -> str:
     raise KeyError(name)
 
 
+def options(argv: list, name: str) -> list:
+    """Every value of ``--name value`` in argv (repeated options such as ``--set``)."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == name]
+
+
+def sbatch_directives() -> dict:
+    """``#SBATCH --key=value`` lines of the script."""
+    return dict(line[len("#SBATCH "):].split("=", 1) for line in SBATCH.read_text().splitlines()
+                if line.startswith("#SBATCH ") and "=" in line)
+
+
+def test_sbatch_directives_ask_for_gpus_and_write_no_missing_dir():
+    """A job without --gpus-per-node gets no GPUs on GRES clusters; --output into a logs/ that does not exist makes
+    slurm drop the job's output silently, so the script leaves --output to slurm's default."""
+    directives = sbatch_directives()
+    assert directives["--gpus-per-node"] == "8"
+    assert "--output" not in directives
+
+
 def test_sbatch_dry_run_llama70b_layout():
     """6 nodes: trainer TP8 x PP4 on 4 nodes, one TP=8 sidecar on each of the 2 sidecar nodes."""
     rc, commands, out = dry_run_sbatch(HOSTS="g1 g2 g3 g4 g5 g6", TRAINER_NODES=4, SIDECAR_NODES=2,
@@ -59,18 +78,21 @@ def test_sbatch_dry_run_llama70b_layout():
         assert tail[2:4] == ["megatron-opsd", "sidecar"] and option(tail, "--model") == "/ckpt"
         assert option(tail, "--tensor-parallel-size") == "8" and option(tail, "--port") == "8000"
         assert option(cmd, "--output") == f"/logs/j/sidecar-{option(cmd, '--nodelist')}-0.log"
+        assert option(cmd, "--cpus-per-task") == "64"  # 8 GPUs x CPUS_PER_GPU=8: vLLM's workers get cores
     assert [c for c in commands if c[:2] == ["wait", "for"]] == [["wait", "for", "http://g5:8000/health"],
                                                                   ["wait", "for", "http://g6:8000/health"]]
     assert option(trainer, "--nodes") == "4" and option(trainer, "--ntasks-per-node") == "1"
     assert option(trainer, "--nodelist") == "g1,g2,g3,g4" and "--overlap" not in trainer
     assert option(trainer, "--output") == "/logs/j/trainer-%N.log"
+    assert option(trainer, "--cpus-per-task") == "64"  # 8 ranks x 8 cores, not 8 ranks on one core
     torchrun = trainer[trainer.index("torchrun"):]
     assert option(torchrun, "--nnodes") == "4" and option(torchrun, "--nproc-per-node") == "8"
     assert option(torchrun, "--rdzv-backend") == "c10d" and option(torchrun, "--rdzv-endpoint") == "g1:29400"
     assert option(torchrun, "--log-dir") == "/logs/j/ranks"
     program = torchrun[torchrun.index("--no-python") + 1:]
     assert program[:4] == ["megatron-opsd", "train", "--config", "cfg.yaml"]
-    assert option(program, "--set") == "rollout.sidecar_urls=http://g5:8000,http://g6:8000"
+    # the trainer trains the checkpoint the sidecars serve
+    assert options(program, "--set") == ["model.path=/ckpt", "rollout.sidecar_urls=http://g5:8000,http://g6:8000"]
 
 
 def test_sbatch_dry_run_sidecar_on_trainer_node():
@@ -82,6 +104,7 @@ def test_sbatch_dry_run_sidecar_on_trainer_node():
     assert option(sidecar, "--nodelist") == "n1" and "CUDA_VISIBLE_DEVICES=6,7" in sidecar
     assert "--overlap" in trainer and option(trainer, "--nodes") == "1"
     assert option(trainer, "--nproc-per-node") == "6"
+    assert option(sidecar, "--cpus-per-task") == "16" and option(trainer, "--cpus-per-task") == "48"
     assert "rollout.sidecar_urls=http://n1:8000" in trainer
 
 
@@ -239,7 +262,7 @@ def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
     port = 18000 + os.getpid() % 1000
     env = _slurm_env()
     env.update(CONFIG="unused.yaml", MODEL=str(model), SIDECAR_NODES="0", SIDECAR_TP="1", GPUS_PER_NODE="2",
-               SIDECAR_PORT=str(port), RDZV_PORT=str(port + 1),
+               SIDECAR_PORT=str(port), RDZV_PORT=str(port + 1), CPUS_PER_GPU="1",
                SIDECAR_ARGS="--dtype float32 --kv-cache-memory-bytes 134217728", HEALTH_TIMEOUT="400",
                TRAINER_CMD="python -m megatron_opsd.parallel.smoke --tp 2", LOG_DIR=str(tmp_path / "logs"),
                VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
@@ -250,6 +273,7 @@ def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
     ranks = _smoke_lines(ranks_text)
     assert sorted(ranks) == [0, 1] and all(v[:2] == (2, 2) for v in ranks.values())
     assert "smoke sidecar http://" in ranks_text and f":{port}/health -> HTTP 200" in ranks_text
+    assert f"overrides: model.path={model} rollout.sidecar_urls=" in ranks_text  # trains what the sidecar serves
     host_port = f":{port}"
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines() if "sidecar" in line and host_port in line]  # shut down

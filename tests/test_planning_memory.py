@@ -100,6 +100,40 @@ def test_llama_70b_pipeline_stages_by_hand():
     assert plan.peak.stage == 0
 
 
+def test_fp8_weight_caches_by_hand():
+    """Qwen3-8B TP=2 FP8 student (2 B per GEMM weight: the cast and its transpose) and FP8 frozen teacher (1 B);
+    a BF16 teacher or a live one adds nothing."""
+    base = dict(tensor_parallel=2, data_parallel=3, micro_batch_size=1, seq_length=9216, response_tokens=8192,
+                num_microbatches=11, teacher_weights="frozen")
+    gemm_per_rank = 36 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 4096 * 2 * 12288 + 12288 * 4096) // 2
+    assert gemm_per_rank == 36 * 4096 * 47104 // 2  # 3.47 G weights per rank
+    both = estimate_memory(shape("qwen3-8b"), TrainSettings(**base, fp8="hybrid", teacher_fp8="hybrid")).stages[0]
+    assert both.components["student fp8 weight cache"] == 2 * gemm_per_rank
+    assert both.components["teacher fp8 weight cache"] == gemm_per_rank
+    bf16_teacher = estimate_memory(shape("qwen3-8b"), TrainSettings(**base, fp8="hybrid")).stages[0].components
+    assert "teacher fp8 weight cache" not in bf16_teacher
+    live = dict(base, teacher_weights="live")
+    assert "teacher fp8 weight cache" not in estimate_memory(
+        shape("qwen3-8b"), TrainSettings(**live, fp8="hybrid", teacher_fp8="hybrid")).stages[0].components
+    assert "student fp8 weight cache" not in estimate_memory(shape("qwen3-8b"), TrainSettings(**base)).stages[0].components
+
+
+@pytest.mark.parametrize("pp,held", [(1, "microbatch"), (2, "step")])
+def test_plan_holds_what_the_trainer_holds(pp, held):
+    """The trainer runs the teacher per micro-batch at PP=1 and for the whole step at PP > 1
+    (opsd.teacher_signal_source); the plan derives the same from the config, and teacher.fp8 resolves."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.planning.cli import settings_from_config
+
+    cfg = load_config(str(ROOT / "examples" / "configs" / "qwen3-8b_opsdc.yaml"),
+                      [f"parallel.pipeline_model_parallel_size={pp}", "model.fp8=hybrid", "teacher.fp8=null"])
+    settings, _ = settings_from_config(cfg, data_parallel=3)
+    assert settings.teacher_logits_held == held
+    assert settings.fp8 == "hybrid" and settings.teacher_fp8 is None
+    cfg.teacher.fp8 = "student"
+    assert settings_from_config(cfg, data_parallel=3)[0].teacher_fp8 == "hybrid"
+
+
 def test_korthikanti_formula_for_gpt3():
     """GPT-3 175B (MHA, 4h GELU MLP, no RoPE, dropout): 34 h bytes per token and layer; TP splits 24 of them."""
     gpt3 = ModelShape(hidden_size=12288, num_layers=96, num_heads=96, num_kv_heads=96, head_dim=128,

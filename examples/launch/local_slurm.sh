@@ -4,7 +4,8 @@
 #   examples/launch/local_slurm.sh start   # prints the SLURM_CONF to export
 #   export SLURM_CONF=/tmp/opsd-slurm/slurm.conf; sbatch ... examples/launch/opsd.sbatch
 #   examples/launch/local_slurm.sh stop
-# The node advertises CPUS (default 8) CPUs whatever the hardware has, so CPU test jobs can oversubscribe.
+# The node advertises CPUS (default 8) CPUs and 8 placeholder GPUs whatever the hardware has, so CPU test jobs can
+# oversubscribe and opsd.sbatch's --gpus-per-node=8 is satisfiable.
 set -euo pipefail
 DIR=${SLURM_LOCAL_DIR:-/tmp/opsd-slurm}
 CPUS=${CPUS:-8}
@@ -35,9 +36,15 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
-NodeName=$HOST CPUs=$CPUS RealMemory=$(( $(free -m | awk '/^Mem:/ {print $2}') * 8 / 10 )) State=UNKNOWN
+GresTypes=gpu
+NodeName=$HOST CPUs=$CPUS Gres=gpu:8 RealMemory=$(( $(free -m | awk '/^Mem:/ {print $2}') * 8 / 10 )) State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+    # 8 placeholder "GPUs" so opsd.sbatch's `#SBATCH --gpus-per-node=8` is satisfiable on CPU: slurmd wants one
+    # file per GPU (it logs that they are not devices, and registers them anyway; a Count without File reports 0)
+    for i in $(seq 0 7); do : > "$DIR/fake-gpu$i"; done  # slurm needs a file per GPU; nothing opens them
+    echo "NodeName=$HOST Name=gpu File=$DIR/fake-gpu[0-7]" > "$DIR/gres.conf"
+    export SLURM_CONF="$DIR/slurm.conf"  # gres.conf is read from the directory of SLURM_CONF
     /usr/sbin/slurmctld -f "$DIR/slurm.conf"
     /usr/sbin/slurmd -f "$DIR/slurm.conf"
     for _ in $(seq 30); do

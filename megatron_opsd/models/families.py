@@ -5,6 +5,7 @@ tensor names make up a layer. The weight mapping itself (fusions, TP slicing) is
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,15 +62,74 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
+TE_REQUIREMENT = "transformer-engine[pytorch]>=2.9,<2.12"  # megatron-core 0.16.1's range (setup.py extra `te`)
+MEGATRON_TE_MODULE = "megatron.core.extensions.transformer_engine"
+
+
 def have_transformer_engine() -> bool:
-    """Transformer Engine importable and a GPU present: the only case that builds the TE layer spec."""
+    """True when the TE layer spec will be built: a GPU is present and megatron-core can use Transformer Engine.
+
+    What counts is what megatron itself imports (``megatron.core.extensions.transformer_engine``), not a bare
+    ``import transformer_engine``: a TE that is installed but does not load (a wheel for another torch or CUDA,
+    a version outside megatron's range) is an error here, never a silent fall-back to the local spec. TE absent
+    on a GPU: False, with one loud warning (``warn_local_spec_on_gpu``).
+    """
+    import importlib
+    import importlib.util
+
     if not torch.cuda.is_available():
         return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformer_engine") is None:
+        warn_local_spec_on_gpu()
         return False
+    try:  # megatron catches TE's ImportError itself and records HAVE_TE = False
+        usable, err = importlib.import_module(MEGATRON_TE_MODULE).HAVE_TE, None
+    except Exception as caught:  # noqa: BLE001 - any failure to load TE is the same user problem
+        usable, err = False, caught
+    if not usable:
+        reason = f"{type(err).__name__}: {err}" if err else "its import fails inside megatron"
+        raise RuntimeError(f"Transformer Engine is installed but megatron-core cannot load it ({reason}); reinstall "
+                           f"pip install '{TE_REQUIREMENT}' built for this torch/CUDA, or uninstall transformer-engine "
+                           "to use megatron's local spec") from err
     return True
+
+
+def kernel_report() -> dict:
+    """Which fused kernels megatron-core 0.16.1 uses in this environment (``megatron-opsd version``).
+
+    megatron picks at import time, TE first, then apex, then torch: ``megatron.core.optimizer.Adam`` (TE's or
+    apex's FusedAdam, else ``torch.optim.AdamW``, also under the distributed optimizer) and the optimizer's and
+    grad clipping's ``multi_tensor_applier`` (TE, apex's ``amp_C``, else a per-tensor loop). Norms and attention
+    come from the layer spec: TE's fused RMSNorm and fused attention with TE on a GPU, else torch's norm and
+    megatron's unfused attention (apex's fused norms serve LayerNorm only, which no supported family uses).
+    """
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer_impl
+
+    def origin(obj) -> str:
+        return getattr(obj, "__module__", "?").split(".")[0]
+
+    try:
+        spec = "transformer_engine" if have_transformer_engine() else "local"
+    except RuntimeError as err:
+        spec = f"broken ({err})"
+    return {"adam": f"{origin(mcore_optimizer.Adam)}.{mcore_optimizer.Adam.__name__}",
+            "multi_tensor_applier": origin(mcore_optimizer_impl.multi_tensor_applier),
+            "layer_spec (norm, attention)": spec}
+
+
+_WARNED_LOCAL_SPEC = False
+
+
+def warn_local_spec_on_gpu() -> None:
+    """Once per process: the GPU run uses megatron's local spec, which has no fused attention."""
+    global _WARNED_LOCAL_SPEC
+    if not _WARNED_LOCAL_SPEC:
+        _WARNED_LOCAL_SPEC = True
+        warnings.warn(f"CUDA without Transformer Engine: megatron's LOCAL layer spec is used (unfused attention "
+                      "materialises [heads, seq, seq] scores, no FP8, no fused norms): long sequences will not fit "
+                      f"and steps are slower; install pip install 'megatron-opsd[te]' ({TE_REQUIREMENT})",
+                      RuntimeWarning, stacklevel=3)
 
 
 # RoPE variants reproduced exactly by replacing megatron's inverse frequencies; yarn / longrope also rescale
@@ -99,8 +159,8 @@ def require_te_for_fp8(fp8: Optional[str]) -> None:
     """FP8 only works through the TE layer spec; megatron's local spec silently ignores the FP8 flags."""
     if fp8 and not have_transformer_engine():
         raise RuntimeError(
-            f"model.fp8={fp8!r} needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); megatron's local "
-            "layer spec would silently ignore FP8. Set model.fp8=null to run in bf16/fp32."
+            f"model.fp8={fp8!r} (or teacher.fp8) needs Transformer Engine on a GPU (pip install 'megatron-opsd[te]'); "
+            "megatron's local layer spec would silently ignore FP8: set model.fp8=null to run in bf16/fp32"
         )
 
 

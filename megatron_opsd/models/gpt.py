@@ -30,8 +30,9 @@ def load_hf_config(hf_config_or_dir):
 
 
 def layer_spec(config, fp8: Optional[str], vp_stage: Optional[int] = None):
-    """Transformer Engine's layer spec on GPU (required for FP8); otherwise megatron's local spec with norms that
-    support sequence parallelism (``local_spec.local_block_spec``), as a block spec for this pipeline stage."""
+    """Transformer Engine's layer spec on GPU (required for FP8); otherwise (CPU, and loudly warned on a GPU
+    without TE: see ``families.have_transformer_engine``) megatron's local spec with norms that support sequence
+    parallelism (``local_spec.local_block_spec``), as a block spec for this pipeline stage."""
     require_te_for_fp8(fp8)
     if have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -110,11 +111,18 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # ModelConfig.params_dtype
 
 
-def build_model_from_config(cfg) -> list:
+def teacher_fp8(cfg) -> Optional[str]:
+    """The teacher replica's FP8 format: ``teacher.fp8`` (``student``: the same as ``model.fp8``; null: BF16)."""
+    return cfg.model.fp8 if cfg.teacher.fp8 == "student" else cfg.teacher.fp8
+
+
+def build_model_from_config(cfg, *, teacher: bool = False) -> list:
     """``build_model`` for a trainer config: its ``model`` section (path, dtype, FP8, recompute, vocabulary
-    padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way."""
+    padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way.
+    ``teacher=True``: the teacher replica, which differs only in its FP8 format (``teacher.fp8``)."""
     m = cfg.model
-    return build_model(m.path, params_dtype=PARAMS_DTYPES[m.params_dtype], fp8=m.fp8, fp8_recipe=m.fp8_recipe,
+    fp8 = teacher_fp8(cfg) if teacher else m.fp8
+    return build_model(m.path, params_dtype=PARAMS_DTYPES[m.params_dtype], fp8=fp8, fp8_recipe=m.fp8_recipe,
                        recompute_granularity=m.recompute_granularity,
                        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
                        sequence_parallel=cfg.parallel.sequence_parallel)

@@ -18,6 +18,7 @@ def run(tp: int, seed: int = 0, tokens: int = 16) -> dict:
 
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.tiny import tiny_hf_config
+    from megatron_opsd.parallel.device import to_device
     from megatron_opsd.parallel.distributed import ParallelConfig, destroy_distributed, init_distributed
 
     torch.set_num_threads(1)
@@ -25,10 +26,11 @@ def run(tp: int, seed: int = 0, tokens: int = 16) -> dict:
     try:
         torch.manual_seed(seed)
         model = build_model(tiny_hf_config("qwen3", vocab_size=512))[0].eval()
-        ids = torch.randint(0, 512, (2, tokens), generator=torch.Generator().manual_seed(seed))
-        positions = torch.arange(tokens).unsqueeze(0).expand(2, -1)
+        batch = to_device({"tokens": torch.randint(0, 512, (2, tokens), generator=torch.Generator().manual_seed(seed)),
+                           "position_ids": torch.arange(tokens).unsqueeze(0).expand(2, -1)})
         with torch.no_grad():
-            logits = gather_from_tensor_model_parallel_region(model(ids, positions, attention_mask=None))
+            logits = gather_from_tensor_model_parallel_region(
+                model(batch["tokens"], batch["position_ids"], attention_mask=None))
         logits = logits[..., :512].double()
         result = {"rank": info["RANK"], "world": info["WORLD_SIZE"], "tp": tp, "dp": info["DATA_PARALLEL_SIZE"],
                   "host": __import__("socket").gethostname(), "sum": logits.sum().item(),
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     r = run(args.tp, args.seed)
     print(f"smoke rank={r['rank']} host={r['host']} world={r['world']} TP={r['tp']} DP={r['dp']} "
           f"tp_rank={r['tp_rank']} logits_sum={r['sum']:.6f} logits_abs_sum={r['abs_sum']:.6f}", flush=True)
+    if args.overrides:
+        print(f"smoke rank={r['rank']} overrides: {' '.join(args.overrides)}", flush=True)
     if ignored:
         print(f"smoke rank={r['rank']} ignored arguments: {' '.join(ignored)}", flush=True)
     urls = [u for o in args.overrides if o.startswith("rollout.sidecar_urls=")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Optional
 
 from megatron_opsd.planning.memory import (
     GIB,
@@ -43,14 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shared: sidecar GPUs come out of --nodes x --gpus-per-node; separate: own nodes")
     parser.add_argument("--implementation", choices=("te", "local"), default="te",
                         help="te: Transformer Engine spec on GPU; local: megatron's local spec (as on CPU)")
-    parser.add_argument("--teacher-logits", choices=("step", "microbatch"), default="step",
-                        help="teacher logits held for the whole step (teacher forwards first) or one microbatch")
+    parser.add_argument("--teacher-logits", choices=("step", "microbatch"), default=None,
+                        help="teacher logits held for the whole step or one microbatch (default: what the trainer "
+                             "does: one microbatch at PP=1, the whole step at PP>1)")
     parser.add_argument("--logits-bytes", type=int, choices=(2, 4), default=4)
 
 
-def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te", teacher_logits: str = "step",
+def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te", teacher_logits: Optional[str] = None,
                          logits_bytes: int = 4) -> tuple[TrainSettings, int]:
-    """Planner settings from an ``OPSDConfig``; also returns the global batch (sequences per step)."""
+    """Planner settings from an ``OPSDConfig``; also returns the global batch (sequences per step).
+
+    ``teacher_logits`` None: what the trainer holds (``opsd.teacher_signal_source``): the teacher runs per
+    micro-batch inside the student's step at PP=1, and for the whole step first at PP > 1."""
+    from megatron_opsd.models.gpt import teacher_fp8
+
     p, r = cfg.parallel, cfg.rollout
     global_batch = r.prompts_per_step * r.n
     mbs = cfg.optim.micro_batch_size
@@ -69,7 +76,7 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         recompute=cfg.model.recompute_granularity,
         teacher_weights=cfg.teacher.weights,
         teacher_forwards=3 if cfg.teacher.purified else 1,
-        teacher_logits_held=teacher_logits,
+        teacher_logits_held=teacher_logits or ("microbatch" if p.pipeline_model_parallel_size == 1 else "step"),
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
         param_bytes=dtype_bytes,
         activation_bytes=dtype_bytes,
@@ -78,6 +85,7 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         chunk_tokens=cfg.loss.chunk_tokens,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         fp8=cfg.model.fp8,
+        teacher_fp8=teacher_fp8(cfg),
     )
     return settings, global_batch
 

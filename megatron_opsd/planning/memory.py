@@ -21,6 +21,10 @@ TEACHER_LOGITS_HELD = ("step", "microbatch")
 # fp32 [chunk, vocab/TP] tensors alive at once in the divergence's chunk loop: three reused buffers, plus one
 # temporary when the gradient is cast into bf16 logits' dtype.
 DIVERGENCE_CHUNK_BUFFERS = 4
+# Transformer Engine's FP8 weight caches per GEMM weight: a trained weight keeps its FP8 cast and the cast of its
+# transpose (the backward's dgrad GEMM); a no-grad teacher only the forward cast.
+FP8_CACHE_BYTES_TRAINED = 2
+FP8_CACHE_BYTES_FROZEN = 1
 
 
 @dataclass(frozen=True)
@@ -86,14 +90,17 @@ class ModelShape:
         multiple = divisible_by * tp
         return math.ceil(self.vocab_size / multiple) * multiple
 
+    def layer_gemm_params(self, tp: int = 1) -> int:
+        """Weights of one layer's GEMMs (QKV, projection, MLP) held by one TP rank: what FP8 casts."""
+        h, f = self.hidden_size, self.intermediate_size
+        return (h * (self.q_width + 2 * self.kv_width) + self.q_width * h + h * f * (2 if self.gated_mlp else 1)
+                + f * h) // tp
+
     def layer_params(self, tp: int = 1) -> int:
         """Parameters of one transformer layer held by one TP rank (norm weights are replicated)."""
-        h, f = self.hidden_size, self.intermediate_size
-        qkv = self.q_width + 2 * self.kv_width
-        split = h * qkv + self.q_width * h + h * f * (2 if self.gated_mlp else 1) + f * h
-        split += qkv if self.qkv_bias else 0
-        replicated = 2 * h + (2 * self.head_dim if self.qk_layernorm else 0)
-        return split // tp + replicated
+        bias = (self.q_width + 2 * self.kv_width) // tp if self.qkv_bias else 0
+        replicated = 2 * self.hidden_size + (2 * self.head_dim if self.qk_layernorm else 0)
+        return self.layer_gemm_params(tp) + bias + replicated
 
     def total_params(self) -> int:
         """Unpadded parameter count (what the model card quotes)."""
@@ -118,7 +125,8 @@ class TrainSettings:
     recompute: Optional[str] = None  # None | selective | full (megatron recompute_granularity)
     teacher_weights: str = "frozen"  # live: the student itself; frozen/ema/refresh: a second copy of the weights
     teacher_forwards: int = 1  # teacher logit sets per sequence (3 for Purified OPSD: T, reference-only, base)
-    teacher_logits_held: str = "step"  # step: teacher logits of all microbatches kept (collect_logits first)
+    # step: teacher logits of all microbatches kept (the trainer at PP > 1); microbatch: one at a time (PP = 1)
+    teacher_logits_held: str = "step"
     use_distributed_optimizer: bool = True
     grad_reduce_in_fp32: bool = True
     param_bytes: int = 2  # bf16
@@ -130,6 +138,7 @@ class TrainSettings:
     chunk_tokens: int = 1024
     make_vocab_size_divisible_by: int = 128
     fp8: Optional[str] = None
+    teacher_fp8: Optional[str] = None  # the teacher replica's (teacher.fp8 resolved); ignored for a live teacher
 
     @property
     def model_parallel(self) -> int:
@@ -312,6 +321,11 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
             "optimizer state": params * optim_bytes / optim_shards,
             "teacher weights": teacher_weight_bytes(s, params),
         }
+        gemm = shape.num_layers // s.pipeline_parallel * shape.layer_gemm_params(tp)
+        if s.fp8:  # TE keeps an FP8 copy of each GEMM weight and its transpose (backward): 2 B per weight
+            c["student fp8 weight cache"] = FP8_CACHE_BYTES_TRAINED * gemm
+        if s.teacher_fp8 and s.teacher_weights != "live":  # no backward: the FP8 copy only
+            c["teacher fp8 weight cache"] = FP8_CACHE_BYTES_FROZEN * gemm
         act = layers * per_layer * tokens * in_flight_microbatches(s, stage)
         if stage == 0:  # token ids (int64)
             act += 8 * tokens * in_flight_microbatches(s, stage)

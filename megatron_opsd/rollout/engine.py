@@ -26,11 +26,20 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare_vllm_env(cache_root: Optional[str] = None) -> None:
-    """Environment vLLM must see before it is imported: in-process engine and a writable cache."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", cache_root or str(Path.home() / ".cache" / "vllm"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def prepare_vllm_env(cache_root: Optional[str] = None, environ: Optional[dict] = None) -> dict:
+    """Environment vLLM must see before it is imported (``environ``, default ``os.environ``, updated and returned).
+
+    Only defaults: a variable the user set is never overwritten. ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` because
+    CUDA is already initialised in this process when vLLM starts its tensor-parallel workers (fork would break
+    them); ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in-process so HTTP weight updates reach
+    the worker as tensors (``load_weights``); a writable cache; no hub access.
+    """
+    env = os.environ if environ is None else environ
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("VLLM_CACHE_ROOT", cache_root or str(Path.home() / ".cache" / "vllm"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
 
 
 @dataclass

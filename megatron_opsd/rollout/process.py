@@ -53,6 +53,32 @@ class SidecarProcess:
         self.stop()
 
 
+def refuse_local_sidecar_on_gpu(sidecar_urls: list) -> None:
+    """A local sidecar would start vLLM on rank 0's own training GPU (already full with the model, the teacher and
+    the optimizer, and vLLM then asks for 90% of it): on CUDA, sidecars run on their own GPUs and are named."""
+    import torch
+
+    from megatron_opsd.config import ConfigError
+
+    if not sidecar_urls and torch.cuda.is_available():
+        raise ConfigError("rollout.sidecar_urls is empty, so rank 0 would start vLLM on its own training GPU: start "
+                          "sidecars on GPUs of their own (`megatron-opsd sidecar --model DIR --port 8000`, or "
+                          "examples/launch/opsd.sbatch) and set rollout.sidecar_urls=http://HOST:8000[,...]")
+
+
+def sidecar_env(base: dict) -> dict:
+    """The environment a sidecar process starts with: ``base`` plus vLLM's settings, never over the user's own.
+
+    ``VLLM_WORKER_MULTIPROC_METHOD=spawn``: the server touches CUDA (``torch.cuda.is_available()``) before vLLM
+    starts its tensor-parallel workers, and a forked child cannot re-initialise CUDA (TRL sets the same).
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core stays in the server process, so ``/weights/*`` can hand
+    tensors to the in-process worker (``VllmEngine.load_weights``); see ``engine.prepare_vllm_env``.
+    """
+    from megatron_opsd.rollout.engine import prepare_vllm_env
+
+    return prepare_vllm_env(str(Path(tempfile.gettempdir()) / "opsd-vllm-cache"), environ=dict(base))
+
+
 def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, host: str = "127.0.0.1",
                           log_path: Optional[str | Path] = None, startup_timeout_s: float = 300.0,
                           env: Optional[dict] = None, **options) -> SidecarProcess:
@@ -74,8 +100,7 @@ def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, 
         cmd.append("--" + key.replace("_", "-"))
         if value is not True:
             cmd.append(str(value))
-    child_env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", **(env or {}))
-    child_env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "opsd-vllm-cache"))
+    child_env = sidecar_env({**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)

@@ -22,7 +22,7 @@ What the student is pulled towards (``LossSettings.target``) and how (``LossSett
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -37,6 +37,7 @@ from megatron_opsd.losses import (
     vocab_parallel_token_logprobs,
     vocab_parallel_topk,
 )
+from megatron_opsd.parallel.device import to_device
 
 
 def token_weights(response_lengths: list[int], reduction: str) -> list[torch.Tensor]:
@@ -65,7 +66,8 @@ def build_microbatches(prompts: list[list[int]], responses: list[list[int]], wei
     Sequence i is ``prompts[i] + responses[i]``; the logit at position p predicts token p+1, so response token
     t is predicted by row ``len(prompts[i]) - 1 + t``. All micro-batches are padded to one length (megatron's
     schedules need fixed shapes), and the sequence count is padded with zero-weight dummies to a multiple of
-    ``micro_batch_size * dp_size`` so every DP rank runs the same number of micro-batches.
+    ``micro_batch_size * dp_size`` so every DP rank runs the same number of micro-batches. Built on the host,
+    returned on the current device (``parallel.device.to_device``: the one place OPSD and GRPO batches move).
     """
     if not (len(prompts) == len(responses) == len(weights)):
         raise ValueError("prompts, responses and weights must have one entry per sequence")
@@ -91,12 +93,12 @@ def build_microbatches(prompts: list[list[int]], responses: list[list[int]], wei
             tokens[j, : len(seq)] = torch.tensor(seq)
             row_mask[j, len(prompt) - 1: len(prompt) - 1 + len(response)] = True
             mb_weights.append(weights[start + j])
-        microbatches.append({
+        microbatches.append(to_device({
             "tokens": tokens,
             "position_ids": torch.arange(length).unsqueeze(0).expand(micro_batch_size, -1).contiguous(),
             "row_mask": row_mask,
             "weights": torch.cat(mb_weights).float(),
-        })
+        }))
     return microbatches
 
 
@@ -110,6 +112,45 @@ def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Opti
     tokens = microbatches[0]["tokens"]
     return collect_logits(teacher_chunks, microbatches, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
                           gather_positions_key="row_mask")
+
+
+def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dict, student_mbs: list, *,
+                          loss: "LossSettings", real_vocab_size: int):
+    """What ``student_forward_backward`` reads the teacher from: per micro-batch at PP=1, per step at PP > 1.
+
+    ``teacher_mbs`` maps each teacher context to its micro-batches (``teacher_signals``' order) and
+    ``teacher_model(context)`` gives the model chunks that run that context (Purified OPSD's reference-only and
+    base forwards run the frozen initial model, not the teacher replica). At PP=1 the
+    teacher forward of micro-batch i runs inside the student's loss for micro-batch i (a callable ``i -> signal``),
+    so one micro-batch's teacher rows are alive at a time, as ``megatron-opsd plan`` assumes. At PP > 1 the
+    teacher's forward is itself a pipeline and cannot run inside the student's 1F1B schedule: every micro-batch's
+    teacher rows are collected first (a list), which the planner counts for PP > 1.
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        rows = {ctx: collect_teacher_rows(teacher_model(ctx), mbs) for ctx, mbs in teacher_mbs.items()}
+        return teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
+
+    def signal_for(index: int) -> dict:
+        rows = {ctx: [_teacher_rows(teacher_model(ctx)[0], mbs[index])] for ctx, mbs in teacher_mbs.items()}
+        return teacher_signals(rows, [student_mbs[index]], loss=loss, real_vocab_size=real_vocab_size)[0]
+
+    return signal_for
+
+
+@torch.no_grad()
+def _teacher_rows(chunk, mb: dict) -> torch.Tensor:
+    """A no-grad forward of one teacher micro-batch (PP=1) in eval mode, kept at its response rows only. The
+    chunk may be the student itself (teacher.weights=live): its training mode is restored."""
+    from megatron_opsd.training.schedule import model_forward, select_positions
+
+    was_training = chunk.training
+    chunk.eval()
+    try:
+        return select_positions(model_forward(chunk, mb), mb["row_mask"])
+    finally:
+        chunk.train(was_training)
 
 
 @dataclass
@@ -231,17 +272,21 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
                              loss: LossSettings, real_vocab_size: int):
     """Forward + backward of the loss to the teacher signals (``schedule.ForwardBackwardOutput``).
 
-    ``signals``: ``teacher_signals``' output, or (plain OPSD) the list of teacher rows from
-    ``collect_teacher_rows`` itself.
+    ``signals``: ``teacher_signals``' output, (plain OPSD) the list of teacher rows from ``collect_teacher_rows``
+    itself, or a callable ``index -> signal`` run in micro-batch ``index``'s loss (``teacher_signal_source``).
     """
     from megatron_opsd.training.schedule import forward_backward
 
     group, vocab_range = tp_group(), (0, real_vocab_size)
-    signals = [s if isinstance(s, dict) else {"target": s, "is_logprobs": False} for s in signals or []]
-    signal_by_batch = {id(mb): s for mb, s in zip(microbatches, signals)}
+    index_of = {id(mb): i for i, mb in enumerate(microbatches)}
+    if callable(signals):
+        signal_at = signals
+    else:
+        listed = [s if isinstance(s, dict) else {"target": s, "is_logprobs": False} for s in signals or []]
+        signal_at = listed.__getitem__
 
     def loss_fn(logits: torch.Tensor, mb: dict):
-        student, signal = logits[mb["row_mask"]], signal_by_batch[id(mb)]
+        student, signal = logits[mb["row_mask"]], signal_at(index_of[id(mb)])
         mask = mb["weights"] > 0
         weighted, per_token = student_loss(student, signal, mb, loss=loss, real_vocab_size=real_vocab_size)
         with torch.no_grad():

@@ -101,11 +101,10 @@ class GRPOTrainer(OPSDTrainer):
 
     def _sum_over_ranks(self, values: dict) -> dict:
         """Sum per-rank partial sums over every rank (callers pass zeros where they do not own the numbers)."""
+        from megatron_opsd.parallel.device import all_reduce_sum
+
         keys = sorted(values)
-        sums = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(sums)
-        return dict(zip(keys, sums.tolist()))
+        return dict(zip(keys, all_reduce_sum([values[k] for k in keys])))
 
     def train_step(self) -> dict:
         import time

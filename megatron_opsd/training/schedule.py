@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_opsd.parallel.device import current_device
+
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -45,6 +47,12 @@ def _position_ids(microbatch: dict) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
+def model_forward(model, microbatch: dict) -> torch.Tensor:
+    """One chunk's forward of one micro-batch (logits on the last stage): the schedules' step and the PP=1
+    teacher forward (``opsd.teacher_signal_source``) share it."""
+    return model(microbatch["tokens"], _position_ids(microbatch), attention_mask=microbatch.get("attention_mask"))
+
+
 def _validate(microbatches: list, seq_length: int, micro_batch_size: int) -> None:
     if not microbatches:
         raise ValueError("microbatches is empty: pass at least one microbatch dict")
@@ -66,8 +74,7 @@ def _run_schedule(model_chunks: list, microbatches: list, on_logits: Callable, *
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)
-        output = model(mb["tokens"], _position_ids(mb), attention_mask=mb.get("attention_mask"))
-        return output, lambda logits: on_logits(index, logits, mb)
+        return model_forward(model, mb), lambda logits: on_logits(index, logits, mb)
 
     iterators = [iter(list(enumerate(microbatches))) for _ in model_chunks]
     single = len(model_chunks) == 1
@@ -118,8 +125,7 @@ def forward_backward(model_chunks: list, microbatches: list, loss_fn: LossFn, *,
     metrics = _run_schedule(model_chunks, microbatches, on_logits, seq_length=seq_length,
                             micro_batch_size=micro_batch_size, forward_only=forward_only)
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs device tensors
-    total = torch.zeros(1, dtype=torch.float64, device=device)
+    total = torch.zeros(1, dtype=torch.float64, device=current_device())  # NCCL needs device tensors
     if last:
         total += sum(float(m["loss"]) for m in metrics)
         if loss_reduction == "mean":
@@ -129,7 +135,7 @@ def forward_backward(model_chunks: list, microbatches: list, loss_fn: LossFn, *,
     return ForwardBackwardOutput(loss=total.item(), metrics=list(metrics) if last else [])
 
 
-def _select_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def select_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     if positions.dtype == torch.bool:  # [batch, seq] mask -> [n_selected, vocab_shard]
         return logits[positions]
     if positions.dim() != 2:  # [batch, k] sequence indices -> [batch, k, vocab_shard]
@@ -157,7 +163,7 @@ def collect_logits(model_chunks: list, microbatches: list, *, seq_length: int, m
         if gather_positions_key is not None:
             if gather_positions_key not in mb:
                 raise ValueError(f"microbatch {index} has no {gather_positions_key!r} entry (gather_positions_key)")
-            logits = _select_positions(logits, mb[gather_positions_key])
+            logits = select_positions(logits, mb[gather_positions_key])
         stored[index] = logits.to(dtype) if dtype is not None else logits
         return logits.new_zeros(()), {}
 

@@ -17,6 +17,7 @@ import torch
 
 from megatron_opsd.config import (CheckpointConfig, ConfigError, LoggingConfig, ModelConfig, OptimConfig,
                                   TrainConfig, config_to_dict, save_config)
+from megatron_opsd.parallel.device import all_reduce_sum, to_device
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.training.loop import run_steps
 
@@ -248,7 +249,7 @@ def build_sft_microbatches(examples: list[SFTExample], *, micro_batch_size: int,
             same = (segments.unsqueeze(2) == segments.unsqueeze(1)) & (segments >= 0).unsqueeze(2)
             causal = torch.ones(length, length, dtype=torch.bool).tril()
             mb["attention_mask"] = ~(same & causal).unsqueeze(1)
-        microbatches.append(mb)
+        microbatches.append(to_device(mb))  # the one place SFT batches reach the device
     return microbatches
 
 
@@ -334,12 +335,10 @@ class SFTTrainer:
                                micro_batch_size=cfg.optim.micro_batch_size, loss_reduction="sum")
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
         info = optimizer_step(self.optimizer, self.scheduler)
-        tokens = torch.zeros(1, dtype=torch.float64)
-        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
-            tokens += sum(float(m["tokens"]) for m in out.metrics)
-        torch.distributed.all_reduce(tokens)
+        owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        (tokens,) = all_reduce_sum([sum(float(m["tokens"]) for m in out.metrics) if owner else 0.0])
         self.step += 1
-        return {"loss": out.loss, "tokens": tokens.item(), "grad_norm": float(info["grad_norm"] or 0.0), "lr": lr}
+        return {"loss": out.loss, "tokens": tokens, "grad_norm": float(info["grad_norm"] or 0.0), "lr": lr}
 
     def save(self) -> None:
         from megatron_opsd.training.checkpoint import save_checkpoint

@@ -88,10 +88,12 @@ class OPSDTrainer:
         from megatron_opsd.models.weights import load_hf_checkpoint
         from megatron_opsd.parallel import init_distributed
         from megatron_opsd.rewards import build_reward
+        from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu
         from megatron_opsd.training.engine import OptimizerSettings, setup_training
         from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
         self.cfg = cfg
+        refuse_local_sidecar_on_gpu(cfg.rollout.sidecar_urls)
         init_distributed(cfg.parallel)
         self.rank = torch.distributed.get_rank()
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -110,7 +112,7 @@ class OPSDTrainer:
         self.real_vocab = self.student[0].real_vocab_size
         self.teacher = None
         if cfg.teacher.weights != "live":  # a second replica sharded like the student
-            self.teacher = build_model_from_config(cfg)
+            self.teacher = build_model_from_config(cfg, teacher=True)
             copy_weights_(self.teacher, self.student)
             if self.rank == 0:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
@@ -230,8 +232,8 @@ class OPSDTrainer:
         from megatron_opsd.data.sequences import horizon_at_step
         from megatron_opsd.rewards.filters import group_filter
         from megatron_opsd.training.engine import optimizer_step, zero_grads
-        from megatron_opsd.training.opsd import (LossSettings, build_microbatches, collect_teacher_rows,
-                                                 student_forward_backward, teacher_signals, token_weights)
+        from megatron_opsd.training.opsd import (LossSettings, build_microbatches, student_forward_backward,
+                                                 teacher_signal_source, token_weights)
         from megatron_opsd.training.schedule import copy_weights_
 
         cfg = self.cfg
@@ -262,12 +264,11 @@ class OPSDTrainer:
             student_mbs = build_microbatches([rollouts.student_prompts[i] for i, _ in keep], responses, weights, **kw)
             loss = LossSettings.from_config(cfg)
             t0 = time.perf_counter()
-            teacher_rows = {}  # one forward per teacher context (three for Purified OPSD)
-            for context, prompts in rollouts.teachers.items():
-                teacher_mbs = build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **kw)
-                teacher_rows[context] = collect_teacher_rows(self._teacher_model(context), teacher_mbs)
-            signals = teacher_signals(teacher_rows, student_mbs, loss=loss, real_vocab_size=self.real_vocab)
-            del teacher_rows
+            teacher_mbs = {context: build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **kw)
+                           for context, prompts in rollouts.teachers.items()}  # three contexts for Purified OPSD
+            # PP=1: teacher forwards run per micro-batch inside the student's step (time/student includes them)
+            signals = teacher_signal_source(self._teacher_model, teacher_mbs, student_mbs, loss=loss,
+                                            real_vocab_size=self.real_vocab)
             times["time/teacher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             zero_grads(self.ddp, self.optimizer)
@@ -315,16 +316,15 @@ class OPSDTrainer:
 
     def _reduce_metrics(self, per_mb: list, ps) -> dict:
         """Sum the last stage's micro-batch metrics over DP (TP rank 0 only), so rank 0 can log them."""
+        from megatron_opsd.parallel.device import all_reduce_sum
+
         keys = ("divergence_sum", "student_entropy_sum", "teacher_entropy_sum", "tokens")
-        sums = torch.zeros(len(keys), dtype=torch.float64)
-        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-            for m in per_mb:
-                sums += torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(sums)
-        tokens = max(sums[3].item(), 1.0)
-        return {"divergence": sums[0].item() / tokens, "entropy/student": sums[1].item() / tokens,
-                "entropy/teacher": sums[2].item() / tokens, "tokens": sums[3].item()}
+        owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        divergence, entropy_s, entropy_t, tokens = all_reduce_sum(
+            [sum(float(m[k]) for m in per_mb) if owner else 0.0 for k in keys])
+        n = max(tokens, 1.0)
+        return {"divergence": divergence / n, "entropy/student": entropy_s / n, "entropy/teacher": entropy_t / n,
+                "tokens": tokens}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _extra_models(self) -> Optional[dict]:
