@@ -28,12 +28,16 @@ def load_hf_config(hf_config_or_dir):
     return hf_config_or_dir
 
 
-def layer_spec(config, fp8: Optional[str]):
-    """Transformer Engine spec on GPU (required for FP8), megatron's local spec on CPU."""
+def layer_spec(config, fp8: Optional[str], lora: bool = False):
+    """Transformer Engine spec on GPU (required for FP8), megatron's local spec on CPU and with LoRA (whose
+    adapters hook megatron's own Column/RowParallelLinear; TE fuses the input norm into linear_qkv/fc1)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     require_te_for_fp8(fp8)
-    if have_transformer_engine():
+    if lora and fp8:
+        raise ValueError("model.lora with model.fp8 is not supported (LoRA uses megatron's local layers, which have "
+                         "no FP8); unset model.fp8 or set model.lora.rank=0")
+    if have_transformer_engine() and not lora:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
@@ -61,8 +65,12 @@ def _rotary_base(theta: float):
 
 def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                 fp8_recipe: str = "delayed", recompute_granularity: Optional[str] = None,
-                make_vocab_size_divisible_by: int = 128, sequence_parallel: bool = False) -> list:
+                make_vocab_size_divisible_by: int = 128, sequence_parallel: bool = False, lora=None,
+                lora_seed: int = 0) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), not DDP-wrapped.
+
+    ``lora`` (a ``models.lora.LoRASettings`` with rank > 0): base weights frozen and LoRA adapters attached,
+    initialised as PEFT does (from ``lora_seed``, the same at every layout).
 
     ``sequence_parallel`` (parallel.sequence_parallel) is handed to megatron's config; it only applies at TP > 1.
 
@@ -77,7 +85,8 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
                                         recompute_granularity=recompute_granularity,
                                         sequence_parallel=sequence_parallel
                                         and ps.get_tensor_model_parallel_world_size() > 1)
-    spec = layer_spec(config, fp8)
+    use_lora = lora is not None and lora.rank > 0
+    spec = layer_spec(config, fp8, lora=use_lora)
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
     rope = rope_parameters(hf_config)
@@ -105,6 +114,12 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
         model.hf_config = hf_config
         model.real_vocab_size = hf_config.vocab_size
         chunks.append(model)
+    if use_lora:  # LoRA hook (models/lora.py)
+        from megatron_opsd.models.lora import add_lora
+        from megatron_opsd.models.lora_peft import init_lora_
+
+        add_lora(chunks, lora)
+        init_lora_(chunks, seed=lora_seed)
     return chunks
 
 
@@ -114,11 +129,14 @@ PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # ModelC
 def build_model_from_config(cfg) -> list:
     """``build_model`` for a trainer config: its ``model`` section (path, dtype, FP8, recompute, vocabulary
     padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way."""
+    from megatron_opsd.models.lora import LoRASettings
+
     m = cfg.model
     return build_model(m.path, params_dtype=PARAMS_DTYPES[m.params_dtype], fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                        recompute_granularity=m.recompute_granularity,
                        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
-                       sequence_parallel=cfg.parallel.sequence_parallel)
+                       sequence_parallel=cfg.parallel.sequence_parallel, lora=LoRASettings.from_config(m.lora),
+                       lora_seed=cfg.train.seed)
 
 
 def unwrap(model):
