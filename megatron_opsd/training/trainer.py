@@ -107,7 +107,11 @@ class OPSDTrainer:
         load_hf_checkpoint(self.student, cfg.model.path)
         self.real_vocab = self.student[0].real_vocab_size
         self.teacher = None
-        if cfg.teacher.weights != "live":  # a second replica sharded like the student
+        if cfg.model.lora.rank > 0:  # LoRA: the teacher is the student with its adapters switched (lora_teacher.py)
+            from megatron_opsd.training.lora_teacher import add_teacher_adapters
+
+            add_teacher_adapters(self.student, cfg.teacher)
+        elif cfg.teacher.weights != "live":  # a second replica sharded like the student
             self.teacher = build_model_from_config(cfg)
             copy_weights_(self.teacher, self.student)
             if self.rank == 0:
@@ -201,6 +205,7 @@ class OPSDTrainer:
         from megatron_opsd.training.engine import optimizer_step, zero_grads
         from megatron_opsd.training.opsd import (LossSettings, build_microbatches, collect_teacher_rows,
                                                  student_forward_backward, teacher_signals, token_weights)
+        from megatron_opsd.training.lora_teacher import step_teacher_adapters, teacher_adapters
         from megatron_opsd.training.schedule import copy_weights_, ema_update_
 
         cfg = self.cfg
@@ -235,7 +240,8 @@ class OPSDTrainer:
             teacher_rows = {}  # one forward per teacher context (three for Purified OPSD)
             for context, prompts in rollouts.teachers.items():
                 teacher_mbs = build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **kw)
-                teacher_rows[context] = collect_teacher_rows(self.teacher or self.ddp, teacher_mbs)
+                with teacher_adapters(self.ddp, cfg.teacher, context):  # LoRA hook: no-op without adapters
+                    teacher_rows[context] = collect_teacher_rows(self.teacher or self.ddp, teacher_mbs)
             signals = teacher_signals(teacher_rows, student_mbs, loss=loss, real_vocab_size=self.real_vocab)
             del teacher_rows
             times["time/teacher"] = time.perf_counter() - t0
@@ -252,6 +258,7 @@ class OPSDTrainer:
                 ema_update_(self.teacher, self.student, cfg.teacher.ema_decay)
             elif cfg.teacher.weights == "refresh" and (self.step + 1) % cfg.teacher.refresh_every == 0:
                 copy_weights_(self.teacher, self.student)
+        step_teacher_adapters(self.student, cfg.teacher, self.step)  # LoRA's EMA / refreshed adapters
         return self._finish_step(metrics, stats, times)
 
     def _finish_step(self, metrics: dict, stats: dict, times: dict) -> dict:
