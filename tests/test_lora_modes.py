@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_opsd.config import ConfigError, load_config
+from megatron_opsd.config import ConfigError, config_to_dict, load_config
 from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
@@ -135,14 +135,17 @@ def resume_worker(hf_dir: str, root: str, resume: bool) -> dict:
     else:
         _step(ddp, chunks, optimizer, scheduler)
         step_teacher_adapters(chunks, ema, 0)
-        save_checkpoint(root, 1, ddp, optimizer, scheduler)
+        saved = gather_lora_tensors(chunks)
+        config = load_config(None, [f"model.path={hf_dir}", f"model.lora.rank={SETTINGS.rank}",
+                                    f"model.lora.alpha={SETTINGS.alpha}"])
+        save_checkpoint(root, 1, ddp, optimizer, scheduler, config_dict=config_to_dict(config))
     loss = _step(ddp, chunks, optimizer, scheduler)
     step_teacher_adapters(chunks, ema, 1)
     teacher = {}
     for a in sorted((m for c in chunks for m in c.modules() if hasattr(m, "teacher_A")), key=lambda m: (
             m.layer_number, m.target)):
         teacher[(a.layer_number, a.target)] = (a.teacher_A.detach().clone(), a.teacher_B.detach().clone())
-    return dict(loss=loss, adapters=gather_lora_tensors(chunks), teacher=teacher)
+    return dict(loss=loss, adapters=gather_lora_tensors(chunks), teacher=teacher, saved=None if resume else saved)
 
 
 @pytest.mark.slow
@@ -157,3 +160,33 @@ def test_checkpoint_resumes_exactly_tp2(tiny_checkpoints, tmp_path):
     for rank in range(2):
         for k, (a, b) in straight[rank]["teacher"].items():
             assert torch.equal(resumed[rank]["teacher"][k][0], a) and torch.equal(resumed[rank]["teacher"][k][1], b)
+
+
+    # export the TP=2 checkpoint at TP=1: merged HF weights and the PEFT adapter (resharded on load)
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opsd.training.export_cli import export_checkpoint
+
+    export_checkpoint(tmp_path, tmp_path / "merged", tp=1, peft_out=tmp_path / "adapter")
+    adapter = {k.removeprefix("base_model.model."): v
+               for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()}
+    assert sorted(adapter) == sorted(straight[0]["saved"])
+    for k, v in straight[0]["saved"].items():
+        torch.testing.assert_close(adapter[k], v, rtol=0, atol=0)
+    base = load_file(hf_dir + "/model.safetensors")
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    scale = SETTINGS.alpha / SETTINGS.rank
+    for name, w in base.items():
+        a = name.replace(".weight", ".lora_A.weight")
+        expected = w + scale * adapter[name.replace(".weight", ".lora_B.weight")] @ adapter[a] if a in adapter else w
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    tokens = torch.tensor([rollouts()[0][1] + rollouts()[2][1]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = peft(tokens).logits
+        want = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()(tokens).logits
+        plain = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
