@@ -130,6 +130,7 @@ class TrainSettings:
     chunk_tokens: int = 1024
     make_vocab_size_divisible_by: int = 128
     fp8: Optional[str] = None
+    lora_rank: int = 0  # model.lora.rank: base frozen, adapters trained (planning/lora.py)
 
     @property
     def model_parallel(self) -> int:
@@ -301,6 +302,10 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
             "optimizer state": params * optim_bytes / optim_shards,
             "teacher weights": 0 if s.teacher_weights == "live" else params * s.param_bytes,
         }
+        if s.lora_rank:  # LoRA hook: training state for the adapters only, no teacher replica
+            from megatron_opsd.planning.lora import lora_stage_components
+
+            c = lora_stage_components(shape, s, params, c)
         act = layers * per_layer * tokens * in_flight_microbatches(s, stage)
         if stage == 0:  # token ids (int64)
             act += 8 * tokens * in_flight_microbatches(s, stage)
@@ -514,7 +519,7 @@ def format_plan(plan: MemoryPlan, cluster: Optional[Cluster] = None) -> str:
         + f" CP={s.context_parallel} DP={s.data_parallel} SP={'on' if s.sequence_parallel else 'off'}; "
         f"micro-batch {s.micro_batch_size} x {s.seq_length} tokens, {s.num_microbatches} microbatches/step; "
         f"recompute={s.recompute or 'none'}; teacher={s.teacher_weights}; implementation={s.implementation}"
-        + (f"; fp8={s.fp8}" if s.fp8 else ""),
+        + (f"; fp8={s.fp8}" if s.fp8 else "") + (f"; lora r={s.lora_rank}" if s.lora_rank else ""),
         head,
         "-" * len(head),
     ]
