@@ -190,3 +190,32 @@ def test_checkpoint_resumes_exactly_tp2(tiny_checkpoints, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(tokens).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (got - plain).abs().max() > 1e-3
+
+
+def test_planner_counts_the_adapters_peft_builds(tiny_checkpoints):
+    """planning/lora.py's adapter count == PEFT's on the same model, less the A's megatron's fused layers share
+    (q/k/v: one A instead of three; gate/up: one instead of two); the plan drops the teacher replica and the
+    base's grads and optimizer state."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opsd.models.lora import peft_target_modules
+    from megatron_opsd.planning.lora import lora_layer_params, lora_total_params
+    from megatron_opsd.planning.memory import ModelShape, TrainSettings, estimate_memory
+
+    hf_dir = tiny_checkpoints["qwen3"]
+    shape = ModelShape.from_hf_config(hf_dir)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir), LoraConfig(
+        r=SETTINGS.rank, lora_alpha=SETTINGS.alpha, target_modules=peft_target_modules(SETTINGS)))
+    peft_count = sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+    shared = shape.num_layers * SETTINGS.rank * shape.hidden_size * (2 + 1)
+    assert lora_total_params(shape, SETTINGS.rank) == peft_count - shared
+    tp2 = lora_layer_params(shape, SETTINGS.rank, tp=2)
+    assert shape.num_layers * tp2 < lora_total_params(shape, SETTINGS.rank)  # B or A split over TP
+    full = estimate_memory(shape, TrainSettings(teacher_weights="frozen")).stages[0].components
+    lora = estimate_memory(shape, TrainSettings(teacher_weights="frozen", lora_rank=SETTINGS.rank)).stages[0]
+    adapters = shape.num_layers * lora_layer_params(shape, SETTINGS.rank)
+    assert lora.components["teacher weights"] == 0 and full["teacher weights"] > 0
+    assert lora.components["student grads"] == adapters * 4
+    assert lora.components["optimizer state"] == adapters * 12
+    assert lora.components["student weights"] == full["student weights"] + adapters * 2
