@@ -35,6 +35,7 @@ class LoRAConfig:
     alpha: float = 16.0  # scale = alpha / rank (PEFT's lora_alpha)
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    sync: Literal["adapter", "merged"] = "adapter"  # what each step pushes to the sidecar (rollout/lora.py)
 
 
 @dataclass

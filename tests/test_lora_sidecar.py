@@ -60,3 +60,29 @@ def test_adapter_push_serves_base_plus_adapter(lora_client, model_dir, tmp_path)
     with pytest.raises(SidecarRequestError, match="max-lora-rank"):
         push_adapter(lora_client, tensors, dict(config, r=16), 3)
     assert lora_client.health()["weight_version"] == 2 and greedy(lora_client)[0] == served
+
+
+def test_lora_training_pushes_adapters_tp2(tiny_checkpoints, tmp_path):
+    """`megatron-opsd train` with LoRA at TP=2 and the local sidecar: every step pushes only the adapter (step 2's
+    rollouts pass the on-policy version check only if step 1's push was served), and the run's checkpoint exports
+    the adapter in PEFT format."""
+    from safetensors.torch import load_file
+
+    from megatron_opsd.config import load_config
+    from megatron_opsd.parallel.launch import run_distributed
+    from megatron_opsd.training.cli import run_trainer
+    from megatron_opsd.training.export_cli import export_checkpoint
+    from tests.test_trainer_e2e import tiny_run_config
+
+    config_path = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"], train={"steps": 2, "eval_every": 0},
+                                  model={"path": tiny_checkpoints["qwen3"], "lora": {"rank": 4, "alpha": 8.0}},
+                                  logging={"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False})
+    cfg = load_config(str(config_path))
+    run_distributed(run_trainer, 2, cfg.parallel, cfg)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["time/sync"] > 0 for m in metrics)
+    log = (tmp_path / "run" / "sidecar.log").read_text()
+    assert "POST /adapter/update" in log and "POST /weights/commit" not in log
+    export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "hf", peft_out=tmp_path / "adapter")
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained away from B = 0

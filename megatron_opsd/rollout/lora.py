@@ -24,6 +24,15 @@ ADAPTER_ROUTE = "/adapter/update"
 VERSION_HEADER = "X-OPSD-Adapter-Version"
 CONFIG_HEADER = "X-OPSD-Adapter-Config"
 PEFT_PREFIX = "base_model.model."
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves adapters of ``rank``."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"model.lora.rank={rank}: vLLM serves ranks up to {VLLM_MAX_LORA_RANKS[-1]}")
 
 
 def expected_adapter_shapes(tensor_specs: dict, config: dict) -> dict:
@@ -143,3 +152,15 @@ def push_adapter(client, tensors: dict, config: dict, version: int) -> list:
     headers = {VERSION_HEADER: str(version), CONFIG_HEADER: json.dumps(config)}
     return [client._call("POST", ADAPTER_ROUTE, i, idempotent=False, content=body, headers=headers)
             for i in range(len(client.urls))]
+
+
+def push_adapter_from_model(client, model_chunks: list, settings, version: int, base_model: str = "") -> None:
+    """COLLECTIVE: gather the trainer's adapters (models/lora_peft.py) and push them from global rank 0."""
+    from megatron_opsd.models.lora_peft import gather_lora_tensors, peft_adapter_config
+
+    tensors = gather_lora_tensors(model_chunks)
+    if tensors is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        push_adapter(client, {PEFT_PREFIX + k: v for k, v in tensors.items()},
+                     peft_adapter_config(settings, base_model), version)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -75,5 +75,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: 
 
 
 def main(args: argparse.Namespace) -> int:
-    export_checkpoint(args.checkpoint, args.out, args.tp, args.pp, args.peft_out)
+    export_checkpoint(args.checkpoint, args.out, args.tp, args.pp, getattr(args, "peft_out", None))
     return 0

@@ -135,12 +135,32 @@ class OPSDTrainer:
             self.sidecar = start_sidecar_process(
                 self.cfg.model.path, port=self.cfg.rollout.local_sidecar_port,
                 log_path=self.run_dir / "sidecar.log", dtype=self.cfg.rollout.local_sidecar_dtype,
-                max_model_len=max_len)
+                max_model_len=max_len, max_lora_rank=self._sidecar_lora_rank())
             urls = [self.sidecar.url]
         urls = _broadcast(urls)
         self.client = SidecarClient(urls)
         if self.rank == 0:
             self.client.wait_healthy()
+
+    # LoRA hooks: with model.lora.sync=adapter the sidecar serves base + adapter and each step pushes the adapter
+    def _adapter_sync(self) -> bool:
+        return self.cfg.model.lora.rank > 0 and self.cfg.model.lora.sync == "adapter"
+
+    def _sidecar_lora_rank(self) -> Optional[int]:
+        from megatron_opsd.rollout.lora import vllm_max_lora_rank
+
+        return vllm_max_lora_rank(self.cfg.model.lora.rank) if self._adapter_sync() else None
+
+    def _push_weights(self, version: int) -> None:
+        """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter."""
+        if self._adapter_sync():
+            from megatron_opsd.models.lora import LoRASettings
+            from megatron_opsd.rollout.lora import push_adapter_from_model
+
+            push_adapter_from_model(self.client, self.student, LoRASettings.from_config(self.cfg.model.lora),
+                                    version, self.cfg.model.path)
+        else:
+            self.client.push_weights(self.student, version=version)
 
     # ------------------------------------------------------------------------------------------ rollouts
     def _teacher_prompts(self, examples: list, texts: list, correct: list) -> dict:
@@ -265,7 +285,7 @@ class OPSDTrainer:
         """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
         every ``train.eval_every`` steps evaluate the held-out set on the sidecar. Shared with GRPO."""
         t0 = time.perf_counter()
-        self.client.push_weights(self.student, version=self.step + 1)
+        self._push_weights(self.step + 1)
         times["time/sync"] = time.perf_counter() - t0
         self.step += 1
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -319,7 +339,7 @@ class OPSDTrainer:
         self.maybe_resume()
         self._connect_sidecar()
         if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
-            self.client.push_weights(self.student, version=self.step)
+            self._push_weights(self.step)
         try:
             history = run_steps(self, self.progress_name, lambda m: dict(
                 loss=f"{m['loss']:.4f}", kl=f"{m['divergence']:.4f}", acc=f"{m['rollout/accuracy']:.2f}",
