@@ -5,25 +5,14 @@ import pytest
 import torch
 
 from megatron_opsd.parallel.launch import run_distributed
-from tests.test_trainer_variants import CORRECT, FakeClient, fixed_responses, hf_rows, make_config
+from tests.test_trainer_variants import fixed_responses, hf_rows, make_config, recording_trainer
 
 
 def lora_trainer_worker(cfg, adapter_dir: str):
     from megatron_opsd.models.lora import LoRASettings
     from megatron_opsd.models.lora_peft import save_peft_adapter
-    from megatron_opsd.training.trainer import OPSDTrainer
 
-    class Recording(OPSDTrainer):
-        def _rollouts(self):
-            rollouts = super()._rollouts()
-            self.recorded.append(rollouts)
-            return rollouts
-
-    torch.manual_seed(0)
-    trainer = Recording(cfg)
-    trainer.recorded, trainer.client = [], FakeClient()
-    flat = [c for group in CORRECT for c in group]
-    trainer.reward = lambda texts, examples: [float(c) for c in flat[:len(texts)]]
+    trainer = recording_trainer(cfg)
     history = [trainer.train_step()]
     save_peft_adapter(trainer.student, adapter_dir, LoRASettings.from_config(cfg.model.lora), cfg.model.path)
     history.append(trainer.train_step())
@@ -49,7 +38,7 @@ def test_lora_trainer_purified_live_teacher(tiny_checkpoints, tmp_path):
     cfg = make_config(tmp_path, model_dir, teacher={"context": "reference", "purified": True, "pmi_clip": 1.0,
                                                    "pmi_beta": 0.5, "weights": "live"},
                       loss={"target": "pmi", "kind": "jsd", "beta": 0.5}, optim={"lr": 3e-2},
-                      model={"path": model_dir, "lora": {"rank": 4, "alpha": 8.0}})
+                      model={"path": model_dir, "lora": {"rank": 4, "alpha": 8.0, "sync": "merged"}})  # FakeClient
     history, recorded, no_replica = run_distributed(lora_trainer_worker, 1, cfg.parallel, cfg,
                                                     str(tmp_path / "adapter"))[0]
     assert no_replica
