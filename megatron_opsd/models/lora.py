@@ -97,7 +97,10 @@ class LoRAAdapter(torch.nn.Module):
                 with get_cuda_rng_tracker().fork():
                     x = self.dropout(x)
         low = torch.matmul(x, a.t())
-        low = copy_to_tensor_model_parallel_region(low) if self.column else reduce_from_tensor_model_parallel_region(low)
+        if self.column:  # A is replicated: sum A's (and x's) gradient over the TP ranks in backward
+            low = copy_to_tensor_model_parallel_region(low)
+        else:  # A is split over the input features: sum the rank-r partials now
+            low = reduce_from_tensor_model_parallel_region(low)
         return torch.matmul(low, b.t()) * self.scale
 
     def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def load_lora_tensors(model_chunks: list, tensors: dict, source: str = "adapter"
             shard = _local_shard(recipe, reader, unwrap(chunk).hf_config, tp, rank)
             if tuple(shard.shape) != tuple(recipe.param.shape):
                 raise ValueError(f"{source}: {recipe.hf_names[0]} gives a shard of shape {tuple(shard.shape)}, the "
-                                 f"adapter has {tuple(recipe.param.shape)}: does model.lora.rank match the adapter's r?")
+                                 f"adapter has {tuple(recipe.param.shape)}: does model.lora.rank match its r?")
             with torch.no_grad():
                 recipe.param.copy_(shard.to(recipe.param.dtype))
 
