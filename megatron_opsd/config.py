@@ -33,6 +33,17 @@ DEFAULT_DEMOPSD_BETA = 8.0
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters on megatron's linear layers (docs/lora.md); rank 0 = full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0  # scale = alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    sync: Literal["adapter", "merged"] = "adapter"  # what each step pushes to the sidecar (rollout/lora.py)
+
+
+@dataclass
 class ModelConfig:
     path: str = ""  # HF model directory (config.json + safetensors + tokenizer)
     tokenizer: Optional[str] = None  # default: model.path
@@ -42,6 +53,7 @@ class ModelConfig:
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     make_vocab_size_divisible_by: int = 128  # padded vocabulary rows are excluded from every divergence
     enable_thinking: Optional[bool] = None  # chat template switch (Qwen3); None = template default
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -421,6 +433,7 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(t.weights != "live" or t.fp8 == "student",
          f"teacher.fp8={t.fp8}: teacher.weights=live runs the teacher on the student's own weights (model.fp8); set "
          "teacher.fp8=student or teacher.weights=frozen|ema|refresh")
+    validate_lora(cfg)
     return cfg
 
 
@@ -437,6 +450,29 @@ def distillation_warnings(cfg: OPSDConfig) -> list[str]:
                    "the distribution being matched is not the one that sampled (OPSD ties both, 1.1 in the paper); "
                    "set loss.temperature = rollout.temperature unless this is intended")
     return out
+
+
+def validate_lora(cfg: OPSDConfig) -> None:
+    """``model.lora``'s own ranges and what it cannot be combined with."""
+    from megatron_opsd.models.lora import LORA_TARGETS
+
+    lora = cfg.model.lora
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank must be >= 0 (0 = no LoRA), got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    if unknown or not lora.targets:
+        raise ConfigError(f"model.lora.targets: {unknown or 'empty'}; choose from {list(LORA_TARGETS)}")
+    if cfg.model.fp8:
+        raise ConfigError("model.lora with model.fp8 is not supported; unset model.fp8 or set model.lora.rank=0")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size > 1:
+        raise ConfigError("model.lora with parallel.sequence_parallel=true is not supported yet; "
+                          "set parallel.sequence_parallel=false")
 
 
 def resolve_config(cfg: OPSDConfig) -> OPSDConfig:

@@ -42,7 +42,8 @@ class FakeClient:
         self.version = version
 
 
-def trainer_worker(cfg, steps: int, client=None):
+def recording_trainer(cfg, client=None):
+    """The real OPSD trainer with the sidecar double and fixed rewards, recording each step's rollouts."""
     from megatron_opsd.training.trainer import OPSDTrainer
 
     class Recording(OPSDTrainer):
@@ -56,6 +57,11 @@ def trainer_worker(cfg, steps: int, client=None):
     trainer.recorded, trainer.client = [], client or FakeClient()
     flat = [c for group in CORRECT for c in group]
     trainer.reward = lambda texts, examples: [float(c) for c in flat[:len(texts)]]
+    return trainer
+
+
+def trainer_worker(cfg, steps: int, client=None):
+    trainer = recording_trainer(cfg, client)
     history = [trainer.train_step() for _ in range(steps)]
     if trainer.logger is not None:
         trainer.logger.close()

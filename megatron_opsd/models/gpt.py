@@ -29,12 +29,16 @@ def load_hf_config(hf_config_or_dir):
     return hf_config_or_dir
 
 
-def layer_spec(config, fp8: Optional[str], vp_stage: Optional[int] = None):
-    """Transformer Engine's layer spec on GPU (required for FP8); otherwise (CPU, and loudly warned on a GPU
-    without TE: see ``families.have_transformer_engine``) megatron's local spec with norms that support sequence
-    parallelism (``local_spec.local_block_spec``), as a block spec for this pipeline stage."""
+def layer_spec(config, fp8: Optional[str], vp_stage: Optional[int] = None, lora: bool = False):
+    """Transformer Engine's layer spec on GPU (required for FP8); otherwise (CPU, LoRA, whose adapters hook
+    megatron's own Column/RowParallelLinear while TE fuses the input norm into linear_qkv/fc1, and, loudly warned,
+    a GPU without TE: see ``families.have_transformer_engine``) megatron's local spec with norms that support
+    sequence parallelism (``local_spec.local_block_spec``), as a block spec for this pipeline stage."""
     require_te_for_fp8(fp8)
-    if have_transformer_engine():
+    if lora and fp8:
+        raise ValueError("model.lora with model.fp8 is not supported (LoRA uses megatron's local layers, which have "
+                         "no FP8); unset model.fp8 or set model.lora.rank=0")
+    if have_transformer_engine() and not lora:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
@@ -62,8 +66,12 @@ def _rotary_base(theta: float):
 
 def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                 fp8_recipe: str = "delayed", recompute_granularity: Optional[str] = None,
-                make_vocab_size_divisible_by: int = 128, sequence_parallel: bool = False) -> list:
+                make_vocab_size_divisible_by: int = 128, sequence_parallel: bool = False, lora=None,
+                lora_seed: int = 0) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), not DDP-wrapped.
+
+    ``lora`` (a ``models.lora.LoRASettings`` with rank > 0): base weights frozen and LoRA adapters attached,
+    initialised as PEFT does (from ``lora_seed``, the same at every layout).
 
     ``sequence_parallel`` (parallel.sequence_parallel) is handed to megatron's config; it only applies at TP > 1.
 
@@ -78,6 +86,7 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
                                         recompute_granularity=recompute_granularity,
                                         sequence_parallel=sequence_parallel
                                         and ps.get_tensor_model_parallel_world_size() > 1)
+    use_lora = lora is not None and lora.rank > 0
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
     rope = rope_parameters(hf_config)
@@ -88,7 +97,7 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, fp8, stage),
+            transformer_layer_spec=layer_spec(config, fp8, stage, lora=use_lora),
             vocab_size=vocab,
             max_sequence_length=hf_config.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -105,6 +114,12 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
         model.hf_config = hf_config
         model.real_vocab_size = hf_config.vocab_size
         chunks.append(model)
+    if use_lora:  # LoRA hook (models/lora.py)
+        from megatron_opsd.models.lora import add_lora
+        from megatron_opsd.models.lora_peft import init_lora_
+
+        add_lora(chunks, lora)
+        init_lora_(chunks, seed=lora_seed)
     return chunks
 
 
@@ -120,12 +135,15 @@ def build_model_from_config(cfg, *, teacher: bool = False) -> list:
     """``build_model`` for a trainer config: its ``model`` section (path, dtype, FP8, recompute, vocabulary
     padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way.
     ``teacher=True``: the teacher replica, which differs only in its FP8 format (``teacher.fp8``)."""
+    from megatron_opsd.models.lora import LoRASettings
+
     m = cfg.model
     fp8 = teacher_fp8(cfg) if teacher else m.fp8
     return build_model(m.path, params_dtype=PARAMS_DTYPES[m.params_dtype], fp8=fp8, fp8_recipe=m.fp8_recipe,
                        recompute_granularity=m.recompute_granularity,
                        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
-                       sequence_parallel=cfg.parallel.sequence_parallel)
+                       sequence_parallel=cfg.parallel.sequence_parallel, lora=LoRASettings.from_config(m.lora),
+                       lora_seed=cfg.train.seed)
 
 
 def unwrap(model):

@@ -94,6 +94,8 @@ def recipes(chunk) -> list[Recipe]:
     tied = bool(getattr(chunk.hf_config, "tie_word_embeddings", False))
     out = []
     for name, param in chunk.named_parameters():
+        if "_lora." in name:  # LoRA adapters: models/lora.py's lora_recipes
+            continue
         if name.startswith("decoder.layers."):
             local_idx, suffix = name[len("decoder.layers."):].split(".", 1)
             layer = chunk.decoder.layers[int(local_idx)].layer_number - 1
@@ -151,7 +153,7 @@ def _rows(reader, name, lo, hi) -> torch.Tensor:
 def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int, rank: int) -> torch.Tensor:
     """Build this TP rank's shard of ``recipe.param`` from the checkpoint, reading only what it owns."""
     names, kind = recipe.hf_names, recipe.kind
-    if kind == "copy":
+    if kind in ("copy", "shared"):  # shared: one replicated tensor stored under several HF names (LoRA's A)
         return reader.slice(names[0])[:]
     if kind == "vocab":
         rows = recipe.param.shape[0]
@@ -215,6 +217,8 @@ def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
     names, kind = recipe.hf_names, recipe.kind
     if kind == "copy":
         return {names[0]: shards[0]}
+    if kind == "shared":
+        return {name: shards[0] for name in names}
     if kind == "vocab":
         return {names[0]: torch.cat(shards, 0)[: hf_config.vocab_size]}
     if kind == "col":
@@ -288,7 +292,7 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
         recipe = local.get(first_name)
         full = {}
         if recipe is not None:  # this rank's stage owns it: gather over TP
-            full = _full_tensors(recipe, _gather_tp(recipe.param.detach()), hf_config)
+            full = _full_tensors(recipe, _gather_tp(_export_view(recipe.param)), hf_config)
             hf_names = list(full)
         else:
             hf_names = [first_name] + _siblings(first_name, shapes)
@@ -303,6 +307,15 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
             elif me == src:
                 dist.send(full[name].to(out_dtype).contiguous(), dst=dst_rank)
             yield name, tensor
+
+
+def _export_view(param: torch.nn.Parameter) -> torch.Tensor:
+    """What is exported for a parameter: itself, or base + scale * B A where a LoRA adapter is on (models/lora.py)."""
+    adapter = getattr(param, "lora_adapter", None)
+    if adapter is None or adapter.mode == "off":
+        return param.detach()
+    with torch.no_grad():
+        return adapter.merged_weight(param.detach())
 
 
 def _siblings(first_name: str, shapes: dict) -> list:
@@ -378,6 +391,11 @@ def _finish_hf_dir(tmp: Path, out_dir: Path, files: list, total: int, hf_config,
                 "chat_template.jinja", "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
             if f.is_file() and tokenizer_file:
                 shutil.copy2(f, tmp / f.name)
+    _replace_dir(tmp, out_dir)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out_dir``, replacing an older one without a moment with neither."""
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)

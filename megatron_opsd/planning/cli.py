@@ -9,6 +9,7 @@ import math
 import sys
 from typing import Optional
 
+from megatron_opsd.planning.lora import sync_bytes
 from megatron_opsd.planning.memory import (
     GIB,
     Cluster,
@@ -81,11 +82,12 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         param_bytes=dtype_bytes,
         activation_bytes=dtype_bytes,
         logits_bytes=logits_bytes,
-        implementation=implementation,
+        implementation="local" if cfg.model.lora.rank else implementation,  # LoRA builds megatron's local spec
         chunk_tokens=cfg.loss.chunk_tokens,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         fp8=cfg.model.fp8,
         teacher_fp8=teacher_fp8(cfg),
+        lora_rank=cfg.model.lora.rank,
     )
     return settings, global_batch
 
@@ -123,6 +125,9 @@ def main(args: argparse.Namespace) -> int:
               f"({'on the trainer nodes' if cluster.sidecar_shares_nodes else 'on their own nodes'}): weights "
               f"{sidecar_weight_bytes(shape, cluster.sidecar_tp) / GIB:.1f} GiB per GPU, KV cache for about "
               f"{sidecar_kv_tokens(shape, cluster):,} tokens per replica")
+    sync = sync_bytes(shape, settings)
+    print(f"weight sync per step: merged {sync['merged'] / GIB:.2f} GiB"
+          + (f", adapter only {sync['adapter'] / GIB:.3f} GiB (LoRA r={settings.lora_rank})" if sync["adapter"] else ""))
     for warning in warnings:
         print(f"warning: {warning}")
     if plan.peak_bytes <= cluster.budget:

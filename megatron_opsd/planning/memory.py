@@ -139,6 +139,7 @@ class TrainSettings:
     make_vocab_size_divisible_by: int = 128
     fp8: Optional[str] = None
     teacher_fp8: Optional[str] = None  # the teacher replica's (teacher.fp8 resolved); ignored for a live teacher
+    lora_rank: int = 0  # model.lora.rank: base frozen, adapters trained (planning/lora.py)
 
     @property
     def model_parallel(self) -> int:
@@ -326,6 +327,10 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
             c["student fp8 weight cache"] = FP8_CACHE_BYTES_TRAINED * gemm
         if s.teacher_fp8 and s.teacher_weights != "live":  # no backward: the FP8 copy only
             c["teacher fp8 weight cache"] = FP8_CACHE_BYTES_FROZEN * gemm
+        if s.lora_rank:  # LoRA hook: training state for the adapters only, no teacher replica
+            from megatron_opsd.planning.lora import lora_stage_components
+
+            c = lora_stage_components(shape, s, params, c)
         act = layers * per_layer * tokens * in_flight_microbatches(s, stage)
         if stage == 0:  # token ids (int64)
             act += 8 * tokens * in_flight_microbatches(s, stage)
@@ -539,7 +544,7 @@ def format_plan(plan: MemoryPlan, cluster: Optional[Cluster] = None) -> str:
         + f" CP={s.context_parallel} DP={s.data_parallel} SP={'on' if s.sequence_parallel else 'off'}; "
         f"micro-batch {s.micro_batch_size} x {s.seq_length} tokens, {s.num_microbatches} microbatches/step; "
         f"recompute={s.recompute or 'none'}; teacher={s.teacher_weights}; implementation={s.implementation}"
-        + (f"; fp8={s.fp8}" if s.fp8 else ""),
+        + (f"; fp8={s.fp8}" if s.fp8 else "") + (f"; lora r={s.lora_rank}" if s.lora_rank else ""),
         head,
         "-" * len(head),
     ]

@@ -57,6 +57,7 @@ class EngineConfig:
     enable_sleep_mode: bool = False
     logprobs_mode: str = "raw_logprobs"  # log-probs of the model itself, before temperature / top-p
     seed: int = 0
+    max_lora_rank: Optional[int] = None  # serve LoRA adapters up to this rank (rollout/lora.py); None: none
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM unchanged
 
     def validate(self) -> None:
@@ -117,8 +118,11 @@ class VllmEngine:
         else:
             kwargs.update(enforce_eager=True if cfg.enforce_eager is None else cfg.enforce_eager,
                           kv_cache_memory_bytes=cfg.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES)
+        if cfg.max_lora_rank:  # adapter-only sync (rollout/lora.py): one adapter served at a time
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
         kwargs.update(cfg.extra)
         self.llm = LLM(**kwargs)
+        self.lora_request = None  # the adapter served with the base weights (rollout/lora.py)
         model_config = self.llm.llm_engine.model_config
         self.max_model_len: int = int(model_config.max_model_len)
         self.vocab_size: int = int(model_config.get_vocab_size())
@@ -146,7 +150,7 @@ class VllmEngine:
                                  seed=None if seed is None else seed + i, ignore_eos=ignore_eos, logprobs=0)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.lora_request)
         results = []
         for request in outputs:
             samples = []

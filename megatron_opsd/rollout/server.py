@@ -252,6 +252,10 @@ def create_app(engine):
     async def weights_abort(req: WeightsUpdateRef):
         return {"aborted": state.stager.abort(req.update_id), "weight_version": state.version}
 
+    from megatron_opsd.rollout.lora import add_adapter_routes  # LoRA hook: POST /adapter/update
+
+    add_adapter_routes(app, state, engine, locked, RequestError)
+
     # -- weights over NCCL (GPU only) -----------------------------------------------------------------
     def require_gpu():
         if not on_gpu():
@@ -331,6 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logprobs-mode", default="raw_logprobs",
                         help="raw_logprobs (model log-probs, default) or processed_logprobs (after temperature etc.)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="serve LoRA adapters up to this rank (POST /adapter/update; vLLM enable_lora)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -344,7 +350,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = EngineConfig(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
-                       enable_sleep_mode=args.enable_sleep_mode, logprobs_mode=args.logprobs_mode, seed=args.seed)
+                       enable_sleep_mode=args.enable_sleep_mode, logprobs_mode=args.logprobs_mode, seed=args.seed,
+                       max_lora_rank=args.max_lora_rank)
     try:
         cfg.validate()
     except ValueError as err:

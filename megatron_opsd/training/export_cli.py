@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="HF directory to write (atomically)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load with (local processes)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load with")
+    parser.add_argument("--peft-out", default=None,
+                        help="LoRA runs: also write the adapters alone in PEFT format (adapter_config.json + "
+                             "adapter_model.safetensors) to this directory; --out gets base + scale * B A merged")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -29,36 +33,47 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def export_worker(checkpoint: str, out: str) -> None:
+def export_worker(checkpoint: str, out: str, peft_out: Optional[str] = None) -> None:
     """Per rank: build the base model, load the checkpoint's weights (no optimizer), write the HF directory.
 
-    Only the ``model`` section of the checkpoint's config is read, so OPSD, GRPO and SFT checkpoints all export."""
+    Only the ``model`` section of the checkpoint's config is read, so OPSD, GRPO and SFT checkpoints all export.
+    A LoRA run (``model.lora.rank > 0``) exports merged weights, and with ``peft_out`` its adapters too."""
     import yaml
 
     from megatron_opsd.config import ModelConfig, from_dict
     from megatron_opsd.models.gpt import build_model
+    from megatron_opsd.models.lora import LoRASettings
     from megatron_opsd.models.weights import save_hf_checkpoint
     from megatron_opsd.training.checkpoint import load_checkpoint
 
     saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text()) or {}
     model = from_dict(ModelConfig, saved.get("model", {}), prefix="model")
-    chunks = build_model(model.path, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by)
+    lora = LoRASettings.from_config(model.lora)
+    if peft_out and lora.rank == 0:
+        raise ValueError(f"--peft-out: {checkpoint} is not a LoRA run (its model.lora.rank is 0)")
+    chunks = build_model(model.path, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, lora=lora)
     load_checkpoint(checkpoint, chunks, restore_rng=False)
     save_hf_checkpoint(chunks, out, source_dir=model.tokenizer or model.path)
+    if peft_out:
+        from megatron_opsd.models.lora_peft import save_peft_adapter
+
+        save_peft_adapter(chunks, peft_out, lora, base_model=model.path)
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> Path:
-    """Export a step-N checkpoint (or a checkpoints root's latest) to the HF directory ``out``; returns ``out``."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
+                      peft_out: Optional[str | Path] = None) -> Path:
+    """Export a step-N checkpoint (or a checkpoints root's latest) to the HF directory ``out`` (and a LoRA run's
+    adapters to ``peft_out``); returns ``out``."""
     from megatron_opsd.parallel import ParallelConfig
     from megatron_opsd.parallel.launch import run_distributed
 
     step_dir = resolve_checkpoint(checkpoint)
     cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    run_distributed(export_worker, tp * pp, cfg, str(step_dir), str(out))
+    run_distributed(export_worker, tp * pp, cfg, str(step_dir), str(out), str(peft_out) if peft_out else None)
     print(f"exported {step_dir} to {out}")
     return Path(out)
 
 
 def main(args: argparse.Namespace) -> int:
-    export_checkpoint(args.checkpoint, args.out, args.tp, args.pp)
+    export_checkpoint(args.checkpoint, args.out, args.tp, args.pp, getattr(args, "peft_out", None))
     return 0

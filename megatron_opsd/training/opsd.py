@@ -21,8 +21,9 @@ What the student is pulled towards (``LossSettings.target``) and how (``LossSett
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -115,12 +116,14 @@ def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Opti
 
 
 def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dict, student_mbs: list, *,
-                          loss: "LossSettings", real_vocab_size: int):
+                          loss: "LossSettings", real_vocab_size: int,
+                          teacher_scope: Callable[[str], ContextManager] = lambda context: nullcontext()):
     """What ``student_forward_backward`` reads the teacher from: per micro-batch at PP=1, per step at PP > 1.
 
     ``teacher_mbs`` maps each teacher context to its micro-batches (``teacher_signals``' order) and
     ``teacher_model(context)`` gives the model chunks that run that context (Purified OPSD's reference-only and
-    base forwards run the frozen initial model, not the teacher replica). At PP=1 the
+    base forwards run the frozen initial model, not the teacher replica); each forward of ``context`` runs inside
+    ``teacher_scope(context)`` (LoRA: the adapters that context uses). At PP=1 the
     teacher forward of micro-batch i runs inside the student's loss for micro-batch i (a callable ``i -> signal``),
     so one micro-batch's teacher rows are alive at a time, as ``megatron-opsd plan`` assumes. At PP > 1 the
     teacher's forward is itself a pipeline and cannot run inside the student's 1F1B schedule: every micro-batch's
@@ -129,11 +132,17 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        rows = {ctx: collect_teacher_rows(teacher_model(ctx), mbs) for ctx, mbs in teacher_mbs.items()}
+        rows = {}
+        for ctx, mbs in teacher_mbs.items():
+            with teacher_scope(ctx):
+                rows[ctx] = collect_teacher_rows(teacher_model(ctx), mbs)
         return teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
 
     def signal_for(index: int) -> dict:
-        rows = {ctx: [_teacher_rows(teacher_model(ctx)[0], mbs[index])] for ctx, mbs in teacher_mbs.items()}
+        rows = {}
+        for ctx, mbs in teacher_mbs.items():
+            with teacher_scope(ctx):
+                rows[ctx] = [_teacher_rows(teacher_model(ctx)[0], mbs[index])]
         return teacher_signals(rows, [student_mbs[index]], loss=loss, real_vocab_size=real_vocab_size)[0]
 
     return signal_for

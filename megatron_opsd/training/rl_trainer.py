@@ -29,6 +29,11 @@ class GRPOTrainer(OPSDTrainer):
         import copy
 
         cfg = copy.deepcopy(cfg)
+        if cfg.model.lora.rank > 0 and cfg.rl.kl_coef > 0:  # LoRA hook: the reference would need the adapters off
+            from megatron_opsd.config import ConfigError
+
+            raise ConfigError("model.lora with rl.kl_coef > 0 is not supported yet; set rl.kl_coef=0 or "
+                              "model.lora.rank=0")
         cfg.teacher.weights = "frozen" if cfg.rl.kl_coef > 0 else "live"  # frozen replica = the reference
         cfg.teacher.context = "base"  # the unused teacher prompt is the student's (no reference field needed)
         super().__init__(validate_rl_config(cfg))

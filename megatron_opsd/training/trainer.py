@@ -111,17 +111,22 @@ class OPSDTrainer:
         load_hf_checkpoint(self.student, cfg.model.path)
         self.real_vocab = self.student[0].real_vocab_size
         self.teacher = None
-        if cfg.teacher.weights != "live":  # a second replica sharded like the student
+        if cfg.model.lora.rank > 0:  # LoRA: the teacher is the student with its adapters switched (lora_teacher.py)
+            from megatron_opsd.training.lora_teacher import add_teacher_adapters
+
+            add_teacher_adapters(self.student, cfg.teacher)
+        elif cfg.teacher.weights != "live":  # a second replica sharded like the student
             self.teacher = build_model_from_config(cfg, teacher=True)
             copy_weights_(self.teacher, self.student)
             if self.rank == 0:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
                 print(f"teacher ({cfg.teacher.weights}) holds {n / 2**20:.1f} MiB of weights on rank 0")
-        self.ema = FP32EMA(self.teacher) if cfg.teacher.weights == "ema" else None  # the average in fp32
+        self.ema = FP32EMA(self.teacher) if self.teacher is not None and cfg.teacher.weights == "ema" else None
         # Purified OPSD's reference-only and base forwards are the *initial* model (the PMI target contrasts the
-        # teacher with what the model knew before training): a frozen copy unless the teacher already is one.
+        # teacher with what the model knew before training): a frozen copy unless the teacher already is one
+        # (with LoRA: the base model, adapters off).
         self.initial = None
-        if cfg.teacher.purified and cfg.teacher.weights != "frozen":
+        if cfg.teacher.purified and cfg.teacher.weights != "frozen" and cfg.model.lora.rank == 0:
             self.initial = build_model_from_config(cfg)
             copy_weights_(self.initial, self.student)
         if self.rank == 0 and self.distils:
@@ -145,12 +150,32 @@ class OPSDTrainer:
             self.sidecar = start_sidecar_process(
                 self.cfg.model.path, port=self.cfg.rollout.local_sidecar_port,
                 log_path=self.run_dir / "sidecar.log", dtype=self.cfg.rollout.local_sidecar_dtype,
-                max_model_len=max_len)
+                max_model_len=max_len, max_lora_rank=self._sidecar_lora_rank())
             urls = [self.sidecar.url]
         urls = _broadcast(urls)
         self.client = SidecarClient(urls)
         if self.rank == 0:
             self.client.wait_healthy()
+
+    # LoRA hooks: with model.lora.sync=adapter the sidecar serves base + adapter and each step pushes the adapter
+    def _adapter_sync(self) -> bool:
+        return self.cfg.model.lora.rank > 0 and self.cfg.model.lora.sync == "adapter"
+
+    def _sidecar_lora_rank(self) -> Optional[int]:
+        from megatron_opsd.rollout.lora import vllm_max_lora_rank
+
+        return vllm_max_lora_rank(self.cfg.model.lora.rank) if self._adapter_sync() else None
+
+    def _push_weights(self, version: int) -> None:
+        """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter."""
+        if self._adapter_sync():
+            from megatron_opsd.models.lora import LoRASettings
+            from megatron_opsd.rollout.lora import push_adapter_from_model
+
+            push_adapter_from_model(self.client, self.student, LoRASettings.from_config(self.cfg.model.lora),
+                                    version, self.cfg.model.path)
+        else:
+            self.client.push_weights(self.student, version=version)
 
     # ------------------------------------------------------------------------------------------ rollouts
     def _teacher_prompts(self, examples: list, texts: list, correct: list) -> dict:
@@ -234,6 +259,7 @@ class OPSDTrainer:
         from megatron_opsd.training.engine import optimizer_step, zero_grads
         from megatron_opsd.training.opsd import (LossSettings, build_microbatches, student_forward_backward,
                                                  teacher_signal_source, token_weights)
+        from megatron_opsd.training.lora_teacher import step_teacher_adapters
         from megatron_opsd.training.schedule import copy_weights_
 
         cfg = self.cfg
@@ -268,7 +294,7 @@ class OPSDTrainer:
                            for context, prompts in rollouts.teachers.items()}  # three contexts for Purified OPSD
             # PP=1: teacher forwards run per micro-batch inside the student's step (time/student includes them)
             signals = teacher_signal_source(self._teacher_model, teacher_mbs, student_mbs, loss=loss,
-                                            real_vocab_size=self.real_vocab)
+                                            real_vocab_size=self.real_vocab, teacher_scope=self._teacher_scope)
             times["time/teacher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             zero_grads(self.ddp, self.optimizer)
@@ -283,6 +309,7 @@ class OPSDTrainer:
                 self.ema.update_(self.student, cfg.teacher.ema_decay)
             elif cfg.teacher.weights == "refresh" and (self.step + 1) % cfg.teacher.refresh_every == 0:
                 copy_weights_(self.teacher, self.student)
+        step_teacher_adapters(self.student, cfg.teacher, self.step)  # LoRA's EMA / refreshed adapters
         return self._finish_step(metrics, stats, times)
 
     def _batch_layout(self) -> dict:
@@ -295,14 +322,20 @@ class OPSDTrainer:
         """The chunks that run teacher context ``context``: the teacher replica (or the live student), except
         Purified OPSD's reference-only and base forwards, which are always the frozen initial model."""
         if self.cfg.teacher.purified and context in ("reference_only", "base"):
-            return self.initial or self.teacher
+            return self.initial or self.teacher or self.ddp
         return self.teacher or self.ddp
+
+    def _teacher_scope(self, context: str):
+        """Around each teacher forward: with LoRA, the adapters that context uses (``lora_teacher``); else a no-op."""
+        from megatron_opsd.training.lora_teacher import teacher_adapters
+
+        return teacher_adapters(self.ddp, self.cfg.teacher, context)
 
     def _finish_step(self, metrics: dict, stats: dict, times: dict) -> dict:
         """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
         every ``train.eval_every`` steps evaluate the held-out set on the sidecar. Shared with GRPO."""
         t0 = time.perf_counter()
-        self.client.push_weights(self.student, version=self.step + 1)
+        self._push_weights(self.step + 1)
         times["time/sync"] = time.perf_counter() - t0
         self.step += 1
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -359,7 +392,7 @@ class OPSDTrainer:
         self.maybe_resume()
         self._connect_sidecar()
         if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
-            self.client.push_weights(self.student, version=self.step)
+            self._push_weights(self.step)
         try:
             history = run_steps(self, self.progress_name, lambda m: dict(
                 loss=f"{m['loss']:.4f}", kl=f"{m['divergence']:.4f}", acc=f"{m['rollout/accuracy']:.2f}",

