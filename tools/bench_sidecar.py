@@ -1,6 +1,8 @@
-"""Benchmark the rollout sidecar: generation tokens/s vs. HF ``generate``, and weight-update latency vs. size.
+"""Benchmark the rollout sidecar: generation tokens/s vs. HF ``generate`` and at 1 / 8 concurrent clients, and
+weight-update latency vs. size for every transport at sidecar TP=1 and TP=2.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--markdown docs/benchmarks.md]
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--tp 1 2]
+        [--clients 1 8] [--markdown docs/benchmarks.md]
 
 Both generators run the same random tiny Qwen3 checkpoint in fp32 on the same batch, with sampling at
 temperature 1 and EOS ignored so every sample has ``max_tokens`` tokens. The sidecar's time is measured by the
@@ -40,12 +42,11 @@ def bench_generation(model_dir: Path, batch: int, prompt_len: int, max_tokens: i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_opsd.rollout import SidecarClient, start_sidecar_process
+    from megatron_opsd.rollout import SidecarClient
 
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 300, (batch, prompt_len), generator=gen).tolist()
-    with start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len) as proc, \
-            SidecarClient(proc.url) as client:
+    with sidecar(model_dir, max_len, 1) as proc, SidecarClient(proc.url) as client:
         client.generate(prompts[:2], max_tokens=8, ignore_eos=True)  # warm-up
         start = time.perf_counter()
         out = client.generate(prompts, temperature=1.0, max_tokens=max_tokens, seed=0, ignore_eos=True)
@@ -68,30 +69,63 @@ def bench_generation(model_dir: Path, batch: int, prompt_len: int, max_tokens: i
                 hf_tok_s=hf_tokens / hf_s, speedup=(tokens / sidecar_s) / (hf_tokens / hf_s), hf_threads=hf_threads)
 
 
-def bench_updates(model_dir: Path, repeats: int, max_len: int) -> list[dict]:
+def sidecar(model_dir: Path, max_len: int, tp: int):
+    """A sidecar at tensor parallel ``tp`` (on CPU one core per worker: VLLM_CPU_OMP_THREADS_BIND="0|1")."""
+    from megatron_opsd.rollout import start_sidecar_process
+
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))} if tp > 1 else None
+    return start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len, tensor_parallel_size=tp, env=env,
+                                 startup_timeout_s=900)
+
+
+def bench_concurrency(model_dir: Path, clients: list[int], requests: int, max_tokens: int, max_len: int,
+                      tp: int = 1) -> list[dict]:
+    """Generation tokens/s with K clients each sending ``requests`` one-prompt requests at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_opsd.rollout import SidecarClient
+
+    rows = []
+    with sidecar(model_dir, max_len, tp) as proc, SidecarClient(proc.url) as client:
+        client.generate([[5, 6, 7]], max_tokens=8, ignore_eos=True)  # warm-up
+
+        def one_client(k: int) -> int:
+            return sum(len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
+                           .token_ids) for i in range(requests))
+
+        for k in clients:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(k) as pool:
+                tokens = sum(pool.map(one_client, range(k)))
+            seconds = time.perf_counter() - start
+            rows.append(dict(server="ours", tp=tp, clients=k, tokens=tokens, seconds=seconds, tok_s=tokens / seconds))
+    return rows
+
+
+def bench_updates(model_dir: Path, repeats: int, max_len: int, tp: int = 1) -> list[dict]:
     from safetensors.torch import load_file
 
-    from megatron_opsd.rollout import SidecarClient, start_sidecar_process
+    from megatron_opsd.rollout import SidecarClient
 
     state = load_file(str(model_dir / "model.safetensors"))
     rows = []
-    with start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len) as proc, \
-            SidecarClient(proc.url) as client:
+    with sidecar(model_dir, max_len, tp) as proc, SidecarClient(proc.url, sync_timeout_s=300) as client:
         version = 0
-        for transport in ("http", "shm"):
+        for transport in ("http", "shm", "collective") if tp == 1 else ("collective",):
             client.transport = transport
             runs = []
             for _ in range(repeats):
                 version += 1
                 runs.append(client.push_weights_from_iterator(iter(state.items()), version))
             best = min(runs, key=lambda r: r["total_s"])
-            rows.append(dict(transport=transport, mb=best["bytes"] / 1e6, tensors=best["tensors"],
-                             buckets=best["buckets"], transfer_s=best["transfer_s"], apply_s=best["apply_s"],
-                             total_s=best["total_s"], mb_per_s=best["bytes"] / 1e6 / best["total_s"]))
+            rows.append(dict(transport=transport, tp=tp, mb=best["bytes"] / 1e6, tensors=best["tensors"],
+                             buckets=best["buckets"], transfer_s=best.get("transfer_s", float("nan")),
+                             apply_s=best["apply_s"], total_s=best["total_s"],
+                             mb_per_s=best["bytes"] / 1e6 / best["total_s"]))
     return rows
 
 
-def to_markdown(gen: dict, updates: dict) -> str:
+def to_markdown(gen: dict, updates: dict, concurrency: list) -> str:
     lines = [BEGIN, "## Rollout sidecar (`tools/bench_sidecar.py`)", "",
              f"CPU (vllm-cpu 0.32.0, fp32, 2 shared cores), tiny Qwen3 `{gen['model']}`; batch {gen['batch']} "
              f"prompts x {gen['prompt_len']} tokens, {gen['max_tokens']} sampled tokens each (EOS ignored), "
@@ -101,12 +135,17 @@ def to_markdown(gen: dict, updates: dict) -> str:
              f"| HF generate | {gen['hf_tokens']} | {gen['hf_s']:.2f} | {gen['hf_tok_s']:.0f} |", "",
              f"Sidecar / HF tokens/s ratio: **{gen['speedup']:.1f}x**.", "",
              "Weight update, best of repeats (begin -> all buckets -> commit applied; 64 MiB buckets):", "",
-             "| model | transport | MB | buckets | transfer s | apply s | total s | MB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | sidecar TP | transport | MB | buckets | transfer s | apply s | total s | MB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in updates.items():
         for r in rows:
-            lines.append(f"| {name} | {r['transport']} | {r['mb']:.1f} | {r['buckets']} | {r['transfer_s']:.3f} | "
-                         f"{r['apply_s']:.3f} | {r['total_s']:.3f} | {r['mb_per_s']:.0f} |")
+            lines.append(f"| {name} | {r['tp']} | {r['transport']} | {r['mb']:.1f} | {r['buckets']} | "
+                         f"{r['transfer_s']:.3f} | {r['apply_s']:.3f} | {r['total_s']:.3f} | {r['mb_per_s']:.0f} |")
+    if concurrency:
+        lines += ["", "Generation with K concurrent clients, each sending one-prompt requests:", "",
+                  "| server | sidecar TP | clients | tokens | seconds | tokens/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['server']} | {r['tp']} | {r['clients']} | {r['tokens']} | {r['seconds']:.2f} | "
+                  f"{r['tok_s']:.0f} |" for r in concurrency]
     return "\n".join(lines + [END]) + "\n"
 
 
@@ -128,6 +167,9 @@ def main() -> int:
     parser.add_argument("--hf-threads", type=int, default=1)
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="models for the weight-update latency")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2], help="sidecar tensor-parallel sizes")
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 8], help="concurrent generation clients")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
     args = parser.parse_args()
@@ -141,12 +183,15 @@ def main() -> int:
         updates = {}
         for name in args.sizes:
             model_dir = root / name if (root / name).exists() else make_model(root, name, max_len)
-            updates[name] = bench_updates(model_dir, args.repeats, max_len)
+            updates[name] = [row for tp in args.tp for row in bench_updates(model_dir, args.repeats, max_len, tp)]
             print(name, json.dumps(updates[name], indent=1), flush=True)
-    section = to_markdown(gen, updates)
+        concurrency = [row for tp in args.tp for row in bench_concurrency(
+            root / args.model, args.clients, args.requests, args.max_tokens, max_len, tp)] if args.clients else []
+        print(json.dumps(concurrency, indent=1), flush=True)
+    section = to_markdown(gen, updates, concurrency)
     print(section)
     if args.json:
-        args.json.write_text(json.dumps(dict(generation=gen, updates=updates), indent=1))
+        args.json.write_text(json.dumps(dict(generation=gen, updates=updates, concurrency=concurrency), indent=1))
     if args.markdown:
         write_section(args.markdown, section)
     return 0
