@@ -18,6 +18,7 @@ from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.rollout import SidecarClient, SidecarError, start_sidecar_process
 from megatron_opsd.training.cli import run_trainer
+from tests.test_rollout_sidecar import hf_greedy, hf_model  # noqa: F401 - hf_model is a fixture
 from tests.test_trainer_e2e import tiny_run_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -48,21 +49,8 @@ def client(server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # compare full-length continuations
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def hf_greedy(model, state_dict: dict) -> list[list[int]]:
-    model.load_state_dict(state_dict, strict=False)
-    with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(p):].tolist()
-                for p in PROMPTS]
+def greedy(model, state_dict: dict) -> list[list[int]]:
+    return [hf_greedy(model, prompt, MAX_TOKENS, state_dict) for prompt in PROMPTS]
 
 
 def sidecar_greedy(client) -> list[list[int]]:
@@ -71,7 +59,7 @@ def sidecar_greedy(client) -> list[list[int]]:
 
 def trained_state_dict(model, start: dict) -> dict:
     """Weights after one real AdamW step on a language-modelling loss (every tensor moves)."""
-    model.load_state_dict(start, strict=False)
+    model.load_state_dict(start)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43]])
@@ -106,11 +94,11 @@ def test_greedy_equals_transformers_before_and_after_a_push(client, hf_model, mo
     original = load_file(f"{model_dir}/model.safetensors")
     version = next_version(client)
     client.push_weights_from_iterator(original.items(), version=version)  # back to the checkpoint's weights
-    assert sidecar_greedy(client) == hf_greedy(hf_model, original)
+    assert sidecar_greedy(client) == greedy(hf_model, original)
     trained = trained_state_dict(hf_model, original)
     assert any(not torch.equal(trained[k], original[k]) for k in original)
-    expected = hf_greedy(hf_model, trained)
-    assert expected != hf_greedy(hf_model, original)  # the step changed the greedy continuations
+    expected = greedy(hf_model, trained)
+    assert expected != greedy(hf_model, original)  # the step changed the greedy continuations
     stats = client.push_weights_from_iterator(trained.items(), version=version + 1)
     assert stats["tensors"] == len(original) and stats["buckets"] > 1 and stats["timeout_s"] > 60
     assert sidecar_greedy(client) == expected
