@@ -5,7 +5,6 @@ One sidecar for the module (its start-up is the expensive part); the tests run i
 to end pushes versions 1 and 2, later tests push the next version, the kill test goes last.
 """
 import json
-import math
 import os
 import time
 
@@ -184,4 +183,4 @@ def test_sidecar_killed_mid_push_gives_a_clear_error_within_the_timeout(server, 
     elapsed = time.monotonic() - start
     deadline = float(str(err.value).split("deadline ")[1].split(" s")[0])
     assert "collective weight push" in str(err.value) and elapsed < deadline, (elapsed, str(err.value))
-    assert not math.isnan(elapsed) and not server.alive()
+    assert server.proc.wait(timeout=30) == -9  # it was the kill, not a clean shutdown, that ended the push
