@@ -28,14 +28,13 @@ Fault semantics (why this is not vLLM's nccl engine):
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Iterable, Iterator, Optional
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, TrainerWeightTransferEngine,
@@ -43,10 +42,10 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_tensor
 
-logger = logging.getLogger(__name__)
+from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES
+
 
 COMMUNICATORS = {"gloo": "gloo", "opsd_nccl": "nccl"}  # vLLM backend name -> torch.distributed backend
-DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 END, ABORT = "end", "abort"
 
 
