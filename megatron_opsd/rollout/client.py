@@ -395,7 +395,11 @@ def _reachable_address(urls: list[str]) -> str:
 
     if all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    address = socket.gethostbyname(socket.gethostname())
+    if address.startswith("127."):
+        raise SidecarError(f"rollout.collective_host: this host's name resolves to {address}, which the remote "
+                           "sidecars cannot reach; set rollout.collective_host to this node's network address")
+    return address
 
 
 def announced_tensors(model_chunks: list) -> list[tuple[str, tuple[int, ...]]]:
