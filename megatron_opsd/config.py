@@ -101,6 +101,10 @@ class RolloutConfig:
     local_sidecar_port: Optional[int] = None  # None: a free port
     local_sidecar_dtype: str = "float32"
     kv_cache_memory_bytes: Optional[int] = None  # vLLM KV cache size; needed on CPU (e.g. 268435456)
+    local_sidecar_tensor_parallel_size: int = 1  # TP of the local sidecar (CPU: set VLLM_CPU_OMP_THREADS_BIND)
+    transport: Literal["http", "shm", "collective"] = "http"  # weight push; collective: any sidecar TP
+    collective_host: Optional[str] = None  # trainer rank 0's address for the sidecars' workers; None: automatic
+    sync_timeout_s: float = 120.0  # fixed part of a weight push's deadline (+ bytes at 50 MB/s)
     n: int = 1  # rollouts per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -418,6 +422,9 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(0.0 < t.ema_decay < 1.0, f"teacher.ema_decay must be in (0, 1), got {t.ema_decay}")
     need(t.refresh_every >= 1, f"teacher.refresh_every must be >= 1, got {t.refresh_every}")
     need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
+    need(r.local_sidecar_tensor_parallel_size >= 1,
+         f"rollout.local_sidecar_tensor_parallel_size must be >= 1, got {r.local_sidecar_tensor_parallel_size}")
+    need(r.sync_timeout_s > 0, f"rollout.sync_timeout_s must be > 0, got {r.sync_timeout_s}")
     need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
     need(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {r.max_tokens}")
     need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")

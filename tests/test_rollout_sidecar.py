@@ -236,8 +236,8 @@ def test_health_metrics_sleep(client, server):
         client.generate([[5, 6, 7]], max_tokens=2)
     client.wake_up()
     assert len(client.generate([[5, 6, 7]], max_tokens=2)[0][0].token_ids) == 2
-    resp = httpx.post(server.url + "/weights/nccl/init", json={"host": "127.0.0.1", "port": 1, "world_size": 2})
-    assert resp.status_code == 501 and "needs CUDA" in resp.json()["detail"]
+    resp = httpx.post(server.url + "/update_weights", json={"update_info": {"round_id": "never-started"}})
+    assert resp.status_code == 409 and resp.json()["detail"].startswith("update_info.round_id:")
 
 
 @pytest.fixture(scope="module")

@@ -124,3 +124,27 @@ def test_sidecar_process_reports_startup_failure(tmp_path):
 
     with pytest.raises(SidecarError, match=r"(?s)exited with code 2 during start-up.*not an HF checkpoint directory"):
         start_sidecar_process(tmp_path / "missing", startup_timeout_s=60, log_path=tmp_path / "log.txt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda n, s, d: (n[:-1], s[:-1], d[:-1]), r"names: 1 tensors of the served model are missing.*c\.weight"),
+    (lambda n, s, d: (n[:-1] + ["c.bias"], s, d), r"tensor 'c\.bias': not a parameter"),
+    (lambda n, s, d: (n, s[:-1] + [[2, 3]], d), r"tensor 'c\.weight': shape \(2, 3\) does not match .* \(2, 2\)"),
+    (lambda n, s, d: (n, s, d[:-1] + ["bfloat16"]), r"tensor 'c\.weight': dtype bfloat16 differs from the served "),
+    (lambda n, s, d: (n + ["a.weight"], s + [[4, 3]], d + ["float32"]), r"names: a tensor is announced twice"),
+])
+def test_announced_update_is_checked_before_anything_is_sent(change, message):
+    """The collective transport's acceptance: the whole announced tensor list against the served checkpoint."""
+    stager = WeightStager(SPECS, torch.float32)
+    names, shapes, dtypes = list(SPECS), [list(s) for s, _ in SPECS.values()], ["float32"] * len(SPECS)
+    stager.check_announced(names, shapes, dtypes)  # the complete, matching list passes
+    with pytest.raises(WeightUpdateError, match=message) as err:
+        stager.check_announced(*change(names, shapes, dtypes))
+    assert err.value.status == 422
+
+
+def test_collective_deadline_grows_with_the_update_bytes():
+    from megatron_opsd.rollout.collective import sync_timeout_s
+
+    assert sync_timeout_s(0, base_s=60) == 60
+    assert sync_timeout_s(141e9, base_s=60) == pytest.approx(60 + 141e9 / 50e6)  # 70B bf16: ~48 min at 50 MB/s

@@ -1,6 +1,8 @@
-"""Benchmark the rollout sidecar: generation tokens/s vs. HF ``generate``, and weight-update latency vs. size.
+"""Benchmark the rollout sidecar: generation tokens/s vs. HF ``generate`` and at 1 / 8 concurrent clients, and
+weight-update latency vs. size for every transport at sidecar TP=1 and TP=2.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--markdown docs/benchmarks.md]
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--tp 1 2]
+        [--clients 1 8] [--markdown docs/benchmarks.md]
 
 Both generators run the same random tiny Qwen3 checkpoint in fp32 on the same batch, with sampling at
 temperature 1 and EOS ignored so every sample has ``max_tokens`` tokens. The sidecar's time is measured by the
@@ -35,21 +37,16 @@ def make_model(root: Path, name: str, max_len: int) -> Path:
                                    **SIZES[name])
 
 
-def bench_generation(model_dir: Path, batch: int, prompt_len: int, max_tokens: int, hf_threads: int,
-                     max_len: int) -> dict:
+def bench_generation(client, model_dir: Path, batch: int, prompt_len: int, max_tokens: int, hf_threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_opsd.rollout import SidecarClient, start_sidecar_process
-
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 300, (batch, prompt_len), generator=gen).tolist()
-    with start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len) as proc, \
-            SidecarClient(proc.url) as client:
-        client.generate(prompts[:2], max_tokens=8, ignore_eos=True)  # warm-up
-        start = time.perf_counter()
-        out = client.generate(prompts, temperature=1.0, max_tokens=max_tokens, seed=0, ignore_eos=True)
-        sidecar_s = time.perf_counter() - start
+    client.generate(prompts[:2], max_tokens=8, ignore_eos=True)  # warm-up
+    start = time.perf_counter()
+    out = client.generate(prompts, temperature=1.0, max_tokens=max_tokens, seed=0, ignore_eos=True)
+    sidecar_s = time.perf_counter() - start
     tokens = sum(len(s[0].token_ids) for s in out)
 
     torch.set_num_threads(hf_threads)
@@ -68,45 +65,135 @@ def bench_generation(model_dir: Path, batch: int, prompt_len: int, max_tokens: i
                 hf_tok_s=hf_tokens / hf_s, speedup=(tokens / sidecar_s) / (hf_tokens / hf_s), hf_threads=hf_threads)
 
 
-def bench_updates(model_dir: Path, repeats: int, max_len: int) -> list[dict]:
-    from safetensors.torch import load_file
+def sidecar(model_dir: Path, max_len: int, tp: int):
+    """A sidecar at tensor parallel ``tp`` (on CPU one core per worker: VLLM_CPU_OMP_THREADS_BIND="0|1")."""
+    from megatron_opsd.rollout import start_sidecar_process
 
-    from megatron_opsd.rollout import SidecarClient, start_sidecar_process
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))} if tp > 1 else None
+    return start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len, tensor_parallel_size=tp, env=env,
+                                 startup_timeout_s=900)
 
-    state = load_file(str(model_dir / "model.safetensors"))
+
+def bench_concurrency(client, clients: list[int], requests: int, max_tokens: int, tp: int = 1) -> list[dict]:
+    """Generation tokens/s with K clients each sending ``requests`` one-prompt requests at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rows = []
-    with start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len) as proc, \
-            SidecarClient(proc.url) as client:
-        version = 0
-        for transport in ("http", "shm"):
-            client.transport = transport
-            runs = []
-            for _ in range(repeats):
-                version += 1
-                runs.append(client.push_weights_from_iterator(iter(state.items()), version))
-            best = min(runs, key=lambda r: r["total_s"])
-            rows.append(dict(transport=transport, mb=best["bytes"] / 1e6, tensors=best["tensors"],
-                             buckets=best["buckets"], transfer_s=best["transfer_s"], apply_s=best["apply_s"],
-                             total_s=best["total_s"], mb_per_s=best["bytes"] / 1e6 / best["total_s"]))
+    client.generate([[5, 6, 7]], max_tokens=8, ignore_eos=True)  # warm-up
+
+    def one_client(k: int) -> int:
+        return sum(len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
+                       .token_ids) for i in range(requests))
+
+    for k in clients:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(k) as pool:
+            tokens = sum(pool.map(one_client, range(k)))
+        seconds = time.perf_counter() - start
+        rows.append(dict(server="ours", tp=tp, clients=k, tokens=tokens, seconds=seconds, tok_s=tokens / seconds))
     return rows
 
 
-def to_markdown(gen: dict, updates: dict) -> str:
+def bench_vllm_server(model_dir: Path, clients: list[int], requests: int, max_tokens: int, max_len: int) -> list[dict]:
+    """The same load on vLLM's own OpenAI server (``/v1/completions`` with token-id prompts), for the comparison
+    in docs/sidecar.md. vllm-cpu's ``vllm`` console script is broken, so it runs as a module."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from megatron_opsd.parallel.launch import free_port
+
+    port = free_port()
+    log = open(Path(tempfile.gettempdir()) / f"opsd-bench-vllm-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                             "--dtype", "float32", "--max-model-len", str(max_len), "--port", str(port),
+                             "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager"], stdout=log,
+                            stderr=subprocess.STDOUT)
+    url, rows = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server did not come up; log {log.name}")
+            time.sleep(1)
+        with httpx.Client(timeout=600) as http:
+            def one_client(k: int) -> int:
+                total = 0
+                for i in range(requests):
+                    body = dict(model=str(model_dir), prompt=[5 + k, 6 + i, 7], max_tokens=max_tokens, seed=i,
+                                ignore_eos=True, logprobs=0, temperature=1.0)
+                    total += http.post(url + "/v1/completions", json=body).json()["usage"]["completion_tokens"]
+                return total
+
+            one_client(0)  # warm-up
+            for k in clients:
+                start = time.perf_counter()
+                with ThreadPoolExecutor(k) as pool:
+                    tokens = sum(pool.map(one_client, range(k)))
+                seconds = time.perf_counter() - start
+                rows.append(dict(server="vLLM OpenAI", tp=1, clients=k, tokens=tokens, seconds=seconds,
+                                 tok_s=tokens / seconds))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return rows
+
+
+def bench_updates(client, model_dir: Path, repeats: int, tp: int = 1) -> list[dict]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    rows = []
+    version = client.health()["weight_version"]
+    for transport in ("http", "shm", "collective") if tp == 1 else ("collective",):
+        client.transport = transport
+        runs = []
+        for _ in range(repeats):
+            version += 1
+            runs.append(client.push_weights_from_iterator(iter(state.items()), version))
+        best = min(runs, key=lambda r: r["total_s"])
+        rows.append(dict(transport=transport, tp=tp, mb=best["bytes"] / 1e6, tensors=best["tensors"],
+                             buckets=best["buckets"], transfer_s=best.get("transfer_s", float("nan")),
+                             apply_s=best["apply_s"], total_s=best["total_s"],
+                             mb_per_s=best["bytes"] / 1e6 / best["total_s"]))
+    return rows
+
+
+def to_markdown(gen: dict, updates: dict, concurrency: list) -> str:
     lines = [BEGIN, "## Rollout sidecar (`tools/bench_sidecar.py`)", "",
-             f"CPU (vllm-cpu 0.32.0, fp32, 2 shared cores), tiny Qwen3 `{gen['model']}`; batch {gen['batch']} "
+             f"CPU (vllm-cpu 0.32.0, fp32), 2 cores **shared with other jobs** (load average {os.getloadavg()[0]:.0f} "
+             "when the section was written), so only ratios within one run mean anything. "
+             f"Tiny Qwen3 `{gen['model']}`; batch {gen['batch']} "
              f"prompts x {gen['prompt_len']} tokens, {gen['max_tokens']} sampled tokens each (EOS ignored), "
              f"HF `generate` on {gen['hf_threads']} thread(s) like vLLM's CPU worker.", "",
              "| generator | tokens | seconds | tokens/s |", "|---|---|---|---|",
              f"| sidecar (HTTP incl.) | {gen['sidecar_tokens']} | {gen['sidecar_s']:.2f} | {gen['sidecar_tok_s']:.0f} |",
              f"| HF generate | {gen['hf_tokens']} | {gen['hf_s']:.2f} | {gen['hf_tok_s']:.0f} |", "",
              f"Sidecar / HF tokens/s ratio: **{gen['speedup']:.1f}x**.", "",
-             "Weight update, best of repeats (begin -> all buckets -> commit applied; 64 MiB buckets):", "",
-             "| model | transport | MB | buckets | transfer s | apply s | total s | MB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Weight update, best of repeats (http/shm: begin -> all buckets -> commit applied; collective: "
+             "start -> ready -> broadcast -> every worker loaded; 64 MiB buckets):", "",
+             "| model | sidecar TP | transport | MB | buckets | transfer s | apply s | total s | MB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in updates.items():
         for r in rows:
-            lines.append(f"| {name} | {r['transport']} | {r['mb']:.1f} | {r['buckets']} | {r['transfer_s']:.3f} | "
-                         f"{r['apply_s']:.3f} | {r['total_s']:.3f} | {r['mb_per_s']:.0f} |")
+            lines.append(f"| {name} | {r['tp']} | {r['transport']} | {r['mb']:.1f} | {r['buckets']} | "
+                         f"{r['transfer_s']:.3f} | {r['apply_s']:.3f} | {r['total_s']:.3f} | {r['mb_per_s']:.0f} |")
+    if concurrency:
+        lines += ["", "Generation with K concurrent clients, each sending one-prompt requests:", "",
+                  "| server | sidecar TP | clients | tokens | seconds | tokens/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['server']} | {r['tp']} | {r['clients']} | {r['tokens']} | {r['seconds']:.2f} | "
+                  f"{r['tok_s']:.0f} |" for r in concurrency]
     return "\n".join(lines + [END]) + "\n"
 
 
@@ -129,25 +216,41 @@ def main() -> int:
     parser.add_argument("--hf-threads", type=int, default=1)
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="models for the weight-update latency")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2], help="sidecar tensor-parallel sizes")
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 8], help="concurrent generation clients")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--vllm-server", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure vLLM's own OpenAI server under the same concurrent load")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     max_len = args.prompt_len + args.max_tokens + 16
+    from megatron_opsd.rollout import SidecarClient
+
+    gen, updates, concurrency = {}, {name: [] for name in args.sizes}, []
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
         root = Path(tmp)
-        gen = dict(bench_generation(make_model(root, args.model, max_len), args.batch, args.prompt_len,
-                                    args.max_tokens, args.hf_threads, max_len), model=args.model)
-        print(json.dumps(gen, indent=1), flush=True)
-        updates = {}
-        for name in args.sizes:
-            model_dir = root / name if (root / name).exists() else make_model(root, name, max_len)
-            updates[name] = bench_updates(model_dir, args.repeats, max_len)
-            print(name, json.dumps(updates[name], indent=1), flush=True)
-    section = to_markdown(gen, updates)
+        models = {name: make_model(root, name, max_len) for name in dict.fromkeys([args.model, *args.sizes])}
+        for tp in args.tp:  # one sidecar per (model, TP): its start-up is the slow part
+            for name, model_dir in models.items():
+                with sidecar(model_dir, max_len, tp) as proc, SidecarClient(proc.url, sync_timeout_s=300) as client:
+                    if name == args.model and tp == 1:
+                        gen = dict(bench_generation(client, model_dir, args.batch, args.prompt_len, args.max_tokens,
+                                                    args.hf_threads), model=args.model)
+                        print(json.dumps(gen, indent=1), flush=True)
+                    if name == args.model and args.clients:
+                        concurrency += bench_concurrency(client, args.clients, args.requests, args.max_tokens, tp)
+                    if name in updates:
+                        updates[name] += bench_updates(client, model_dir, args.repeats, tp)
+                print(name, tp, json.dumps(updates.get(name), indent=1), json.dumps(concurrency), flush=True)
+        if args.clients and args.vllm_server:
+            concurrency += bench_vllm_server(models[args.model], args.clients, args.requests, args.max_tokens, max_len)
+            print(json.dumps(concurrency, indent=1), flush=True)
+    section = to_markdown(gen, updates, concurrency)
     print(section)
     if args.json:
-        args.json.write_text(json.dumps(dict(generation=gen, updates=updates), indent=1))
+        args.json.write_text(json.dumps(dict(generation=gen, updates=updates, concurrency=concurrency), indent=1))
     if args.markdown:
         write_section(args.markdown, section)
     return 0

@@ -24,7 +24,7 @@ from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, SHM_PATH_HEADER,
 
 logger = logging.getLogger(__name__)
 DISPATCH = ("round_robin", "least_loaded")
-TRANSPORTS = ("http", "shm")
+TRANSPORTS = ("http", "shm", "collective")
 
 
 class SidecarError(RuntimeError):
@@ -72,7 +72,8 @@ def check_on_policy(samples: Iterable[Union[Sample, Sequence[Sample]]], current_
 class SidecarClient:
     def __init__(self, urls: Union[str, Sequence[str]], timeout_s: float = 600.0, retries: int = 3,
                  backoff_s: float = 0.5, dispatch: str = "round_robin", connect_timeout_s: float = 5.0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "http", shm_dir: str = "/dev/shm"):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "http", shm_dir: str = "/dev/shm",
+                 collective_host: Optional[str] = None, sync_timeout_s: float = 120.0):
         import httpx
 
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -87,6 +88,8 @@ class SidecarClient:
         self.urls = [u.rstrip("/") for u in self.urls]
         self.retries, self.backoff_s, self.dispatch = retries, backoff_s, dispatch
         self.bucket_bytes, self.transport, self.shm_dir = bucket_bytes, transport, shm_dir
+        self.collective_host, self.sync_timeout_s = collective_host, sync_timeout_s
+        self._senders: dict[int, object] = {}  # replica -> CollectiveTrainerEngine (collective transport)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
         self._lock = threading.Lock()
         self._rr = itertools.count()
@@ -201,6 +204,10 @@ class SidecarClient:
         All or nothing per replica: on any failure every replica's staged update is aborted and the
         replicas keep their previous weights. Returns timing and size statistics.
         """
+        if self.transport == "collective":
+            named = list(named_tensors)  # the announced list needs every shape first (callers that care use
+            metadata = [(n, tuple(t.shape)) for n, t in named]  # push_weights, which announces from the config)
+            return self.push_collective(lambda: iter(named), metadata, version)
         start = time.perf_counter()
         dtype = _torch_dtype(self._call("GET", "/weights/spec", 0)["dtype"])
         begin = dict(version=version, num_tensors=num_tensors)
@@ -264,14 +271,23 @@ class SidecarClient:
         from megatron_opsd.models.weights import iter_hf_tensors
 
         rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.transport == "collective":  # one gather per replica; all ranks take part in each
+            return self._on_all_ranks(rank, version, lambda: self.push_collective(
+                lambda: iter(iter_hf_tensors(model_chunks)), announced_tensors(model_chunks), version, rank=rank))
         tensors: Iterator = iter(iter_hf_tensors(model_chunks))
+        return self._on_all_ranks(rank, version, lambda: self.push_weights_from_iterator(tensors, version),
+                                  drain=tensors)
+
+    def _on_all_ranks(self, rank: int, version: int, push, drain: Optional[Iterator] = None) -> Optional[dict]:
+        """Run ``push`` (rank 0 talks to the sidecars; every rank gathers) and raise the same error everywhere."""
+        import torch.distributed as dist
+
         result, error = None, None
-        if rank == 0:
-            try:
-                result = self.push_weights_from_iterator(tensors, version)
-            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-                error = f"{type(err).__name__}: {err}"
-        for _ in tensors:  # other ranks (and rank 0 after a failure) still take part in the gathers
+        try:
+            result = push() if rank == 0 or drain is None else None
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(err).__name__}: {err}"
+        for _ in drain or ():  # other ranks (and rank 0 after a failure) still take part in the gathers
             pass
         if dist.is_initialized():
             box = [error]
@@ -281,12 +297,117 @@ class SidecarClient:
             raise SidecarError(f"pushing weights version {version} failed on rank 0: {error}")
         return result
 
+    def push_collective(self, make_stream, metadata: list[tuple[str, tuple[int, ...]]], version: int,
+                        rank: int = 0) -> Optional[dict]:
+        """Collective transport: one broadcast per replica through vLLM's weight-transfer flow (our ``gloo`` /
+        ``opsd_nccl`` engine, see ``rollout/collective.py``). ``make_stream()`` yields a fresh pass of
+        ``(hf_name, tensor)`` (a collective on every trainer rank; tensors only on rank 0). Afterwards the
+        replicas' versions are compared: replicas left on different versions by a failure are reported."""
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        dtype = _torch_dtype(self._call("GET", "/weights/spec", 0)["dtype"]) if rank == 0 else torch.float32
+        params = [ParamMeta(name, dtype, tuple(shape)) for name, shape in metadata]
+        results, failures = [], []
+        for replica in range(len(self.urls)):
+            stream = make_stream()
+            if rank != 0:
+                for _ in stream:
+                    pass
+                continue
+            try:
+                results.append(self._sender(replica).send_weights(stream, params, version))
+            except Exception as err:  # noqa: BLE001 - the other replicas still get this version
+                failures.append(f"{self.urls[replica]}: {err}")
+                for _ in stream:
+                    pass
+        if rank != 0:
+            return None
+        if failures:
+            versions = self._versions_or_errors()
+            split = f"; replicas now disagree on the weight version: {versions}" \
+                if len(set(versions.values())) > 1 else ""
+            raise SidecarError("collective weight push failed on " + " | ".join(failures) + split)
+        return dict(results[0], replicas=len(results), total_s=sum(r["total_s"] for r in results))
+
+    def _versions_or_errors(self) -> dict[str, object]:
+        out = {}
+        for i, url in enumerate(self.urls):
+            try:
+                out[url] = self.health(i)["weight_version"]
+            except SidecarError:
+                out[url] = "unreachable"
+        return out
+
+    def _sender(self, replica: int):
+        """The trainer-side engine for ``replica``, rendezvoused on first use (and again after a broken group)."""
+        from megatron_opsd.parallel.launch import free_port
+        from megatron_opsd.rollout import collective, vllm_plugin
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        if replica not in self._senders:
+            vllm_plugin.register()
+            health = self.health(replica)
+            info_cls = collective.CollectiveNcclTrainerInitInfo if health["weight_transfer_backend"] == "opsd_nccl" \
+                else collective.CollectiveTrainerInitInfo
+            info = info_cls(master_address=self.collective_host or _reachable_address(self.urls),
+                            master_port=free_port(), world_size=1 + int(health["world_size"]),
+                            timeout_s=self.sync_timeout_s,
+                            bucket_bytes=self.bucket_bytes, rank=0)
+            self._senders[replica] = WeightTransferTrainerFactory.trainer_init(
+                info, client=_ReplicaWeightSync(self, replica))
+        return self._senders[replica]
+
     # -- colocated use ------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> list[dict]:
         return [self._call("POST", "/sleep", i, json={"level": level}) for i in range(len(self.urls))]
 
     def wake_up(self) -> list[dict]:
         return [self._call("POST", "/wake_up", i) for i in range(len(self.urls))]
+
+
+class _ReplicaWeightSync:
+    """vLLM's ``VLLMWeightSyncClient`` calls for one replica over our sidecar's routes (same names as vLLM's)."""
+
+    def __init__(self, client: SidecarClient, replica: int):
+        self.client, self.replica = client, replica
+
+    def _post(self, path: str, body: dict, timeout_s: Optional[float] = None) -> dict:
+        extra = {} if timeout_s is None else {"timeout": timeout_s}
+        return self.client._call("POST", path, self.replica, idempotent=False, json=body, **extra)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> dict:
+        return self._post("/init_weight_transfer_engine", {"init_info": init_info}, init_info.get("timeout_s"))
+
+    def start_weight_update(self, version: int, update_info: dict) -> dict:
+        return self._post("/start_weight_update", {"weight_version": version, "update_info": update_info})
+
+    def update_weights(self, update_info: dict) -> dict:
+        return self._post("/update_weights", {"update_info": update_info}, update_info["timeout_s"] + 30.0)
+
+    def finish_weight_update(self, weight_version: int) -> dict:
+        return self._post("/finish_weight_update", {"weight_version": weight_version})
+
+
+def _reachable_address(urls: list[str]) -> str:
+    """Loopback when every sidecar is on this host, else this host's address (where its workers connect to)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
+        return "127.0.0.1"
+    address = socket.gethostbyname(socket.gethostname())
+    if address.startswith("127."):
+        raise SidecarError(f"rollout.collective_host: this host's name resolves to {address}, which the remote "
+                           "sidecars cannot reach; set rollout.collective_host to this node's network address")
+    return address
+
+
+def announced_tensors(model_chunks: list) -> list[tuple[str, tuple[int, ...]]]:
+    """What ``iter_hf_tensors`` will yield (HF names and shapes), known without gathering anything."""
+    from megatron_opsd.models.gpt import unwrap
+    from megatron_opsd.models.weights import hf_tensor_shapes
+
+    return [(name, tuple(shape)) for name, shape in hf_tensor_shapes(unwrap(model_chunks[0]).hf_config).items()]
 
 
 def _detail(resp) -> str:

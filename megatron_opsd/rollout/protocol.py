@@ -40,13 +40,18 @@ class SleepRequest(_Strict):
     level: int = 1
 
 
-class NcclInitRequest(_Strict):
-    host: str
-    port: int
-    world_size: int = Field(description="trainer's broadcasting rank + all vLLM workers")
-    timeout_s: float = 120.0
+class WeightTransferInitBody(_Strict):
+    init_info: dict = Field(description="CollectiveInitInfo fields: master_address, master_port, world_size, ...")
 
 
-class NcclUpdateRequest(_Strict):
-    version: int
-    timeout_s: float = 300.0  # tensor names, shapes and dtypes arrive with the buckets, through the group's store
+class WeightTransferStartBody(_Strict):
+    weight_version: int
+    update_info: dict = Field(description="CollectiveUpdateInfo fields: round_id, names, dtype_names, shapes, ...")
+
+
+class WeightTransferUpdateBody(_Strict):
+    update_info: dict
+
+
+class WeightTransferFinishBody(_Strict):
+    weight_version: int

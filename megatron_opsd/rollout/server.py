@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -21,8 +22,9 @@ from typing import Optional
 from fastapi import Request  # module level: FastAPI resolves the string annotations of the handlers here
 
 from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER, GenerateRequest,
-                                            NcclInitRequest, NcclUpdateRequest, SleepRequest, WeightsBeginRequest,
-                                            WeightsUpdateRef)
+                                            SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
+                                            WeightTransferFinishBody, WeightTransferInitBody,
+                                            WeightTransferStartBody, WeightTransferUpdateBody)
 from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError
 
 logger = logging.getLogger("megatron_opsd.sidecar")
@@ -52,15 +54,19 @@ class SidecarState:
         self.updates = 0
         self.last_update_latency_s = 0.0
         self.last_update_apply_s = 0.0
-        self.nccl_ready = False
+        self.collective_round: Optional[tuple[str, int]] = None  # (round_id, version) accepted, not yet received
 
 
 def validate_generate(req: GenerateRequest, engine) -> list[list[int]]:
     """Token ids for each prompt, or a ``RequestError`` naming the offending field."""
     if not req.prompts:
         raise RequestError("prompts: empty list; send at least one prompt")
-    if req.n < 1:
-        raise RequestError(f"n: {req.n} is invalid; n must be >= 1")
+    max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))  # vLLM's own limit (a 500 inside vLLM)
+    if not 1 <= req.n <= max_n:
+        raise RequestError(f"n: {req.n} is invalid; n must be in [1, {max_n}] (VLLM_MAX_N_SEQUENCES)")
+    for field_name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(req, field_name)):
+            raise RequestError(f"{field_name}: {getattr(req, field_name)} is not a finite number")
     if req.n > 1 and req.temperature == 0:
         raise RequestError(f"n: {req.n} samples with temperature 0 would be identical; use n=1 or temperature > 0")
     if req.max_tokens < 1:
@@ -116,7 +122,6 @@ def create_app(engine):
     from fastapi.responses import JSONResponse, PlainTextResponse
     from safetensors.torch import load as load_safetensors
 
-    from megatron_opsd.rollout.engine import on_gpu
 
     state = SidecarState(engine)
     app = FastAPI(title="megatron-opsd rollout sidecar")
@@ -153,7 +158,9 @@ def create_app(engine):
     async def health():
         return {"status": "ok", "weight_version": state.version, "model": engine.cfg.model,
                 "in_flight": state.in_flight - 1, "sleeping": engine.sleeping, "vocab_size": engine.vocab_size,
-                "max_model_len": engine.max_model_len, "update_in_progress": state.stager.in_progress}
+                "max_model_len": engine.max_model_len, "update_in_progress": state.stager.in_progress,
+                "world_size": engine.world_size, "weight_transfer_backend": engine.transfer_backend,
+                "partial_weights": engine.partial_weights}
 
     @app.get("/metrics")
     async def metrics():
@@ -164,6 +171,9 @@ def create_app(engine):
         prompts = validate_generate(req, engine)
         if engine.sleeping:
             raise RequestError("the engine is asleep; POST /wake_up first", status=409)
+        if engine.partial_weights:
+            raise RequestError(f"a weight update failed mid-transfer and left partly new weights; push a complete "
+                               f"update (current version {state.version}) or restart the sidecar", status=503)
 
         def run():
             with state.lock:
@@ -256,48 +266,65 @@ def create_app(engine):
 
     add_adapter_routes(app, state, engine, locked, RequestError)
 
-    # -- weights over NCCL (GPU only) -----------------------------------------------------------------
-    def require_gpu():
-        if not on_gpu():
-            raise RequestError("the NCCL weight transport needs CUDA; on CPU push weights with the HTTP bucket "
-                               "transport (POST /weights/begin, /weights/bucket, /weights/commit)", status=501)
+    # -- weights over a collective group (any TP; vLLM's weight-transfer flow) ---------------------------
+    @app.post("/init_weight_transfer_engine")
+    async def init_weight_transfer_engine(req: WeightTransferInitBody):
+        """Join the trainer's group (every worker, blocking until the trainer opens its side)."""
+        await asyncio.to_thread(engine.init_weight_transfer, req.init_info)
+        return {"ok": True, "world_size": engine.world_size}
 
-    @app.post("/weights/nccl/init")
-    async def nccl_init(req: NcclInitRequest):
-        require_gpu()
-        await asyncio.to_thread(locked, engine.collective_rpc, "init_communicator",
-                                kwargs=dict(host=req.host, port=req.port, world_size=req.world_size,
-                                            timeout_s=req.timeout_s))
-        state.nccl_ready = True
-        return {"ok": True}
+    @app.post("/start_weight_update")
+    async def start_weight_update(req: WeightTransferStartBody):
+        """Accept or refuse an update from its announced tensors, before the trainer sends any of them."""
+        info = req.update_info
+        try:
+            names, shapes, dtype_names = info["names"], info["shapes"], info["dtype_names"]
+            round_id = str(info["round_id"])
+        except (KeyError, TypeError) as err:
+            raise RequestError(f"update_info: missing field {err}; expected round_id, names, shapes, dtype_names")
+        if req.weight_version <= state.version:
+            raise RequestError(f"weight_version: {req.weight_version} must be greater than the current weight "
+                               f"version {state.version}")
+        state.stager.check_announced(names, shapes, dtype_names)
+        state.collective_round = (round_id, req.weight_version)
+        return {"accepted": True, "weight_version": state.version}
 
-    @app.post("/weights/nccl/update")
-    async def nccl_update(req: NcclUpdateRequest):
-        """Blocks while the trainer broadcasts; all workers stage everything before anything is applied."""
-        require_gpu()
-        if not state.nccl_ready:
-            raise RequestError("no NCCL communicator; POST /weights/nccl/init first", status=409)
-        if req.version <= state.version:
-            raise RequestError(f"version: {req.version} must be greater than the current weight version "
-                               f"{state.version}")
-        specs = {name: list(shape) for name, (shape, _) in engine.tensor_specs.items()}
+    @app.post("/update_weights")
+    async def update_weights(req: WeightTransferUpdateBody):
+        """Receive the broadcast on every worker and apply it as one update; the version moves only on success."""
+        pending = state.collective_round
+        if pending is None or req.update_info.get("round_id") != pending[0]:
+            raise RequestError("update_info.round_id: not the update accepted by POST /start_weight_update",
+                               status=409)
+        if engine.sleeping:
+            raise RequestError("the engine is asleep; POST /wake_up before updating weights", status=409)
+        state.collective_round = None
         start = time.perf_counter()
 
-        def receive():
-            engine.collective_rpc("receive_and_load", kwargs=dict(specs=specs, timeout_s=req.timeout_s))
-            engine.reset_prefix_cache()
-            state.version = req.version
+        def apply():
+            engine.receive_weights(req.update_info)
+            state.version = pending[1]
 
         try:
-            await asyncio.wait_for(asyncio.to_thread(locked, receive), timeout=req.timeout_s + 10)
-        except asyncio.TimeoutError:
-            raise RequestError(f"NCCL weight update v{req.version} did not finish within {req.timeout_s:.0f} s; "
-                               "the engine may be stuck in a collective: restart the sidecar", status=504) from None
-        except (ValueError, TimeoutError) as err:
-            raise RequestError(f"NCCL weight update v{req.version} failed: {err}") from None
+            await asyncio.to_thread(locked, apply)
+        except Exception as err:  # noqa: BLE001 - every worker rolled back; report why
+            logger.warning("collective weight update v%d failed, previous weights kept: %s", pending[1], err)
+            effect = "left partly new weights: generation is refused until a complete update" \
+                if engine.partial_weights else "changed no weights"
+            raise RequestError(f"weight update v{pending[1]} failed and {effect} (version stays "
+                               f"{state.version}): {err}", status=500) from None
         state.updates += 1
         state.last_update_latency_s = state.last_update_apply_s = time.perf_counter() - start
-        return {"weight_version": state.version, "latency_s": state.last_update_latency_s}
+        logger.info("weights v%d received and applied in %.3fs", state.version, state.last_update_latency_s)
+        return {"weight_version": state.version, "apply_s": state.last_update_apply_s}
+
+    @app.post("/finish_weight_update")
+    async def finish_weight_update(req: WeightTransferFinishBody):
+        """The trainer's confirmation: succeeds only if the sidecar now serves ``weight_version``."""
+        if req.weight_version != state.version:
+            raise RequestError(f"weight_version: {req.weight_version} is not being served (current: "
+                               f"{state.version}); the update did not complete", status=409)
+        return {"weight_version": state.version}
 
     # -- colocated use --------------------------------------------------------------------------------
     @app.post("/sleep")

@@ -94,18 +94,39 @@ class WeightStager:
         if not tensors:
             raise WeightUpdateError(f"bucket {index}: contains no tensors")
         for name, tensor in tensors.items():
-            if name not in self.specs and name not in self.optional:
-                close = [k for k in self.specs if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
-                raise WeightUpdateError(f"tensor {name!r}: not a parameter of the served model (HF names expected, "
-                                        f"e.g. {close or list(self.specs)[:3]})")
-            expected = self.specs.get(name, (None,))[0]
-            if expected is not None and tuple(tensor.shape) != expected:
-                raise WeightUpdateError(f"tensor {name!r}: shape {tuple(tensor.shape)} does not match the served "
-                                        f"model's {expected} (padded vocabulary rows must be stripped)")
-            if not tensor.is_floating_point():
-                raise WeightUpdateError(f"tensor {name!r}: dtype {tensor.dtype} is not a floating-point type")
+            self.check_tensor(name, tuple(tensor.shape), tensor.dtype)
             if update.owner.get(name, index) != index:
                 raise WeightUpdateError(f"tensor {name!r}: already received in bucket {update.owner[name]}")
+
+    def check_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Raise (422) unless ``name`` is a tensor of the served model with this shape and a float dtype."""
+        if name not in self.specs and name not in self.optional:
+            close = [k for k in self.specs if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
+            raise WeightUpdateError(f"tensor {name!r}: not a parameter of the served model (HF names expected, "
+                                    f"e.g. {close or list(self.specs)[:3]})")
+        expected = self.specs.get(name, (None,))[0]
+        if expected is not None and tuple(shape) != expected:
+            raise WeightUpdateError(f"tensor {name!r}: shape {tuple(shape)} does not match the served "
+                                    f"model's {expected} (padded vocabulary rows must be stripped)")
+        if not dtype.is_floating_point:
+            raise WeightUpdateError(f"tensor {name!r}: dtype {dtype} is not a floating-point type")
+
+    def check_announced(self, names: list[str], shapes: list[list[int]], dtype_names: list[str]) -> None:
+        """Validate a whole update from its announced tensor list (collective transport: before any byte moves)."""
+        for name, shape, dtype_name in zip(names, shapes, dtype_names):
+            dtype = getattr(torch, dtype_name, None)
+            if not isinstance(dtype, torch.dtype):
+                raise WeightUpdateError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
+            if dtype != self.dtype:
+                raise WeightUpdateError(f"tensor {name!r}: dtype {dtype_name} differs from the served "
+                                        f"{str(self.dtype).removeprefix('torch.')}; cast before sending")
+            self.check_tensor(name, tuple(shape), dtype)
+        if len(set(names)) != len(names):
+            raise WeightUpdateError("names: a tensor is announced twice")
+        missing = [k for k in self.specs if k not in set(names)]
+        if missing:
+            raise WeightUpdateError(f"names: {len(missing)} tensors of the served model are missing from the "
+                                    f"update, e.g. {missing[:3]}; an update must replace every tensor")
 
     def take_for_commit(self, update_id: str) -> StagedUpdate:
         """Remove the update if complete; the caller applies it. Incomplete updates stay staged."""

@@ -150,10 +150,13 @@ class OPSDTrainer:
             self.sidecar = start_sidecar_process(
                 self.cfg.model.path, port=self.cfg.rollout.local_sidecar_port,
                 log_path=self.run_dir / "sidecar.log", dtype=self.cfg.rollout.local_sidecar_dtype,
-                max_model_len=max_len, max_lora_rank=self._sidecar_lora_rank())
+                max_model_len=max_len, max_lora_rank=self._sidecar_lora_rank(),
+                tensor_parallel_size=self.cfg.rollout.local_sidecar_tensor_parallel_size)
             urls = [self.sidecar.url]
         urls = _broadcast(urls)
-        self.client = SidecarClient(urls)
+        r = self.cfg.rollout
+        self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
+                                    sync_timeout_s=r.sync_timeout_s)
         if self.rank == 0:
             self.client.wait_healthy()
 
