@@ -8,9 +8,10 @@ from megatron_opsd.config import DataConfig, RolloutConfig, TeacherConfig
 from megatron_opsd.data.contexts import CONTEXT_BUILDERS, student_messages, teacher_messages
 from megatron_opsd.data.datasets import PromptExample, PromptSampler, load_prompt_dataset
 from megatron_opsd.data.sequences import build_batch, gather_response_logits, horizon_at_step, student_prompt_ids
+from megatron_opsd.evaluation.runner import packaged_data_dir
 from megatron_opsd.models.tokenizer import Tokenizer
 
-DATA = "/work/shared/data"
+DATA = packaged_data_dir()  # the benchmarks shipped in the package
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 INSTRUCTION = ("Solve the following problem concisely. Avoid unnecessary verification and repetition; think only "
                "as much as needed.")
