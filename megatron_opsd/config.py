@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.distributed import ParallelConfig
 
 DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -173,7 +174,7 @@ class OPSDConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad key or value in a config file or override; the message names the dotted key."""
 
 
