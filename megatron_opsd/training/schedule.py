@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_opsd.models.gpt import unwrap
+
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -28,12 +30,6 @@ class ForwardBackwardOutput:
 
     loss: float
     metrics: list = field(default_factory=list)
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _position_ids(microbatch: dict) -> torch.Tensor:
@@ -171,7 +167,7 @@ def _parameter_pairs(dst_chunks: list, src_chunks: list):
         raise ValueError(f"replicas have {len(dst_chunks)} and {len(src_chunks)} model chunks: build both with the "
                          "same parallel layout")
     for i, (dst, src) in enumerate(zip(dst_chunks, src_chunks)):
-        dst_params, src_params = dict(_unwrap(dst).named_parameters()), dict(_unwrap(src).named_parameters())
+        dst_params, src_params = dict(unwrap(dst).named_parameters()), dict(unwrap(src).named_parameters())
         if dst_params.keys() != src_params.keys():
             diff = sorted(dst_params.keys() ^ src_params.keys())
             raise ValueError(f"chunk {i}: replicas have different parameters ({diff[:4]}...): same model and layout?")
