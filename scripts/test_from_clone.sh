@@ -5,7 +5,8 @@
 #   bash scripts/test_from_clone.sh [PYTHON] [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="$(realpath "${1:-.venv/bin/python}")"
+python_arg="${1:-.venv/bin/python}"
+PYTHON="$(cd "$(dirname "$python_arg")" && pwd)/$(basename "$python_arg")"  # absolute, venv symlink kept
 shift || true
 workdir="$(mktemp -d "${TMPDIR:-/tmp}/opsd-clone.XXXXXX")"
 trap 'rm -rf "$workdir"' EXIT
