@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Location independence (a step of `make test`): clone this repository's committed HEAD into a fresh temporary
-# directory, with nothing beside it (no ../shared, no runs/), and run the fast suite there, importing the
+# directory, with nothing beside it (no sibling data folders, no runs/), and run the fast suite there, importing the
 # clone's code (PYTHONPATH; checked below) with the given interpreter (default .venv/bin/python).
 #   bash scripts/test_from_clone.sh [PYTHON] [pytest args...]
 set -euo pipefail
