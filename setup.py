@@ -18,6 +18,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_opsd", "megatron_opsd.*"]),
     include_package_data=True,
+    # Read at run time through importlib.resources: the built-in benchmarks and the demo's stage configs.
+    package_data={"megatron_opsd": ["evaluation/data/README.md", "evaluation/data/*/*.jsonl", "demo/configs/*.yaml"]},
     install_requires=[
         "megatron-core>=0.16,<0.17",
         "torch>=2.6",

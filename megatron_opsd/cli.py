@@ -2,14 +2,18 @@
 
 Each subcommand lives in its own module and is imported only when invoked, so `megatron-opsd --help`
 stays fast and does not import torch or megatron. A subcommand module exposes
-``add_arguments(parser)`` and ``main(args) -> int``.
+``add_arguments(parser)`` and ``main(args) -> int``. A ``UsageError`` (bad config, input or parallel layout)
+ends the command with one line on stderr and exit status 2 (see ``megatron_opsd.errors``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
+
+from megatron_opsd.errors import DEBUG_ENV, UsageError
 
 # name -> (module path, one-line help). Modules are imported lazily.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -62,15 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-opsd",
         description="On-policy self-distillation of reasoning LLMs on megatron-core.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of config/input errors (also OPSD_DEBUG=1 or after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _rank() -> int:
+    """This process's global rank under torchrun / srun (0 for a plain or --nproc launcher process)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -89,7 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     sub_parser = argparse.ArgumentParser(prog=f"megatron-opsd {name}", description=help_text)
     module.add_arguments(sub_parser)
-    return int(module.main(sub_parser.parse_args(rest)) or 0)
+    sub_parser.add_argument("--debug", action="store_true", help="show the traceback of config/input errors")
+    args = sub_parser.parse_intermixed_args(rest)  # options may follow key=value overrides
+    try:
+        return int(module.main(args) or 0)
+    except UsageError as err:
+        if debug or args.debug:
+            raise
+        if _rank() == 0:  # every rank of a distributed run hits the same error: say it once
+            print(f"megatron-opsd: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

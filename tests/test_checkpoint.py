@@ -33,8 +33,9 @@ def random_microbatches(vocab: int) -> list:
             keep = (torch.rand(MBS, SEQ) > 0.2).float()
         mask = torch.zeros(MBS, SEQ)
         mask[:, start:] = 1
+        weights = mask * keep  # the SFT trainer's loss: per-microbatch mean CE over the kept tokens
         microbatches.append({"index": i, "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                             "loss_mask": mask * keep})
+                             "weights": weights / weights.sum().clamp(min=1)})
     return microbatches
 
 
@@ -52,15 +53,16 @@ def train_worker(hf_dir: str, root: str, resume: bool, last_step: int, save_at: 
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint
     from megatron_opsd.training.checkpoint import load_latest, save_checkpoint
-    from megatron_opsd.training.engine import make_sft_loss_fn, optimizer_step, setup_training, zero_grads
+    from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
     from megatron_opsd.training.schedule import copy_weights_, ema_update_, forward_backward
+    from megatron_opsd.training.sft import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
     ddp_chunks, optimizer, scheduler = setup_training(chunks, SETTINGS)
     ema = build_model(hf_dir)
     copy_weights_(ema, chunks)
-    loss_fn = make_sft_loss_fn(chunks[0].real_vocab_size)
+    loss_fn = make_weighted_ce_loss_fn(chunks[0].real_vocab_size)
     step, out = 0, {"losses": {}, "saved": {}}
     if resume:
         loaded = load_latest(root, ddp_chunks, optimizer, scheduler, extra_models={"ema": ema})

@@ -1,16 +1,16 @@
-"""Datasets, teacher contexts and realigned student/teacher sequences, checked against hand-built text."""
+"""Datasets, teacher contexts and the student/teacher prompt ids, checked against hand-built text."""
 import json
 
 import pytest
-import torch
 
 from megatron_opsd.config import DataConfig, RolloutConfig, TeacherConfig
 from megatron_opsd.data.contexts import CONTEXT_BUILDERS, student_messages, teacher_messages
 from megatron_opsd.data.datasets import PromptExample, PromptSampler, load_prompt_dataset
-from megatron_opsd.data.sequences import build_batch, gather_response_logits, horizon_at_step, student_prompt_ids
+from megatron_opsd.data.sequences import encode_prompt, horizon_at_step, student_prompt_ids
+from megatron_opsd.evaluation.runner import packaged_data_dir
 from megatron_opsd.models.tokenizer import Tokenizer
 
-DATA = "/work/shared/data"
+DATA = packaged_data_dir()  # the benchmarks shipped in the package
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 INSTRUCTION = ("Solve the following math problem concisely and correctly. Be direct -- avoid unnecessary elaboration, "
                "redundant steps, or restating the problem. Focus only on the key reasoning steps needed to reach the "
@@ -18,12 +18,6 @@ INSTRUCTION = ("Solve the following math problem concisely and correctly. Be dir
 SOLVE_YOURSELF = "After understanding the reference solution, solve the problem yourself, reasoning from first principles."
 ROLLOUT_TEXT = "Since 2 + 2 = 4, we get \\boxed{4}."
 TEMPLATE = "Hint: the answer is {{ answer }}. {{ instruction }}\nProblem: {{ problem }}"
-RESPONSES = [
-    "Let me think step by step. 3 + 4 = 7, so the answer is \\boxed{7}.<|im_end|>",
-    "Wait",
-    "We have $r = 3$ and so \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}",
-    "x",
-]
 
 
 @pytest.fixture(scope="module")
@@ -78,56 +72,18 @@ def test_context_registry_is_complete():
 @pytest.mark.parametrize("system", [None, "You are a careful mathematician."])
 @pytest.mark.parametrize("ctx", ["reference", "answer", "concise", "reference_only", "base", "rollout",
                                  "per_example", "template"])
-def test_teacher_positions_match_hand_built_sequences(tok, math500, ctx, system):
+def test_prompt_ids_match_hand_built_chats(tok, math500, ctx, system):
+    """The student's and each teacher context's prompt ids (what the trainer encodes: encode_prompt over
+    student_messages / teacher_messages) equal the chat written out by hand from the documented wording."""
     data_cfg = DataConfig(system_prompt=system, max_prompt_tokens=4096)
     teacher_cfg = TeacherConfig(context=ctx, template=TEMPLATE)
-    examples = [ex for ex in _examples(math500) for _ in range(2)]  # two rollouts per prompt
-    responses = [tok.encode(text) for text in RESPONSES]
-    batch = build_batch(tok, examples, responses, data_cfg, teacher_cfg, enable_thinking=False,
-                        rollouts_for_teacher=[ROLLOUT_TEXT] * len(examples))
-    assert list(batch.teachers) == [ctx]
-    for b, (ex, text, resp) in enumerate(zip(examples, RESPONSES, responses)):
-        for side, seq, user in (("student", batch.student, _hand_user("base", ex)),
-                                ("teacher", batch.teacher, _hand_user(ctx, ex, ROLLOUT_TEXT))):
-            hand = tok.encode(_hand_chat(user, system) + text)
-            n = int(seq.lengths[b])
-            assert seq.tokens[b, :n].tolist() == hand, (side, b)
-            assert int(seq.prompt_lengths[b]) == n - len(resp)
-            pos = seq.pos[b, : len(resp)]
-            # the logit at pos predicts the token at pos + 1: the response token, in both layouts
-            assert [hand[i + 1] for i in pos.tolist()] == resp, (side, b)
-            assert seq.tokens[b, pos + 1].tolist() == resp
-            assert seq.labels[b, pos].tolist() == resp
-            assert int(seq.loss_mask[b].sum()) == len(resp)
-        if ctx != "base":
-            assert int(batch.teacher.prompt_lengths[b]) != int(batch.student.prompt_lengths[b])
-    assert batch.num_loss_tokens == sum(len(r) for r in responses)
-    assert batch.token_ids.tolist() == [t for r in responses for t in r]
-    assert batch.seq_ids.tolist() == [b for b, r in enumerate(responses) for _ in r]
-    for seq in (batch.student, batch.teacher):
-        assert seq.tokens.shape[1] % data_cfg.pad_to_multiple_of == 0
-        assert seq.tokens.shape[1] - int(seq.lengths.max()) < data_cfg.pad_to_multiple_of
-        assert seq.flat.tolist() == [b * seq.tokens.shape[1] + p for b, r in enumerate(responses)
-                                     for p in seq.pos[b, : len(r)].tolist()]
-
-
-def test_horizon_truncates_loss_and_sequences(tok, math500):
-    examples = [ex for ex in _examples(math500) for _ in range(2)]
-    responses = [tok.encode(text) for text in RESPONSES]
-    full = build_batch(tok, examples, responses, DataConfig(), TeacherConfig(purified=True))
-    cut = build_batch(tok, examples, responses, DataConfig(), TeacherConfig(purified=True), horizon=3)
-    assert list(cut.teachers) == ["reference", "reference_only", "base"]
-    keep = [min(len(r), 3) for r in responses]
-    assert cut.num_loss_tokens == sum(keep) < full.num_loss_tokens
-    assert cut.response_mask.sum(1).tolist() == keep and cut.response_lengths.tolist() == [len(r) for r in responses]
-    for name in ["student", *cut.teachers]:
-        c = cut.student if name == "student" else cut.teachers[name]
-        f = full.student if name == "student" else full.teachers[name]
-        assert c.loss_mask.sum(1).tolist() == keep
-        assert (c.lengths == c.prompt_lengths + torch.tensor(keep)).all()
-        assert c.pos[:, :3].tolist() == [row[:3] for row in f.pos.tolist()]  # same positions, fewer of them
-        for b, k in enumerate(keep):  # identical prefix
-            assert torch.equal(c.tokens[b, : c.lengths[b]], f.tokens[b, : c.lengths[b]])
+    for ex in _examples(math500):
+        student = student_prompt_ids(tok, ex, data_cfg, enable_thinking=False)
+        teacher = encode_prompt(tok, teacher_messages(ex, data_cfg, teacher_cfg, ctx, ROLLOUT_TEXT), 4096, ex.id,
+                                f"teacher ({ctx})", enable_thinking=False)
+        assert student == tok.encode(_hand_chat(_hand_user("base", ex), system))
+        assert teacher == tok.encode(_hand_chat(_hand_user(ctx, ex, ROLLOUT_TEXT), system))
+        assert (teacher == student) == (ctx == "base")
 
 
 def test_horizon_schedule():
@@ -137,34 +93,11 @@ def test_horizon_schedule():
     assert [horizon_at_step(s, grow) for s in (0, 1, 5, 10, 50)] == [16, 26, 66, 116, 116]
 
 
-def test_gathered_logits_match_unpadded_forward(tok, math500):
-    """Padding and position ids do not change the logits that the loss gathers (a real tiny Qwen3)."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron_opsd.models.tiny import tiny_hf_config
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen3", vocab_size=tok.vocab_size,
-                                                            max_position_embeddings=2048)).eval()
-    examples = [ex for ex in _examples(math500) for _ in range(2)]
-    responses = [tok.encode(text) for text in RESPONSES]
-    batch = build_batch(tok, examples, responses, DataConfig(), TeacherConfig(context="concise"), horizon=6)
-    for seq in (batch.student, batch.teacher):
-        with torch.no_grad():
-            logits = model(input_ids=seq.tokens, position_ids=seq.position_ids).logits
-            gathered = gather_response_logits(logits, seq)
-            rows = []
-            for b in range(len(examples)):
-                single = model(input_ids=seq.tokens[b: b + 1, : seq.lengths[b]]).logits[0]
-                rows.append(single[seq.pos[b, : int(batch.response_mask[b].sum())]])
-        torch.testing.assert_close(gathered, torch.cat(rows), atol=1e-5, rtol=1e-5)
-        assert gathered.shape[0] == batch.num_loss_tokens == sum(min(len(r), 6) for r in responses)
-
-
 def test_prompt_too_long_names_the_field_and_example(tok, math500):
     with pytest.raises(ValueError, match=r"teacher \(reference\) prompt of example 'test/precalculus/807.json' has "
                                          r"\d+ tokens, more than data.max_prompt_tokens=200"):
-        build_batch(tok, math500[:1], [[1, 2]], DataConfig(max_prompt_tokens=200), TeacherConfig())
+        encode_prompt(tok, teacher_messages(math500[0], DataConfig(), TeacherConfig()), 200, math500[0].id,
+                      "teacher (reference)")
     with pytest.raises(ValueError, match="student prompt .* data.max_prompt_tokens=5"):
         student_prompt_ids(tok, math500[0], DataConfig(max_prompt_tokens=5))
 

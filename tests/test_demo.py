@@ -6,7 +6,7 @@ import json
 import pytest
 
 from megatron_opsd.demo import cli, report
-from megatron_opsd.demo.recipe import FULL, QUICK, examples_dir
+from megatron_opsd.demo.recipe import FULL, QUICK, stage_config_dir
 
 
 def parse(*argv):
@@ -17,7 +17,7 @@ def parse(*argv):
 
 def test_defaults_resolve_to_runs_name():
     recipe, run_dir, config_dir = cli.resolve(parse())
-    assert recipe == FULL and str(run_dir) == "runs/demo" and config_dir == examples_dir()
+    assert recipe == FULL and str(run_dir) == "runs/demo" and config_dir == stage_config_dir()
     recipe, run_dir, _ = cli.resolve(parse("--quick", "--filters", "correct,all", "--nproc", "2"))
     assert recipe.filters == ("correct", "all") and recipe.nproc == 2 and str(run_dir) == "runs/demo-quick"
     assert recipe.sft_steps == QUICK.sft_steps
@@ -45,9 +45,9 @@ def test_stage_configs_load_with_the_demo_overrides():
     from megatron_opsd.demo.task import CONCISE_INSTRUCTION
     from megatron_opsd.training.sft import load_sft_config
 
-    sft = load_sft_config(str(examples_dir() / "sft.yaml"), ["model.path=x", "train.steps=7"])
+    sft = load_sft_config(str(stage_config_dir() / "sft.yaml"), ["model.path=x", "train.steps=7"])
     assert sft.train.steps == 7 and sft.data.global_batch_size % sft.optim.micro_batch_size == 0
-    cfg = load_config(str(examples_dir() / "opsdc.yaml"), ["rollout.filter=incorrect"])
+    cfg = load_config(str(stage_config_dir() / "opsdc.yaml"), ["rollout.filter=incorrect"])
     assert cfg.teacher.context == "concise" and cfg.teacher.concise_instruction == CONCISE_INSTRUCTION
     assert cfg.loss.kind == "reverse_kl" and cfg.rollout.filter == "incorrect"
 
@@ -69,8 +69,8 @@ def test_demo_pipeline_branches_every_filter_from_the_sft_stage(tmp_path):
 def test_bad_stage_config_fails_before_anything_runs(tmp_path, capsys):
     import shutil
 
-    shutil.copy(examples_dir() / "sft.yaml", tmp_path / "sft.yaml")
-    (tmp_path / "opsdc.yaml").write_text((examples_dir() / "opsdc.yaml").read_text() + "\nbogus:\n  key: 1\n")
+    shutil.copy(stage_config_dir() / "sft.yaml", tmp_path / "sft.yaml")
+    (tmp_path / "opsdc.yaml").write_text((stage_config_dir() / "opsdc.yaml").read_text() + "\nbogus:\n  key: 1\n")
     out = tmp_path / "run"
     assert cli.main(parse("--config-dir", str(tmp_path), "--out", str(out))) == 1
     assert "bogus" in capsys.readouterr().err and not out.exists()

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from megatron_opsd.demo import cli
-from megatron_opsd.demo.recipe import QUICK
+from megatron_opsd.demo.recipe import QUICK, stage_config_dir
 
 
 def parse(*argv):
@@ -59,7 +59,7 @@ def test_quick_demo_end_to_end(quick_demo):
         assert (out / "curves.png").stat().st_size > 10_000
 
 
-# GRPO from the demo's SFT model (examples/demo/grpo.yaml, 20 steps of 8 prompts x 8 rollouts): the mean sampled
+# GRPO from the demo's SFT model (demo/configs/grpo.yaml, 20 steps of 8 prompts x 8 rollouts): the mean sampled
 # reward of the last 5 steps must beat the first 5 by this much. Measured: 0.70 -> 0.91 (docs/demo_design.md).
 GRPO_MIN_REWARD_GAIN = 0.08
 
@@ -71,7 +71,7 @@ def test_grpo_reward_rises_on_the_demo_task(quick_demo, tmp_path):
 
     out, _ = quick_demo
     logs = tmp_path / "grpo"
-    assert main(["rl", "--config", "examples/demo/grpo.yaml", "--nproc", "1",
+    assert main(["rl", "--config", str(stage_config_dir() / "grpo.yaml"), "--nproc", "1",
                  f"model.path={out / 'stages' / 'sft' / 'hf'}", f"data.train_path={out / 'data' / 'train.jsonl'}",
                  f"logging.dir={logs}", "logging.progress=false"]) == 0
     rewards = [json.loads(line)["reward/mean"] for line in (logs / "metrics.jsonl").read_text().splitlines()]

@@ -23,30 +23,25 @@ def batch():
 def megatron_steps(hf_dir: str, out_dir: str, settings: OptimizerSettings):
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
-    from megatron_opsd.training.engine import lm_cross_entropy, setup_training, train_step
+    from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
+    from megatron_opsd.training.schedule import forward_backward
+    from megatron_opsd.training.sft import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
     ddp_chunks, optimizer, scheduler = setup_training(chunks, settings)
     inputs, labels = batch()
-    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-    vocab = chunks[0].real_vocab_size
-
-    def forward_step(data_iterator, model):
-        logits = model(inputs, positions, attention_mask=None)
-
-        def loss_func(output):
-            loss = lm_cross_entropy(output, labels, None, vocab)
-            return loss.clone(), {"loss": loss.detach().clone()}
-
-        return logits, loss_func
+    # The SFT trainer's loss with uniform weights: the mean CE over every token, as the reference computes it.
+    microbatch = {"tokens": inputs, "labels": labels, "weights": torch.full(labels.shape, 1.0 / labels.numel())}
+    loss_fn = make_weighted_ce_loss_fn(chunks[0].real_vocab_size)
 
     losses, grad_norms = [], []
     for _ in range(STEPS):
-        out = train_step(ddp_chunks, optimizer, scheduler, forward_step, iter([None]), num_microbatches=1,
-                         seq_length=inputs.shape[1], micro_batch_size=inputs.shape[0])
-        losses.append(out["losses"][0]["loss"].item() if out["losses"] else None)
-        grad_norms.append(float(out["grad_norm"]))
+        zero_grads(ddp_chunks, optimizer)
+        out = forward_backward(ddp_chunks, [microbatch], loss_fn, seq_length=inputs.shape[1],
+                               micro_batch_size=inputs.shape[0])
+        losses.append(out.loss)
+        grad_norms.append(float(optimizer_step(optimizer, scheduler)["grad_norm"]))
     save_hf_checkpoint(chunks, out_dir)
     return losses, grad_norms
 

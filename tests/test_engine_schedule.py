@@ -1,5 +1,5 @@
-"""forward_backward / collect_logits / SFT loss at PP=2, interleaved VPP, TP=2 and DP=2 vs one process; replica
-helpers (copy, EMA) vs a hand computation.
+"""forward_backward / collect_logits / the SFT trainer's loss (sft.make_weighted_ce_loss_fn) at PP=2, interleaved
+VPP, TP=2 and DP=2 vs one process and vs transformers; replica helpers (copy, EMA) vs a hand computation.
 
 Every layout runs once (module fixture ``runs``); the tests compare its results with the single-process run.
 """
@@ -20,8 +20,9 @@ def make_microbatches() -> list:
         tokens = torch.randint(5, 379, (MBS, SEQ + 1), generator=gen)
         mask = torch.zeros(MBS, SEQ)
         mask[:, 4 + i:] = 1  # "response" tokens, a different count in each microbatch
+        # weights = mask / tokens: the weighted CE sum is this microbatch's mean CE over its response tokens
         microbatches.append({"index": i, "tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-                             "response": mask.bool()})
+                             "weights": mask / mask.sum(), "response": mask.bool()})
     return microbatches
 
 
@@ -54,8 +55,9 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool, replicas: bool
 
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint
-    from megatron_opsd.training.engine import OptimizerSettings, make_sft_loss_fn, setup_training, zero_grads
+    from megatron_opsd.training.engine import OptimizerSettings, setup_training, zero_grads
     from megatron_opsd.training.schedule import collect_logits, forward_backward
+    from megatron_opsd.training.sft import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
@@ -63,13 +65,14 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool, replicas: bool
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = len(microbatches) // dp
     mine = microbatches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    loss_fn = make_sft_loss_fn(chunks[0].real_vocab_size)
+    loss_fn = make_weighted_ce_loss_fn(chunks[0].real_vocab_size)
     kw = dict(seq_length=SEQ, micro_batch_size=MBS)
 
     zero_grads(ddp_chunks, optimizer)
     out = forward_backward(ddp_chunks, mine, loss_fn, **kw)
     result = {"loss": out.loss, "mb_losses": [float(m["loss"]) for m in out.metrics],
-              "mb_tokens": [float(m["num_tokens"]) for m in out.metrics], "grads": local_grads(ddp_chunks),
+              "mb_tokens": [float(m["tokens"]) for m in out.metrics],
+              "mb_ce_sums": [float(m["ce_sum"]) for m in out.metrics], "grads": local_grads(ddp_chunks),
               "vocab": chunks[0].real_vocab_size}
     if sum_too:
         zero_grads(ddp_chunks, optimizer)
@@ -144,18 +147,22 @@ def merged(results: list, key: str) -> dict:
     return out
 
 
-def test_single_process_sft_loss_is_masked_token_mean(runs, hf_dir):
-    """The reference itself: SFT loss of one microbatch equals transformers' cross-entropy on the response."""
+def test_sft_weighted_ce_matches_transformers(runs, hf_dir):
+    """The reference itself: the SFT trainer's loss (weights = response mask / its tokens) of each microbatch
+    equals transformers' cross-entropy averaged over the response, and its logged CE sum and token count are
+    the unweighted ones."""
     from transformers import AutoModelForCausalLM
 
     ref = runs["single"][0]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    per_mb = []
+    per_mb, ce_sums = [], []
     for mb in make_microbatches():
         logits = model(mb["tokens"]).logits
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), mb["labels"], reduction="none")
-        per_mb.append(((ce * mb["loss_mask"]).sum() / mb["loss_mask"].sum()).item())
+        ce_sums.append((ce * mb["loss_mask"]).sum().item())
+        per_mb.append(ce_sums[-1] / mb["loss_mask"].sum().item())
     torch.testing.assert_close(torch.tensor(ref["mb_losses"]), torch.tensor(per_mb), rtol=LOSS_TOL, atol=0)
+    torch.testing.assert_close(torch.tensor(ref["mb_ce_sums"]), torch.tensor(ce_sums), rtol=LOSS_TOL, atol=0)
     assert ref["mb_tokens"] == [mb["loss_mask"].sum().item() for mb in make_microbatches()]
     assert abs(ref["loss"] - sum(per_mb) / NUM_MB) < LOSS_TOL * abs(ref["loss"])
 

@@ -9,7 +9,6 @@ import pytest
 from megatron_opsd.rollout import SidecarClient, start_sidecar_process
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
 
 LIMIT, N, MAX_TOKENS, MAX_LEN = 20, 2, 16, 2048
 

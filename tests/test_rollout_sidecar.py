@@ -18,7 +18,6 @@ from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestErr
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, UPDATE_ID_HEADER
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
 
 MAX_LEN = 256
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Solve 2+2 = 4. What is 3*7? 21. 12/4 = 3.",

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes per training stage = tensor-parallel size (default 1)")
     parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
-                                                           "(default examples/demo of this checkout)")
+                                                           "(default: the ones shipped in megatron_opsd/demo/configs)")
 
 
 class DemoArgumentError(ValueError):
@@ -50,7 +50,7 @@ def resolve(args: argparse.Namespace):
     """(recipe, run_dir, config_dir) from the arguments; bad values raise DemoArgumentError naming the flag."""
     from dataclasses import replace
 
-    from megatron_opsd.demo.recipe import FILTERS, FULL, QUICK, examples_dir
+    from megatron_opsd.demo.recipe import FILTERS, FULL, QUICK, stage_config_dir
 
     recipe = QUICK if args.quick else FULL
     if args.seed < 0:
@@ -72,11 +72,11 @@ def resolve(args: argparse.Namespace):
                                     f"got {args.nproc}")
         recipe = replace(recipe, nproc=args.nproc)
     run_dir = Path(args.out) if args.out else Path("runs") / name
-    config_dir = Path(args.config_dir) if args.config_dir else examples_dir()
+    config_dir = Path(args.config_dir) if args.config_dir else stage_config_dir()
     for stage in ("sft", "opsdc"):
         if not (config_dir / f"{stage}.yaml").is_file():
-            raise DemoArgumentError(f"{config_dir / (stage + '.yaml')} not found: run the demo from a source checkout "
-                                    "(it reads examples/demo/*.yaml) or pass --config-dir")
+            raise DemoArgumentError(f"--config-dir: {config_dir / (stage + '.yaml')} not found; give a folder holding "
+                                    "sft.yaml and opsdc.yaml, or omit --config-dir for the packaged ones")
     return recipe, run_dir, config_dir
 
 

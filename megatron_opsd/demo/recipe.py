@@ -1,16 +1,17 @@
 """What the demo runs: task size and difficulty, the tiny model's shape, and how long each stage trains.
 
 The stages' own hyperparameters (learning rates, batch sizes, teacher, loss, rollout settings) live in the
-stage configs ``examples/demo/sft.yaml`` and ``examples/demo/opsdc.yaml``, which are ordinary
+stage configs ``megatron_opsd/demo/configs/sft.yaml`` and ``opsdc.yaml`` (package data, so an installed wheel
+runs the demo; ``examples/demo/`` links to them), which are ordinary
 ``megatron-opsd sft`` / ``megatron-opsd train`` configs; the demo only fills in paths, seeds and step counts
 from a :class:`DemoRecipe`. ``FULL`` is ``megatron-opsd demo``; ``QUICK`` (``--quick``, CI) trains less and
 evaluates fewer problems.
 """
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 from megatron_opsd.demo.task import TaskConfig, TraceConfig
 
@@ -41,7 +42,7 @@ class DemoRecipe:
     eval_every: int = 10  # OPSDC curve points
     filters: tuple = FILTERS
     eval_max_tokens: int = 256  # greedy held-out evaluation budget (verbose traces: max ~180 tokens)
-    nproc: int = 1  # processes per training stage (TP = nproc; examples/demo/*.yaml use TP=1)
+    nproc: int = 1  # processes per training stage (TP = nproc; the stage configs use TP=1)
 
     def task_config(self, seed: int) -> TaskConfig:
         return TaskConfig(n_train=self.n_train, n_test=self.n_test, min_steps=self.task_steps,
@@ -66,14 +67,6 @@ FULL = DemoRecipe()
 QUICK = replace(FULL, n_test=100, curve_prompts=50, opsdc_steps=20, eval_every=10, filters=("all",))
 
 
-def examples_dir() -> Path:
-    """``examples/demo`` of the source checkout (the stage configs)."""
-    return Path(__file__).resolve().parents[2] / "examples" / "demo"
-
-
-def stage_config(name: str, config_dir: Optional[Path] = None) -> Path:
-    path = (config_dir or examples_dir()) / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"demo stage config {path} not found: run the demo from a source checkout of "
-                                "megatron_opsd (it reads examples/demo/*.yaml) or pass --config-dir")
-    return path
+def stage_config_dir() -> Path:
+    """The demo's stage configs shipped inside the package (``megatron_opsd/demo/configs``)."""
+    return Path(str(importlib.resources.files("megatron_opsd.demo") / "configs"))

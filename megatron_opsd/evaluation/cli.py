@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmarks", default="math500,aime24,amc23",
                         help=f"comma-separated names ({', '.join(BENCHMARKS)}) and/or JSONL paths with problem/answer "
                              "fields")
-    parser.add_argument("--data-dir", default=None, help="folder holding math500/test.jsonl ... "
-                                                         "(default: ../shared/data beside the repository)")
+    parser.add_argument("--data-dir", default=None, help="folder holding math500/test.jsonl ... (default: "
+                                                         "$OPSD_DATA_DIR, else the copy shipped with the package)")
     parser.add_argument("--out", default="eval_out", help="output folder for results.json, report.md, the PNG")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt (pass@k for k = 1, 2, 4, ..., n)")
     parser.add_argument("--temperature", type=float, default=0.6)

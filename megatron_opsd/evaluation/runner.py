@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.resources
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,7 +22,7 @@ from megatron_opsd.config import DataConfig
 from megatron_opsd.data.contexts import student_messages
 from megatron_opsd.data.datasets import PromptExample, load_prompt_dataset
 
-# Built-in benchmarks: name -> file under the data directory (../shared/data beside the repository).
+# Built-in benchmarks: name -> file under the data directory (shipped in the package, see data/README.md).
 BENCHMARKS: dict[str, str] = {
     "math500": "math500/test.jsonl",
     "aime24": "aime24/test.jsonl",
@@ -31,9 +33,18 @@ BENCHMARK_ID_FIELDS: dict[str, str] = {"math500": "unique_id", "aime24": "id", "
 GROUP_KEYS = ("level", "subject")  # MATH-500 columns reported as accuracy-by-group when present
 
 
+DATA_DIR_ENV = "OPSD_DATA_DIR"  # another copy of the benchmark files (same layout as the packaged one)
+
+
+def packaged_data_dir() -> Path:
+    """The benchmark files shipped inside the package (``megatron_opsd/evaluation/data``), found through
+    importlib.resources so a wheel install, an editable install and a source checkout all read the same copy."""
+    return Path(str(importlib.resources.files("megatron_opsd.evaluation") / "data"))
+
+
 def default_data_dir() -> Path:
-    """``../shared/data`` relative to the repository root (where CI and the project machines keep it)."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """``$OPSD_DATA_DIR`` when set, else the packaged copy."""
+    return Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else packaged_data_dir()
 
 
 @dataclass
@@ -80,14 +91,18 @@ def resolve_benchmarks(spec: Union[str, Sequence[str]], data_dir: Optional[Union
         if item in BENCHMARKS:
             name, path = item, root / BENCHMARKS[item]
             if not path.is_file():
-                raise FileNotFoundError(f"benchmark {item!r}: {path} does not exist; point --data-dir at the folder "
-                                        f"holding {BENCHMARKS[item]} (default {default_data_dir()})")
+                where = (f"--data-dir {data_dir}" if data_dir is not None else
+                         f"{DATA_DIR_ENV}={os.environ[DATA_DIR_ENV]}" if os.environ.get(DATA_DIR_ENV) else
+                         "the packaged copy (reinstall megatron-opsd)")
+                raise FileNotFoundError(f"benchmark {item!r}: {path} does not exist (data directory from {where}); "
+                                        f"point --data-dir or {DATA_DIR_ENV} at a folder holding {BENCHMARKS[item]}, "
+                                        "or unset both to use the copy shipped with the package")
         elif item.endswith((".jsonl", ".json", ".ndjson", ".parquet", ".pq")) or Path(item).is_file():
             name, path = Path(item).stem, Path(item)
             if path.name == "test.jsonl" or name in out:  # e.g. other/math500/test.jsonl
                 name = f"{path.parent.name}_{name}"
             if not path.is_file():
-                raise FileNotFoundError(f"benchmark file {item!r} does not exist")
+                raise FileNotFoundError(f"benchmark file {item!r} does not exist (looked at {path.resolve()})")
         else:
             raise ValueError(f"unknown benchmark {item!r}; choose from {sorted(BENCHMARKS)} or give a path to a JSONL "
                              "file with 'problem' and 'answer' fields")

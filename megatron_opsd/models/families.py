@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from megatron_opsd.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -168,15 +170,16 @@ def validate_layout(hf_config, tp: int, pp: int, vpp: Optional[int] = None) -> N
     """Refuse parallel layouts megatron cannot shard this model into, naming the field and the fix."""
     heads, kv_heads = hf_config.num_attention_heads, num_kv_heads(hf_config)
     if heads % tp:
-        raise ValueError(f"num_attention_heads ({heads}) is not divisible by tensor_model_parallel_size ({tp}); "
-                         f"choose a TP size that divides {heads}")
+        raise UsageError(f"parallel.tensor_model_parallel_size: num_attention_heads ({heads}) is not divisible by "
+                         f"tensor_model_parallel_size ({tp}); choose a TP size that divides {heads}")
     if kv_heads % tp:
-        raise ValueError(f"num_key_value_heads ({kv_heads}) is not divisible by tensor_model_parallel_size ({tp}); "
-                         f"choose a TP size that divides {kv_heads}")
+        raise UsageError(f"parallel.tensor_model_parallel_size: num_key_value_heads ({kv_heads}) is not divisible by "
+                         f"tensor_model_parallel_size ({tp}); choose a TP size that divides {kv_heads}")
     stages = pp * (vpp or 1)
     if hf_config.num_hidden_layers % stages:
-        raise ValueError(f"num_hidden_layers ({hf_config.num_hidden_layers}) is not divisible by "
-                         f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size ({stages})")
+        raise UsageError(f"parallel.pipeline_model_parallel_size: num_hidden_layers ({hf_config.num_hidden_layers}) "
+                         f"is not divisible by pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
+                         f"({stages})")
 
 
 def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,

@@ -3,7 +3,6 @@
 Every megatron parameter has a *recipe*: which HF tensors it is made of and how they are fused and sliced.
   copy   replicated (norms, q/k-norm)
   vocab  rows padded to the padded vocabulary, split over TP on dim 0 (embedding, lm head)
-  col    split over TP on dim 0 (column-parallel)
   row    split over TP on dim 1 (row-parallel: o_proj, down_proj)
   qkv    megatron's fused QKV, interleaved per query group: for each KV group [its q heads, k, v],
          then split over TP on dim 0 (groups are contiguous, so a TP shard holds whole groups)
@@ -163,9 +162,6 @@ def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int,
             part = _rows(reader, names[0], lo, min(lo + rows, real))
             out[: part.shape[0]] = part
         return out
-    if kind == "col":
-        n = reader.shape(names[0])[0] // tp
-        return _rows(reader, names[0], rank * n, (rank + 1) * n)
     if kind == "row":
         n = reader.shape(names[0])[1] // tp
         return reader.slice(names[0])[:, rank * n:(rank + 1) * n]
@@ -221,8 +217,6 @@ def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
         return {name: shards[0] for name in names}
     if kind == "vocab":
         return {names[0]: torch.cat(shards, 0)[: hf_config.vocab_size]}
-    if kind == "col":
-        return {names[0]: torch.cat(shards, 0)}
     if kind == "row":
         return {names[0]: torch.cat(shards, 1)}
     if kind == "fc1":

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel import cpu_compat
 
 
@@ -43,10 +44,10 @@ class ParallelConfig:
     def validate_world(self, world_size: int) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         mp = self.model_parallel_size()
         if world_size % mp != 0:
-            raise ValueError(
+            raise UsageError(
                 f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size "
                 f"({self.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
                 f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "

@@ -3,7 +3,8 @@
 Used by the tests and by tools that need TP/PP on one machine without torchrun. Each worker initialises
 torch.distributed and megatron's parallel state from a ``ParallelConfig`` and calls ``fn(*args)``; the
 per-rank return values (picklable) come back as a list indexed by global rank. A failure in any rank is
-re-raised in the parent with that rank's traceback.
+re-raised in the parent with that rank's traceback; a ``UsageError`` (bad config, input or layout: every rank
+hits the same one) is re-raised as itself, once, so the CLI prints it as one line.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
 
+from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.distributed import ParallelConfig
 
 
@@ -41,6 +43,9 @@ def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Call
         init_distributed(cfg)
         result = fn(*args)
         path.write_bytes(pickle.dumps(("ok", result)))
+    except UsageError as err:  # the parent re-raises it as is (no per-rank traceback)
+        path.write_bytes(pickle.dumps(("usage", err)))
+        raise
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         path.write_bytes(pickle.dumps(("error", traceback.format_exc())))
         raise
@@ -74,6 +79,8 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
                 path = Path(out_dir) / f"rank{rank}.pkl"
                 if path.exists():
                     status, value = pickle.loads(path.read_bytes())
+                    if status == "usage":
+                        raise value from None
                     if status == "error":
                         reports.append(f"--- rank {rank} ---\n{value}")
             raise DistributedError("\n".join(reports) or str(err)) from None

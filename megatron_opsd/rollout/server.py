@@ -116,7 +116,6 @@ def _metrics_text(state: SidecarState) -> str:
 
 def create_app(engine):
     """The FastAPI app serving ``engine`` (a ``VllmEngine`` or anything with the same methods)."""
-    import torch
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse

@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_opsd.models.gpt import unwrap
+
 logger = logging.getLogger(__name__)
 
 STEP_PREFIX = "step-"
@@ -54,12 +56,6 @@ class LoadedCheckpoint:
     data_state: dict = field(default_factory=dict)
     extra_state: dict = field(default_factory=dict)
     rng_restored: bool = True
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _chunk_key(name: str, i: int, n: int) -> str:
@@ -97,7 +93,7 @@ def _sharded_state_dict(model_chunks: list, optimizer, extra_models: Optional[di
                         optimizer_sharding: str) -> dict:
     """Model chunks under ``model`` (``model0..`` with virtual stages), the optimizer, and each extra model's
     chunks under its own name with its ShardedTensor keys prefixed by ``<name>.`` (so they do not clash)."""
-    state = {_chunk_key("model", i, len(model_chunks)): _unwrap(chunk).sharded_state_dict()
+    state = {_chunk_key("model", i, len(model_chunks)): unwrap(chunk).sharded_state_dict()
              for i, chunk in enumerate(model_chunks)}
     if optimizer is not None:
         model_state = dict(state)
@@ -107,7 +103,7 @@ def _sharded_state_dict(model_chunks: list, optimizer, extra_models: Optional[di
         if name in _RESERVED or re.fullmatch(r"model\d*", name) or name.startswith("opsd"):
             raise ValueError(f"extra_models name {name!r} is reserved: pick another (e.g. 'teacher', 'ema')")
         for i, chunk in enumerate(chunks):
-            state[_chunk_key(name, i, len(chunks))] = _unwrap(chunk).sharded_state_dict(prefix=f"{name}.")
+            state[_chunk_key(name, i, len(chunks))] = unwrap(chunk).sharded_state_dict(prefix=f"{name}.")
     return state
 
 
@@ -295,11 +291,11 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
     loaded = dist_checkpointing.load(state, str(path))
 
     for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded[_chunk_key("model", i, len(model_chunks))], strict=True)
+        unwrap(chunk).load_state_dict(loaded[_chunk_key("model", i, len(model_chunks))], strict=True)
     for name, chunks in (extra_models or {}).items():
         for i, chunk in enumerate(chunks):
             prefixed = loaded[_chunk_key(name, i, len(chunks))]
-            _unwrap(chunk).load_state_dict({k[len(name) + 1:]: v for k, v in prefixed.items()}, strict=True)
+            unwrap(chunk).load_state_dict({k[len(name) + 1:]: v for k, v in prefixed.items()}, strict=True)
     if optimizer is not None:
         with torch.no_grad(), _without_adam_steps(optimizer):  # main params may be views of model params
             optimizer.load_state_dict(loaded["optimizer"])

@@ -6,6 +6,7 @@ Under torchrun/srun every process runs this command and joins the process group 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -26,6 +27,7 @@ def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable, 
     if args.resume:
         overrides.append("checkpoint.resume=true")
     cfg = load_config_fn(args.config, overrides)
+    check_inputs(cfg)
     if args.nproc:
         from megatron_opsd.parallel.launch import run_distributed
 
@@ -33,6 +35,26 @@ def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable, 
     else:
         entry(cfg)
     return 0
+
+
+def check_inputs(cfg) -> None:
+    """The model directory and the parallel layout, checked once before any rank starts (otherwise every rank
+    fails on them, each with its own traceback). Raises ConfigError naming the field."""
+    from megatron_opsd.config import ConfigError
+
+    model = Path(cfg.model.path) if cfg.model.path else None
+    if model is None:
+        raise ConfigError("model.path: not set; give the HF checkpoint directory to start from (model.path=DIR)")
+    if not (model / "config.json").is_file():
+        what = "does not exist" if not model.exists() else "has no config.json"
+        raise ConfigError(f"model.path: {str(model)!r} {what}; give an HF checkpoint directory (config.json, "
+                          "safetensors, tokenizer)")
+    from megatron_opsd.models.families import validate_layout
+    from megatron_opsd.models.gpt import load_hf_config
+
+    par = cfg.parallel
+    validate_layout(load_hf_config(model), par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                    par.virtual_pipeline_model_parallel_size)
 
 
 def main(args: argparse.Namespace) -> int:

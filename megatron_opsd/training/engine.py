@@ -5,12 +5,11 @@
 weight-decay multipliers, so biases and 1-D parameters (norms) get no weight decay — and installs
 ``finalize_model_grads`` (which all-reduces the TP-duplicated q/k-norm gradients and the tied-embedding
 gradients across pipeline stages), ``grad_scale_func`` and ``no_sync_func`` into the model config, as the
-pipeline schedules expect. ``train_step`` runs one optimizer step through megatron's schedules.
+pipeline schedules expect. ``zero_grads`` / ``optimizer_step`` bracket each step's ``schedule.forward_backward``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
 
 import torch
 
@@ -68,19 +67,6 @@ def setup_training(model_chunks: list, settings: OptimizerSettings):
     return ddp_chunks, optimizer, scheduler
 
 
-def train_step(ddp_chunks: list, optimizer, scheduler, forward_step_func: Callable, data_iterator,
-               *, num_microbatches: int, seq_length: int, micro_batch_size: int) -> dict:
-    """One optimizer step; returns the losses reported by the last pipeline stage and the grad norm."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    zero_grads(ddp_chunks, optimizer)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step_func, data_iterator=data_iterator,
-        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0], num_microbatches=num_microbatches,
-        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-    return {"losses": losses, **optimizer_step(optimizer, scheduler)}
-
-
 def zero_grads(ddp_chunks: list, optimizer) -> None:
     """Zero the DDP grad buffers and the optimizer's grads: call before each step's forward_backward."""
     for chunk in ddp_chunks:
@@ -107,31 +93,3 @@ def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int) -> torch.Tenso
         return logits
     ids = torch.arange(start, start + shard, device=logits.device)
     return logits.masked_fill(ids >= real_vocab_size, float("-inf"))
-
-
-def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
-                     real_vocab_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over masked tokens, vocab-parallel (megatron's kernel), padding excluded.
-
-    ``logits`` are ``[batch, seq, vocab/TP]`` as GPTModel returns them; ``labels`` ``[batch, seq]``.
-    """
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    logits = mask_padded_vocab(logits.float(), real_vocab_size)
-    per_token = vocab_parallel_cross_entropy(logits, labels)
-    if loss_mask is None:
-        return per_token.mean()
-    mask = loss_mask.float()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
-
-
-def make_sft_loss_fn(real_vocab_size: int):
-    """``loss_fn(logits, microbatch)`` for ``schedule.forward_backward``: mean cross-entropy over the response
-    tokens (``microbatch["loss_mask"]``, 1 on response tokens) of ``microbatch["labels"]`` (next tokens)."""
-
-    def sft_loss_fn(logits: torch.Tensor, microbatch: dict):
-        mask = microbatch["loss_mask"]
-        loss = lm_cross_entropy(logits, microbatch["labels"], mask, real_vocab_size)
-        return loss, {"num_tokens": mask.sum().detach()}
-
-    return sft_loss_fn

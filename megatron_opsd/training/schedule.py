@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_opsd.models.gpt import unwrap
 from megatron_opsd.parallel.device import current_device
 
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
@@ -32,12 +33,6 @@ class ForwardBackwardOutput:
 
     loss: float
     metrics: list = field(default_factory=list)
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _position_ids(microbatch: dict) -> torch.Tensor:
@@ -179,7 +174,7 @@ def _parameter_pairs(dst_chunks: list, src_chunks: list):
         raise ValueError(f"replicas have {len(dst_chunks)} and {len(src_chunks)} model chunks: build both with the "
                          "same parallel layout")
     for i, (dst, src) in enumerate(zip(dst_chunks, src_chunks)):
-        dst_params, src_params = dict(_unwrap(dst).named_parameters()), dict(_unwrap(src).named_parameters())
+        dst_params, src_params = dict(unwrap(dst).named_parameters()), dict(unwrap(src).named_parameters())
         if dst_params.keys() != src_params.keys():
             diff = sorted(dst_params.keys() ^ src_params.keys())
             raise ValueError(f"chunk {i}: replicas have different parameters ({diff[:4]}...): same model and layout?")
@@ -225,17 +220,17 @@ class FP32EMA:
         self.shadows = {}  # id(replica parameter) -> its fp32 shadow (the parameter itself when fp32)
         with torch.no_grad():
             for chunk in ema_chunks:
-                for p in _unwrap(chunk).parameters():
+                for p in unwrap(chunk).parameters():
                     self.shadows[id(p)] = p if p.dtype == torch.float32 else p.detach().float().clone()
 
     @property
     def has_copies(self) -> bool:
         """False when every replica parameter is fp32 (nothing extra to keep or checkpoint)."""
-        return any(self.shadows[id(p)] is not p for chunk in self.chunks for p in _unwrap(chunk).parameters())
+        return any(self.shadows[id(p)] is not p for chunk in self.chunks for p in unwrap(chunk).parameters())
 
     def shadow_tensors(self) -> list:
         """The fp32 shadows in the replica's parameter order."""
-        return [self.shadows[id(p)] for chunk in self.chunks for p in _unwrap(chunk).parameters()]
+        return [self.shadows[id(p)] for chunk in self.chunks for p in unwrap(chunk).parameters()]
 
     @torch.no_grad()
     def update_(self, src_chunks: list, decay: float) -> None:
@@ -258,7 +253,7 @@ class _ShadowChunk:
     tensors are the fp32 EMA shadows of the replica chunk's parameters (same keys, shapes and sharding)."""
 
     def __init__(self, chunk, shadows: dict):
-        self.chunk, self.shadows = _unwrap(chunk), shadows
+        self.chunk, self.shadows = unwrap(chunk), shadows
         self.by_pointer = {p.data_ptr(): shadows[id(p)] for p in self.chunk.parameters()}
 
     def sharded_state_dict(self, prefix: str = "") -> dict:

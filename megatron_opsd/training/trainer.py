@@ -22,10 +22,8 @@ class StepRollouts:
     """What rank 0 gathered for one step (broadcast to every rank as a picklable object)."""
 
     student_prompts: list  # per prompt: token ids
-    teacher_prompts: list  # per prompt: token ids of teacher.context when the group shares it ([] otherwise)
     responses: list  # per prompt: list of n token-id lists
-    correct: list  # per prompt: list of n bools
-    versions: list  # per prompt: list of n weight versions
+    correct: list  # per prompt: list of n bools (the weight versions are checked by check_on_policy)
     rewards: list = field(default_factory=list)  # per prompt: list of n float rewards (GRPO)
     logprobs: list = field(default_factory=list)  # per prompt: list of n sidecar log-prob lists (GRPO)
     # teacher context name -> per prompt -> per rollout: the teacher's prompt ids, or None where that rollout has
@@ -225,7 +223,6 @@ class OPSDTrainer:
         return cfg.rollout.max_tokens if horizon is None or whole else min(cfg.rollout.max_tokens, horizon)
 
     def _rollouts(self) -> StepRollouts:
-        from megatron_opsd.data.contexts import needs_demonstration
         from megatron_opsd.data.sequences import student_prompt_ids
         from megatron_opsd.rollout.client import check_on_policy
 
@@ -246,10 +243,7 @@ class OPSDTrainer:
             correct = [[r > 0.5 for r in g] for g in rewards]
             per_group = iter(texts)
             teachers = self._teacher_prompts(examples, [[next(per_group) for _ in g] for g in samples], correct)
-            shared = ([] if needs_demonstration(cfg.teacher.context, cfg.teacher)
-                      else [g[0] for g in teachers[cfg.teacher.context]])
-            result = StepRollouts(student, shared, [[s.token_ids for s in g] for g in samples], correct,
-                                  [[s.weight_version for s in g] for g in samples], rewards,
+            result = StepRollouts(student, [[s.token_ids for s in g] for g in samples], correct, rewards,
                                   [[s.logprobs for s in g] for g in samples], teachers)
         return _broadcast(result)
 

