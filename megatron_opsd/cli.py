@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module and is imported only when invoked, so `megatron-opsd --help`
 stays fast and does not import torch or megatron. A subcommand module exposes
-``add_arguments(parser)`` and ``main(args) -> int``.
+``add_arguments(parser)`` and ``main(args) -> int``. Every subcommand runs with
+``lifecycle.install_shutdown_handlers()``: SIGTERM (slurm's time limit) raises SystemExit, so the normal
+shutdown stops sidecars, launcher ranks and pipeline stages (see docs/sidecar.md, "Process lifetime").
 """
 from __future__ import annotations
 
@@ -78,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     sub_parser = argparse.ArgumentParser(prog=f"megatron-opsd {name}", description=help_text)
     module.add_arguments(sub_parser)
-    return int(module.main(sub_parser.parse_args(rest)) or 0)
+    args = sub_parser.parse_args(rest)
+    from megatron_opsd.lifecycle import install_shutdown_handlers
+
+    install_shutdown_handlers()
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":

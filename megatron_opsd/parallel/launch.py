@@ -3,7 +3,8 @@
 Used by the tests and by tools that need TP/PP on one machine without torchrun. Each worker initialises
 torch.distributed and megatron's parallel state from a ``ParallelConfig`` and calls ``fn(*args)``; the
 per-rank return values (picklable) come back as a list indexed by global rank. A failure in any rank is
-re-raised in the parent with that rank's traceback.
+re-raised in the parent with that rank's traceback. Ranks die with the parent (``lifecycle.bind_to_parent``),
+and an exception in the parent (SIGTERM's SystemExit, Ctrl-C) stops them with SIGTERM, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
 
+from megatron_opsd.lifecycle import STOP_GRACE_S, bind_to_parent, install_shutdown_handlers, parent_binding
 from megatron_opsd.parallel.distributed import ParallelConfig
 
 
@@ -27,7 +30,9 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Callable, args: tuple, out_dir: str,
-            env: dict) -> None:
+            env: dict, parent_pid: int, parent_watch: bool) -> None:
+    bind_to_parent(parent_pid, watch=parent_watch)  # replaces torch's PDEATHSIG (SIGINT) by SIGKILL + re-check
+    install_shutdown_handlers()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -52,6 +57,19 @@ class DistributedError(RuntimeError):
     pass
 
 
+def _stop_ranks(processes: list, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every live rank (they run their normal shutdown), SIGKILL those left after ``grace_s``."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig] = None, *args: Any,
                     env: Optional[dict] = None) -> list:
     """Run ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's return value."""
@@ -60,7 +78,7 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
     with tempfile.TemporaryDirectory(prefix="opsd-dist-") as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), cfg, fn, args, out_dir, dict(env or {})),
+            args=(world_size, free_port(), cfg, fn, args, out_dir, dict(env or {}), *parent_binding()),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -68,7 +86,10 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
         try:
             while not ctx.join():
                 pass
-        except mp.ProcessRaisedException as err:
+        except BaseException as err:
+            if not isinstance(err, mp.ProcessRaisedException):  # SIGTERM's SystemExit, Ctrl-C, ...
+                _stop_ranks(ctx.processes)
+                raise
             reports = []
             for rank in range(world_size):
                 path = Path(out_dir) / f"rank{rank}.pkl"
