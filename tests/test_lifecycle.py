@@ -30,11 +30,19 @@ def marked(marker: str) -> list[psutil.Process]:
     return found
 
 
-def wait_gone(marker: str, timeout_s: float) -> list[psutil.Process]:
+def wait_gone(marker: str, timeout_s: float) -> list[str]:
+    """The command lines of the marked processes still alive after ``timeout_s`` (empty when all are gone)."""
     deadline = time.monotonic() + timeout_s
     while (left := marked(marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return left
+    return [_describe(p) for p in left]
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} ppid {proc.ppid()}: {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error:
+        return f"pid {proc.pid} (gone)"
 
 
 def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
@@ -98,12 +106,42 @@ def test_child_dies_with_sigkilled_parent(tmp_path, started_from):
         assert wait_gone(run.marker, 5.0) == []
 
 
+# A "rank" (started by someone else, like torch's spawn) guards its group, then a library starts a helper process
+# behind our back (like megatron's checkpoint-writer manager): SIGKILL of the rank must take the helper along.
+RANK = textwrap.dedent("""
+    import subprocess, sys, time
+    from megatron_opsd.lifecycle import guard_process_group
+    guard_process_group()
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(helper.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_guarded_group_dies_with_its_sigkilled_leader(tmp_path):
+    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {RANK!r}]); time.sleep(600)"
+    with MarkedRun([sys.executable, "-c", launcher], tmp_path) as run:
+        wait_for(lambda: len(marked(run.marker)) >= 4, 30, "rank, guard and helper", run.proc)
+        rank = next(p for p in marked(run.marker) if p.ppid() == run.proc.pid)
+        time.sleep(1.0)  # the guard has set PDEATHSIG
+        rank.kill()
+        deadline = time.monotonic() + 5.0
+        while len(marked(run.marker)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [p.pid for p in marked(run.marker)] == [run.proc.pid], [_describe(p) for p in marked(run.marker)]
+
+
 def test_wrapper_refuses_a_parent_that_is_already_gone(tmp_path):
     """The re-check after prctl: the parent died between fork and prctl, so the kernel will not signal us."""
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "megatron_opsd.lifecycle", "--parent-pid", "1", "--",
-                           sys.executable, "-c", "import time; time.sleep(600)"], cwd=REPO, timeout=60)
-    assert proc.returncode == 1 and time.monotonic() - start < 30
+                           sys.executable, "-c", "import time; time.sleep(600)"], cwd=REPO, timeout=60,
+                          process_group=0)
+    assert proc.returncode == -signal.SIGKILL and time.monotonic() - start < 30  # it killed its group: itself
+    # and it never kills a group that is neither its own nor its parent's (here: pytest's)
+    proc = subprocess.run([sys.executable, "-m", "megatron_opsd.lifecycle", "--parent-pid", "1", "--", "true"],
+                          cwd=REPO, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 2 and "refusing to kill someone else's group" in proc.stderr
 
 
 # SIGTERM to a CLI-like parent: its handler raises SystemExit, the finally block stops the child (whose own
@@ -167,7 +205,7 @@ def test_train_with_local_sidecar_leaves_no_process(tiny_checkpoints, tmp_path, 
             assert run.proc.wait(timeout=60) == 128 + signal.SIGTERM
             assert "SIGTERM received: shutting down" in run.output()
             assert "Finished server process" in (run_dir / "sidecar.log").read_text()  # uvicorn's clean stop
-        assert wait_gone(run.marker, 30.0) == []
+        assert not (left := wait_gone(run.marker, 30.0)), "\n".join(left)
     # `latest` still names a complete checkpoint (saves are atomic; the shutdown writes nothing half-way)
     assert (run_dir / "checkpoints" / latest.read_text().strip()).is_dir()
 
@@ -175,7 +213,8 @@ def test_train_with_local_sidecar_leaves_no_process(tiny_checkpoints, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_pipeline_leaves_no_process(tiny_checkpoints, tmp_path, sig):
-    """`megatron-opsd pipeline` -> an sft stage process -> its launcher rank; signal the pipeline mid-stage."""
+    """`megatron-opsd pipeline` -> an sft stage process -> its launcher rank; signal the pipeline mid-stage.
+    No vLLM here: the sidecar's part of the chain is the train test's."""
     rows = [{"prompt": f"What is {a} + {b}?", "response": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 1), (2, 7)]]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump({
@@ -188,12 +227,12 @@ def test_pipeline_leaves_no_process(tiny_checkpoints, tmp_path, sig):
         "stages": [{"name": "sft", "kind": "sft", "config": str(tmp_path / "sft.yaml")}]}))
     cmd = [sys.executable, "-m", "megatron_opsd.cli", "pipeline", "--config", str(tmp_path / "pipeline.yaml")]
     with MarkedRun(cmd, tmp_path) as run:
-        metrics = tmp_path / "out" / "sft" / "metrics.jsonl"
-        wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), 600, "first sft step", run.proc)
+        # The stage's rank has initialised torch.distributed and is building the trainer (saves config.yaml).
+        wait_for((tmp_path / "out" / "sft" / "config.yaml").is_file, 600, "the stage's trainer", run.proc)
         assert len(marked(run.marker)) >= 3  # pipeline, stage CLI, rank
         run.proc.send_signal(sig)
         if sig == signal.SIGTERM:
             assert run.proc.wait(timeout=60) == 128 + signal.SIGTERM
             out = run.output()
             assert out.count("SIGTERM received: shutting down") >= 2, out[-3000:]  # pipeline, then its stage
-        assert wait_gone(run.marker, 30.0) == []
+        assert not (left := wait_gone(run.marker, 30.0)), "\n".join(left)

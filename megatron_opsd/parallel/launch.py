@@ -4,7 +4,8 @@ Used by the tests and by tools that need TP/PP on one machine without torchrun. 
 torch.distributed and megatron's parallel state from a ``ParallelConfig`` and calls ``fn(*args)``; the
 per-rank return values (picklable) come back as a list indexed by global rank. A failure in any rank is
 re-raised in the parent with that rank's traceback. Ranks die with the parent (``lifecycle.bind_to_parent``),
-and an exception in the parent (SIGTERM's SystemExit, Ctrl-C) stops them with SIGTERM, then SIGKILL.
+each leads a process group that dies with it (``lifecycle.guard_process_group``), and an exception in the
+parent (SIGTERM's SystemExit, Ctrl-C) stops them with SIGTERM, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
 
-from megatron_opsd.lifecycle import STOP_GRACE_S, bind_to_parent, install_shutdown_handlers, parent_binding
+from megatron_opsd.lifecycle import (STOP_GRACE_S, bind_to_parent, guard_process_group, install_shutdown_handlers,
+                                     parent_binding)
 from megatron_opsd.parallel.distributed import ParallelConfig
 
 
@@ -32,6 +34,7 @@ def free_port() -> int:
 def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Callable, args: tuple, out_dir: str,
             env: dict, parent_pid: int, parent_watch: bool) -> None:
     bind_to_parent(parent_pid, watch=parent_watch)  # replaces torch's PDEATHSIG (SIGINT) by SIGKILL + re-check
+    guard_process_group()  # what this rank starts (megatron's checkpoint-writer manager, ...) dies with it
     install_shutdown_handlers()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
