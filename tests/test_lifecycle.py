@@ -30,10 +30,18 @@ def marked(marker: str) -> list[psutil.Process]:
     return found
 
 
-def wait_gone(marker: str, timeout_s: float) -> list[str]:
-    """The command lines of the marked processes still alive after ``timeout_s`` (empty when all are gone)."""
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_gone(marker: str, timeout_s: float, known: list = ()) -> list[str]:
+    """The command lines of the marked processes (and of ``known`` ones: vLLM's workers set their process title,
+    which hides their environment) still alive after ``timeout_s``; empty when all are gone."""
     deadline = time.monotonic() + timeout_s
-    while (left := marked(marker)) and time.monotonic() < deadline:
+    while (left := marked(marker) + [p for p in known if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     return [_describe(p) for p in left]
 
@@ -200,12 +208,13 @@ def test_train_with_local_sidecar_leaves_no_process(tiny_checkpoints, tmp_path, 
         wait_for(latest.exists, 600, "first checkpoint", run.proc)
         roles = {" ".join(p.cmdline()) for p in marked(run.marker)}
         assert any("sidecar" in c for c in roles) and any("multiprocessing" in c for c in roles), roles
+        tree = psutil.Process(run.proc.pid).children(recursive=True)
         run.proc.send_signal(sig)
         if sig == signal.SIGTERM:
             assert run.proc.wait(timeout=60) == 128 + signal.SIGTERM
             assert "SIGTERM received: shutting down" in run.output()
             assert "Finished server process" in (run_dir / "sidecar.log").read_text()  # uvicorn's clean stop
-        assert not (left := wait_gone(run.marker, 30.0)), "\n".join(left)
+        assert not (left := wait_gone(run.marker, 30.0, tree)), "\n".join(left)
     # `latest` still names a complete checkpoint (saves are atomic; the shutdown writes nothing half-way)
     assert (run_dir / "checkpoints" / latest.read_text().strip()).is_dir()
 
@@ -230,9 +239,10 @@ def test_pipeline_leaves_no_process(tiny_checkpoints, tmp_path, sig):
         # The stage's rank has initialised torch.distributed and is building the trainer (saves config.yaml).
         wait_for((tmp_path / "out" / "sft" / "config.yaml").is_file, 600, "the stage's trainer", run.proc)
         assert len(marked(run.marker)) >= 3  # pipeline, stage CLI, rank
+        tree = psutil.Process(run.proc.pid).children(recursive=True)
         run.proc.send_signal(sig)
         if sig == signal.SIGTERM:
             assert run.proc.wait(timeout=60) == 128 + signal.SIGTERM
             out = run.output()
             assert out.count("SIGTERM received: shutting down") >= 2, out[-3000:]  # pipeline, then its stage
-        assert not (left := wait_gone(run.marker, 30.0)), "\n".join(left)
+        assert not (left := wait_gone(run.marker, 30.0, tree)), "\n".join(left)
