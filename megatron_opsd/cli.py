@@ -3,7 +3,10 @@
 Each subcommand lives in its own module and is imported only when invoked, so `megatron-opsd --help`
 stays fast and does not import torch or megatron. A subcommand module exposes
 ``add_arguments(parser)`` and ``main(args) -> int``. A ``UsageError`` (bad config, input or parallel layout)
-ends the command with one line on stderr and exit status 2 (see ``megatron_opsd.errors``).
+ends the command with one line on stderr and exit status 2 (see ``megatron_opsd.errors``). Every subcommand
+runs with ``lifecycle.install_shutdown_handlers()`` (the sidecar server excepted, see SERVES_ITS_OWN_SIGNALS):
+SIGTERM (slurm's time limit) raises SystemExit, so the normal shutdown stops sidecars, launcher ranks and
+pipeline stages (see docs/sidecar.md, "Process lifetime").
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_opsd.demo.cli", "the tiny CPU reproduction: SFT then OPSDC compression"),
     "plan": ("megatron_opsd.planning.cli", "estimate per-GPU memory for a config before launch"),
 }
+
+# Servers whose framework stops them on SIGTERM/SIGINT itself (uvicorn: graceful stop, then it re-raises the
+# signal, so the process ends by it at once instead of running interpreter shutdown through vLLM's teardown).
+SERVES_ITS_OWN_SIGNALS = {"sidecar"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # for `version`
@@ -105,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module.add_arguments(sub_parser)
     sub_parser.add_argument("--debug", action="store_true", help="show the traceback of config/input errors")
     args = sub_parser.parse_intermixed_args(rest)  # options may follow key=value overrides
+    from megatron_opsd.lifecycle import install_shutdown_handlers
+
+    if name not in SERVES_ITS_OWN_SIGNALS:
+        install_shutdown_handlers()
     try:
         return int(module.main(args) or 0)
     except UsageError as err:

@@ -257,4 +257,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from megatron_opsd.lifecycle import install_shutdown_handlers
+
+    install_shutdown_handlers()  # SIGTERM stops the sidecars/ranks this tool started
     raise SystemExit(main())

@@ -4,7 +4,9 @@ Used by the tests and by tools that need TP/PP on one machine without torchrun. 
 torch.distributed and megatron's parallel state from a ``ParallelConfig`` and calls ``fn(*args)``; the
 per-rank return values (picklable) come back as a list indexed by global rank. A failure in any rank is
 re-raised in the parent with that rank's traceback; a ``UsageError`` (bad config, input or layout: every rank
-hits the same one) is re-raised as itself, once, so the CLI prints it as one line.
+hits the same one) is re-raised as itself, once, so the CLI prints it as one line. Ranks die with the parent
+(``lifecycle.bind_to_parent``), each leads a process group that dies with it (``lifecycle.guard_process_group``),
+and an exception in the parent (SIGTERM's SystemExit, Ctrl-C) stops them with SIGTERM, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +22,8 @@ from typing import Any, Callable, Optional
 import torch.multiprocessing as mp
 
 from megatron_opsd.errors import UsageError
+from megatron_opsd.lifecycle import (STOP_GRACE_S, bind_to_parent, guard_process_group, install_shutdown_handlers,
+                                     parent_binding)
 from megatron_opsd.parallel.distributed import ParallelConfig
 
 
@@ -29,7 +34,10 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Callable, args: tuple, out_dir: str,
-            env: dict) -> None:
+            env: dict, parent_pid: int, parent_watch: bool) -> None:
+    bind_to_parent(parent_pid, watch=parent_watch)  # replaces torch's PDEATHSIG (SIGINT) by SIGKILL + re-check
+    guard_process_group()  # what this rank starts (megatron's checkpoint-writer manager, ...) dies with it
+    install_shutdown_handlers()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -57,6 +65,19 @@ class DistributedError(RuntimeError):
     pass
 
 
+def _stop_ranks(processes: list, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every live rank (they run their normal shutdown), SIGKILL those left after ``grace_s``."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig] = None, *args: Any,
                     env: Optional[dict] = None) -> list:
     """Run ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's return value."""
@@ -65,7 +86,7 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
     with tempfile.TemporaryDirectory(prefix="opsd-dist-") as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), cfg, fn, args, out_dir, dict(env or {})),
+            args=(world_size, free_port(), cfg, fn, args, out_dir, dict(env or {}), *parent_binding()),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -73,7 +94,10 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
         try:
             while not ctx.join():
                 pass
-        except mp.ProcessRaisedException as err:
+        except BaseException as err:
+            if not isinstance(err, mp.ProcessRaisedException):  # SIGTERM's SystemExit, Ctrl-C, ...
+                _stop_ranks(ctx.processes)
+                raise
             reports = []
             for rank in range(world_size):
                 path = Path(out_dir) / f"rank{rank}.pkl"

@@ -6,19 +6,20 @@ A stage's model is exported as an HF directory (``<out_dir>/<stage>/hf``) that t
 ``model.path`` and the evaluation sidecar serves: checkpoints flow between stages without conversion steps.
 
 Re-running the same command after a crash skips finished stages (their ``stage_done.json``) and resumes the
-interrupted one from its last checkpoint (``--resume``).
+interrupted one from its last checkpoint (``--resume``). Stage processes die with the pipeline process, and a
+SIGTERM to it stops the running stage cleanly first (``megatron_opsd.lifecycle``).
 """
 from __future__ import annotations
 
 import json
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
 
 DONE_MARKER = "stage_done.json"
@@ -53,7 +54,7 @@ def stage_commands(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> l
 def _run(cmd: list[str], stage: str) -> None:
     print(f"[pipeline] {stage}: {shlex.join(cmd)}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    rc = subprocess.run(cmd, env=env).returncode
+    rc = run_process(cmd, env=env)  # dies with the pipeline; SIGTERM here stops it cleanly (lifecycle.py)
     if rc != 0:
         raise PipelineError(f"stage {stage!r} failed (exit {rc}) running: {shlex.join(cmd)}\nFix the cause and "
                             "re-run the same pipeline command: finished stages are skipped and this stage resumes "

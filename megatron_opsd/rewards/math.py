@@ -71,7 +71,10 @@ class MathVerifier:
         if self._pool is None:
             import multiprocessing as mp
 
-            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"))
+            from megatron_opsd.lifecycle import bind_to_parent, parent_binding
+
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"),
+                                             initializer=bind_to_parent, initargs=parent_binding())
         n = self.num_workers
         chunks = [(responses[i::n], golds[i::n], self.boxed_only, self.timeout_seconds) for i in range(n)]
         results = list(self._pool.map(_grade_chunk, chunks))

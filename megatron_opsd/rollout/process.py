@@ -1,8 +1,11 @@
-"""Start and stop a sidecar as a subprocess (tests, the trainer on one machine, the demo)."""
+"""Start and stop a sidecar as a subprocess (tests, the trainer on one machine, the demo).
+
+The sidecar is started through ``megatron_opsd.lifecycle``: it runs in its own process group (its vLLM workers
+included) and dies with the process that started it, also when that one is SIGKILLed.
+"""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -10,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_opsd.lifecycle import start_process, stop_process
 from megatron_opsd.rollout.client import SidecarClient, SidecarError
 
 
@@ -33,18 +37,12 @@ class SidecarProcess:
             return ""
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        """SIGKILL the sidecar's process group, as a crash would."""
+        stop_process(self.proc, grace_s=0.0)
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """SIGTERM (a clean server stop), SIGKILL after ``timeout_s``; always reaps the whole process group."""
+        stop_process(self.proc, grace_s=timeout_s)
 
     def __enter__(self) -> "SidecarProcess":
         return self
@@ -103,19 +101,27 @@ def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, 
     child_env = sidecar_env({**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+        proc = start_process(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
     sidecar = SidecarProcess(proc, f"http://{host}:{port}", log_path)
+    try:
+        _wait_until_healthy(sidecar, startup_timeout_s)
+    except BaseException:  # also SIGTERM's SystemExit or Ctrl-C while waiting: never leave it running
+        sidecar.stop()
+        raise
+    return sidecar
+
+
+def _wait_until_healthy(sidecar: SidecarProcess, startup_timeout_s: float) -> None:
     deadline = time.monotonic() + startup_timeout_s
     with SidecarClient(sidecar.url, timeout_s=5.0, retries=1) as client:
         while True:
             if not sidecar.alive():
-                raise SidecarError(f"sidecar exited with code {proc.returncode} during start-up; log {log_path}:\n"
-                                   f"{sidecar.log_tail()}")
+                raise SidecarError(f"sidecar exited with code {sidecar.proc.returncode} during start-up; log "
+                                   f"{sidecar.log_path}:\n{sidecar.log_tail()}")
             try:
                 client.wait_healthy(timeout_s=1.0, poll_s=0.5)
-                return sidecar
+                return
             except SidecarError:
                 if time.monotonic() > deadline:
-                    sidecar.stop()
-                    raise SidecarError(f"sidecar not healthy after {startup_timeout_s:.0f} s; log {log_path}:\n"
-                                       f"{sidecar.log_tail()}") from None
+                    raise SidecarError(f"sidecar not healthy after {startup_timeout_s:.0f} s; log "
+                                       f"{sidecar.log_path}:\n{sidecar.log_tail()}") from None

@@ -387,10 +387,10 @@ class OPSDTrainer:
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> list[dict]:
         self.maybe_resume()
-        self._connect_sidecar()
-        if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
-            self._push_weights(self.step)
-        try:
+        try:  # SIGTERM (lifecycle.install_shutdown_handlers) raises SystemExit anywhere in here
+            self._connect_sidecar()
+            if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
+                self._push_weights(self.step)
             history = run_steps(self, self.progress_name, lambda m: dict(
                 loss=f"{m['loss']:.4f}", kl=f"{m['divergence']:.4f}", acc=f"{m['rollout/accuracy']:.2f}",
                 len=f"{m['rollout/mean_length']:.0f}", tok_s=f"{m['tokens_per_s']:.0f}"))
