@@ -9,12 +9,11 @@ setup:
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/megatron-opsd demo
 
-# The whole suite, then the fast suite again from a fresh clone at another path (the checkout's location and
-# what lies beside it must not matter; it tests the committed HEAD).
+# The whole suite, run in a copy of this working tree at a fresh temporary path (the checkout's location and what
+# lies beside it must not matter: scripts/test_from_copy.sh).
 test: setup
 	bash scripts/setup_test_slurm.sh
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
-	bash scripts/test_from_clone.sh $(VENV)/bin/python $(PYTEST_ARGS)
+	bash scripts/test_from_copy.sh $(VENV)/bin/python $(PYTEST_ARGS)
 
 # Skips the tests marked slow (they still run in CI through `make test`), and the vllm ones when `import vllm`
 # fails (saying so at the end); `make test` fails instead (tests/conftest.py).

@@ -2,7 +2,7 @@
 directory (help of every command, the built-in MATH-500 through a real sidecar, the demo's argument checks),
 and the test suite's vLLM policy (a missing engine fails `make test`, `make test-fast` skips and says so).
 
-The suite from a fresh clone at another path is run by `make test` itself (scripts/test_from_clone.sh).
+`make test` itself runs the suite from a copy of the tree at another path (scripts/test_from_copy.sh).
 """
 import json
 import os
