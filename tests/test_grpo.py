@@ -141,10 +141,13 @@ def test_rl_config_loads_and_validates(tmp_path):
 def test_rl_cli_refuses_bad_values_before_starting(capsys):
     from megatron_opsd.cli import main
 
-    with pytest.raises(ConfigError, match="rl.clip_eps_low must be < 1"):
-        main(["rl", "--config", "examples/grpo_tiny.yaml", "--set", "rl.clip_eps_low=1.5", "--nproc", "2"])
-    with pytest.raises(ConfigError, match="rl.kl_coef must be >= 0"):
-        main(["rl", "--config", "examples/grpo_tiny.yaml", "rl.kl_coef=-1"])
+    # a config error is one line on stderr and exit status 2 (megatron_opsd.errors), before any rank starts
+    assert main(["rl", "--config", "examples/grpo_tiny.yaml", "--set", "rl.clip_eps_low=1.5", "--nproc", "2"]) == 2
+    assert "megatron-opsd: error: rl.clip_eps_low must be < 1" in capsys.readouterr().err
+    assert main(["rl", "--config", "examples/grpo_tiny.yaml", "rl.kl_coef=-1"]) == 2
+    assert "megatron-opsd: error: rl.kl_coef must be >= 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="rl.kl_coef must be >= 0"):  # the traceback with --debug
+        main(["rl", "--config", "examples/grpo_tiny.yaml", "rl.kl_coef=-1", "--debug"])
     with pytest.raises(SystemExit):
         main(["rl", "--help"])
     assert "GRPO with verifiable rewards" in capsys.readouterr().out

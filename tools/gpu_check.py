@@ -67,8 +67,7 @@ def fixed_rollouts(trainer, teacher_contexts: list, seed: int = 0):
     teacher = {ctx: [[ids(9)] * 2, [ids(8)] * 2] for ctx in teacher_contexts}
     rewards = [[1.0, 0.0], [0.0, 1.0]]
     logprobs = [[[-1.0] * len(r) for r in group] for group in responses]
-    return StepRollouts(student, [], responses, [[r > 0.5 for r in g] for g in rewards],
-                        [[trainer.step] * 2 for _ in student], rewards, logprobs, teacher)
+    return StepRollouts(student, responses, [[r > 0.5 for r in g] for g in rewards], rewards, logprobs, teacher)
 
 
 def write_checkpoint(root: Path) -> Path:
@@ -138,7 +137,7 @@ def _step_numbers(trainer) -> dict:
 
 
 def probe_opsd_step(ctx: dict, kind: str) -> dict:
-    extra = ["loss.top_k=16"] if kind == "topk" else []
+    extra = {"topk": ["loss.top_k=16"], "k1": ["loss.allow_k1_loss=true"]}.get(kind, [])  # k1: a logging estimator
     return _step_numbers(_opsd_trainer(ctx, f"opsd_{kind}", [f"loss.kind={kind}", *extra]))
 
 
@@ -188,8 +187,11 @@ def _teacher_modes(ctx: dict, target: str, overrides: list) -> dict:
         if mode == "step":
             original = opsd.teacher_signal_source
 
-            def step_first(model_for, teacher_mbs, student_mbs, *, loss, real_vocab_size):
-                rows = {c: opsd.collect_teacher_rows(model_for(c), mbs) for c, mbs in teacher_mbs.items()}
+            def step_first(model_for, teacher_mbs, student_mbs, *, loss, real_vocab_size, teacher_scope):
+                rows = {}
+                for c, mbs in teacher_mbs.items():
+                    with teacher_scope(c):
+                        rows[c] = opsd.collect_teacher_rows(model_for(c), mbs)
                 return opsd.teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
 
             opsd.teacher_signal_source = step_first
