@@ -124,7 +124,7 @@ def test_bad_input_errors_name_the_field(tiny_checkpoints, tmp_path):
     expected = {
         "kv_heads": r"num_key_value_heads \(1\) is not divisible by tensor_model_parallel_size \(2\)",
         "missing": r"missing tensor 'model.layers.1.mlp.up_proj.weight'",
-        "fp8": r"model.fp8='hybrid' needs Transformer Engine .* Set model.fp8=null",
+        "fp8": r"model.fp8='hybrid' \(or teacher.fp8\) needs Transformer Engine .* set model.fp8=null",
         "fp8_recipe": r"model.fp8_recipe must be one of",
         "arch": r"architectures=\['FooForCausalLM'\].*supported architectures",
         "no_config": r"has no config.json",
