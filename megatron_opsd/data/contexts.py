@@ -178,8 +178,12 @@ def needs_demonstration(context: str, teacher_cfg: TeacherConfig) -> bool:
     return context == "template" and bool(teacher_cfg.template) and "rollout" in template_variables(teacher_cfg.template)
 
 
+# Purified OPSD's extra teacher forwards; they always run the frozen initial model (no adapters with LoRA)
+PURIFIED_BASE_CONTEXTS = ("reference_only", "base")
+
+
 def teacher_context_names(teacher_cfg: TeacherConfig) -> list[str]:
     """Which teacher forwards a step needs; Purified OPSD adds reference-only and base teachers to the full one."""
     if teacher_cfg.purified:
-        return [teacher_cfg.context, "reference_only", "base"]
+        return [teacher_cfg.context, *PURIFIED_BASE_CONTEXTS]
     return [teacher_cfg.context]

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 
+from megatron_opsd.data.contexts import PURIFIED_BASE_CONTEXTS
 from megatron_opsd.models.lora import adapters_of, update_teacher_adapters_, use_adapters
 
 TEACHER_ADAPTERS = {"live": "student", "frozen": "off", "ema": "teacher", "refresh": "teacher"}
-FROZEN_BASE_CONTEXTS = ("reference_only", "base")  # Purified OPSD's extra forwards
 
 
 def teacher_adapter_mode(teacher_cfg, context: str) -> str:
     """Which adapters (``models.lora.ADAPTER_MODES``) the teacher forward for ``context`` uses."""
-    if teacher_cfg.purified and context in FROZEN_BASE_CONTEXTS:
+    if teacher_cfg.purified and context in PURIFIED_BASE_CONTEXTS:
         return "off"
     return TEACHER_ADAPTERS[teacher_cfg.weights]
 

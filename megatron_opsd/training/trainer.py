@@ -318,7 +318,9 @@ class OPSDTrainer:
     def _teacher_model(self, context: str) -> list:
         """The chunks that run teacher context ``context``: the teacher replica (or the live student), except
         Purified OPSD's reference-only and base forwards, which are always the frozen initial model."""
-        if self.cfg.teacher.purified and context in ("reference_only", "base"):
+        from megatron_opsd.data.contexts import PURIFIED_BASE_CONTEXTS
+
+        if self.cfg.teacher.purified and context in PURIFIED_BASE_CONTEXTS:
             return self.initial or self.teacher or self.ddp
         return self.teacher or self.ddp
 
