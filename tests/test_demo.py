@@ -66,6 +66,26 @@ def test_demo_pipeline_branches_every_filter_from_the_sft_stage(tmp_path):
     assert opsdc.rollout.seed == 3 and opsdc.data.eval_path == str(tmp_path / "run" / "data" / "curve.jsonl")
 
 
+def test_lora_variant_trains_adapters_in_the_opsdc_stages_only(tmp_path):
+    """--lora: the OPSDC stages carry model.lora (frozen teacher = adapters off, adapter-only sync) and its lr,
+    the SFT stage stays full fine-tuning; default filter all, own run name; --filters and --quick still apply."""
+    from megatron_opsd.demo.recipe import LORA_OVERRIDES
+
+    recipe, run_dir, config_dir = cli.resolve(parse("--lora"))
+    assert recipe.filters == ("all",) and recipe.opsdc_overrides == LORA_OVERRIDES and str(run_dir) == "runs/demo-lora"
+    assert recipe.opsdc_steps == FULL.opsdc_steps and recipe.sft_steps == FULL.sft_steps
+    quick, quick_dir, _ = cli.resolve(parse("--lora", "--quick", "--filters", "correct"))
+    assert quick.filters == ("correct",) and quick.opsdc_steps == QUICK.opsdc_steps
+    assert str(quick_dir) == "runs/demo-lora-quick" and quick.to_dict()["opsdc_overrides"] == list(LORA_OVERRIDES)
+    loaded = cli.stage_config_objects(cli.demo_pipeline(recipe, tmp_path / "run", config_dir, seed=0))
+    assert list(loaded) == ["sft", "opsdc-all"] and loaded["sft"].model.lora.rank == 0
+    full = cli.stage_config_objects(cli.demo_pipeline(FULL, tmp_path / "run", config_dir, seed=0))["opsdc-all"]
+    lora = loaded["opsdc-all"]
+    assert (lora.model.lora.rank, lora.model.lora.alpha, lora.model.lora.sync) == (16, 32.0, "adapter")
+    assert lora.teacher.weights == "frozen" and lora.optim.lr == 1e-3 > full.optim.lr and full.model.lora.rank == 0
+    assert lora.rollout == full.rollout and lora.loss == full.loss and lora.train == full.train
+
+
 def test_bad_stage_config_fails_before_anything_runs(tmp_path, capsys):
     import shutil
 

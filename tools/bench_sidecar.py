@@ -30,11 +30,11 @@ SIZES = {  # name -> tiny_hf_config kwargs
 }
 
 
-def make_model(root: Path, name: str, max_len: int) -> Path:
+def make_model(root: Path, name: str, max_len: int, sizes: dict = SIZES) -> Path:
     from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 
     return make_tiny_hf_checkpoint(root / name, family="qwen3", tokenizer_texts=TEXTS, max_position_embeddings=max_len,
-                                   **SIZES[name])
+                                   **sizes[name])
 
 
 def bench_generation(client, model_dir: Path, batch: int, prompt_len: int, max_tokens: int, hf_threads: int) -> dict:

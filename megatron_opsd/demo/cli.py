@@ -1,4 +1,4 @@
-"""`megatron-opsd demo [--quick] [--name NAME | --out DIR] [--seed N]`: the newcomer's main job on CPU.
+"""`megatron-opsd demo [--quick] [--lora] [--name NAME | --out DIR] [--seed N]`: the newcomer's main job on CPU.
 
 A tiny reproduction of the OPSDC papers' effect through the commands users run at scale: a synthetic
 arithmetic task with verbose ("Wait, let me verify ...") and concise traces, a random tiny Qwen3 with a BPE
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--quick: all); the first one is the before/after verdict")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes per training stage = tensor-parallel size (default 1)")
+    parser.add_argument("--lora", action="store_true",
+                        help="the OPSDC stages train LoRA adapters (demo/recipe.py LORA_OVERRIDES) instead of all "
+                             "weights; default filters: all; results go to runs/demo-lora[-quick]")
     parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
                                                            "(default: the ones shipped in megatron_opsd/demo/configs)")
 
@@ -50,12 +53,14 @@ def resolve(args: argparse.Namespace):
     """(recipe, run_dir, config_dir) from the arguments; bad values raise DemoArgumentError naming the flag."""
     from dataclasses import replace
 
-    from megatron_opsd.demo.recipe import FILTERS, FULL, QUICK, stage_config_dir
+    from megatron_opsd.demo.recipe import FILTERS, FULL, LORA_FILTERS, LORA_OVERRIDES, QUICK, stage_config_dir
 
     recipe = QUICK if args.quick else FULL
+    if args.lora:
+        recipe = replace(recipe, filters=LORA_FILTERS, opsdc_overrides=LORA_OVERRIDES)
     if args.seed < 0:
         raise DemoArgumentError(f"--seed must be >= 0, got {args.seed}")
-    name = args.name or ("demo-quick" if args.quick else "demo")
+    name = args.name or ("demo" + ("-lora" if args.lora else "") + ("-quick" if args.quick else ""))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DemoArgumentError(f"--name {name!r} must be a folder name (letters, digits, '.', '_', '-')")
     if args.filters is not None:
@@ -120,7 +125,8 @@ def demo_pipeline(recipe, run_dir: Path, config_dir: Path, seed: int):
                          evaluate=False,
                          overrides=common + [f"data.train_path={inputs.train}", f"data.eval_path={inputs.curve}",
                                              f"rollout.seed={seed}", f"rollout.filter={f}",
-                                             f"train.steps={recipe.opsdc_steps}", f"train.eval_every={recipe.eval_every}"])
+                                             f"train.steps={recipe.opsdc_steps}", f"train.eval_every={recipe.eval_every}",
+                                             *recipe.opsdc_overrides])
              for f in recipe.filters]
     cfg = PipelineConfig(name=run_dir.name, out_dir=str(run_dir / "stages"), model=str(inputs.init_model),
                          nproc=recipe.nproc, eval=PipelineEvalConfig(path=None, baseline=False), stages=[sft, *opsdc])
