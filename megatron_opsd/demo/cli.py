@@ -28,6 +28,9 @@ _OWNED = ("data", "init", "stages", "eval", "results.json", "table.md", "curves.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the CI variant: one OPSDC run (filter all) of 20 steps, 100 held-out problems")
+    parser.add_argument("--lora", action="store_true",
+                        help="the OPSDC stages train LoRA adapters (demo/recipe.py LORA_OVERRIDES) instead of all "
+                             "weights; default filters: all; results go to runs/demo-lora[-quick]")
     parser.add_argument("--name", default=None, help="run name: results go to runs/<name>/ (default demo, or "
                                                       "demo-quick with --quick)")
     parser.add_argument("--out", default=None, help="the run directory (default runs/<name>)")
@@ -38,9 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--quick: all); the first one is the before/after verdict")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes per training stage = tensor-parallel size (default 1)")
-    parser.add_argument("--lora", action="store_true",
-                        help="the OPSDC stages train LoRA adapters (demo/recipe.py LORA_OVERRIDES) instead of all "
-                             "weights; default filters: all; results go to runs/demo-lora[-quick]")
     parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
                                                            "(default: the ones shipped in megatron_opsd/demo/configs)")
 
