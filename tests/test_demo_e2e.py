@@ -59,6 +59,17 @@ def test_quick_demo_end_to_end(quick_demo):
         assert (out / "curves.png").stat().st_size > 10_000
 
 
+def run_from_sft(out, command: str, config: str, logs, *overrides) -> list:
+    """`megatron-opsd <command>` with a demo stage config from the quick demo's SFT model on its train split (TP=1);
+    the metrics it logged, one dict per step."""
+    from megatron_opsd.cli import main
+
+    assert main([command, "--config", str(stage_config_dir() / config), "--nproc", "1",
+                 f"model.path={out / 'stages' / 'sft' / 'hf'}", f"data.train_path={out / 'data' / 'train.jsonl'}",
+                 f"logging.dir={logs}", "logging.progress=false", *overrides]) == 0
+    return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+
+
 # GRPO from the demo's SFT model (demo/configs/grpo.yaml, 20 steps of 8 prompts x 8 rollouts): the mean sampled
 # reward of the last 5 steps must beat the first 5 by this much. Measured: 0.70 -> 0.91 (docs/demo_design.md).
 GRPO_MIN_REWARD_GAIN = 0.08
@@ -67,14 +78,8 @@ GRPO_MIN_REWARD_GAIN = 0.08
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_grpo_reward_rises_on_the_demo_task(quick_demo, tmp_path):
-    from megatron_opsd.cli import main
-
     out, _ = quick_demo
-    logs = tmp_path / "grpo"
-    assert main(["rl", "--config", str(stage_config_dir() / "grpo.yaml"), "--nproc", "1",
-                 f"model.path={out / 'stages' / 'sft' / 'hf'}", f"data.train_path={out / 'data' / 'train.jsonl'}",
-                 f"logging.dir={logs}", "logging.progress=false"]) == 0
-    rewards = [json.loads(line)["reward/mean"] for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    rewards = [m["reward/mean"] for m in run_from_sft(out, "rl", "grpo.yaml", tmp_path / "grpo")]
     assert len(rewards) == 20
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last >= first + GRPO_MIN_REWARD_GAIN, rewards
@@ -90,17 +95,12 @@ LORA_STEPS = 10
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_lora_opsdc_compresses_from_the_demo_sft_model(quick_demo, tmp_path):
-    from megatron_opsd.cli import main
     from megatron_opsd.demo.recipe import LORA_OVERRIDES
 
     out, _ = quick_demo
     logs = tmp_path / "lora"
-    assert main(["train", "--config", str(stage_config_dir() / "opsdc.yaml"), "--nproc", "1",
-                 f"model.path={out / 'stages' / 'sft' / 'hf'}", f"data.train_path={out / 'data' / 'train.jsonl'}",
-                 f"data.eval_path={out / 'data' / 'curve.jsonl'}", f"train.steps={LORA_STEPS}",
-                 f"train.eval_every={LORA_STEPS}", f"logging.dir={logs}", "logging.progress=false",
-                 *LORA_OVERRIDES]) == 0
-    last = json.loads((logs / "metrics.jsonl").read_text().splitlines()[-1])
+    last = run_from_sft(out, "train", "opsdc.yaml", logs, f"data.eval_path={out / 'data' / 'curve.jsonl'}",
+                        f"train.steps={LORA_STEPS}", f"train.eval_every={LORA_STEPS}", *LORA_OVERRIDES)[-1]
     sft = json.loads((out / "results.json").read_text())["curves"]["all"]
     sft_length, sft_accuracy = sft["heldout_length"]["values"][0], sft["heldout_accuracy"]["values"][0]
     assert last["step"] == LORA_STEPS and sft["heldout_length"]["steps"][0] == 0

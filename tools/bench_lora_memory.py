@@ -2,7 +2,7 @@
 (student weights, gradient buffers, optimizer state, teacher weights) next to ``megatron-opsd plan``'s prediction
 for the same config.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_lora_memory.py [--lora-rank 16 --lora-alpha 32] \
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_lora_memory.py [--rank 16 --alpha 32] \
         [--run-dir runs/demo] [--markdown docs/benchmarks.md]
 
 Each variant builds ``OPSDTrainer`` from the demo's OPSDC config (``demo/configs/opsdc.yaml``: frozen teacher,
@@ -136,16 +136,16 @@ def to_markdown(results: dict, command: str) -> str:
 
 
 def main() -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_sidecar import add_output_arguments, command_line, publish
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default=None, help="a `megatron-opsd demo` run directory (default: fresh inputs)")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
-    parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
+    parser.add_argument("--rank", type=int, default=16, help="model.lora.rank of the LoRA variant")
+    parser.add_argument("--alpha", type=float, default=32.0, help="model.lora.alpha of the LoRA variant")
+    add_output_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_sidecar import write_section
 
     from megatron_opsd.demo.recipe import stage_config_dir
     from megatron_opsd.parallel.launch import run_distributed
@@ -154,20 +154,14 @@ def main() -> int:
         model, train = demo_inputs(args.run_dir, Path(tmp))
         common = [f"model.path={model}", f"data.train_path={train}", "data.eval_path=null",
                   "train.eval_every=0", "logging.progress=false"]
-        variants = {"full fine-tuning": [], f"LoRA r={args.lora_rank}": [
-            f"model.lora.rank={args.lora_rank}", f"model.lora.alpha={args.lora_alpha}"]}
+        variants = {"full fine-tuning": [], f"LoRA r={args.rank}": [
+            f"model.lora.rank={args.rank}", f"model.lora.alpha={args.alpha}"]}
         results = {}
         for i, (name, extra) in enumerate(variants.items()):
             overrides = common + [f"logging.dir={tmp}/v{i}"] + extra
             results[name] = run_distributed(measure, 1, None, str(stage_config_dir() / "opsdc.yaml"), overrides)[0]
             print(name, json.dumps(results[name], indent=1), flush=True)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_lora_memory.py " + " ".join(sys.argv[1:])
-    section = to_markdown(results, command.strip())
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    if args.markdown:
-        write_section(args.markdown, section, BEGIN, END)
+    publish(to_markdown(results, command_line()), results, args.json, args.markdown, BEGIN, END)
     return 0
 
 

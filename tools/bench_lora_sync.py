@@ -89,7 +89,7 @@ def to_markdown(rows: dict, rank: int, alpha: float, command: str) -> str:
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_sidecar import SIZES, make_model, write_section
+    from bench_sidecar import SIZES, add_output_arguments, command_line, make_model, publish
 
     from megatron_opsd.demo.recipe import FULL
 
@@ -99,8 +99,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
-    parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
+    add_output_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megatron_opsd.parallel.launch import run_distributed
@@ -111,13 +110,7 @@ def main() -> int:
             model_dir = make_model(Path(tmp), name, MAX_LEN, sizes)
             rows[name] = run_distributed(measure, 1, None, str(model_dir), args.rank, args.alpha, args.repeats)[0]
             print(name, json.dumps(rows[name]), flush=True)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_lora_sync.py " + " ".join(sys.argv[1:])
-    section = to_markdown(rows, args.rank, args.alpha, command.strip())
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    if args.markdown:
-        write_section(args.markdown, section, BEGIN, END)
+    publish(to_markdown(rows, args.rank, args.alpha, command_line()), rows, args.json, args.markdown, BEGIN, END)
     return 0
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Solve 2+2 = 4. What is 3*7? 21.",
          "hello world, numbers 0123456789, boxed answers and reasoning steps"] * 20
@@ -207,6 +209,27 @@ def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) 
     path.write_text(text)
 
 
+def command_line() -> str:
+    """How this tool was run, for the section it writes."""
+    return " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python", f"tools/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json`` / ``--markdown``, as ``publish`` takes them."""
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
+
+
+def publish(section: str, raw, json_path: Optional[Path], markdown_path: Optional[Path], begin: str = BEGIN,
+            end: str = END) -> None:
+    """Print a tool's markdown section; write its raw numbers (``--json``) and its section (``--markdown``)."""
+    print(section)
+    if json_path:
+        json_path.write_text(json.dumps(raw, indent=1))
+    if markdown_path:
+        write_section(markdown_path, section, begin, end)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(SIZES), default="h256-L4", help="model for the tokens/s comparison")
@@ -221,8 +244,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--vllm-server", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure vLLM's own OpenAI server under the same concurrent load")
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
-    parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
+    add_output_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     max_len = args.prompt_len + args.max_tokens + 16
@@ -247,12 +269,8 @@ def main() -> int:
         if args.clients and args.vllm_server:
             concurrency += bench_vllm_server(models[args.model], args.clients, args.requests, args.max_tokens, max_len)
             print(json.dumps(concurrency, indent=1), flush=True)
-    section = to_markdown(gen, updates, concurrency)
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(dict(generation=gen, updates=updates, concurrency=concurrency), indent=1))
-    if args.markdown:
-        write_section(args.markdown, section)
+    publish(to_markdown(gen, updates, concurrency), dict(generation=gen, updates=updates, concurrency=concurrency),
+            args.json, args.markdown)
     return 0
 
 
