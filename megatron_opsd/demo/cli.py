@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="store_true",
                         help="the OPSDC stages train LoRA adapters (demo/recipe.py LORA_OVERRIDES) instead of all "
                              "weights; default filters: all; results go to runs/demo-lora[-quick]")
-    parser.add_argument("--name", default=None, help="run name: results go to runs/<name>/ (default demo, or "
-                                                      "demo-quick with --quick)")
+    parser.add_argument("--name", default=None, help="run name: results go to runs/<name>/ (default demo, "
+                                                      "demo-quick with --quick, demo-lora[-quick] with --lora)")
     parser.add_argument("--out", default=None, help="the run directory (default runs/<name>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, tokenizer, model, data order and "
                                                             "rollouts (default 0)")
