@@ -13,6 +13,7 @@ markers in FILE (other sections are left alone).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -76,36 +77,41 @@ def sidecar(model_dir: Path, max_len: int, tp: int, pythonpath: str | None = Non
                                  startup_timeout_s=1800)
 
 
-def bench_concurrency(client, clients: list[int], requests: int, max_tokens: int, tp: int = 1, server: str = "ours",
-                      openai: bool = False) -> list[dict]:
-    """Generation tokens/s with K clients each sending ``requests`` one-prompt requests at once, to ``/generate``
-    and (``openai``) to the same server's ``/v1/completions`` with token-id prompts."""
+def bench_concurrency(servers: dict, clients: list[int], requests: int, max_tokens: int, tp: int = 1,
+                      rounds: int = 3) -> list[dict]:
+    """Generation tokens/s with K clients each sending ``requests`` one-prompt requests at once. ``servers``:
+    label -> (SidecarClient, routes), routes among ``/generate`` and ``/v1/completions`` (token-id prompts).
+    The servers run at the same time and are measured in alternation, ``rounds`` times (median kept), so a
+    change of the shared machine's load hits all of them alike."""
+    import statistics
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
-    model = client.health()["model"]
+    def request(client, route: str, k: int, i: int) -> int:
+        if route == "/generate":
+            return len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
+                       .token_ids)
+        body = dict(model=client.health()["model"], prompt=[5 + k, 6 + i, 7], max_tokens=max_tokens, seed=i,
+                    ignore_eos=True, logprobs=0, temperature=1.0)
+        return httpx.post(client.urls[0] + route, json=body, timeout=600).json()["usage"]["completion_tokens"]
 
-    def via_generate(k: int, i: int) -> int:
-        return len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
-                   .token_ids)
-
-    def via_openai(k: int, i: int) -> int:
-        body = dict(model=model, prompt=[5 + k, 6 + i, 7], max_tokens=max_tokens, seed=i, ignore_eos=True,
-                    logprobs=0, temperature=1.0)
-        return httpx.post(client.urls[0] + "/v1/completions", json=body, timeout=600).json()["usage"][
-            "completion_tokens"]
-
-    rows = []
-    for route, request in [("/generate", via_generate)] + ([("/v1/completions", via_openai)] if openai else []):
-        request(0, 0)  # warm-up
-        for k in clients:
+    cases = [(label, route, k) for k in clients for label, (_, routes) in servers.items() for route in routes]
+    for label, route, _ in cases:
+        request(servers[label][0], route, 0, 0)  # warm-up
+    runs: dict = {case: [] for case in cases}
+    for _ in range(rounds):
+        for label, route, k in cases:
+            client = servers[label][0]
             start = time.perf_counter()
             with ThreadPoolExecutor(k) as pool:
-                tokens = sum(pool.map(lambda c: sum(request(c, i) for i in range(requests)), range(k)))
-            seconds = time.perf_counter() - start
-            rows.append(dict(server=server, route=route, tp=tp, clients=k, tokens=tokens, seconds=seconds,
-                             tok_s=tokens / seconds))
+                tokens = sum(pool.map(lambda c: sum(request(client, route, c, i) for i in range(requests)), range(k)))
+            runs[(label, route, k)].append((time.perf_counter() - start, tokens))
+    rows = []
+    for (label, route, k), measured in runs.items():
+        seconds = statistics.median(s for s, _ in measured)
+        rows.append(dict(server=label, route=route, tp=tp, clients=k, tokens=measured[0][1], seconds=seconds,
+                         tok_s=measured[0][1] / seconds))
     return rows
 
 
@@ -149,7 +155,8 @@ def to_markdown(gen: dict, updates: dict, concurrency: list) -> str:
             lines.append(f"| {name} | {r['tp']} | {r['transport']} | {r['mb']:.1f} | {r['buckets']} | "
                          f"{r['transfer_s']:.3f} | {r['apply_s']:.3f} | {r['total_s']:.3f} | {r['mb_per_s']:.0f} |")
     if concurrency:
-        lines += ["", "Generation with K concurrent clients, each sending one-prompt requests:", "",
+        lines += ["", "Generation with K concurrent clients, each sending one-prompt requests (servers up at the same "
+                  "time, measured in alternation, median of rounds):", "",
                   "| server | route | sidecar TP | clients | tokens | seconds | tokens/s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['server']} | {r['route']} | {r['tp']} | {r['clients']} | {r['tokens']} | {r['seconds']:.2f} "
@@ -180,8 +187,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 8], help="concurrent generation clients")
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--baseline", default=None, metavar="PYTHONPATH",
-                        help="also measure the concurrent load on the sidecar of another checkout (e.g. the previous "
-                             "server: --baseline /path/to/old/checkout), in the same run")
+                        help="also measure the concurrent load on the TP=1 sidecar of another checkout (e.g. the "
+                             "previous server: --baseline /path/to/old/checkout), alternating with this one's")
+    parser.add_argument("--rounds", type=int, default=3, help="concurrency measurements per case (median kept)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
     args = parser.parse_args()
@@ -201,16 +209,17 @@ def main() -> int:
                                                     args.hf_threads), model=args.model)
                         print(json.dumps(gen, indent=1), flush=True)
                     if name == args.model and args.clients:
-                        concurrency += bench_concurrency(client, args.clients, args.requests, args.max_tokens, tp,
-                                                         openai=True)
+                        servers = {"this checkout": (client, ["/generate", "/v1/completions"])}
+                        with contextlib.ExitStack() as stack:
+                            if args.baseline and tp == 1:
+                                old = stack.enter_context(sidecar(model_dir, max_len, 1, args.baseline))
+                                servers[f"baseline ({args.baseline})"] = (
+                                    stack.enter_context(SidecarClient(old.url)), ["/generate"])
+                            concurrency += bench_concurrency(servers, args.clients, args.requests, args.max_tokens,
+                                                             tp, args.rounds)
                     if name in updates:
                         updates[name] += bench_updates(client, model_dir, args.repeats, tp)
                 print(name, tp, json.dumps(updates.get(name), indent=1), json.dumps(concurrency), flush=True)
-        if args.clients and args.baseline:
-            with sidecar(models[args.model], max_len, 1, args.baseline) as proc, SidecarClient(proc.url) as client:
-                concurrency += bench_concurrency(client, args.clients, args.requests, args.max_tokens, 1,
-                                                 server=f"baseline ({args.baseline})")
-            print(json.dumps(concurrency, indent=1), flush=True)
     section = to_markdown(gen, updates, concurrency)
     print(section)
     if args.json:
