@@ -479,8 +479,9 @@ async def serve(cfg, host: str, port: int, log_level: str) -> None:
         await init_app_state(engine, app.state, args, tasks)
         mount(app, SidecarState(engine, cfg.model, backend, cfg.max_lora_rank))
         logger.info("serving %s on http://%s (pid %d)", cfg.model, listen_address, os.getpid())
+        # on SIGTERM vLLM stops the engine first: requests still open then can never finish, so cancel them soon
         shutdown = await serve_http(app, sock=sock, host=host, port=port, log_level=log_level,
-                                    timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
+                                    timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, timeout_graceful_shutdown=3)
     try:
         await shutdown
     finally:
