@@ -77,7 +77,9 @@ def test_stager_casts_to_engine_dtype():
     stager, t = WeightStager(SPECS, torch.bfloat16), _tensors()
     uid = stager.begin(version=1, current_version=0)
     stager.add_bucket(uid, 0, t)
-    staged = stager.take_for_commit(uid).tensors()
+    update = stager.take_for_commit(uid)
+    staged = update.tensors()
+    update.discard()
     assert all(v.dtype == torch.bfloat16 for v in staged.values())
     assert torch.equal(staged["a.weight"], t["a.weight"].to(torch.bfloat16))
 

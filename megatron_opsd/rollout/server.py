@@ -477,7 +477,8 @@ async def serve(cfg, host: str, port: int, log_level: str) -> None:
         tasks = await engine.get_supported_tasks()
         app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, app.state, args, tasks)
-        mount(app, SidecarState(engine, cfg.model, backend, cfg.max_lora_rank))
+        state = SidecarState(engine, cfg.model, backend, cfg.max_lora_rank)
+        mount(app, state)
         logger.info("serving %s on http://%s (pid %d)", cfg.model, listen_address, os.getpid())
         # on SIGTERM vLLM stops the engine first: requests still open then can never finish, so cancel them soon
         shutdown = await serve_http(app, sock=sock, host=host, port=port, log_level=log_level,
@@ -486,6 +487,7 @@ async def serve(cfg, host: str, port: int, log_level: str) -> None:
         await shutdown
     finally:
         sock.close()
+        state.stager.abort()  # an update staged but never committed: free its files (host memory)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
