@@ -33,8 +33,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("megatron_opsd.planning.cli", "estimate per-GPU memory for a config before launch"),
 }
 
-# Servers whose framework stops them on SIGTERM/SIGINT itself (uvicorn: graceful stop, then it re-raises the
-# signal, so the process ends by it at once instead of running interpreter shutdown through vLLM's teardown).
+# Servers whose framework stops them on SIGTERM/SIGINT itself (vLLM's server: stops its engine core and workers,
+# then the HTTP server).
 SERVES_ITS_OWN_SIGNALS = {"sidecar"}
 
 

@@ -88,10 +88,8 @@ def test_sidecar_env_defaults_never_override_the_user():
 
     env = sidecar_env({"PATH": "/bin"})
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"  # CUDA is initialised before vLLM forks workers
-    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process engine: HTTP weight updates as tensors
     assert env["PATH"] == "/bin" and env["VLLM_CACHE_ROOT"]
-    mine = {"VLLM_WORKER_MULTIPROC_METHOD": "forkserver", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-            "VLLM_CACHE_ROOT": "/scratch/v"}
+    mine = {"VLLM_WORKER_MULTIPROC_METHOD": "forkserver", "VLLM_CACHE_ROOT": "/scratch/v"}
     assert {k: sidecar_env(mine)[k] for k in mine} == mine
 
 

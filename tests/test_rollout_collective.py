@@ -104,6 +104,22 @@ def test_greedy_equals_transformers_before_and_after_a_push(client, hf_model, mo
     assert client.health()["weight_version"] == version + 1
 
 
+@pytest.mark.parametrize("transport", ["http", "shm"])
+def test_http_and_shm_pushes_reach_every_tp_worker(client, hf_model, model_dir, transport):
+    """The staged transports work at sidecar TP=2 too: every worker reads the staged files (collective_rpc)."""
+    gen = torch.Generator().manual_seed(1 if transport == "http" else 2)
+    changed = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
+               for k, v in load_file(f"{model_dir}/model.safetensors").items()}
+    version = next_version(client)
+    client.transport = transport
+    try:
+        client.push_weights_from_iterator(changed.items(), version=version)
+    finally:
+        client.transport = "collective"
+    assert client.health()["weight_version"] == version
+    assert sidecar_greedy(client) == greedy(hf_model, changed)
+
+
 @pytest.mark.parametrize("fault", ["unknown name", "wrong shape", "missing tensor", "wrong version"])
 def test_bad_update_is_refused_before_sending_and_changes_nothing(client, model_dir, fault):
     state = {k: v + 0.5 for k, v in load_file(f"{model_dir}/model.safetensors").items()}

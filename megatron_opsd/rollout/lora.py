@@ -1,13 +1,13 @@
 """Adapter-only weight sync: the sidecar serves base + the current LoRA adapter, and each step pushes only it.
 
-vLLM serves LoRA adapters (``LLM(enable_lora=True, max_lora_rank=r)``, ``LoRARequest``); the sidecar started
+vLLM serves LoRA adapters (``--enable-lora --max-lora-rank r``, ``LoRARequest``); the sidecar started
 with ``--max-lora-rank r`` accepts ``POST /adapter/update`` with one PEFT adapter (``adapter_model.safetensors``
 bytes as the body, ``adapter_config.json`` and the new weight version in headers). Like merged pushes, the update
 is all-or-nothing and versioned: the version must be newer than the served one, every tensor is checked against
 the served checkpoint (names of targeted projections, [r, in] / [out, r] shapes, r <= --max-lora-rank, nothing
 missing) before vLLM sees it, and vLLM loads the adapter (``add_lora``) before the sidecar switches generation to
-it; any failure leaves the previous adapter and version served. Kept in its own module and route so it can be
-ported when the sidecar changes (e.g. to vLLM's own server, whose ``/v1/load_lora_adapter`` does the load).
+it; any failure leaves the previous adapter and version served. Our route rather than vLLM's
+``/v1/load_lora_adapter``, which has neither the version nor the checks against the served checkpoint.
 """
 from __future__ import annotations
 
@@ -72,33 +72,31 @@ def validate_adapter(tensors: dict, config: dict, tensor_specs: dict, max_rank: 
             raise ValueError(f"{name}: non-finite values")
 
 
-def load_adapter(engine, tensors: dict, config: dict, version: int) -> None:
+async def load_adapter(state, tensors: dict, config: dict, version: int) -> None:
     """Write the adapter to a fresh directory, have vLLM load it, then serve it (and drop the previous one)."""
     from safetensors.torch import save_file
     from vllm.lora.request import LoRARequest
 
-    root = Path(getattr(engine, "adapter_root", None) or tempfile.mkdtemp(prefix="opsd-adapters-"))
-    engine.adapter_root = root
+    root = Path(getattr(state, "adapter_root", None) or tempfile.mkdtemp(prefix="opsd-adapters-"))
+    state.adapter_root = root
     path = root / f"v{version}"
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps(config))
     request = LoRARequest(lora_name=f"opsd-v{version}", lora_int_id=version, lora_path=str(path))
     try:
-        engine.llm.llm_engine.add_lora(request)  # loads now: a bad adapter fails before it is served
+        await state.engine.add_lora(request)  # loads now: a bad adapter fails before it is served
     except Exception:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    previous, engine.lora_request = getattr(engine, "lora_request", None), request
+    previous, state.lora_request = state.lora_request, request
     if previous is not None:
-        engine.llm.llm_engine.remove_lora(previous.lora_int_id)
+        await state.engine.remove_lora(previous.lora_int_id)
         shutil.rmtree(previous.lora_path, ignore_errors=True)
-    engine.reset_prefix_cache()
 
 
-def add_adapter_routes(app, state, engine, locked, error_cls) -> None:
-    """``POST /adapter/update`` on the sidecar app (``locked``: run under the engine lock; ``error_cls``: the
-    app's 4xx error)."""
+def add_adapter_route(router, state, error_cls) -> None:
+    """``POST /adapter/update`` on the sidecar's router (``state``: its ``SidecarState``; ``error_cls``: its 4xx)."""
     import asyncio
     import time
 
@@ -117,31 +115,26 @@ def add_adapter_routes(app, state, engine, locked, error_cls) -> None:
         try:
             raw = await asyncio.to_thread(load_safetensors, await request.body())
             tensors = {k: v.float() for k, v in raw.items()}
-            validate_adapter(tensors, config, engine.tensor_specs, engine.cfg.max_lora_rank)
+            validate_adapter(tensors, config, state.tensor_specs, state.max_lora_rank)
         except Exception as err:  # noqa: BLE001 - the client's bad adapter: nothing was applied
             raise error_cls(f"adapter v{version} rejected, nothing applied: {err}") from None
 
-        def apply():
+        async with state.exclusive():
             start = time.perf_counter()
             if version <= state.version:
                 raise error_cls(f"version: {version} is not newer than {state.version} (a concurrent update)",
                                 status=409)
-            load_adapter(engine, tensors, config, version)
+            try:
+                await load_adapter(state, tensors, config, version)
+            except Exception as err:  # noqa: BLE001 - vLLM refused it: the previous adapter is still served
+                raise error_cls(f"adapter v{version} rejected by vLLM, nothing applied: {err}") from None
             state.version = version
-            return time.perf_counter() - start
-
-        try:
-            apply_s = await asyncio.to_thread(locked, apply)
-        except error_cls:
-            raise
-        except Exception as err:  # noqa: BLE001 - vLLM refused it: the previous adapter is still served
-            raise error_cls(f"adapter v{version} rejected by vLLM, nothing applied: {err}") from None
-        state.updates += 1
-        state.last_update_apply_s = apply_s
+            apply_s = time.perf_counter() - start
+        state.record_update(apply_s, apply_s)
         nbytes = sum(t.numel() * t.element_size() for t in raw.values())
         return {"weight_version": state.version, "num_tensors": len(tensors), "bytes": nbytes, "apply_s": apply_s}
 
-    app.post(ADAPTER_ROUTE)(adapter_update)
+    router.post(ADAPTER_ROUTE)(adapter_update)
 
 
 def push_adapter(client, tensors: dict, config: dict, version: int) -> list:

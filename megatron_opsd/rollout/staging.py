@@ -1,17 +1,23 @@
 """Server-side staging of a weight update, so that a half-received update is never applied.
 
 Buckets (safetensors bytes) are validated on arrival against the served checkpoint's tensor names and
-shapes and kept in host memory; only ``commit`` hands them to the engine, and only once every expected
-tensor is present. A bucket carries an index, so re-sending it (a client retry) replaces it instead of
-duplicating tensors.
+shapes and written, in the served dtype, to a staging directory (``/dev/shm`` when it has room: host memory);
+only ``commit`` hands the files to vLLM's workers (each reads them itself, at any TP), and only once every
+expected tensor is present. A bucket carries an index, so re-sending it (a client retry) replaces it instead of
+duplicating tensors. An update that ends without a commit leaves no files behind.
 """
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,10 +36,45 @@ class StagedUpdate:
     update_id: str
     version: int
     num_tensors: Optional[int]
+    directory: Path
     started: float = field(default_factory=time.perf_counter)
-    buckets: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    bucket_bytes: dict[int, int] = field(default_factory=dict)  # bucket index -> bytes staged
     owner: dict[str, int] = field(default_factory=dict)  # tensor name -> bucket index
-    nbytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.bucket_bytes.values())
+
+    def bucket_path(self, index: int) -> Path:
+        return self.directory / f"bucket-{index:06d}.safetensors"
+
+    @property
+    def files(self) -> list[str]:
+        return [str(self.bucket_path(i)) for i in sorted(self.bucket_bytes)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The staged tensors, read back (tests, small updates)."""
+        from safetensors.torch import load_file
+
+        return {k: v for path in self.files for k, v in load_file(path).items()}
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+STAGING_DIR_ENV = "OPSD_STAGING_DIR"
+
+
+def staging_root(update_bytes: int) -> str:
+    """Where an HTTP/shm update is staged: ``$OPSD_STAGING_DIR`` if set, else ``/dev/shm`` (host memory, what the
+    shm transport uses too) when it has room for the whole update, else the temp directory. Containers often
+    mount a 64 MB ``/dev/shm``, which a real update would overflow half-way."""
+    if os.environ.get(STAGING_DIR_ENV):
+        return os.environ[STAGING_DIR_ENV]
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free >= 1.1 * update_bytes:
+        return str(shm)
+    return tempfile.gettempdir()
 
 
 class WeightStager:
@@ -57,8 +98,19 @@ class WeightStager:
                                     f"{len(self.specs)} tensors")
         with self._lock:
             update_id = f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-            self._update = StagedUpdate(update_id, version, num_tensors)
+            self._replace(StagedUpdate(update_id, version, num_tensors,
+                                       Path(tempfile.mkdtemp(prefix=f"opsd-update-{update_id}-", dir=staging_root(self.update_bytes())))))
             return update_id
+
+    def update_bytes(self) -> int:
+        """Bytes of a complete update in the served dtype."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(math.prod(shape) for shape, _ in self.specs.values()) * itemsize
+
+    def _replace(self, update: Optional[StagedUpdate]) -> None:
+        if self._update is not None:
+            self._update.discard()
+        self._update = update
 
     def require(self, update_id: str) -> None:
         """Raise (409) unless ``update_id`` is the update in progress; cheap check before parsing a body."""
@@ -74,20 +126,21 @@ class WeightStager:
 
     def add_bucket(self, update_id: str, index: int, tensors: dict[str, torch.Tensor]) -> int:
         """Validate and stage one bucket. Any bad tensor rejects the whole update (it can no longer commit)."""
+        from safetensors.torch import save_file
+
         with self._lock:
             update = self._get(update_id)
             try:
                 self._validate(update, index, tensors)
             except WeightUpdateError:
-                self._update = None
+                self._replace(None)
                 raise
-            old = update.buckets.pop(index, {})
-            for name in old:
-                update.owner.pop(name, None)
-            update.nbytes -= sum(t.numel() * t.element_size() for t in old.values())
-            update.buckets[index] = {k: v.to(self.dtype) for k, v in tensors.items()}
+            for name in [k for k, i in update.owner.items() if i == index]:  # a re-sent bucket replaces its tensors
+                del update.owner[name]
+            staged = {k: v.to(self.dtype).contiguous() for k, v in tensors.items()}
+            save_file(staged, str(update.bucket_path(index)))
+            update.bucket_bytes[index] = sum(t.numel() * t.element_size() for t in staged.values())
             update.owner.update({name: index for name in tensors})
-            update.nbytes += sum(t.numel() * t.element_size() for t in update.buckets[index].values())
             return len(update.owner)
 
     def _validate(self, update: StagedUpdate, index: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -129,7 +182,7 @@ class WeightStager:
                                     f"update, e.g. {missing[:3]}; an update must replace every tensor")
 
     def take_for_commit(self, update_id: str) -> StagedUpdate:
-        """Remove the update if complete; the caller applies it. Incomplete updates stay staged."""
+        """Remove the update if complete; the caller applies it, then ``discard``s it. Incomplete updates stay."""
         with self._lock:
             update = self._get(update_id)
             missing = [k for k in self.specs if k not in update.owner]
@@ -146,7 +199,7 @@ class WeightStager:
         with self._lock:
             if self._update is None or (update_id is not None and self._update.update_id != update_id):
                 return False
-            self._update = None
+            self._replace(None)
             return True
 
     @property

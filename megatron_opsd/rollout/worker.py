@@ -1,0 +1,24 @@
+"""Methods vLLM adds to each of its workers (``--worker-extension-cls``); the sidecar calls them by name through
+``EngineClient.collective_rpc``, so they run on every TP worker, in whatever process vLLM put it."""
+from __future__ import annotations
+
+
+class SidecarWorkerExtension:
+    def opsd_load_weights(self, paths: list[str]) -> None:
+        """Reload weights in place from staged safetensors files (HF names, full tensors: each TP worker keeps
+        its own shard through the model's ``load_weights``)."""
+        from safetensors import safe_open
+
+        def tensors():
+            for path in paths:
+                with safe_open(path, framework="pt") as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+
+        self.reload_weights(weights_iterator=tensors())
+
+    def opsd_abort_weight_update(self) -> bool:
+        """End a failed collective update session; whether this worker had loaded some bucket already."""
+        from megatron_opsd.rollout.collective import abort_weight_update
+
+        return abort_weight_update(self)
