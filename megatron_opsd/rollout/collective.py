@@ -20,10 +20,12 @@ Fault semantics (why this is not vLLM's nccl engine):
   ready to receive (a key in the group's store) before the trainer sends the first bucket.
 - Bucket metadata and an end / abort marker travel through the store; every wait (store, broadcast, HTTP)
   has a deadline sized from the update's bytes (``sync_timeout_s``).
-- All or nothing: each worker keeps a host copy of *its own shard* of the weights it is about to overwrite
-  (one model copy per sidecar in total, not per worker) and restores it on any failure; the update counts
-  only after the trainer's commit marker, so an aborted or half-sent update leaves every worker's weights
-  and the served version unchanged.
+- All or nothing, as far as it goes without a second copy of the weights: a refused update, or one aborted
+  before its first bucket, changes nothing on any worker (vLLM's layerwise reload puts every layer's previous
+  tensors back); the version moves only after every worker loaded every tensor and the trainer's commit marker
+  arrived. A transfer broken after some buckets were loaded cannot be undone: the sidecar then keeps its
+  version, reports ``partial_weights`` and refuses ``/generate`` (503) until a complete update arrives
+  (docs/sidecar.md).
 """
 from __future__ import annotations
 
