@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--quick: all); the first one is the before/after verdict")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes per training stage = tensor-parallel size (default 1)")
+    parser.add_argument("--ablation", choices=("compression",), default=None,
+                        help="run an ablation instead of the demo: 'compression' = SFT -> RLVR -> OPSD with the "
+                             "reference teacher per rollout filter and seed (issue 19, megatron_opsd/demo/ablation.py)")
     parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
                                                            "(default: the ones shipped in megatron_opsd/demo/configs)")
 
@@ -243,7 +246,12 @@ def main(args: argparse.Namespace) -> int:
     from megatron_opsd.pipeline import PipelineError
 
     try:
-        recipe, run_dir, config_dir = resolve(args)
+        if args.ablation is not None:
+            from megatron_opsd.demo.ablation import resolve_ablation
+
+            recipe, run_dir, config_dir = resolve_ablation(args)
+        else:
+            recipe, run_dir, config_dir = resolve(args)
     except DemoArgumentError as err:
         print(f"megatron-opsd demo: error: {err}", file=sys.stderr)
         return 2
@@ -253,7 +261,12 @@ def main(args: argparse.Namespace) -> int:
     if quiet:  # the stage processes inherit it: no screens of megatron/torch warnings between progress bars
         os.environ["PYTHONWARNINGS"] = "ignore"
     try:
-        run_demo(recipe, run_dir, config_dir, args.seed, args.quick)
+        if args.ablation is not None:
+            from megatron_opsd.demo.ablation import run_ablation
+
+            run_ablation(recipe, run_dir, config_dir, quick=args.quick)
+        else:
+            run_demo(recipe, run_dir, config_dir, args.seed, args.quick)
     except (ConfigError, PipelineError) as err:
         print(f"megatron-opsd demo: error: {err}", file=sys.stderr)
         return 1
