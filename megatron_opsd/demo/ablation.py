@@ -20,7 +20,6 @@ The protocol (seeds, splits, steps, the verdict's thresholds) is fixed in :data:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -410,18 +409,13 @@ def run_ablation(recipe: AblationRecipe, run_dir: Path, config_dir: Path, quick:
                  fresh: bool = True) -> dict:
     """The whole ablation; ``fresh=False`` keeps finished stages of an earlier run of the same name (the
     pipeline skips them), e.g. to finish an interrupted run."""
-    from megatron_opsd.demo.cli import _Clock
+    from megatron_opsd.demo.cli import _Clock, clear_run_dir
     from megatron_opsd.pipeline import run_pipeline
 
     pipeline_cfg = ablation_pipeline(recipe, run_dir, config_dir)
     check_stage_configs(pipeline_cfg)
     if fresh:
-        for entry in _OWNED:
-            path = run_dir / entry
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        clear_run_dir(run_dir, _OWNED)
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
     if not (run_dir / "init" / "config.json").is_file():

@@ -29,7 +29,8 @@ from megatron_opsd.config import DataConfig, TeacherConfig
 from megatron_opsd.data import contexts
 from megatron_opsd.data.datasets import PromptExample
 from megatron_opsd.demo.task import (_CONFIRMS, _FINAL_OPENERS, _VERIFY_OPENERS, _apply, _expr, _step, _wrong_value,
-                                     concise_trace, parse_problem, student_messages)
+                                     concise_trace, parse_problem, student_messages,
+                                     validate_trace_config)
 
 
 @dataclass
@@ -44,12 +45,8 @@ class CarryTraceConfig:
     reference_fraction: float = 0.5  # share of SFT records that are (reference prompt, concise trace)
 
     def __post_init__(self):
-        for name in ("slip_prob", "check_prob", "repeat_prob", "final_check_prob", "reference_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"CarryTraceConfig.{name} must be a probability in [0, 1], got {value}")
-        if self.max_loops < 1:
-            raise ValueError(f"CarryTraceConfig.max_loops must be >= 1, got {self.max_loops}")
+        validate_trace_config(self, ("slip_prob", "check_prob", "repeat_prob", "final_check_prob",
+                                     "reference_fraction"))
 
 
 def long_trace(example: dict, rng: random.Random, cfg: CarryTraceConfig = CarryTraceConfig()) -> str:

@@ -143,6 +143,17 @@ def stage_config_objects(pipeline_cfg):
     return out
 
 
+def clear_run_dir(run_dir: Path, owned: tuple) -> None:
+    """A fresh run: remove what an earlier run with this name wrote (the ``owned`` entries), keep the rest."""
+    for entry in owned:
+        path = run_dir / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) -> dict:
     from dataclasses import replace
 
@@ -151,13 +162,7 @@ def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) ->
 
     pipeline_cfg = demo_pipeline(recipe, run_dir, config_dir, seed)
     configs = stage_config_objects(pipeline_cfg)
-    for entry in _OWNED:  # a fresh run: nothing of an earlier run with this name is reused
-        path = run_dir / entry
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    clear_run_dir(run_dir, _OWNED)
     clock = _Clock()
     print(f"[demo] {'quick' if quick else 'full'} run, seed {seed}, under {run_dir}", flush=True)
     inputs = clock.run("prepare", prepare, run_dir, recipe, seed)
