@@ -115,6 +115,17 @@ def test_summary_table_pools_seeds():
     assert "OPSD correct-only" in table and "(seeds 50.0-60.0)" in table and len(table.splitlines()) == 6
 
 
+def test_arrays_read_the_evaluation_runners_records():
+    """(problems x samples) arrays from what ``evaluation.runner.evaluate`` returns per benchmark."""
+    from megatron_opsd.evaluation.runner import summarize
+
+    prompts = [{"id": f"p{i}", "gold": "1", "samples": [{"correct": (i + j) % 2 == 0, "tokens": 10 * i + j,
+                                                         "truncated": False} for j in range(3)]} for i in range(4)]
+    correct, tokens = ablation._arrays(summarize(prompts, 3))
+    assert correct.shape == tokens.shape == (4, 3)
+    assert correct[1].tolist() == [0.0, 1.0, 0.0] and tokens[2].tolist() == [20.0, 21.0, 22.0]
+
+
 def test_ablation_arguments():
     recipe, run_dir, config_dir = ablation.resolve_ablation(parse("--ablation", "compression", "--quick"))
     assert recipe == ablation.QUICK and run_dir.name == "demo-compression-quick"

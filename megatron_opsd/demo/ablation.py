@@ -242,7 +242,7 @@ def check_stage_configs(pipeline_cfg) -> dict:
 
 def _arrays(bench: dict) -> tuple[np.ndarray, np.ndarray]:
     """(correct, tokens) as (problems x samples) arrays from one benchmark's per-prompt records."""
-    recs = bench["records"]
+    recs = bench["prompts"]
     correct = np.array([[float(s["correct"]) for s in r["samples"]] for r in recs])
     tokens = np.array([[float(s["tokens"]) for s in r["samples"]] for r in recs])
     return correct, tokens
