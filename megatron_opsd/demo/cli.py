@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--quick: all); the first one is the before/after verdict")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes per training stage = tensor-parallel size (default 1)")
+    parser.add_argument("--ablation", choices=("compression",), default=None,
+                        help="run an ablation instead of the demo: 'compression' = SFT -> RLVR -> OPSD with the "
+                             "reference teacher per rollout filter and seed (issue 19, megatron_opsd/demo/ablation.py)")
     parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
                                                            "(default: the ones shipped in megatron_opsd/demo/configs)")
 
@@ -146,6 +149,17 @@ def stage_config_objects(pipeline_cfg):
     return out
 
 
+def clear_run_dir(run_dir: Path, owned: tuple) -> None:
+    """A fresh run: remove what an earlier run with this name wrote (the ``owned`` entries), keep the rest."""
+    for entry in owned:
+        path = run_dir / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) -> dict:
     from dataclasses import replace
 
@@ -154,13 +168,7 @@ def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) ->
 
     pipeline_cfg = demo_pipeline(recipe, run_dir, config_dir, seed)
     configs = stage_config_objects(pipeline_cfg)
-    for entry in _OWNED:  # a fresh run: nothing of an earlier run with this name is reused
-        path = run_dir / entry
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    clear_run_dir(run_dir, _OWNED)
     clock = _Clock()
     print(f"[demo] {'quick' if quick else 'full'} run, seed {seed}, under {run_dir}", flush=True)
     inputs = clock.run("prepare", prepare, run_dir, recipe, seed)
@@ -249,7 +257,12 @@ def main(args: argparse.Namespace) -> int:
     from megatron_opsd.pipeline import PipelineError
 
     try:
-        recipe, run_dir, config_dir = resolve(args)
+        if args.ablation is not None:
+            from megatron_opsd.demo.ablation import resolve_ablation
+
+            recipe, run_dir, config_dir = resolve_ablation(args)
+        else:
+            recipe, run_dir, config_dir = resolve(args)
     except DemoArgumentError as err:
         print(f"megatron-opsd demo: error: {err}", file=sys.stderr)
         return 2
@@ -259,7 +272,12 @@ def main(args: argparse.Namespace) -> int:
     if quiet:  # the stage processes inherit it: no screens of megatron/torch warnings between progress bars
         os.environ["PYTHONWARNINGS"] = "ignore"
     try:
-        run_demo(recipe, run_dir, config_dir, args.seed, args.quick)
+        if args.ablation is not None:
+            from megatron_opsd.demo.ablation import run_ablation
+
+            run_ablation(recipe, run_dir, config_dir, quick=args.quick)
+        else:
+            run_demo(recipe, run_dir, config_dir, args.seed, args.quick)
     except (ConfigError, PipelineError) as err:
         print(f"megatron-opsd demo: error: {err}", file=sys.stderr)
         return 1

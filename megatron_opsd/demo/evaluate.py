@@ -79,10 +79,16 @@ class DemoEvaluator:
     def evaluate_settings(self, model_dir: Path, path: Path, settings, save_to: Optional[Path] = None) -> dict:
         """``model_dir`` on the JSONL ``path`` with the evaluation runner's ``EvalSettings``; summary dict."""
         from megatron_opsd.evaluation.report import benchmark_summary, save_results
-        from megatron_opsd.evaluation.runner import evaluate
 
-        self._load(Path(model_dir))
-        results = evaluate(self.client, self.tokenizer, [str(path)], settings, model=str(model_dir))
+        results = self.results(model_dir, [str(path)], settings)
         if save_to is not None:
             save_results(results, save_to)
         return benchmark_summary(next(iter(results["benchmarks"].values())))
+
+    def results(self, model_dir: Path, benchmarks, settings) -> dict:
+        """The evaluation runner's full results (per-problem records) of ``model_dir`` on ``benchmarks`` (JSONL
+        paths, or ``{name: [PromptExample]}``) with ``settings`` (an ``EvalSettings``)."""
+        from megatron_opsd.evaluation.runner import evaluate
+
+        self._load(Path(model_dir))
+        return evaluate(self.client, self.tokenizer, benchmarks, settings, model=str(model_dir))

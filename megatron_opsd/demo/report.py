@@ -82,9 +82,11 @@ def _moving_mean(values: list, window: int = 5) -> list:
     return out
 
 
-def plot_curves(runs: dict[str, dict], out_path: Path, title: str) -> Optional[Path]:
-    """2 x 2 panels over OPSDC steps, one line per filter: held-out length, held-out accuracy, reverse KL,
-    student entropy (rollout length/accuracy dotted). Returns None (with a note) without matplotlib."""
+def plot_curves(runs: dict[str, dict], out_path: Path, title: str, teacher: str = "concise teacher",
+                xlabel: str = "OPSDC step") -> Optional[Path]:
+    """2 x 2 panels over OPSDC steps, one line per run (named by its filter, optionally ``filter/...``):
+    held-out length, held-out accuracy, reverse KL, student entropy (rollout length/accuracy dotted). Returns
+    None (with a note) without matplotlib."""
     try:
         import matplotlib
 
@@ -99,13 +101,13 @@ def plot_curves(runs: dict[str, dict], out_path: Path, title: str) -> Optional[P
          "held-out (solid, sampled) and rollouts (dotted, 5-step mean)"),
         (axes[0, 1], "heldout_accuracy", "rollout_accuracy", "accuracy",
          "held-out (solid, sampled) and rollouts (dotted, 5-step mean)"),
-        (axes[1, 0], "kl", None, "reverse KL(student || concise teacher) per token", "trained rollouts"),
+        (axes[1, 0], "kl", None, f"reverse KL(student || {teacher}) per token", "trained rollouts"),
         (axes[1, 1], "entropy_student", None, "student entropy per token (nats)", "trained rollouts"),
     ]
     colors = {"all": "tab:blue", "correct": "tab:green", "incorrect": "tab:red"}
     for ax, key, dotted, ylabel, subtitle in panels:
         for name, curves in runs.items():
-            color = colors.get(name, None)
+            color = colors.get(name.split("/")[0], None)
             c = curves[key]
             if c["steps"]:
                 ax.plot(c["steps"], c["values"], marker="o" if key.startswith("heldout") else None, ms=4,
@@ -113,7 +115,7 @@ def plot_curves(runs: dict[str, dict], out_path: Path, title: str) -> Optional[P
             if dotted is not None and curves[dotted]["steps"]:
                 ax.plot(curves[dotted]["steps"], _moving_mean(curves[dotted]["values"]), ls=":", alpha=0.7,
                         color=color)
-        ax.set_xlabel("OPSDC step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(subtitle, fontsize=9)
         ax.grid(alpha=0.3)

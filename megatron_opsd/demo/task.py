@@ -78,12 +78,18 @@ class TraceConfig:
     concise_fraction: float = 0.5  # share of SFT records that are (concise prompt, concise trace)
 
     def __post_init__(self):
-        for name in ("check_prob", "repeat_prob", "final_check_prob", "error_prob", "concise_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"TraceConfig.{name} must be a probability in [0, 1], got {value}")
-        if self.max_loops < 1:
-            raise ValueError(f"TraceConfig.max_loops must be >= 1, got {self.max_loops}")
+        validate_trace_config(self, ("check_prob", "repeat_prob", "final_check_prob", "error_prob",
+                                     "concise_fraction"))
+
+
+def validate_trace_config(cfg, probabilities: tuple[str, ...]) -> None:
+    """The named fields of a trace config are probabilities and ``max_loops`` >= 1 (errors name the field)."""
+    for name in probabilities:
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1], got {value}")
+    if cfg.max_loops < 1:
+        raise ValueError(f"{type(cfg).__name__}.max_loops must be >= 1, got {cfg.max_loops}")
 
 
 # ----------------------------------------------------------------------------------------------- problems
