@@ -74,7 +74,8 @@ def test_wheel_in_fresh_venv_runs_from_an_empty_directory(tmp_path):
     package, data_dir, config_dir = json.loads(run(python, "-c", probe).stdout)
     for path in (package, data_dir, config_dir):
         assert Path(path).is_relative_to(venv), path
-    assert sorted(p.name for p in Path(config_dir).glob("*.yaml")) == ["grpo.yaml", "opsdc.yaml", "sft.yaml"]
+    assert sorted(p.name for p in Path(config_dir).glob("*.yaml")) == ["grpo.yaml", "opsd_reference.yaml", "opsdc.yaml",
+                                                                       "sft.yaml"]
     assert (Path(data_dir) / "README.md").is_file()
     assert [sum(1 for _ in (Path(data_dir) / b / "test.jsonl").open()) for b in ("math500", "aime24", "amc23")] == \
         [500, 30, 40]
