@@ -20,7 +20,7 @@ The protocol (seeds, splits, steps, the verdict's thresholds) is fixed in :data:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
