@@ -1,6 +1,10 @@
 # The two commands a newcomer needs: `make demo` (tiny OPSD run on CPU) and `make test`.
 VENV ?= .venv
 PYTEST_ARGS ?=
+# Two pytest workers, whole files each (module fixtures such as a shared sidecar stay in one process): the suite
+# is mostly process start-ups and waits, so two workers fill the CI machine's two cores (tests/conftest.py starts
+# the longest files first).
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: setup demo test test-fast
 setup:
@@ -13,9 +17,9 @@ demo: setup
 # lies beside it must not matter: scripts/test_from_copy.sh).
 test: setup
 	bash scripts/setup_test_slurm.sh
-	bash scripts/test_from_copy.sh $(VENV)/bin/python $(PYTEST_ARGS)
+	bash scripts/test_from_copy.sh $(VENV)/bin/python $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # Skips the tests marked slow (they still run in CI through `make test`), and the vllm ones when `import vllm`
 # fails (saying so at the end); `make test` fails instead (tests/conftest.py).
 test-fast: setup
-	OPSD_ALLOW_MISSING_VLLM=1 HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	OPSD_ALLOW_MISSING_VLLM=1 HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)

@@ -34,7 +34,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "httpx", "matplotlib", "tensorboard", "pyarrow", "peft"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "httpx", "matplotlib", "tensorboard", "pyarrow", "peft"],
         # megatron-core 0.16.1's supported range; apex is never an extra (PyPI's `apex` is an unrelated project).
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "vllm": ["vllm==0.32.0", "fastapi", "uvicorn", "httpx"],

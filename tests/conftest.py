@@ -24,6 +24,18 @@ def tiny_checkpoints(tmp_path_factory):
     return {name: str(make_tiny_hf_checkpoint(root / name, **kw)) for name, kw in TINY_VARIANTS.items()}
 
 
+# The longest files start first, so that with two workers (`make test`: -n 2 --dist loadfile) none of them is
+# left running alone at the end; the order of tests inside a file is kept. Measured: each takes minutes.
+LONGEST_FIRST = ("test_demo_e2e", "test_demo_ablation", "test_rollout_sidecar", "test_rollout_collective",
+                 "test_lifecycle", "test_packaging", "test_pipeline", "test_trainer_variants", "test_launch_scripts",
+                 "test_lora_sidecar", "test_eval_e2e", "test_grpo_e2e", "test_lora")
+
+
+def longest_first(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
 # One vLLM policy: a missing or broken engine is a broken set-up, not a skip. `make test` (and a plain
 # `pytest`) refuses to run when tests marked `vllm` are selected and `import vllm` fails; `make test-fast` sets
 # OPSD_ALLOW_MISSING_VLLM=1, which skips them instead and says so at the end of the run.
@@ -42,6 +54,7 @@ def vllm_import_error():
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: only the tests that will run count
 def pytest_collection_modifyitems(config, items):
+    longest_first(items)
     needs_vllm = [item for item in items if item.get_closest_marker("vllm")]
     if not needs_vllm or (err := vllm_import_error()) is None:
         return
