@@ -123,7 +123,7 @@ def bench_updates(client, model_dir: Path, repeats: int, tp: int = 1) -> list[di
     state = load_file(str(model_dir / "model.safetensors"))
     rows = []
     version = client.health()["weight_version"]
-    for transport in ("http", "shm", "collective") if tp == 1 else ("collective",):
+    for transport in ("http", "shm", "collective"):  # every transport reaches every TP worker
         client.transport = transport
         runs = []
         for _ in range(repeats):
