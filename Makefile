@@ -3,8 +3,8 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 # Two pytest workers, whole files each (module fixtures such as a shared sidecar stay in one process): the suite
 # is mostly process start-ups and waits, so two workers fill the CI machine's two cores (tests/conftest.py starts
-# the longest files first).
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# the longest files first; --no-loadscope-reorder keeps that order instead of most-tests-first).
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup demo test test-fast
 setup:
