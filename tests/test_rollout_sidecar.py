@@ -131,6 +131,16 @@ def test_sampled_logprobs_match_hf(client, hf_model, model_dir):
     assert [[s.token_ids for s in x] for x in again] == [[s.token_ids for s in x] for x in out]  # seeded
 
 
+def test_seeded_batch_above_one_steps_token_budget(client):
+    """64 seeded prompts of 100 tokens (6,400 > the server's 2,048 tokens per engine step) with n=4: a chunked
+    prefill would rewind a CPU generator and kill the engine (engine.py: --no-enable-chunked-prefill on CPU);
+    the engine must answer every sample and stay up."""
+    prompts = [[5 + i % 50] * 100 for i in range(64)]
+    out = client.generate(prompts, n=4, temperature=1.0, max_tokens=4, seed=3, ignore_eos=True)
+    assert [[len(s.token_ids) for s in samples] for samples in out] == [[4] * 4] * 64
+    assert client.health()["status"] == "ok"
+
+
 @pytest.mark.parametrize("body, field", [
     ({"prompts": []}, "prompts: empty list"),
     ({"prompts": [[1, 2], []]}, "prompts[1]: empty prompt"),

@@ -82,6 +82,11 @@ class EngineConfig:
         else:
             args += ["--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES)]
             args += [] if self.enforce_eager is False else ["--enforce-eager"]
+            # A chunked prefill discards the token sampled for the unfinished prompt and rewinds that request's
+            # seeded generator, which a CPU generator cannot do ("CPU Generator does not use offset": the engine
+            # dies). vLLM's server budgets 2048 tokens per step, so any batch of seeded prompts above it would hit
+            # this; unchunked, a prompt waits for the next step instead. (CUDA generators rewind: GPUs keep it.)
+            args += ["--no-enable-chunked-prefill"]
         if self.max_lora_rank:  # adapter-only sync (rollout/lora.py): one adapter served at a time
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
         return args + list(self.extra)
