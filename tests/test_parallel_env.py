@@ -39,3 +39,24 @@ def test_sequence_parallel_runs_on_cpu_and_pads_to_tp():
     assert ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True).sequence_multiple(6) == 12
     assert ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).sequence_multiple(8) == 8
     assert ParallelConfig(tensor_model_parallel_size=4).sequence_multiple(6) == 6
+
+
+def test_launch_retries_when_the_rendezvous_port_was_taken(monkeypatch):
+    """The port is picked free, then bound by rank 0 later; if another process took it in between (two launches
+    at once), nothing has run yet and the launch is retried on a new port instead of failing."""
+    import os
+    import socket
+
+    from megatron_opsd.parallel import launch
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = [taken.getsockname()[1]]
+    real = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: picks.pop() if picks else real())
+    try:
+        pids = launch.run_distributed(os.getpid, 1)
+    finally:
+        taken.close()
+    assert not picks and len(pids) == 1 and pids[0] != os.getpid()

@@ -48,14 +48,21 @@ def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Call
 
     path = Path(out_dir) / f"rank{rank}.pkl"
     try:
-        init_distributed(cfg)
+        try:
+            init_distributed(cfg)
+        except Exception as err:  # noqa: BLE001 - the port was free when picked; another process took it since
+            if "EADDRINUSE" not in str(err):
+                raise
+            path.write_bytes(pickle.dumps(("port_taken", str(err).splitlines()[-1])))
+            raise
         result = fn(*args)
         path.write_bytes(pickle.dumps(("ok", result)))
     except UsageError as err:  # the parent re-raises it as is (no per-rank traceback)
         path.write_bytes(pickle.dumps(("usage", err)))
         raise
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        path.write_bytes(pickle.dumps(("error", traceback.format_exc())))
+        if not path.exists():  # (a taken port is reported as such)
+            path.write_bytes(pickle.dumps(("error", traceback.format_exc())))
         raise
     finally:
         destroy_distributed()
@@ -78,11 +85,27 @@ def _stop_ranks(processes: list, grace_s: float = STOP_GRACE_S) -> None:
             proc.join()
 
 
+class _PortTaken(Exception):
+    pass
+
+
 def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig] = None, *args: Any,
-                    env: Optional[dict] = None) -> list:
-    """Run ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's return value."""
+                    env: Optional[dict] = None, attempts: int = 3) -> list:
+    """Run ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's return value.
+
+    The rendezvous port is picked free, but another process may bind it before rank 0 does (two launches at
+    once, e.g. parallel test workers): then nothing has run yet, and the launch is retried on a new port."""
     cfg = cfg or ParallelConfig()
     cfg.validate_world(world_size)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _launch(fn, world_size, cfg, args, env)
+        except _PortTaken as err:
+            if attempt == attempts:
+                raise DistributedError(f"the rendezvous port was taken {attempts} times: {err}") from None
+
+
+def _launch(fn: Callable, world_size: int, cfg: ParallelConfig, args: tuple, env: Optional[dict]) -> list:
     with tempfile.TemporaryDirectory(prefix="opsd-dist-") as out_dir:
         ctx = mp.start_processes(
             _worker,
@@ -105,6 +128,8 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
                     status, value = pickle.loads(path.read_bytes())
                     if status == "usage":
                         raise value from None
+                    if status == "port_taken":
+                        raise _PortTaken(value)
                     if status == "error":
                         reports.append(f"--- rank {rank} ---\n{value}")
             raise DistributedError("\n".join(reports) or str(err)) from None
