@@ -133,7 +133,7 @@ def test_ablation_arguments():
     assert cli.main(parse("--ablation", "compression", "--seed", "3")) == 2
     assert cli.main(parse("--ablation", "compression", "--filters", "correct,bogus")) == 2
     stages = ablation.ablation_pipeline(ablation.FULL, run_dir, config_dir).stages
-    cfgs = ablation.check_stage_configs(ablation.ablation_pipeline(ablation.FULL, run_dir, config_dir))
+    cfgs = cli.stage_config_objects(ablation.ablation_pipeline(ablation.FULL, run_dir, config_dir))
     assert [s.name for s in stages[:3]] == ["sft", "rlvr", "opsd-correct-s0"] and len(stages) == 2 + 3 * 3
     assert all(s.init_from == "rlvr" for s in stages[2:])
     assert {cfgs[s.name].teacher.context for s in stages[2:]} == {"reference"}

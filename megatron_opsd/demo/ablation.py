@@ -147,34 +147,14 @@ def paper_verdict(change: dict, filt: str) -> Optional[dict]:
 def resolve_ablation(args):
     """(recipe, run_dir, config_dir) of ``megatron-opsd demo --ablation compression [--quick] [--name | --out]
     [--filters] [--nproc] [--config-dir]``; bad values raise the demo's DemoArgumentError naming the flag."""
-    import re
-
-    from megatron_opsd.demo.cli import DemoArgumentError
-    from megatron_opsd.demo.recipe import stage_config_dir
+    from megatron_opsd.demo.cli import DemoArgumentError, resolve_run
 
     recipe = QUICK if args.quick else FULL
     if args.seed != 0:
         raise DemoArgumentError("--seed does not apply to --ablation: its seeds are part of the protocol "
                                 f"(OPSD seeds {list(FULL.seeds)}, SFT and RLVR seed 0); omit --seed")
     name = args.name or ("demo-compression-quick" if args.quick else "demo-compression")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise DemoArgumentError(f"--name {name!r} must be a folder name (letters, digits, '.', '_', '-')")
-    if args.filters is not None:
-        filters = tuple(f.strip() for f in args.filters.split(",") if f.strip())
-        if not filters or any(f not in ABLATION_FILTERS for f in filters) or len(set(filters)) != len(filters):
-            raise DemoArgumentError(f"--filters {args.filters!r}: choose distinct filters from "
-                                    f"{','.join(ABLATION_FILTERS)}")
-        recipe = replace(recipe, filters=filters)
-    if args.nproc is not None:
-        if args.nproc not in (1, 2):
-            raise DemoArgumentError(f"--nproc must be 1 or 2, got {args.nproc}")
-        recipe = replace(recipe, nproc=args.nproc)
-    config_dir = Path(args.config_dir) if args.config_dir else stage_config_dir()
-    for stage in ("sft", "grpo", "opsd_reference"):
-        if not (config_dir / f"{stage}.yaml").is_file():
-            raise DemoArgumentError(f"--config-dir: {config_dir / (stage + '.yaml')} not found; give a folder holding "
-                                    "sft.yaml, grpo.yaml and opsd_reference.yaml, or omit --config-dir")
-    return recipe, Path(args.out) if args.out else Path("runs") / name, config_dir
+    return resolve_run(args, recipe, name, ABLATION_FILTERS, ("sft", "grpo", "opsd_reference"))
 
 
 def prepare_inputs(run_dir: Path, recipe: AblationRecipe, seed: int = 0):
@@ -225,17 +205,6 @@ def ablation_pipeline(recipe: AblationRecipe, run_dir: Path, config_dir: Path):
                          nproc=recipe.nproc, eval=PipelineEvalConfig(path=None, baseline=False),
                          stages=[sft, rlvr, *opsd])
     return validate_pipeline_config(cfg)
-
-
-def check_stage_configs(pipeline_cfg) -> dict:
-    """Load every stage's config as its command will (a bad key fails before anything trains)."""
-    from megatron_opsd.config import load_config
-    from megatron_opsd.training.grpo import load_rl_config
-    from megatron_opsd.training.sft import load_sft_config
-
-    loaders = {"sft": load_sft_config, "rl": load_rl_config, "opsd": load_config}
-    return {s.name: loaders[s.kind](s.config, list(s.overrides) + [f"model.path={pipeline_cfg.model}"])
-            for s in pipeline_cfg.stages}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -415,11 +384,11 @@ def run_ablation(recipe: AblationRecipe, run_dir: Path, config_dir: Path, quick:
                  fresh: bool = True) -> dict:
     """The whole ablation; ``fresh=False`` keeps finished stages of an earlier run of the same name (the
     pipeline skips them), e.g. to finish an interrupted run."""
-    from megatron_opsd.demo.cli import _Clock, clear_run_dir
+    from megatron_opsd.demo.cli import _Clock, clear_run_dir, stage_config_objects
     from megatron_opsd.pipeline import run_pipeline
 
     pipeline_cfg = ablation_pipeline(recipe, run_dir, config_dir)
-    check_stage_configs(pipeline_cfg)
+    stage_config_objects(pipeline_cfg)  # a bad key fails before anything trains
     if fresh:
         clear_run_dir(run_dir, _OWNED)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def resolve(args: argparse.Namespace):
     """(recipe, run_dir, config_dir) from the arguments; bad values raise DemoArgumentError naming the flag."""
     from dataclasses import replace
 
-    from megatron_opsd.demo.recipe import FILTERS, FULL, LORA_FILTERS, LORA_OVERRIDES, QUICK, stage_config_dir
+    from megatron_opsd.demo.recipe import FILTERS, FULL, LORA_FILTERS, LORA_OVERRIDES, QUICK
 
     recipe = QUICK if args.quick else FULL
     if args.lora:
@@ -64,16 +64,25 @@ def resolve(args: argparse.Namespace):
     if args.seed < 0:
         raise DemoArgumentError(f"--seed must be >= 0, got {args.seed}")
     name = args.name or ("demo" + ("-lora" if args.lora else "") + ("-quick" if args.quick else ""))
+    return resolve_run(args, recipe, name, FILTERS, ("sft", "opsdc"))
+
+
+def resolve_run(args: argparse.Namespace, recipe, name: str, filters: tuple, stages: tuple):
+    """The flags every demo mode shares (``--name``/``--out``, ``--filters`` from ``filters``, ``--nproc``,
+    ``--config-dir`` holding ``<stage>.yaml`` for ``stages``) applied to ``recipe``: (recipe, run_dir, config_dir)."""
+    from dataclasses import replace
+
+    from megatron_opsd.demo.recipe import stage_config_dir
+
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DemoArgumentError(f"--name {name!r} must be a folder name (letters, digits, '.', '_', '-')")
     if args.filters is not None:
-        filters = tuple(f.strip() for f in args.filters.split(",") if f.strip())
-        bad = [f for f in filters if f not in FILTERS]
-        if not filters or bad:
-            raise DemoArgumentError(f"--filters {args.filters!r}: choose a comma-separated subset of {','.join(FILTERS)}")
-        if len(set(filters)) != len(filters):
+        chosen = tuple(f.strip() for f in args.filters.split(",") if f.strip())
+        if not chosen or any(f not in filters for f in chosen):
+            raise DemoArgumentError(f"--filters {args.filters!r}: choose a comma-separated subset of {','.join(filters)}")
+        if len(set(chosen)) != len(chosen):
             raise DemoArgumentError(f"--filters {args.filters!r} names a filter twice")
-        recipe = replace(recipe, filters=filters)
+        recipe = replace(recipe, filters=chosen)
     if args.nproc is not None:
         if args.nproc not in (1, 2):
             raise DemoArgumentError(f"--nproc must be 1 or 2 (the tiny model has 4 attention heads, 2 KV heads), "
@@ -81,10 +90,11 @@ def resolve(args: argparse.Namespace):
         recipe = replace(recipe, nproc=args.nproc)
     run_dir = Path(args.out) if args.out else Path("runs") / name
     config_dir = Path(args.config_dir) if args.config_dir else stage_config_dir()
-    for stage in ("sft", "opsdc"):
+    for stage in stages:
         if not (config_dir / f"{stage}.yaml").is_file():
             raise DemoArgumentError(f"--config-dir: {config_dir / (stage + '.yaml')} not found; give a folder holding "
-                                    "sft.yaml and opsdc.yaml, or omit --config-dir for the packaged ones")
+                                    f"{', '.join(st + '.yaml' for st in stages)}, or omit --config-dir for the "
+                                    "packaged ones")
     return recipe, run_dir, config_dir
 
 
@@ -139,14 +149,12 @@ def demo_pipeline(recipe, run_dir: Path, config_dir: Path, seed: int):
 def stage_config_objects(pipeline_cfg):
     """Each stage's config loaded as its command will load it (a bad key fails before anything runs)."""
     from megatron_opsd.config import load_config
+    from megatron_opsd.training.grpo import load_rl_config
     from megatron_opsd.training.sft import load_sft_config
 
-    out = {}
-    for stage in pipeline_cfg.stages:
-        overrides = list(stage.overrides) + [f"model.path={pipeline_cfg.model}"]
-        out[stage.name] = (load_sft_config(stage.config, overrides) if stage.kind == "sft"
-                           else load_config(stage.config, overrides))
-    return out
+    loaders = {"sft": load_sft_config, "rl": load_rl_config, "opsd": load_config}
+    return {stage.name: loaders[stage.kind](stage.config, list(stage.overrides) + [f"model.path={pipeline_cfg.model}"])
+            for stage in pipeline_cfg.stages}
 
 
 def clear_run_dir(run_dir: Path, owned: tuple) -> None:
