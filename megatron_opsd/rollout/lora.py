@@ -77,8 +77,9 @@ async def load_adapter(state, tensors: dict, config: dict, version: int) -> None
     from safetensors.torch import save_file
     from vllm.lora.request import LoRARequest
 
-    root = Path(getattr(state, "adapter_root", None) or tempfile.mkdtemp(prefix="opsd-adapters-"))
-    state.adapter_root = root
+    if state.adapter_root is None:
+        state.adapter_root = Path(tempfile.mkdtemp(prefix="opsd-adapters-"))
+    root = state.adapter_root
     path = root / f"v{version}"
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))

@@ -117,6 +117,7 @@ class SidecarState:
         self.gate = GenerationGate()
         self.version = 0  # the weights loaded from --model
         self.lora_request = None  # the adapter served with the base weights (rollout/lora.py)
+        self.adapter_root: Optional[Path] = None  # where pushed adapters are written for vLLM to load
         self.sleeping = False
         self.partial_weights = False  # a collective update failed after loading some tensors
         self.collective_round: Optional[tuple[str, int]] = None  # (round_id, version) accepted, not yet received
