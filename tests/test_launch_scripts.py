@@ -135,7 +135,7 @@ def _smoke_lines(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def single_process_smoke():
-    proc = subprocess.run([sys.executable, "-m", "megatron_opsd.parallel.smoke"], env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "megatron_opsd.models.smoke"], env=_env(), capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _smoke_lines(proc.stdout)[0]
@@ -146,7 +146,7 @@ def test_torchrun_two_nodes_on_localhost(tmp_path, single_process_smoke):
     port = 29400 + os.getpid() % 500
     env = _env(NNODES=2, NPROC_PER_NODE=1, RDZV_HOST="127.0.0.1", RDZV_PORT=port, RDZV_ID=f"t{port}",
                LOG_DIR=tmp_path / "logs")
-    procs = [subprocess.Popen(["bash", str(TORCHRUN), "python", "-m", "megatron_opsd.parallel.smoke", "--tp", "2"],
+    procs = [subprocess.Popen(["bash", str(TORCHRUN), "python", "-m", "megatron_opsd.models.smoke", "--tp", "2"],
                               env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=ROOT) for rank in (0, 1)]
     outputs = []
@@ -263,7 +263,7 @@ def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
     env.update(CONFIG="unused.yaml", MODEL=str(model), SIDECAR_NODES="0", SIDECAR_TP="1", GPUS_PER_NODE="2",
                SIDECAR_PORT=str(port), RDZV_PORT=str(port + 1), CPUS_PER_GPU="1",
                SIDECAR_ARGS="--dtype float32 --kv-cache-memory-bytes 134217728", HEALTH_TIMEOUT="400",
-               TRAINER_CMD="python -m megatron_opsd.parallel.smoke --tp 2", LOG_DIR=str(tmp_path / "logs"),
+               TRAINER_CMD="python -m megatron_opsd.models.smoke --tp 2", LOG_DIR=str(tmp_path / "logs"),
                VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
     _sbatch_and_wait(env, tmp_path / "job.out")
     out = (tmp_path / "job.out").read_text()

@@ -5,6 +5,7 @@ import datetime
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,6 +58,13 @@ class ParallelConfig:
             raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine attention on GPU; set it to 1")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (rendezvous, sidecars and weight transports pick theirs here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _first_slurm_host(nodelist: str) -> str:
     """First hostname of a SLURM_NODELIST such as ``node[01-04,07],gpu3``."""
     match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
@@ -96,8 +104,6 @@ def rendezvous_env(environ: Optional[dict] = None) -> dict:
     elif "RANK" in env or "SLURM_PROCID" in env:
         out["MASTER_PORT"] = 29500  # torchrun's default
     else:  # a lone process (no launcher): any free port, so two single-process runs never collide
-        from megatron_opsd.parallel.launch import free_port
-
         out["MASTER_PORT"] = free_port()
     return out
 

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import torch.multiprocessing as mp
 
 from megatron_opsd.errors import UsageError
 from megatron_opsd.lifecycle import (STOP_GRACE_S, bind_to_parent, guard_process_group, install_shutdown_handlers,
                                      parent_binding)
-from megatron_opsd.parallel.distributed import ParallelConfig
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# free_port lives in distributed.py (the rendezvous picks one too); still importable from here, its old path
+from megatron_opsd.parallel.distributed import (ParallelConfig, destroy_distributed, free_port,  # noqa: F401
+                                               init_distributed)
 
 
 def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Callable, args: tuple, out_dir: str,
@@ -41,11 +37,7 @@ def _worker(rank: int, world_size: int, port: int, cfg: ParallelConfig, fn: Call
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
     torch.set_num_threads(max(1, int(env.get("OPSD_THREADS_PER_RANK", "1"))))
-    from megatron_opsd.parallel.distributed import destroy_distributed, init_distributed
-
     path = Path(out_dir) / f"rank{rank}.pkl"
     try:
         try:

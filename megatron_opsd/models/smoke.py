@@ -1,4 +1,4 @@
-"""Install and launcher smoke test: ``torchrun ... -m megatron_opsd.parallel.smoke --tp 2``.
+"""Install and launcher smoke test: ``torchrun ... -m megatron_opsd.models.smoke --tp 2``.
 
 Initialises torch.distributed + megatron from the launcher's variables (torchrun or srun), builds a tiny
 random Qwen3 GPTModel at the requested TP and prints a checksum of its gathered logits on rank 0. The weights
@@ -8,19 +8,21 @@ the checksum is the same for every TP size: a multi-node TP=2 run must print wha
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+import urllib.request
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_opsd.models.gpt import build_model
+from megatron_opsd.models.tiny import tiny_hf_config
+from megatron_opsd.parallel.device import to_device
+from megatron_opsd.parallel.distributed import ParallelConfig, destroy_distributed, init_distributed
 
 
 def run(tp: int, seed: int = 0, tokens: int = 16) -> dict:
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_opsd.models.gpt import build_model
-    from megatron_opsd.models.tiny import tiny_hf_config
-    from megatron_opsd.parallel.device import to_device
-    from megatron_opsd.parallel.distributed import ParallelConfig, destroy_distributed, init_distributed
-
     torch.set_num_threads(1)
     info = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, seed=seed))
     try:
@@ -33,7 +35,7 @@ def run(tp: int, seed: int = 0, tokens: int = 16) -> dict:
                 model(batch["tokens"], batch["position_ids"], attention_mask=None))
         logits = logits[..., :512].double()
         result = {"rank": info["RANK"], "world": info["WORLD_SIZE"], "tp": tp, "dp": info["DATA_PARALLEL_SIZE"],
-                  "host": __import__("socket").gethostname(), "sum": logits.sum().item(),
+                  "host": socket.gethostname(), "sum": logits.sum().item(),
                   "abs_sum": logits.abs().sum().item(), "tp_rank": ps.get_tensor_model_parallel_rank()}
         torch.distributed.barrier()
     finally:
@@ -42,7 +44,7 @@ def run(tp: int, seed: int = 0, tokens: int = 16) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_opsd.parallel.smoke", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m megatron_opsd.models.smoke", description=__doc__)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size must be a multiple)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -64,8 +66,6 @@ def main(argv=None) -> int:
 
 
 def _health(url: str) -> str:
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as response:
             return f"HTTP {response.status}"
