@@ -5,7 +5,7 @@ than the tiny models themselves.
 """
 import torch
 
-from megatron_opsd.models.weights import logits_on_last_stage
+from megatron_opsd.models.check import logits_on_last_stage
 
 
 def logits_of_many(hf_dirs: dict, tokens: torch.Tensor):

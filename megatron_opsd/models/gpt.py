@@ -10,6 +10,9 @@ import torch
 from megatron_opsd.models.families import (have_transformer_engine, require_te_for_fp8, rope_parameters,
                                           transformer_config_from_hf)
 from megatron_opsd.models.local_spec import local_block_spec
+from megatron_opsd.models.lora import LoRASettings, add_lora
+from megatron_opsd.models.lora_peft import init_lora_
+from megatron_opsd.models.weights import unwrap  # noqa: F401 - defined with the weight recipes; its old import path
 
 
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
@@ -115,9 +118,6 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
         model.real_vocab_size = hf_config.vocab_size
         chunks.append(model)
     if use_lora:  # LoRA hook (models/lora.py)
-        from megatron_opsd.models.lora import add_lora
-        from megatron_opsd.models.lora_peft import init_lora_
-
         add_lora(chunks, lora)
         init_lora_(chunks, seed=lora_seed)
     return chunks
@@ -135,8 +135,6 @@ def build_model_from_config(cfg, *, teacher: bool = False) -> list:
     """``build_model`` for a trainer config: its ``model`` section (path, dtype, FP8, recompute, vocabulary
     padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way.
     ``teacher=True``: the teacher replica, which differs only in its FP8 format (``teacher.fp8``)."""
-    from megatron_opsd.models.lora import LoRASettings
-
     m = cfg.model
     fp8 = teacher_fp8(cfg) if teacher else m.fp8
     return build_model(m.path, params_dtype=PARAMS_DTYPES[m.params_dtype], fp8=fp8, fp8_recipe=m.fp8_recipe,
@@ -144,10 +142,3 @@ def build_model_from_config(cfg, *, teacher: bool = False) -> list:
                        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
                        sequence_parallel=cfg.parallel.sequence_parallel, lora=LoRASettings.from_config(m.lora),
                        lora_seed=cfg.train.seed)
-
-
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model

@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_opsd.models.weights import Recipe, unwrap
+
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 _PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp",
            "linear_fc2": "mlp"}
@@ -143,8 +145,6 @@ def add_lora(model_chunks: list, settings: LoRASettings) -> list:
     start at A = B = 0; ``init_lora_`` gives them their starting values."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from megatron_opsd.models.gpt import unwrap
-
     adapters = []
     for chunk in model_chunks:
         model = unwrap(chunk)
@@ -171,8 +171,6 @@ def add_lora(model_chunks: list, settings: LoRASettings) -> list:
 
 
 def adapters_of(model_chunks: list) -> list:
-    from megatron_opsd.models.gpt import unwrap
-
     return [m for chunk in model_chunks for m in unwrap(chunk).modules() if isinstance(m, LoRAAdapter)]
 
 
@@ -207,8 +205,6 @@ def update_teacher_adapters_(model_chunks: list, decay: float) -> None:
 def lora_recipes(chunk) -> list:
     """weights.py recipes of every adapter factor of one chunk, in PEFT's names (without ``base_model.model.``):
     the replicated A of a fused column layer is shared by its HF projections (kind ``shared``)."""
-    from megatron_opsd.models.weights import Recipe
-
     out = []
     for a in adapters_of([chunk]):
         hf_parent, modules, kind = _HF_MODULES[a.target]

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_opsd.models.lora import LoRASettings, lora_recipes, peft_target_modules
+from megatron_opsd.models.weights import _full_tensors, _gather_tp, _local_shard, _replace_dir, hf_tensor_shapes, unwrap
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,9 +45,6 @@ def load_lora_tensors(model_chunks: list, tensors: dict, source: str = "adapter"
     """Copy this rank's shards of full HF-named adapter tensors (PEFT names without ``base_model.model.``)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_opsd.models.gpt import unwrap
-    from megatron_opsd.models.weights import _local_shard
-
     reader = _TensorReader(tensors, source)
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for chunk in model_chunks:
@@ -67,8 +65,6 @@ def init_lora_(model_chunks: list, seed: int = 0, b_std: float = 0.0) -> None:
     """PEFT's initialisation, identical at every TP/PP layout: A ~ kaiming-uniform(a=sqrt(5)) (bound 1/sqrt(in)),
     B = 0, so training starts at the base model. ``b_std > 0`` draws B ~ N(0, b_std) instead (tests: a non-zero
     update makes A's gradient non-zero). Each full tensor comes from its own generator seeded by its name."""
-    from megatron_opsd.models.gpt import unwrap
-
     tensors = {}
     for chunk in model_chunks:
         for recipe in lora_recipes(chunk):
@@ -88,8 +84,6 @@ def init_lora_(model_chunks: list, seed: int = 0, b_std: float = 0.0) -> None:
 
 def _full_shapes(recipe, hf_config) -> dict:
     """Full HF shape of each tensor of a LoRA recipe (only the first name of a ``shared`` one)."""
-    from megatron_opsd.models.weights import hf_tensor_shapes
-
     base = hf_tensor_shapes(hf_config)
     is_a = recipe.hf_names[0].endswith("lora_A.weight")
     rank = recipe.param.shape[0] if is_a else recipe.param.shape[1]
@@ -105,9 +99,6 @@ def gather_lora_tensors(model_chunks: list, *, grads: bool = False, dst_rank: in
     tensors on ``dst_rank``, None elsewhere. Adapters are small (r x hidden per layer), so each stage's TP-rank-0
     sends its whole set as one object."""
     from megatron.core import parallel_state as ps
-
-    from megatron_opsd.models.gpt import unwrap
-    from megatron_opsd.models.weights import _full_tensors, _gather_tp
 
     local = {}
     for chunk in model_chunks:
@@ -142,8 +133,6 @@ def save_peft_adapter(model_chunks: list, out_dir, settings: LoRASettings, base_
                       dst_rank: int = 0) -> None:
     """COLLECTIVE: write ``out_dir`` (adapter_config.json + adapter_model.safetensors) atomically on ``dst_rank``."""
     from safetensors.torch import save_file
-
-    from megatron_opsd.models.weights import _replace_dir
 
     tensors = gather_lora_tensors(model_chunks, dst_rank=dst_rank)
     if tensors is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+from megatron_opsd.models.tokenizer_train import train_bpe_tokenizer
+
 FAMILIES = ("qwen3", "qwen2", "llama")
 
 
@@ -52,8 +54,6 @@ def make_tiny_hf_checkpoint(out_dir: str | Path, family: str = "qwen3", *, seed:
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from megatron_opsd.models.tokenizer_train import train_bpe_tokenizer
 
     out_dir = Path(out_dir)
     tok = train_bpe_tokenizer(tokenizer_texts, out_dir, vocab_size=tokenizer_vocab_size)

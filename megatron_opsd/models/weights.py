@@ -24,6 +24,14 @@ import torch
 
 from megatron_opsd.models.families import FAMILIES, detect_family, head_dim, num_kv_heads
 
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 # megatron suffix inside a layer -> (kind, HF suffixes inside model.layers.{i}.)
 _LAYER_TABLE = {
     "input_layernorm.weight": ("copy", ("input_layernorm.weight",)),
@@ -87,8 +95,6 @@ def hf_tensor_shapes(hf_config) -> dict:
 
 def recipes(chunk) -> list[Recipe]:
     """The recipe of every parameter of one (unwrapped) GPTModel chunk."""
-    from megatron_opsd.models.gpt import unwrap
-
     chunk = unwrap(chunk)
     tied = bool(getattr(chunk.hf_config, "tie_word_embeddings", False))
     out = []
@@ -189,8 +195,6 @@ def load_hf_checkpoint(model_chunks, hf_dir) -> None:
     reader = _SafetensorsReader(hf_dir)
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for chunk in model_chunks:
-        from megatron_opsd.models.gpt import unwrap
-
         hf_config = unwrap(chunk).hf_config
         expected = hf_tensor_shapes(hf_config)
         for recipe in recipes(chunk):
@@ -254,8 +258,6 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
     Tensors are on the model's device (CUDA with NCCL, which cannot receive into CPU memory; CPU on gloo).
     """
     from megatron.core import parallel_state as ps
-
-    from megatron_opsd.models.gpt import unwrap
 
     dist = torch.distributed
     hf_config = unwrap(model_chunks[0]).hf_config
@@ -331,8 +333,6 @@ def save_hf_checkpoint(model_chunks, out_dir, *, source_dir=None, max_shard_byte
     """
     from safetensors.torch import save_file
 
-    from megatron_opsd.models.gpt import unwrap
-
     dist = torch.distributed
     me = dist.get_rank() if dist.is_initialized() else 0
     out_dir = Path(out_dir)
@@ -397,45 +397,3 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
-
-
-# ----------------------------------------------------------------------------------------------- check
-def logits_on_last_stage(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool = False) -> Optional[torch.Tensor]:
-    """Per-rank worker: real-vocabulary logits of the model in ``hf_dir`` on the last stage (gathered over TP).
-
-    Runs megatron's own pipeline schedule (1F1B or interleaved), one sequence per micro-batch; with
-    ``sequence_parallel`` (TP > 1) the sequence length must be a multiple of TP.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_opsd.models.gpt import build_model
-
-    chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
-    load_hf_checkpoint(chunks, hf_dir)
-    device = next(chunks[0].parameters()).device
-    tokens = tokens.to(device)
-    b, s = tokens.shape
-    positions = torch.arange(s, device=device).unsqueeze(0)
-    outputs = []
-
-    def forward_step(data_iterator, model):
-        out = model(next(data_iterator), positions, attention_mask=None)
-
-        def loss_func(output):
-            outputs.append(gather_from_tensor_model_parallel_region(output).detach())
-            return output.sum() * 0, {}
-
-        return out, loss_func
-
-    micro_batches = [tokens[i:i + 1] for i in range(b)]
-    iterators = [iter(micro_batches) for _ in chunks]
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=b, seq_length=s, micro_batch_size=1,
-            forward_only=True)
-    if not ps.is_pipeline_last_stage():
-        return None
-    return torch.cat(outputs, 0)[..., : chunks[0].real_vocab_size].float().cpu()
