@@ -415,7 +415,7 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
          "estimator) does not have; unset loss.token_clip or use loss.kind=reverse_kl|forward_kl|jsd|topk")
     need(loss.kind != "k1" or loss.allow_k1_loss, K1_REFUSAL.format(key="loss.kind=k1", fix="loss.kind=pg "
          "(reverse-KL gradient) or loss.kind=k3 (forward-KL gradient)", opt_in="loss.allow_k1_loss=true"))
-    from megatron_opsd.data.contexts import needs_demonstration
+    from megatron_opsd.templates import needs_demonstration
 
     need(not needs_demonstration(t.context, t) or r.n >= 2,
          f"teacher.context={t.context} (DemoPSD{', a template using {{ rollout }}' if t.context == 'template' else ''}) "

@@ -23,11 +23,12 @@ close to OPSD's public code:
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 from megatron_opsd.config import DEFAULT_PROMPT_TEMPLATE, DataConfig, TeacherConfig
 from megatron_opsd.data.datasets import PromptExample
+# render_template, template_variables, needs_demonstration: also imported from here (their old import path)
+from megatron_opsd.templates import needs_demonstration, render_template, template_variables  # noqa: F401
 
 Messages = list[dict[str, str]]
 ContextBuilder = Callable[[PromptExample, DataConfig, TeacherConfig, Optional[str]], Messages]
@@ -47,28 +48,6 @@ def register_context(name: str) -> Callable[[ContextBuilder], ContextBuilder]:
         CONTEXT_BUILDERS[name] = fn
         return fn
     return wrap
-
-
-@functools.lru_cache(maxsize=64)
-def _compile(template: str):
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    return env.from_string(template)
-
-
-def render_template(template: str, what: str, **variables) -> str:
-    """Render Jinja ``template`` with only the non-None variables; a missing one is a clear error."""
-    import jinja2
-
-    present = {k: v for k, v in variables.items() if v is not None}
-    try:
-        return _compile(template).render(**present)
-    except jinja2.UndefinedError as err:
-        raise ValueError(f"{what}: {err.message}; available variables: {sorted(present)} (variables of value None "
-                         "are left out, e.g. a dataset row without a reference solution)") from err
-    except jinja2.TemplateSyntaxError as err:
-        raise ValueError(f"{what} is not a valid Jinja template: {err}") from err
 
 
 def render_user(problem_text: str, data_cfg: DataConfig) -> str:
@@ -156,26 +135,6 @@ def teacher_messages(example: PromptExample, data_cfg: DataConfig, teacher_cfg: 
     if name not in CONTEXT_BUILDERS:
         raise ValueError(f"teacher.context={name!r} is not one of {sorted(CONTEXT_BUILDERS)}")
     return CONTEXT_BUILDERS[name](example, data_cfg, teacher_cfg, rollout)
-
-
-def template_variables(template: str) -> set[str]:
-    """The variables a Jinja template reads."""
-    import jinja2
-    from jinja2 import meta
-
-    env = jinja2.Environment(autoescape=False)
-    try:
-        return set(meta.find_undeclared_variables(env.parse(template)))
-    except jinja2.TemplateSyntaxError as err:
-        raise ValueError(f"teacher.template is not a valid Jinja template: {err}") from err
-
-
-def needs_demonstration(context: str, teacher_cfg: TeacherConfig) -> bool:
-    """Whether teacher context ``context`` shows a correct rollout of the group (DemoPSD's ``rollout``, or a
-    ``template`` that reads ``{{ rollout }}``): its prompt is built per rollout, after grading."""
-    if context == "rollout":
-        return True
-    return context == "template" and bool(teacher_cfg.template) and "rollout" in template_variables(teacher_cfg.template)
 
 
 # Purified OPSD's extra teacher forwards; they always run the frozen initial model (no adapters with LoRA)
