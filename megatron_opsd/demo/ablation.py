@@ -26,6 +26,21 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from megatron_opsd.config import DataConfig
+from megatron_opsd.data.contexts import REFERENCE_INTRO, REFERENCE_OUTRO
+from megatron_opsd.data.datasets import PromptExample
+from megatron_opsd.demo import carry_task, report, task
+from megatron_opsd.demo.evaluate import DemoEvaluator
+from megatron_opsd.demo.prepare import DemoInputs
+from megatron_opsd.demo.recipe import FULL as DEMO
+from megatron_opsd.demo.run import DemoArgumentError, StageClock, clear_run_dir, resolve_run, stage_config_objects
+from megatron_opsd.demo.task import read_jsonl
+from megatron_opsd.evaluation.report import save_results
+from megatron_opsd.evaluation.runner import EvalSettings
+from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
+from megatron_opsd.pipeline import PipelineConfig, StageConfig, run_pipeline
+from megatron_opsd.pipeline.config import PipelineEvalConfig, validate_pipeline_config
+
 ABLATIONS = ("compression",)
 ABLATION_FILTERS = ("correct", "incorrect", "all")
 _OWNED = ("data", "init", "stages", "eval", "results.json", "table.md", "curves.png")
@@ -52,8 +67,6 @@ class AblationRecipe:
 
     def demo_recipe(self):
         """The demo recipe with this task size (the model shape and SFT settings are the demo's)."""
-        from megatron_opsd.demo.recipe import FULL as DEMO
-
         return replace(DEMO, n_train=self.n_train, n_test=self.n_test, curve_prompts=self.curve_prompts,
                        task_steps=self.task_steps, max_value=self.max_value, sft_steps=self.sft_steps)
 
@@ -147,8 +160,6 @@ def paper_verdict(change: dict, filt: str) -> Optional[dict]:
 def resolve_ablation(args):
     """(recipe, run_dir, config_dir) of ``megatron-opsd demo --ablation compression [--quick] [--name | --out]
     [--filters] [--nproc] [--config-dir]``; bad values raise the demo's DemoArgumentError naming the flag."""
-    from megatron_opsd.demo.cli import DemoArgumentError, resolve_run
-
     recipe = QUICK if args.quick else FULL
     if args.seed != 0:
         raise DemoArgumentError("--seed does not apply to --ablation: its seeds are part of the protocol "
@@ -159,10 +170,6 @@ def resolve_ablation(args):
 
 def prepare_inputs(run_dir: Path, recipe: AblationRecipe, seed: int = 0):
     """The demo's input layout (``prepare.DemoInputs``) with this task's SFT mixture and tokenizer text."""
-    from megatron_opsd.demo import carry_task, task
-    from megatron_opsd.demo.prepare import DemoInputs
-    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
-
     demo = recipe.demo_recipe()
     inputs = DemoInputs.under(run_dir)
     train, test = task.generate_splits(demo.task_config(seed))
@@ -181,10 +188,6 @@ def opsd_stage_name(filt: str, seed: int) -> str:
 
 def ablation_pipeline(recipe: AblationRecipe, run_dir: Path, config_dir: Path):
     """SFT -> RLVR -> one OPSD stage per (filter, seed), each from the RLVR export (``init_from: rlvr``)."""
-    from megatron_opsd.demo.prepare import DemoInputs
-    from megatron_opsd.pipeline import PipelineConfig, StageConfig
-    from megatron_opsd.pipeline.config import PipelineEvalConfig, validate_pipeline_config
-
     inputs = DemoInputs.under(run_dir)
     tp = f"parallel.tensor_model_parallel_size={recipe.nproc}"
     sft = StageConfig(name="sft", kind="sft", config=str(config_dir / "sft.yaml"), evaluate=False,
@@ -219,10 +222,6 @@ def _arrays(bench: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def reference_prompt_examples(test_path: Path) -> dict:
     """The held-out problems with the teacher's reference context as the problem text (the teacher's row)."""
-    from megatron_opsd.data.contexts import REFERENCE_INTRO, REFERENCE_OUTRO
-    from megatron_opsd.data.datasets import PromptExample
-    from megatron_opsd.demo.task import read_jsonl
-
     return {"test_reference": [PromptExample(id=r["id"], prompt=f"{r['problem']}\n\n{REFERENCE_INTRO}\n{r['solution']}"
                                                                 f"\n\n{REFERENCE_OUTRO}", answer=r["answer"])
                                for r in read_jsonl(test_path)]}
@@ -231,12 +230,6 @@ def reference_prompt_examples(test_path: Path) -> dict:
 def evaluate_models(recipe: AblationRecipe, run_dir: Path) -> dict:
     """{row name: {"greedy": (correct, tokens), "sampled": (correct, tokens)}} for SFT, RLVR, the RLVR model
     shown the reference (greedy: the teacher) and every OPSD run; raw results under ``eval/``."""
-    from megatron_opsd.config import DataConfig
-    from megatron_opsd.demo.evaluate import DemoEvaluator
-    from megatron_opsd.demo.prepare import DemoInputs
-    from megatron_opsd.evaluation.report import save_results
-    from megatron_opsd.evaluation.runner import EvalSettings
-
     inputs, stages, eval_dir = DemoInputs.under(run_dir), run_dir / "stages", run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     common = dict(top_p=1.0, max_tokens=recipe.max_tokens, seed=0, progress=False, prompts_per_request=64,
@@ -347,8 +340,6 @@ def read_filter_counts(metrics_path: Path) -> dict:
 
 
 def write_report(recipe: AblationRecipe, run_dir: Path, summary: dict, runtime: dict, quick: bool) -> dict:
-    from megatron_opsd.demo import report
-
     stages = run_dir / "stages"
     curves = {f"{f}/s{s}": report.read_curves(stages / opsd_stage_name(f, s) / "metrics.jsonl")
               for f in recipe.filters for s in recipe.seeds}
@@ -384,15 +375,12 @@ def run_ablation(recipe: AblationRecipe, run_dir: Path, config_dir: Path, quick:
                  fresh: bool = True) -> dict:
     """The whole ablation; ``fresh=False`` keeps finished stages of an earlier run of the same name (the
     pipeline skips them), e.g. to finish an interrupted run."""
-    from megatron_opsd.demo.cli import _Clock, clear_run_dir, stage_config_objects
-    from megatron_opsd.pipeline import run_pipeline
-
     pipeline_cfg = ablation_pipeline(recipe, run_dir, config_dir)
     stage_config_objects(pipeline_cfg)  # a bad key fails before anything trains
     if fresh:
         clear_run_dir(run_dir, _OWNED)
     run_dir.mkdir(parents=True, exist_ok=True)
-    clock = _Clock()
+    clock = StageClock()
     if not (run_dir / "init" / "config.json").is_file():
         clock.run("prepare", prepare_inputs, run_dir, recipe)
     for i, stage in enumerate(pipeline_cfg.stages):

@@ -12,6 +12,11 @@ from typing import Optional
 
 from megatron_opsd.config import DEFAULT_PROMPT_TEMPLATE, DataConfig
 from megatron_opsd.demo.task import CONCISE_INSTRUCTION
+from megatron_opsd.evaluation.report import benchmark_summary, save_results
+from megatron_opsd.evaluation.runner import EvalSettings, evaluate
+from megatron_opsd.models.tokenizer import load_tokenizer
+from megatron_opsd.rollout.client import SidecarClient
+from megatron_opsd.rollout.process import start_sidecar_process
 
 # The concise-instruction prompt (the OPSDC teacher's context) as a student prompt template: the evaluation
 # builds exactly the text of ``task.concise_messages`` (checked in tests/test_demo.py).
@@ -30,10 +35,6 @@ class DemoEvaluator:
         self.loaded: Optional[Path] = None
 
     def __enter__(self) -> "DemoEvaluator":
-        from megatron_opsd.models.tokenizer import load_tokenizer
-        from megatron_opsd.rollout.client import SidecarClient
-        from megatron_opsd.rollout.process import start_sidecar_process
-
         self.tokenizer = load_tokenizer(str(self.first_model))
         self.sidecar = start_sidecar_process(self.first_model, log_path=self.log_path, dtype="float32",
                                              max_model_len=self.max_model_len)
@@ -65,8 +66,6 @@ class DemoEvaluator:
         """Accuracy and response tokens of ``model_dir`` on the held-out split, greedy unless ``settings`` (an
         ``EvalSettings``) say otherwise, from the student prompt or the concise-instruction prompt
         (``concise_prompt``); full results (texts included) to ``save_to`` if given."""
-        from megatron_opsd.evaluation.runner import EvalSettings
-
         if settings is None:
             settings = EvalSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=self.max_tokens, seed=0,
                                     progress=False, data=DataConfig())
@@ -78,8 +77,6 @@ class DemoEvaluator:
 
     def evaluate_settings(self, model_dir: Path, path: Path, settings, save_to: Optional[Path] = None) -> dict:
         """``model_dir`` on the JSONL ``path`` with the evaluation runner's ``EvalSettings``; summary dict."""
-        from megatron_opsd.evaluation.report import benchmark_summary, save_results
-
         results = self.results(model_dir, [str(path)], settings)
         if save_to is not None:
             save_results(results, save_to)
@@ -88,7 +85,5 @@ class DemoEvaluator:
     def results(self, model_dir: Path, benchmarks, settings) -> dict:
         """The evaluation runner's full results (per-problem records) of ``model_dir`` on ``benchmarks`` (JSONL
         paths, or ``{name: [PromptExample]}``) with ``settings`` (an ``EvalSettings``)."""
-        from megatron_opsd.evaluation.runner import evaluate
-
         self._load(Path(model_dir))
         return evaluate(self.client, self.tokenizer, benchmarks, settings, model=str(model_dir))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megatron_opsd.demo import task
 from megatron_opsd.demo.recipe import DemoRecipe
+from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 
 
 @dataclass
@@ -32,8 +33,6 @@ class DemoInputs:
 
 def prepare(run_dir: Path, recipe: DemoRecipe, seed: int) -> DemoInputs:
     """Write the demo's inputs (all derived from ``seed``)."""
-    from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
-
     inputs = DemoInputs.under(run_dir)
     train, test = task.generate_splits(recipe.task_config(seed))
     task.write_jsonl(inputs.train, train)

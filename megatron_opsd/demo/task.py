@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 from megatron_opsd.config import DataConfig, TeacherConfig
 from megatron_opsd.data import contexts
 from megatron_opsd.data.datasets import PromptExample
+from megatron_opsd.models.tokenizer_train import train_bpe_tokenizer
 
 CONCISE_INSTRUCTION = "Solve the following problem concisely. Do not re-check your steps."
 
@@ -293,6 +294,4 @@ def tokenizer_corpus(examples: list[dict], seed: int = 0, cfg: TraceConfig = Tra
 
 def train_demo_tokenizer(out_dir: str | Path, examples: list[dict], vocab_size: int = 512, seed: int = 0):
     """Train the demo's byte-level BPE tokenizer on the task text (HF tokenizer with the Qwen3-style template)."""
-    from megatron_opsd.models.tokenizer_train import train_bpe_tokenizer
-
     return train_bpe_tokenizer(tokenizer_corpus(examples, seed), out_dir, vocab_size=vocab_size)
