@@ -5,22 +5,20 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from megatron_opsd.evaluation import metrics
+from megatron_opsd.rewards.exact import ExactVerifier
+from megatron_opsd.rewards.math import MathVerifier
 
 
 def grade_samples(texts: Sequence[str], golds: Sequence[str], kind: str = "math", boxed_only: bool = True,
                   num_workers: int = 0) -> list[bool]:
     """Correctness of each response against its gold answer (math-verify by default; see rewards.math)."""
     if kind == "math":
-        from megatron_opsd.rewards.math import MathVerifier
-
         verifier = MathVerifier(boxed_only=boxed_only, num_workers=num_workers)
         try:
             return verifier.grade_batch(list(texts), list(golds))
         finally:
             verifier.close()
     if kind == "exact":
-        from megatron_opsd.rewards.exact import ExactVerifier
-
         return ExactVerifier(boxed_only=boxed_only).grade_batch(list(texts), list(golds))
     raise ValueError(f"grading kind={kind!r} is not one of ['math', 'exact']")
 

@@ -21,6 +21,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 from megatron_opsd.config import DataConfig
 from megatron_opsd.data.contexts import student_messages
 from megatron_opsd.data.datasets import PromptExample, load_prompt_dataset
+from megatron_opsd.evaluation.grading import grade_samples, summarize_grades
+from megatron_opsd.evaluation.report import save_results
+from megatron_opsd.models.tokenizer import load_tokenizer
+from megatron_opsd.rewards.boxed import extract_boxed_answer
+from megatron_opsd.rollout.client import SidecarClient
+from megatron_opsd.rollout.process import start_sidecar_process
 
 # Built-in benchmarks: name -> file under the data directory (shipped in the package, see data/README.md).
 BENCHMARKS: dict[str, str] = {
@@ -131,8 +137,6 @@ def pass_at_k_values(n: int) -> list[int]:
 
 def default_grader(boxed_only: bool) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
     """math-verify on the last \\boxed{} (``boxed_only``), in this process's main thread (see rewards.math)."""
-    from megatron_opsd.evaluation.grading import grade_samples
-
     return functools.partial(grade_samples, kind="math", boxed_only=boxed_only)
 
 
@@ -162,8 +166,6 @@ def generate_benchmark(client, tokenizer, examples: list[PromptExample], setting
 def evaluate_examples(client, tokenizer, examples: list[PromptExample], settings: EvalSettings,
                       grader: Optional[Callable] = None, name: str = "eval") -> dict:
     """Generate, grade and summarise one benchmark; see ``summarize`` for the keys."""
-    from megatron_opsd.rewards.boxed import extract_boxed_answer
-
     grader = grader or default_grader(settings.boxed_only)
     start = time.perf_counter()
     prompts, samples = generate_benchmark(client, tokenizer, examples, settings, desc=name)
@@ -195,8 +197,6 @@ def summarize(prompts: list[dict], n: int) -> dict:
     """Metrics of per-prompt records (each with ``samples``: tokens, truncated, correct): accuracy (mean over
     samples), unbiased pass@k, response-token mean/median/p90, the share truncated at max tokens, and per
     MATH level / subject (where the rows carry them) accuracy, prompt count and mean tokens."""
-    from megatron_opsd.evaluation.grading import summarize_grades
-
     samples = [s for p in prompts for s in p["samples"]]
     sizes = [len(p["samples"]) for p in prompts]
     keys = {k: [p.get(k) for p in prompts] for k in GROUP_KEYS if all(k in p for p in prompts)}
@@ -243,10 +243,6 @@ def evaluate_model_dir(model_dir: Union[str, Path], benchmarks: Union[str, Seque
                        **sidecar_options: Any) -> dict:
     """``evaluate`` an HF directory on running sidecar(s) serving it, or on a local sidecar started for it
     (``sidecar_options`` become its flags, e.g. ``dtype="float32", max_model_len=512``) and stopped after."""
-    from megatron_opsd.models.tokenizer import load_tokenizer
-    from megatron_opsd.rollout.client import SidecarClient
-    from megatron_opsd.rollout.process import start_sidecar_process
-
     tokenizer = load_tokenizer(str(model_dir))
     with contextlib.ExitStack() as stack:
         if not sidecar_urls:
@@ -285,8 +281,6 @@ def evaluate_for_training(client, tokenizer, cfg, step: int, out_dir: Optional[U
     results = evaluate(client, tokenizer, [cfg.data.eval_path], settings, model=f"step {step}")
     bench = next(iter(results["benchmarks"].values()))
     if out_dir is not None:
-        from megatron_opsd.evaluation.report import save_results
-
         save_results(results, Path(out_dir) / f"step-{step}.json")
     scalars = {"eval/accuracy": bench["accuracy"], "eval/truncated_share": bench["tokens"]["truncated_share"],
                "eval/response_length/mean": bench["tokens"]["mean"],

@@ -19,8 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from megatron_opsd.config import DataConfig
+from megatron_opsd.evaluation.report import benchmark_summary
+from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir
 from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
+from megatron_opsd.training.checkpoint import write_text_atomic
 
 DONE_MARKER = "stage_done.json"
 
@@ -30,8 +34,6 @@ class PipelineError(RuntimeError):
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    from megatron_opsd.training.checkpoint import write_text_atomic
-
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
@@ -64,10 +66,6 @@ def _run(cmd: list[str], stage: str) -> None:
 def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[dict]:
     """Greedy (by default) accuracy and response length of ``model_dir`` on ``eval.path``, cached in
     ``<out_dir>/<name>/eval.json``."""
-    from megatron_opsd.config import DataConfig
-    from megatron_opsd.evaluation.report import benchmark_summary
-    from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir
-
     e = cfg.eval
     if e.path is None:
         return None

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
+from megatron_opsd.planning.lora import lora_stage_components
+
 GIB = 1 << 30
 RECOMPUTE = (None, "selective", "full")
 TEACHER_WEIGHTS = ("live", "frozen", "ema", "refresh")
@@ -328,8 +330,6 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
         if s.teacher_fp8 and s.teacher_weights != "live":  # no backward: the FP8 copy only
             c["teacher fp8 weight cache"] = FP8_CACHE_BYTES_FROZEN * gemm
         if s.lora_rank:  # LoRA hook: training state for the adapters only, no teacher replica
-            from megatron_opsd.planning.lora import lora_stage_components
-
             c = lora_stage_components(shape, s, params, c)
         act = layers * per_layer * tokens * in_flight_microbatches(s, stage)
         if stage == 0:  # token ids (int64)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Callable
 
+from megatron_opsd.rewards.exact import ExactVerifier
+from megatron_opsd.rewards.math import MathVerifier
+
 if TYPE_CHECKING:
     from megatron_opsd.config import RewardConfig
 
@@ -80,12 +83,8 @@ class CallableReward(_Reward):
 def build_reward(reward_cfg: RewardConfig, num_workers: int = 0) -> _Reward:
     """The reward of ``reward.kind``; ``num_workers > 0`` grades math in a spawned process pool."""
     if reward_cfg.kind == "math":
-        from megatron_opsd.rewards.math import MathVerifier
-
         return VerifierReward(MathVerifier(boxed_only=reward_cfg.boxed_only, num_workers=num_workers))
     if reward_cfg.kind == "exact":
-        from megatron_opsd.rewards.exact import ExactVerifier
-
         return VerifierReward(ExactVerifier(boxed_only=reward_cfg.boxed_only))
     if reward_cfg.kind == "callable":
         if not reward_cfg.callable:

@@ -9,10 +9,12 @@ could hang a training step) and never call math-verify from a thread: from a non
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
+from megatron_opsd.lifecycle import bind_to_parent, parent_binding
 from megatron_opsd.rewards.boxed import extract_boxed_answer
 
 
@@ -69,10 +71,6 @@ class MathVerifier:
 
     def _grade_in_pool(self, responses: list[str], golds: list[str]) -> list[bool]:
         if self._pool is None:
-            import multiprocessing as mp
-
-            from megatron_opsd.lifecycle import bind_to_parent, parent_binding
-
             self._pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"),
                                              initializer=bind_to_parent, initargs=parent_binding())
         n = self.num_workers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -16,9 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import torch
 
+from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
+from megatron_opsd.parallel.distributed import free_port
+from megatron_opsd.rollout import vllm_plugin
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER
 
@@ -268,8 +273,6 @@ class SidecarClient:
         (rank 0 gets the statistics) or raises the same error."""
         import torch.distributed as dist
 
-        from megatron_opsd.models.weights import iter_hf_tensors
-
         rank = dist.get_rank() if dist.is_initialized() else 0
         if self.transport == "collective":  # one gather per replica; all ranks take part in each
             return self._on_all_ranks(rank, version, lambda: self.push_collective(
@@ -340,9 +343,9 @@ class SidecarClient:
 
     def _sender(self, replica: int):
         """The trainer-side engine for ``replica``, rendezvoused on first use (and again after a broken group)."""
-        from megatron_opsd.parallel.launch import free_port
-        from megatron_opsd.rollout import collective, vllm_plugin
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from megatron_opsd.rollout import collective  # imports vLLM: loaded only for the collective transport
 
         if replica not in self._senders:
             vllm_plugin.register()
@@ -390,9 +393,6 @@ class _ReplicaWeightSync:
 
 def _reachable_address(urls: list[str]) -> str:
     """Loopback when every sidecar is on this host, else this host's address (where its workers connect to)."""
-    import socket
-    from urllib.parse import urlparse
-
     if all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
         return "127.0.0.1"
     address = socket.gethostbyname(socket.gethostname())
@@ -404,9 +404,6 @@ def _reachable_address(urls: list[str]) -> str:
 
 def announced_tensors(model_chunks: list) -> list[tuple[str, tuple[int, ...]]]:
     """What ``iter_hf_tensors`` will yield (HF names and shapes), known without gathering anything."""
-    from megatron_opsd.models.gpt import unwrap
-    from megatron_opsd.models.weights import hf_tensor_shapes
-
     return [(name, tuple(shape)) for name, shape in hf_tensor_shapes(unwrap(model_chunks[0]).hf_config).items()]
 
 

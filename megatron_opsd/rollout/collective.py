@@ -44,6 +44,7 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_tensor
 
+from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES
 
 
@@ -262,8 +263,6 @@ class CollectiveTrainerEngine(TrainerWeightTransferEngine[CollectiveTrainerInitI
                      version: int) -> dict:
         """Push one update: announce and validate, wait for every worker, broadcast buckets, commit."""
         if self.group is None:  # broken by an earlier failure: a fresh rendezvous on a fresh port
-            from megatron_opsd.parallel.launch import free_port
-
             self.init_info.master_port = free_port()
             self.connect()
         info = CollectiveUpdateInfo(uuid.uuid4().hex[:12], [m.name for m in metadata],

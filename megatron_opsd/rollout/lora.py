@@ -11,14 +11,18 @@ it; any failure leaves the previous adapter and version served. Our route rather
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from fastapi import Request  # module level: FastAPI resolves the handler's string annotation here
+
+from megatron_opsd.models.lora_peft import gather_lora_tensors, peft_adapter_config
 
 ADAPTER_ROUTE = "/adapter/update"
 VERSION_HEADER = "X-OPSD-Adapter-Version"
@@ -98,9 +102,6 @@ async def load_adapter(state, tensors: dict, config: dict, version: int) -> None
 
 def add_adapter_route(router, state, error_cls) -> None:
     """``POST /adapter/update`` on the sidecar's router (``state``: its ``SidecarState``; ``error_cls``: its 4xx)."""
-    import asyncio
-    import time
-
     from safetensors.torch import load as load_safetensors
 
     async def adapter_update(request: Request):
@@ -150,8 +151,6 @@ def push_adapter(client, tensors: dict, config: dict, version: int) -> list:
 
 def push_adapter_from_model(client, model_chunks: list, settings, version: int, base_model: str = "") -> None:
     """COLLECTIVE: gather the trainer's adapters (models/lora_peft.py) and push them from global rank 0."""
-    from megatron_opsd.models.lora_peft import gather_lora_tensors, peft_adapter_config
-
     tensors = gather_lora_tensors(model_chunks)
     if tensors is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         push_adapter(client, {PEFT_PREFIX + k: v for k, v in tensors.items()},

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_opsd.config import ConfigError
 from megatron_opsd.lifecycle import start_process, stop_process
+from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout.client import SidecarClient, SidecarError
+from megatron_opsd.rollout.engine import prepare_vllm_env
 
 
 class SidecarProcess:
@@ -56,8 +59,6 @@ def refuse_local_sidecar_on_gpu(sidecar_urls: list) -> None:
     the optimizer, and vLLM then asks for 90% of it): on CUDA, sidecars run on their own GPUs and are named."""
     import torch
 
-    from megatron_opsd.config import ConfigError
-
     if not sidecar_urls and torch.cuda.is_available():
         raise ConfigError("rollout.sidecar_urls is empty, so rank 0 would start vLLM on its own training GPU: start "
                           "sidecars on GPUs of their own (`megatron-opsd sidecar --model DIR --port 8000`, or "
@@ -71,8 +72,6 @@ def sidecar_env(base: dict) -> dict:
     starts its engine core and tensor-parallel workers, and a forked child cannot re-initialise CUDA (TRL sets the
     same); see ``engine.prepare_vllm_env``.
     """
-    from megatron_opsd.rollout.engine import prepare_vllm_env
-
     return prepare_vllm_env(str(Path(tempfile.gettempdir()) / "opsd-vllm-cache"), environ=dict(base))
 
 
@@ -85,8 +84,6 @@ def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, 
     bare flag). The server's output goes to ``log_path`` (a temporary file by default), quoted in the error
     if it dies or does not come up in time.
     """
-    from megatron_opsd.parallel.launch import free_port
-
     port = port or free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"opsd-sidecar-{port}-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "megatron_opsd.cli", "sidecar", "--model", str(model_dir), "--host", host,

@@ -2,6 +2,8 @@
 ``EngineClient.collective_rpc``, so they run on every TP worker, in whatever process vLLM put it."""
 from __future__ import annotations
 
+from megatron_opsd.rollout.collective import abort_weight_update
+
 
 class SidecarWorkerExtension:
     def opsd_load_weights(self, paths: list[str]) -> None:
@@ -19,6 +21,4 @@ class SidecarWorkerExtension:
 
     def opsd_abort_weight_update(self) -> bool:
         """End a failed collective update session; whether this worker had loaded some bucket already."""
-        from megatron_opsd.rollout.collective import abort_weight_update
-
         return abort_weight_update(self)
