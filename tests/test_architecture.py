@@ -1,0 +1,254 @@
+"""The package's layers (docs/architecture.md), checked statically: no module imports a higher layer, no import
+cycle between modules or between packages, and no function-local import of our own modules in the packages that
+keep their imports at the top. Pure AST over the source files: nothing is imported, it runs in well under a second.
+
+Every ``import`` counts as an arrow, at module level and inside functions alike (a function-local import is a
+dependency too, only a hidden one); imports under ``if TYPE_CHECKING:`` do not (they never run). The CLI boundary
+(``megatron_opsd/cli.py`` and the subcommand modules it names) may import any layer: it is where the rooms are
+wired together.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "megatron_opsd"
+
+# Lowest first. A module may import its own layer and the layers below it; the units are the top-level modules
+# and subpackages of megatron_opsd ("" is the package's own __init__). Keep docs/architecture.md in step.
+LAYERS: list[tuple[str, ...]] = [
+    ("", "errors", "lifecycle", "templates"),  # no imports of our own beyond this layer
+    ("parallel",),  # process groups, CPU compatibility, local multi-process launch
+    ("models",),  # megatron GPTModel from HF configs, weights, LoRA, tokenizers
+    ("config",),  # the one dataclass tree (holds parallel's ParallelConfig, validates model.lora's targets)
+    ("data", "rewards", "losses"),  # prompts and contexts, verifiers and filters, vocab-parallel divergences
+    ("rollout",),  # the vLLM sidecar: server, client, weight transports
+    ("training",),  # the run machinery, the OPSD / GRPO / SFT steps, checkpoints
+    ("evaluation",),  # benchmarks on the sidecar
+    ("pipeline", "planning"),  # stage runner (SFT -> RLVR -> OPSD), memory planner
+    ("demo",),  # the CPU demo and its ablation
+    ("cli",),  # `megatron-opsd`
+]
+
+# Known arrows that break the rules, each with who removes it. Deleted entries are checked too: an entry that no
+# longer matches an import fails the test, so the list only shrinks.
+ALLOWED_ARROWS: dict[tuple[str, str], str] = {
+    # INTEGRATOR: delete after merging house-trainer (issue #17), which removes the trainer's upward arrow to
+    # evaluation (``evaluate_for_training``'s call direction).
+    ("megatron_opsd.training.trainer", "megatron_opsd.evaluation.runner"): "house-trainer removes it (issue #17)",
+}
+
+# Packages whose own imports (megatron_opsd.*) are all at module top, outside the CLI boundary. Third-party heavy
+# or optional packages (vllm in the trainer process, megatron-core, transformers, wandb, math-verify, ...) may still
+# be imported inside functions: docs/architecture.md, "Imports".
+TOP_IMPORT_UNITS = ("", "errors", "lifecycle", "templates", "parallel", "models", "data", "rewards", "rollout",
+                    "evaluation", "pipeline", "planning", "demo")
+
+# Our own modules that may be imported inside functions: they import an optional heavy package at module top.
+LAZY_MODULES: dict[str, str] = {
+    "megatron_opsd.rollout.collective": "imports vLLM at module top; the trainer process loads vLLM only for "
+                                        "rollout.transport=collective",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@lru_cache(maxsize=None)
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE_DIR.rglob("*.py"))}
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: ``megatron_opsd.rollout.client`` -> ``rollout``; the package itself -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _layer_of(unit: str) -> int:
+    for index, units in enumerate(LAYERS):
+        if unit in units:
+            return index
+    raise AssertionError(f"megatron_opsd.{unit} has no layer: add it to LAYERS in tests/test_architecture.py "
+                         "and to docs/architecture.md")
+
+
+def _cli_boundary() -> set[str]:
+    """``megatron_opsd.cli`` and every module its SUBCOMMANDS table names (read from the source, not imported)."""
+    tree = ast.parse(_modules()["megatron_opsd.cli"].read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "SUBCOMMANDS":
+            table = ast.literal_eval(node.value)
+            return {"megatron_opsd.cli", *(module for module, _ in table.values())}
+    raise AssertionError("megatron_opsd/cli.py has no SUBCOMMANDS table")
+
+
+def _resolve(target: str) -> str:
+    """The module an import reaches: ``megatron_opsd.models.gpt.unwrap`` -> ``megatron_opsd.models.gpt``."""
+    modules = _modules()
+    while target not in modules:
+        target = target.rpartition(".")[0]
+    return target
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
+
+
+@lru_cache(maxsize=None)
+def _imports(module: str) -> tuple[tuple[str, int, bool], ...]:
+    """(imported module, line, at module level) for each import of megatron_opsd in ``module``."""
+    path = _modules()[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                continue
+            if isinstance(child, ast.Import):
+                out.extend((_resolve(a.name), child.lineno, top) for a in child.names
+                           if a.name.split(".")[0] == "megatron_opsd")
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[:len(package.split(".")) - child.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                if base.split(".")[0] == "megatron_opsd":
+                    out.extend((_resolve(f"{base}.{a.name}"), child.lineno, top) for a in child.names)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child, False)
+            else:
+                visit(child, top)
+
+    visit(ast.parse(path.read_text()), True)
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def _arrows() -> dict[str, set[str]]:
+    """module -> the modules it imports (itself excluded), without the allowed arrows."""
+    graph = {m: {t for t, _, _ in _imports(m) if t != m} for m in _modules()}
+    for source, target in ALLOWED_ARROWS:
+        graph.get(source, set()).discard(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_every_unit_has_a_layer():
+    for module in _modules():
+        _layer_of(_unit(module))
+    listed = [unit for units in LAYERS for unit in units]
+    assert len(listed) == len(set(listed)), f"a unit is in two layers: {listed}"
+
+
+def test_no_module_imports_a_higher_layer():
+    boundary = _cli_boundary()
+    upward = []
+    for module in _modules():
+        if module in boundary:
+            continue
+        own = _layer_of(_unit(module))
+        for target, line, _ in _imports(module):
+            if (module, target) in ALLOWED_ARROWS:
+                continue
+            if _layer_of(_unit(target)) > own:
+                upward.append(f"{_modules()[module].relative_to(PACKAGE_DIR.parent)}:{line}: {module} "
+                              f"(layer {_unit(module) or 'megatron_opsd'}) imports {target}")
+    assert not upward, "imports of a higher layer (docs/architecture.md):\n" + "\n".join(upward)
+
+
+def test_no_import_cycle_between_modules():
+    cycles = _cycles(_arrows())
+    assert not cycles, "import cycles (module level and function-local imports both count):\n" + "\n".join(
+        " <-> ".join(c) for c in cycles)
+
+
+def test_no_import_cycle_between_packages():
+    graph: dict[str, set[str]] = {}
+    for module, targets in _arrows().items():
+        graph.setdefault(_unit(module), set()).update(_unit(t) for t in targets if _unit(t) != _unit(module))
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles between packages:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_allowed_arrows_still_exist():
+    """An allow-list entry whose import is gone must be deleted (the list only shrinks)."""
+    stale = [f"{source} -> {target}" for source, target in ALLOWED_ARROWS
+             if source not in _modules() or target not in {t for t, _, _ in _imports(source)}]
+    assert not stale, "delete these ALLOWED_ARROWS entries, the imports are gone:\n" + "\n".join(stale)
+
+
+def test_own_imports_at_module_top():
+    boundary = _cli_boundary()
+    local = [f"{_modules()[m].relative_to(PACKAGE_DIR.parent)}:{line}: {target}"
+             for m in _modules() if _unit(m) in TOP_IMPORT_UNITS and m not in boundary
+             for target, line, top in _imports(m) if not top and target not in LAZY_MODULES]
+    assert not local, ("function-local imports of megatron_opsd modules (move them to the top; "
+                       "docs/architecture.md, 'Imports'):\n" + "\n".join(local))
+
+
+@pytest.mark.parametrize("source, target, expected", [
+    # the checks themselves: a planted upward arrow and a planted cycle are found
+    ("megatron_opsd.parallel.distributed", "megatron_opsd.models.gpt", "upward"),
+    ("megatron_opsd.models.weights", "megatron_opsd.models.lora", "cycle"),
+])
+def test_checks_find_planted_violations(source, target, expected):
+    graph = {m: set(t) for m, t in _arrows().items()}
+    graph[source].add(target)
+    if expected == "upward":
+        assert _layer_of(_unit(target)) > _layer_of(_unit(source))
+    else:
+        assert any(source in c and target in c for c in _cycles(graph))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
