@@ -100,7 +100,7 @@ def test_grading_summary():
     golds = ["\\frac{1}{2}"] * 3 + ["3", "4"]
     correct = grade_samples(texts, golds)
     assert correct == [True, True, False, True, False]
-    assert grade_samples(["\\boxed{3}"], ["3"], kind="exact") == [True]
+    assert grade_samples(["\\boxed{3}"], ["3"], verifier="exact") == [True]
     assert group_counts(correct, [3, 2]) == [(3, 2), (2, 1)]
     out = summarize_grades(correct, [3, 2], [10, 20, 30, 40, 50], [False] * 4 + [True],
                            group_keys={"level": [1, 2]}, ks=(1, 2))

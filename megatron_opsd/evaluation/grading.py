@@ -9,18 +9,19 @@ from megatron_opsd.rewards.exact import ExactVerifier
 from megatron_opsd.rewards.math import MathVerifier
 
 
-def grade_samples(texts: Sequence[str], golds: Sequence[str], kind: str = "math", boxed_only: bool = True,
+def grade_samples(texts: Sequence[str], golds: Sequence[str], verifier: str = "math", boxed_only: bool = True,
                   num_workers: int = 0) -> list[bool]:
-    """Correctness of each response against its gold answer (math-verify by default; see rewards.math)."""
-    if kind == "math":
-        verifier = MathVerifier(boxed_only=boxed_only, num_workers=num_workers)
+    """Correctness of each response against its gold answer with ``verifier`` (``math``: math-verify, see
+    rewards.math; ``exact``: string match after normalisation)."""
+    if verifier == "math":
+        math_verifier = MathVerifier(boxed_only=boxed_only, num_workers=num_workers)
         try:
-            return verifier.grade_batch(list(texts), list(golds))
+            return math_verifier.grade_batch(list(texts), list(golds))
         finally:
-            verifier.close()
-    if kind == "exact":
+            math_verifier.close()
+    if verifier == "exact":
         return ExactVerifier(boxed_only=boxed_only).grade_batch(list(texts), list(golds))
-    raise ValueError(f"grading kind={kind!r} is not one of ['math', 'exact']")
+    raise ValueError(f"grading verifier={verifier!r} is not one of ['math', 'exact']")
 
 
 def group_counts(correct: Sequence[bool], group_sizes: Sequence[int]) -> list[tuple[int, int]]:

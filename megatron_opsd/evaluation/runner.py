@@ -137,7 +137,7 @@ def pass_at_k_values(n: int) -> list[int]:
 
 def default_grader(boxed_only: bool) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
     """math-verify on the last \\boxed{} (``boxed_only``), in this process's main thread (see rewards.math)."""
-    return functools.partial(grade_samples, kind="math", boxed_only=boxed_only)
+    return functools.partial(grade_samples, verifier="math", boxed_only=boxed_only)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -33,7 +33,7 @@ from megatron_opsd.models.weights import Recipe, unwrap
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 _PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp",
            "linear_fc2": "mlp"}
-# target -> (HF parent, HF module names, kind of the sharded factor in weights.py's recipe terms)
+# target -> (HF parent, HF module names, sharding of the sharded factor in weights.py's recipe terms)
 _HF_MODULES = {"linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv"),
                "linear_proj": ("self_attn", ("o_proj",), "row"),
                "linear_fc1": ("mlp", ("gate_proj", "up_proj"), "fc1"),
@@ -204,16 +204,16 @@ def update_teacher_adapters_(model_chunks: list, decay: float) -> None:
 # ------------------------------------------------------------------------------------ HF / PEFT names
 def lora_recipes(chunk) -> list:
     """weights.py recipes of every adapter factor of one chunk, in PEFT's names (without ``base_model.model.``):
-    the replicated A of a fused column layer is shared by its HF projections (kind ``shared``)."""
+    the replicated A of a fused column layer is shared by its HF projections (sharding ``shared``)."""
     out = []
     for a in adapters_of([chunk]):
-        hf_parent, modules, kind = _HF_MODULES[a.target]
+        hf_parent, modules, sharding = _HF_MODULES[a.target]
         prefix = f"model.layers.{a.layer_number - 1}.{hf_parent}."
         for factor in ("A", "B"):
             names = tuple(f"{prefix}{m}.lora_{factor}.weight" for m in modules)
             sharded = (factor == "B") == a.column
-            factor_kind = kind if sharded else ("shared" if len(modules) > 1 else "copy")
-            out.append(Recipe(f"{a.target}_lora.lora_{factor}", getattr(a, f"lora_{factor}"), factor_kind, names))
+            factor_sharding = sharding if sharded else ("shared" if len(modules) > 1 else "copy")
+            out.append(Recipe(f"{a.target}_lora.lora_{factor}", getattr(a, f"lora_{factor}"), factor_sharding, names))
     return out
 
 

@@ -49,7 +49,7 @@ def load_lora_tensors(model_chunks: list, tensors: dict, source: str = "adapter"
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for chunk in model_chunks:
         for recipe in lora_recipes(chunk):
-            if recipe.kind == "shared" and any(not torch.equal(reader.slice(n), reader.slice(recipe.hf_names[0]))
+            if recipe.sharding == "shared" and any(not torch.equal(reader.slice(n), reader.slice(recipe.hf_names[0]))
                                                for n in recipe.hf_names[1:]):
                 raise ValueError(f"{source}: {', '.join(recipe.hf_names)} differ, but megatron's fused layer has one "
                                  "A for them; train the adapter here or with one shared A")
@@ -76,7 +76,7 @@ def init_lora_(model_chunks: list, seed: int = 0, b_std: float = 0.0) -> None:
                     tensors[name] = (torch.rand(shape, generator=g) * 2 - 1) * bound
                 else:
                     tensors[name] = torch.randn(shape, generator=g) * b_std
-            if recipe.kind == "shared":
+            if recipe.sharding == "shared":
                 for name in recipe.hf_names[1:]:
                     tensors[name] = tensors[recipe.hf_names[0]]
     load_lora_tensors(model_chunks, tensors, "init_lora_")
@@ -88,7 +88,7 @@ def _full_shapes(recipe, hf_config) -> dict:
     is_a = recipe.hf_names[0].endswith("lora_A.weight")
     rank = recipe.param.shape[0] if is_a else recipe.param.shape[1]
     shapes = {}
-    for name in recipe.hf_names[:1] if recipe.kind == "shared" else recipe.hf_names:
+    for name in recipe.hf_names[:1] if recipe.sharding == "shared" else recipe.hf_names:
         out_dim, in_dim = base[name.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")]
         shapes[name] = (rank, in_dim) if is_a else (out_dim, rank)
     return shapes
@@ -107,7 +107,7 @@ def gather_lora_tensors(model_chunks: list, *, grads: bool = False, dst_rank: in
             if grads:
                 t = getattr(recipe.param, "main_grad", None)
                 t = recipe.param.grad if t is None else t
-            shards = [t] if recipe.kind in ("copy", "shared") else _gather_tp(t.contiguous())
+            shards = [t] if recipe.sharding in ("copy", "shared") else _gather_tp(t.contiguous())
             full = _full_tensors(recipe, shards, unwrap(chunk).hf_config)
             local.update({k: v.float().cpu().clone() for k, v in full.items()})
     if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:

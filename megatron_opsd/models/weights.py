@@ -32,7 +32,7 @@ def unwrap(model):
     return model
 
 
-# megatron suffix inside a layer -> (kind, HF suffixes inside model.layers.{i}.)
+# megatron suffix inside a layer -> (sharding, HF suffixes inside model.layers.{i}.)
 _LAYER_TABLE = {
     "input_layernorm.weight": ("copy", ("input_layernorm.weight",)),
     "self_attention.linear_qkv.layer_norm_weight": ("copy", ("input_layernorm.weight",)),  # TE spec
@@ -59,7 +59,7 @@ _TOP_TABLE = {
 class Recipe:
     megatron_name: str
     param: torch.nn.Parameter
-    kind: str
+    sharding: str  # how the HF tensors are fused and split over TP: copy | vocab | row | qkv | fc1 | shared
     hf_names: tuple
 
 
@@ -106,15 +106,15 @@ def recipes(chunk) -> list[Recipe]:
             layer = chunk.decoder.layers[int(local_idx)].layer_number - 1
             if suffix not in _LAYER_TABLE:
                 raise KeyError(f"no HF mapping for megatron parameter {name!r}")
-            kind, hf_suffixes = _LAYER_TABLE[suffix]
+            sharding, hf_suffixes = _LAYER_TABLE[suffix]
             hf_names = tuple(f"model.layers.{layer}.{s}" for s in hf_suffixes)
         elif name in _TOP_TABLE:
-            kind, hf_names = _TOP_TABLE[name]
+            sharding, hf_names = _TOP_TABLE[name]
             if name == "output_layer.weight" and tied:  # last stage's copy of the tied embedding (PP > 1)
                 hf_names = ("model.embed_tokens.weight",)
         else:
             raise KeyError(f"no HF mapping for megatron parameter {name!r}")
-        out.append(Recipe(name, param, kind, hf_names))
+        out.append(Recipe(name, param, sharding, hf_names))
     return out
 
 
@@ -157,10 +157,10 @@ def _rows(reader, name, lo, hi) -> torch.Tensor:
 
 def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int, rank: int) -> torch.Tensor:
     """Build this TP rank's shard of ``recipe.param`` from the checkpoint, reading only what it owns."""
-    names, kind = recipe.hf_names, recipe.kind
-    if kind in ("copy", "shared"):  # shared: one replicated tensor stored under several HF names (LoRA's A)
+    names, sharding = recipe.hf_names, recipe.sharding
+    if sharding in ("copy", "shared"):  # shared: one replicated tensor stored under several HF names (LoRA's A)
         return reader.slice(names[0])[:]
-    if kind == "vocab":
+    if sharding == "vocab":
         rows = recipe.param.shape[0]
         lo, real = rank * rows, hf_config.vocab_size
         out = torch.zeros(rows, recipe.param.shape[1], dtype=recipe.param.dtype)  # padded rows stay zero
@@ -168,13 +168,13 @@ def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int,
             part = _rows(reader, names[0], lo, min(lo + rows, real))
             out[: part.shape[0]] = part
         return out
-    if kind == "row":
+    if sharding == "row":
         n = reader.shape(names[0])[1] // tp
         return reader.slice(names[0])[:, rank * n:(rank + 1) * n]
-    if kind == "fc1":
+    if sharding == "fc1":
         n = reader.shape(names[0])[0] // tp
         return torch.cat([_rows(reader, nm, rank * n, (rank + 1) * n) for nm in names], dim=0)
-    if kind == "qkv":
+    if sharding == "qkv":
         hd, ng = head_dim(hf_config), num_kv_heads(hf_config)
         q_per_group = hf_config.num_attention_heads // ng
         g0, g1 = rank * ng // tp, (rank + 1) * ng // tp
@@ -185,7 +185,7 @@ def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int,
         groups = [q.reshape(g1 - g0, q_per_group * hd, *tail), k.reshape(g1 - g0, hd, *tail),
                   v.reshape(g1 - g0, hd, *tail)]
         return torch.cat(groups, dim=1).reshape(-1, *tail)
-    raise ValueError(kind)
+    raise ValueError(sharding)
 
 
 def load_hf_checkpoint(model_chunks, hf_dir) -> None:
@@ -214,19 +214,19 @@ def load_hf_checkpoint(model_chunks, hf_dir) -> None:
 # ----------------------------------------------------------------------------------------------- export
 def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
     """HF tensors rebuilt from the TP shards of one megatron parameter."""
-    names, kind = recipe.hf_names, recipe.kind
-    if kind == "copy":
+    names, sharding = recipe.hf_names, recipe.sharding
+    if sharding == "copy":
         return {names[0]: shards[0]}
-    if kind == "shared":
+    if sharding == "shared":
         return {name: shards[0] for name in names}
-    if kind == "vocab":
+    if sharding == "vocab":
         return {names[0]: torch.cat(shards, 0)[: hf_config.vocab_size]}
-    if kind == "row":
+    if sharding == "row":
         return {names[0]: torch.cat(shards, 1)}
-    if kind == "fc1":
+    if sharding == "fc1":
         halves = [s.chunk(2, dim=0) for s in shards]
         return {names[0]: torch.cat([h[0] for h in halves], 0), names[1]: torch.cat([h[1] for h in halves], 0)}
-    if kind == "qkv":
+    if sharding == "qkv":
         hd, ng = head_dim(hf_config), num_kv_heads(hf_config)
         qpg = hf_config.num_attention_heads // ng
         full = torch.cat(shards, 0)
@@ -235,7 +235,7 @@ def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
         return {names[0]: grouped[:, :qpg].reshape(ng * qpg * hd, *tail),
                 names[1]: grouped[:, qpg].reshape(ng * hd, *tail),
                 names[2]: grouped[:, qpg + 1].reshape(ng * hd, *tail)}
-    raise ValueError(kind)
+    raise ValueError(sharding)
 
 
 def _gather_tp(tensor: torch.Tensor) -> list:
@@ -316,7 +316,7 @@ def _export_view(param: torch.nn.Parameter) -> torch.Tensor:
 
 def _siblings(first_name: str, shapes: dict) -> list:
     """The other HF tensors fused into the same megatron parameter as ``first_name``."""
-    for kind, hf_suffixes in _LAYER_TABLE.values():
+    for _, hf_suffixes in _LAYER_TABLE.values():
         if len(hf_suffixes) > 1 and first_name.endswith(hf_suffixes[0]):
             prefix = first_name[: -len(hf_suffixes[0])]
             return [prefix + s for s in hf_suffixes[1:] if prefix + s in shapes]
