@@ -66,6 +66,8 @@ def _cpu_seconds() -> float:
 
 
 class StageClock:
+    """Wall and CPU seconds per stage (printed as each ends; ``total`` goes into results.json's runtime)."""
+
     def __init__(self):
         self.stages: dict[str, dict] = {}
         self.t0, self.c0 = time.perf_counter(), _cpu_seconds()

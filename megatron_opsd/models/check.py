@@ -1,4 +1,5 @@
-"""`megatron-opsd check-model`: our sharded megatron model vs transformers on the same tokens."""
+"""`megatron-opsd check-model`: our sharded megatron model vs transformers on the same tokens (the per-rank worker
+``logits_on_last_stage`` also serves the parity tests)."""
 from __future__ import annotations
 
 import argparse
