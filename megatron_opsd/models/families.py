@@ -5,6 +5,8 @@ tensor names make up a layer. The weight mapping itself (fusions, TP slicing) is
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -76,9 +78,6 @@ def have_transformer_engine() -> bool:
     a version outside megatron's range) is an error here, never a silent fall-back to the local spec. TE absent
     on a GPU: False, with one loud warning (``warn_local_spec_on_gpu``).
     """
-    import importlib
-    import importlib.util
-
     if not torch.cuda.is_available():
         return False
     if importlib.util.find_spec("transformer_engine") is None:
