@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+import torch
+
 from megatron_opsd.models.tokenizer_train import train_bpe_tokenizer
 
 FAMILIES = ("qwen3", "qwen2", "llama")
@@ -52,7 +54,6 @@ def make_tiny_hf_checkpoint(out_dir: str | Path, family: str = "qwen3", *, seed:
     The tokenizer is trained first so the model's vocabulary matches it exactly (plus any padding the caller
     asks for through ``vocab_size``).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 import torch
+import torch.distributed as dist
 
 from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
 from megatron_opsd.parallel.distributed import free_port
@@ -271,8 +272,6 @@ class SidecarClient:
         """Collective over the trainer's ranks: gather the TP/PP-sharded megatron weights tensor by tensor
         under HF names and push them from global rank 0. Every rank returns after rank 0's push finished
         (rank 0 gets the statistics) or raises the same error."""
-        import torch.distributed as dist
-
         rank = dist.get_rank() if dist.is_initialized() else 0
         if self.transport == "collective":  # one gather per replica; all ranks take part in each
             return self._on_all_ranks(rank, version, lambda: self.push_collective(
@@ -283,8 +282,6 @@ class SidecarClient:
 
     def _on_all_ranks(self, rank: int, version: int, push, drain: Optional[Iterator] = None) -> Optional[dict]:
         """Run ``push`` (rank 0 talks to the sidecars; every rank gathers) and raise the same error everywhere."""
-        import torch.distributed as dist
-
         result, error = None, None
         try:
             result = push() if rank == 0 or drain is None else None

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from megatron_opsd.config import ConfigError
 from megatron_opsd.lifecycle import start_process, stop_process
 from megatron_opsd.parallel.distributed import free_port
@@ -57,8 +59,6 @@ class SidecarProcess:
 def refuse_local_sidecar_on_gpu(sidecar_urls: list) -> None:
     """A local sidecar would start vLLM on rank 0's own training GPU (already full with the model, the teacher and
     the optimizer, and vLLM then asks for 90% of it): on CUDA, sidecars run on their own GPUs and are named."""
-    import torch
-
     if not sidecar_urls and torch.cuda.is_available():
         raise ConfigError("rollout.sidecar_urls is empty, so rank 0 would start vLLM on its own training GPU: start "
                           "sidecars on GPUs of their own (`megatron-opsd sidecar --model DIR --port 8000`, or "
