@@ -27,9 +27,9 @@ from megatron_opsd.losses.vocab_parallel import (
     valid_columns,
     working_dtype,
 )
+from megatron_opsd.losses.weights import reduction_weights
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
-REDUCTIONS = ("token_mean", "sequence_mean", "sum")
 
 
 def _xlogy_term(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -126,34 +126,6 @@ class _VocabParallelDivergence(torch.autograd.Function):
         for start in range(0, grad.shape[0], ctx.chunk):  # by chunk: a bf16 * fp32 product has an fp32 temporary
             grad[start:start + ctx.chunk].mul_(scale[start:start + ctx.chunk])
         return grad, *([None] * 12)
-
-
-def reduction_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-token fp32 weights [leading shape] so that loss = sum(weights * per_token); all-masked -> all 0.
-
-    ``sequence_mean`` (OPSDC's 1/|y|): mean over masked tokens of each sequence, then over sequences that
-    have at least one masked token. Sequences are ``sequence_ids`` if given, else the rows of a 2-D
-    [batch, seq] leading shape (for megatron's [seq, batch] layout pass ``sequence_ids``).
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}: choose one of {REDUCTIONS}")
-    m = mask.float()
-    if reduction == "sum":
-        return m
-    if reduction == "token_mean":
-        return m / m.sum().clamp(min=1.0)
-    if sequence_ids is None:
-        if mask.dim() != 2:
-            raise ValueError(f"reduction='sequence_mean' with leading shape {tuple(mask.shape)}: pass sequence_ids "
-                             "(per-token ints) or use a 2-D [batch, seq] leading shape")
-        sequence_ids = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)
-    if sequence_ids.shape != mask.shape:
-        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} must equal the leading shape "
-                         f"{tuple(mask.shape)}")
-    _, inverse = torch.unique(sequence_ids.reshape(-1), return_inverse=True)
-    counts = torch.bincount(inverse, weights=m.reshape(-1))
-    n_sequences = (counts > 0).sum().clamp(min=1).float()
-    return (m.reshape(-1) / counts[inverse].clamp(min=1.0) / n_sequences).reshape(mask.shape)
 
 
 def vocab_parallel_divergence(

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.divergence import REDUCTIONS, reduction_weights
 from megatron_opsd.losses.vocab_parallel import (
     VocabRange,
     all_reduce,
@@ -28,6 +27,7 @@ from megatron_opsd.losses.vocab_parallel import (
     valid_columns,
     working_dtype,
 )
+from megatron_opsd.losses.weights import REDUCTIONS, reduction_weights
 
 ESTIMATORS = ("k1", "k3", "pg")
 

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.divergence import KINDS, _terms, reduction_weights
+from megatron_opsd.losses.divergence import KINDS, _terms
 from megatron_opsd.losses.vocab_parallel import (
     VocabRange,
     all_reduce,
@@ -33,6 +33,7 @@ from megatron_opsd.losses.vocab_parallel import (
     valid_columns,
     working_dtype,
 )
+from megatron_opsd.losses.weights import reduction_weights
 
 
 class TeacherTopK(NamedTuple):
