@@ -19,15 +19,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.vocab_parallel import (
-    VocabRange,
-    all_reduce,
-    load_chunk,
-    log_softmax_into,
-    valid_columns,
-    working_dtype,
-)
-from megatron_opsd.losses.weights import reduction_weights
+from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, load_chunk, log_softmax_into, valid_columns,
+                                                 working_dtype)
+from megatron_opsd.losses.weights import loss_weights, reduction_weights  # noqa: F401 (reduction_weights: API)
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
 
@@ -128,24 +122,13 @@ class _VocabParallelDivergence(torch.autograd.Function):
         return grad, *([None] * 12)
 
 
-def vocab_parallel_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    kind: str = "reverse_kl",
-    group=None,
-    loss_mask: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    token_clip: Optional[float] = None,
-    chunk_tokens: int = 1024,
-    vocab_range: VocabRange = None,
-    reduction: str = "token_mean",
-    sequence_ids: Optional[torch.Tensor] = None,
-    teacher_is_logprobs: bool = False,
-    token_weights: Optional[torch.Tensor] = None,
-    reusable_backward: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: str = "reverse_kl",
+                              group=None, loss_mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                              beta: float = 0.5, token_clip: Optional[float] = None, chunk_tokens: int = 1024,
+                              vocab_range: VocabRange = None, reduction: str = "token_mean",
+                              sequence_ids: Optional[torch.Tensor] = None, teacher_is_logprobs: bool = False,
+                              token_weights: Optional[torch.Tensor] = None,
+                              reusable_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Divergence between student and teacher next-token distributions over the (sharded) vocabulary.
 
     Args: logits are [..., vocab_shard] (this rank's slice); ``group`` is the TP group (None = one process);
@@ -180,13 +163,7 @@ def vocab_parallel_divergence(
         raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the logits' leading shape "
                          f"{tuple(lead)}")
     mask = loss_mask.bool()
-    if token_weights is not None:
-        if token_weights.shape != lead:
-            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the logits' leading "
-                             f"shape {tuple(lead)}")
-        weights = (token_weights.float() * mask).reshape(-1)
-    else:
-        weights = reduction_weights(mask, reduction, sequence_ids).reshape(-1)
+    weights = loss_weights(mask, reduction, sequence_ids, token_weights).reshape(-1)
     cols = valid_columns(width, group, vocab_range, student_logits.device)
     per_token = _VocabParallelDivergence.apply(
         student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), mask.reshape(-1), kind,

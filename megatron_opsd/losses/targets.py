@@ -14,15 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opsd.losses.divergence import _terms
-from megatron_opsd.losses.vocab_parallel import (
-    VocabRange,
-    all_reduce,
-    group_rank_and_size,
-    log_softmax_stats,
-    to_fp32_masked,
-    valid_columns,
-    working_dtype,
-)
+from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, group_rank_and_size, log_softmax_stats,
+                                                 to_fp32_masked, valid_columns, working_dtype)
 
 # A residual log pi_T - log pi_R is +-inf (or NaN) only where a probability is exactly 0; it is clamped to
 # this magnitude before centring so the vocabulary mean stays finite (the soft clip maps it to +-c anyway).

@@ -44,6 +44,18 @@ def reduction_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional
     return (m.reshape(-1) / per_token).reshape(mask.shape).float()
 
 
+def loss_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional[torch.Tensor] = None,
+                 token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The losses' per-token weights: the caller's ``token_weights`` (normalised over a whole step), 0 on masked
+    tokens, in at least fp32; else ``reduction_weights``."""
+    if token_weights is None:
+        return reduction_weights(mask, reduction, sequence_ids)
+    if token_weights.shape != mask.shape:
+        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the loss tokens' shape "
+                         f"{tuple(mask.shape)} (the logits' leading shape)")
+    return token_weights.to(torch.promote_types(token_weights.dtype, torch.float32)) * mask
+
+
 def token_weights(response_lengths: Sequence[int], reduction: str) -> list[torch.Tensor]:
     """``reduction_weights`` over a step's sequences: one fp32 [length] tensor per sequence, on the host."""
     lengths = [int(n) for n in response_lengths]

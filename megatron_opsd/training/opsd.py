@@ -25,10 +25,12 @@ from contextlib import nullcontext
 from typing import Callable, ContextManager, Optional, Union
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megatron_opsd.config import LossConfig
 from megatron_opsd.losses import Objective, TeacherSignal, token_weights
 from megatron_opsd.parallel.device import sum_over_ranks, to_device
+from megatron_opsd.training.schedule import collect_logits, forward_backward, model_forward, select_positions
 
 __all__ = ["build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics", "response_token_ids",
            "student_forward_backward", "teacher_signal_source", "teacher_signals", "token_weights", "tp_group"]
@@ -82,8 +84,6 @@ def build_microbatches(prompts: list[list[int]], responses: list[list[int]], wei
 def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Optional[list]:
     """Teacher logits at the response rows of each micro-batch (local vocab shard), on the last PP stage
     (None elsewhere). Only the response rows are kept, so memory is [response tokens, V/TP] per step."""
-    from megatron_opsd.training.schedule import collect_logits
-
     for chunk in teacher_chunks:
         chunk.eval()
     tokens = microbatches[0]["tokens"]
@@ -105,8 +105,6 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
     teacher's forward is itself a pipeline and cannot run inside the student's 1F1B schedule: every micro-batch's
     teacher rows are collected first (a list), which the planner counts for PP > 1.
     """
-    from megatron.core import parallel_state as ps
-
     if ps.get_pipeline_model_parallel_world_size() > 1:
         rows = {}
         for ctx, mbs in teacher_mbs.items():
@@ -128,8 +126,6 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
 def _teacher_rows(chunk, mb: dict) -> torch.Tensor:
     """A no-grad forward of one teacher micro-batch (PP=1) in eval mode, kept at its response rows only. The
     chunk may be the student itself (teacher.weights=live): its training mode is restored."""
-    from megatron_opsd.training.schedule import model_forward, select_positions
-
     was_training = chunk.training
     chunk.eval()
     try:
@@ -140,8 +136,6 @@ def _teacher_rows(chunk, mb: dict) -> torch.Tensor:
 
 def tp_group():
     """The tensor-parallel group the vocabulary is sharded over, or None at TP=1 (the losses' one-process path)."""
-    from megatron.core import parallel_state as ps
-
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
@@ -181,8 +175,6 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
     ``signals``: ``teacher_signals``' output, (plain OPSD) the list of teacher rows from ``collect_teacher_rows``
     itself, or a callable ``index -> signal`` run in micro-batch ``index``'s loss (``teacher_signal_source``).
     """
-    from megatron_opsd.training.schedule import forward_backward
-
     objective = make_objective(loss, real_vocab_size)
 
     def signal_at(index: int) -> TeacherSignal:
@@ -213,8 +205,6 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
 def opsd_metrics(per_microbatch: list, loss: LossConfig) -> dict:
     """The step's divergence and (when logged) entropies per token, summed over micro-batches and DP ranks from
     the last stage's TP rank 0 (the other ranks hold copies or nothing), valid on every rank."""
-    from megatron.core import parallel_state as ps
-
     logs_entropy = Objective(loss).logs_entropy
     keys = ["divergence_sum", "tokens"] + (["student_entropy_sum", "teacher_entropy_sum"] if logs_entropy else [])
     owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
