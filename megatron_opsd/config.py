@@ -1,6 +1,6 @@
 """The run configuration: one dataclass tree, loaded from YAML, overridden from the command line, saved back.
 
-``load_config("x.yaml", ["loss.kind=jsd", "--set", "optim.lr=1e-6"])`` returns an ``OPSDConfig``. Types are
+``load_config("x.yaml", ["loss.divergence=jsd", "--set", "optim.lr=1e-6"])`` returns an ``OPSDConfig``. Types are
 taken from the dataclass annotations and enforced when loading, so a typo or a bad value fails before any
 process group exists, with the full dotted key and the allowed values in the message. ``save_config``
 writes the resolved tree, which ``load_config`` reads back identically.
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -86,13 +87,7 @@ class TeacherConfig:
     weights: Literal["live", "frozen", "ema", "refresh"] = "frozen"
     ema_decay: float = 0.999
     refresh_every: int = 50  # OPSDC's M: hard copy student -> teacher every M steps (weights=refresh)
-    purified: bool = False  # Purified OPSD: full, reference-only and base teacher forwards
-    pmi_beta: float = 1.0  # Purified OPSD's beta in softmax(log pi_0 + Delta / beta)
-    pmi_clip: float = 10.0  # Purified OPSD's soft clip c in c * tanh(Delta / c)
-    # where Delta is centred before the clip: uniform = its plain mean over the vocabulary (the paper's "centre over
-    # the vocabulary"; dominated by the ~150k tail tokens), teacher = its mean under the full teacher pi_T
-    # (= KL(pi_T || pi_R)), so the clip is symmetric around the tokens the teacher actually predicts
-    pmi_center: Literal["uniform", "teacher"] = "uniform"
+    purified: bool = False  # Purified OPSD: full, reference-only and base teacher forwards (with loss.target=pmi)
     fp8: Optional[Literal["student", "hybrid", "e4m3"]] = "student"  # teacher replica's FP8; null: BF16 teacher
 
 
@@ -129,21 +124,36 @@ class RewardConfig:
     boxed_only: bool = True  # only the last \boxed{...} of the response is graded
 
 
+# The loss is three choices (docs/losses.md): what the student is pulled towards (target), over which tokens
+# (coverage) and by which divergence; on the sampled token only, the divergence is a KL estimator.
+FULL_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+SAMPLED_ESTIMATORS = ("k1", "k3", "pg")
+
+
 @dataclass
 class LossConfig:
-    kind: Literal["reverse_kl", "forward_kl", "jsd", "k1", "k3", "pg", "topk"] = "reverse_kl"
+    target: Literal["teacher", "pmi", "demopsd"] = "teacher"  # what the student is pulled towards
+    coverage: Literal["full", "topk", "sampled"] = "full"  # the vocabulary, the target's top-k, the sampled token
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "k1", "k3", "pg"] = "reverse_kl"  # k1/k3/pg: sampled
     beta: float = 0.5  # JSD_beta: 0 = KL(teacher || student), 1 = KL(student || teacher)
     temperature: float = 1.0  # applied to student and teacher logits
-    token_clip: Optional[float] = None  # clamp each vocabulary entry's term before summing
-    top_k: Optional[int] = None  # kind=topk: the teacher's (or target's) global top-k tokens
-    topk_tail: bool = True  # kind=topk: k + 1 buckets (the rest of the mass as one); false: renormalise over k
-    topk_divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"  # kind=topk: over the buckets
+    token_clip: Optional[float] = None  # clamp each vocabulary entry's (or top-k bucket's) term before summing
+    top_k: Optional[int] = None  # coverage=topk: the teacher's (or target's) global top-k tokens
+    topk_tail: bool = True  # coverage=topk: k + 1 buckets (the rest of the mass as one); false: renormalise over k
     reduction: Literal["token_mean", "sequence_mean", "sum"] = "token_mean"
     chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide computation
-    target: Literal["teacher", "pmi", "demopsd"] = "teacher"  # what the student is pulled towards
+    pmi_beta: float = 1.0  # target=pmi (Purified OPSD): beta in softmax(log pi_0 + Delta / beta)
+    pmi_clip: float = 10.0  # target=pmi: the soft clip c in c * tanh(Delta / c)
+    # target=pmi: where Delta is centred before the clip: uniform = its plain mean over the vocabulary (the paper's
+    # "centre over the vocabulary"; dominated by the ~150k tail tokens), teacher = its mean under the full teacher
+    # pi_T (= KL(pi_T || pi_R)), so the clip is symmetric around the tokens the teacher actually predicts
+    pmi_center: Literal["uniform", "teacher"] = "uniform"
     demopsd_alpha_max: float = 0.15
     demopsd_beta: float = DEFAULT_DEMOPSD_BETA  # DemoPSD: alpha_t = (sigmoid(beta * JSD_t) - 0.5) * 2 * alpha_max
-    allow_k1_loss: bool = False  # kind=k1 has zero expected gradient on-policy: refused unless opted in
+    allow_k1_loss: bool = False  # divergence=k1 has zero expected gradient on-policy: refused unless opted in
+    # student and teacher entropy metrics (two full-vocabulary passes per step); null: only with coverage=full
+    # (top-k and sampled coverage exist to avoid full-vocabulary passes)
+    log_entropy: Optional[bool] = None
 
 
 @dataclass
@@ -332,7 +342,7 @@ def _override_items(overrides: Sequence[str]) -> list[tuple[str, str]]:
         if item.startswith("--set="):
             item = item[len("--set="):]
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. loss.kind=jsd)")
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. loss.divergence=jsd)")
         key, value = item.split("=", 1)
         key = key.strip().lstrip("-+")
         if not key:
@@ -355,9 +365,59 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return nested
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Keys renamed by the loss split (target / coverage / divergence): accepted for one release, with a warning
+# ----------------------------------------------------------------------------------------------------------
+_MOVED_KEYS = {"teacher.pmi_beta": "loss.pmi_beta", "teacher.pmi_clip": "loss.pmi_clip",
+               "teacher.pmi_center": "loss.pmi_center"}
+_OLD_LOSS_KINDS = Literal["reverse_kl", "forward_kl", "jsd", "k1", "k3", "pg", "topk"]
+DEPRECATED_KEYS = ("loss.kind", "loss.topk_divergence", *_MOVED_KEYS)
+
+
+def _coverage_and_divergence(kind: str, divergence: str) -> tuple[str, str]:
+    """The old ``loss.kind`` as (coverage, divergence); kind=topk keeps a full-vocabulary ``divergence``."""
+    if kind == "topk":
+        return "topk", divergence if divergence in FULL_DIVERGENCES else "reverse_kl"
+    return ("sampled" if kind in SAMPLED_ESTIMATORS else "full"), kind
+
+
+def apply_deprecated_key(cfg: Any, key: str, value: Any) -> None:
+    """Set deprecated ``key`` through the keys that replace it, with a one-line FutureWarning naming them."""
+    loss = cfg.loss
+    if key == "loss.kind":
+        loss.coverage, loss.divergence = _coverage_and_divergence(_coerce(value, _OLD_LOSS_KINDS, key),
+                                                                  loss.divergence)
+        new = f"loss.coverage={loss.coverage} loss.divergence={loss.divergence}"
+    elif key == "loss.topk_divergence":  # as before: it only ever selected the divergence of kind=topk
+        divergence = _coerce(value, Literal["reverse_kl", "forward_kl", "jsd"], key)
+        if loss.coverage == "topk":
+            loss.divergence = divergence
+        new = f"loss.divergence={divergence} (with loss.coverage=topk)"
+    else:
+        name = _MOVED_KEYS[key].split(".")[1]
+        setattr(loss, name, _coerce(value, typing.get_type_hints(LossConfig)[name], _MOVED_KEYS[key]))
+        new = f"{_MOVED_KEYS[key]}={getattr(loss, name)}"
+    warnings.warn(f"config key {key} is deprecated and will be removed in the next release: use {new}",
+                  FutureWarning, stacklevel=3)
+
+
+def _pop_deprecated(data: Any) -> list[tuple[str, Any]]:
+    """Remove the deprecated keys from a YAML mapping; returns them (dotted key, value) in file order."""
+    found = []
+    for section in ("loss", "teacher"):
+        values = data.get(section) if isinstance(data, dict) else None
+        if isinstance(values, dict):
+            for name in [n for n in values if f"{section}.{n}" in DEPRECATED_KEYS]:
+                found.append((f"{section}.{name}", values.pop(name)))
+    return sorted(found, key=lambda item: DEPRECATED_KEYS.index(item[0]))  # loss.kind before topk_divergence
+
+
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     """Apply ``section.key=value`` strings to ``cfg`` in place (and return it), coerced from the annotations."""
     for key, raw in _override_items(overrides):
+        if key in DEPRECATED_KEYS and isinstance(cfg, OPSDConfig):
+            apply_deprecated_key(cfg, key, raw)
+            continue
         parts = key.split(".")
         target = cfg
         for i, part in enumerate(parts):
@@ -395,7 +455,15 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
          "teacher.template must be set (a Jinja user turn) when teacher.context=template")
     need(cfg.reward.kind != "callable" or bool(cfg.reward.callable),
          "reward.callable must be set to 'module:function' when reward.kind=callable")
-    need(loss.kind != "topk" or (loss.top_k or 0) > 0, "loss.top_k must be a positive integer when loss.kind=topk")
+    sampled = loss.coverage == "sampled"
+    need(sampled or loss.divergence in FULL_DIVERGENCES,
+         f"loss.divergence={loss.divergence} is a sampled-token estimator: set loss.coverage=sampled, or use "
+         f"loss.divergence={'|'.join(FULL_DIVERGENCES)} with loss.coverage={loss.coverage}")
+    need(not sampled or loss.divergence in SAMPLED_ESTIMATORS,
+         f"loss.coverage=sampled compares log-probs of the sampled token only: set loss.divergence=pg (reverse-KL "
+         f"gradient) or k3 (forward-KL gradient), not {loss.divergence}")
+    need(loss.coverage != "topk" or (loss.top_k or 0) > 0,
+         "loss.top_k must be a positive integer when loss.coverage=topk")
     need(0.0 <= loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {loss.beta}")
     need(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
     need(loss.chunk_tokens >= 1, f"loss.chunk_tokens must be >= 1, got {loss.chunk_tokens}")
@@ -407,14 +475,15 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(not t.purified or t.context not in ("reference_only", "base"),
          f"teacher.purified=true with teacher.context={t.context}: the full teacher must see the question and the "
          "privileged text (e.g. teacher.context=reference); reference_only and base are added automatically")
-    need(t.pmi_beta > 0 and t.pmi_clip > 0,
-         f"teacher.pmi_beta and teacher.pmi_clip must be > 0, got {t.pmi_beta} and {t.pmi_clip}")
+    need(loss.pmi_beta > 0 and loss.pmi_clip > 0,
+         f"loss.pmi_beta and loss.pmi_clip must be > 0, got {loss.pmi_beta} and {loss.pmi_clip}")
     need(0.0 <= loss.demopsd_alpha_max <= 1.0, f"loss.demopsd_alpha_max must be in [0, 1], got {loss.demopsd_alpha_max}")
-    need(loss.token_clip is None or loss.kind not in ("k1", "k3", "pg"),
-         f"loss.token_clip clamps per-vocabulary-entry terms, which loss.kind={loss.kind} (a sampled-token "
-         "estimator) does not have; unset loss.token_clip or use loss.kind=reverse_kl|forward_kl|jsd|topk")
-    need(loss.kind != "k1" or loss.allow_k1_loss, K1_REFUSAL.format(key="loss.kind=k1", fix="loss.kind=pg "
-         "(reverse-KL gradient) or loss.kind=k3 (forward-KL gradient)", opt_in="loss.allow_k1_loss=true"))
+    need(loss.token_clip is None or not sampled,
+         "loss.token_clip clamps per-vocabulary-entry terms, which loss.coverage=sampled (a sampled-token "
+         "estimator) does not have; unset loss.token_clip or use loss.coverage=full|topk")
+    need(loss.divergence != "k1" or loss.allow_k1_loss, K1_REFUSAL.format(key="loss.divergence=k1", fix=
+         "loss.divergence=pg (reverse-KL gradient) or loss.divergence=k3 (forward-KL gradient)",
+         opt_in="loss.allow_k1_loss=true"))
     from megatron_opsd.templates import needs_demonstration
 
     need(not needs_demonstration(t.context, t) or r.n >= 2,
@@ -445,15 +514,12 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     return cfg
 
 
-FULL_VOCABULARY_KINDS = ("reverse_kl", "forward_kl", "jsd", "topk")
-
-
 def distillation_warnings(cfg: OPSDConfig) -> list[str]:
     """Settings that are allowed but probably not meant (the trainer prints them at start)."""
     out = []
-    if cfg.loss.kind in FULL_VOCABULARY_KINDS and cfg.loss.temperature != cfg.rollout.temperature:
+    if cfg.loss.coverage != "sampled" and cfg.loss.temperature != cfg.rollout.temperature:
         out.append(f"loss.temperature={cfg.loss.temperature} differs from rollout.temperature="
-                   f"{cfg.rollout.temperature} with loss.kind={cfg.loss.kind}: the rollouts are sampled from "
+                   f"{cfg.rollout.temperature} with loss.coverage={cfg.loss.coverage}: the rollouts are sampled from "
                    "softmax(z / rollout.temperature) but the divergence compares softmax(z / loss.temperature), so "
                    "the distribution being matched is not the one that sampled (OPSD ties both, 1.1 in the paper); "
                    "set loss.temperature = rollout.temperature unless this is intended")
@@ -499,7 +565,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[Sequence[
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         data = yaml.safe_load(p.read_text()) or {}
+    deprecated = _pop_deprecated(data) if issubclass(cls, OPSDConfig) else []
     cfg = from_dict(cls, data)
+    for key, value in deprecated:
+        apply_deprecated_key(cfg, key, value)
     apply_overrides(cfg, list(overrides or []))
     if isinstance(cfg, OPSDConfig):
         validate_config(resolve_config(cfg))
@@ -518,9 +587,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config FILE``, repeatable ``--set key=value`` and Hydra-style bare ``key=value`` arguments."""
     parser.add_argument("--config", default=None, help="YAML config file")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set loss.kind=jsd (repeatable)")
+                        help="override a config value, e.g. --set loss.divergence=jsd (repeatable)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="Hydra-style overrides, e.g. loss.kind=jsd rollout.n=4")
+                        help="Hydra-style overrides, e.g. loss.divergence=jsd rollout.n=4")
 
 
 def config_from_args(args: argparse.Namespace, cls: type = OPSDConfig) -> Any:

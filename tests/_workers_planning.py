@@ -46,11 +46,12 @@ def measured_training_step(hf_dir: str, seq_length: int, micro_batch_size: int, 
     from megatron_opsd.models.gpt import build_model
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_opsd.training.engine import OptimizerSettings, optimizer_step, setup_training, zero_grads
+    from megatron_opsd.config import OptimConfig
+    from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
 
     torch.manual_seed(0)
     chunks = build_model(hf_dir, params_dtype=torch.bfloat16, recompute_granularity=recompute)
-    ddp, optimizer, scheduler = setup_training(chunks, OptimizerSettings(lr=1e-4, use_distributed_optimizer=True))
+    ddp, optimizer, scheduler = setup_training(chunks, OptimConfig(lr=1e-4, use_distributed_optimizer=True), 1000)
     vocab = chunks[0].real_vocab_size
     tokens = torch.randint(0, vocab, (micro_batch_size, seq_length))
     positions = torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, -1)

@@ -13,10 +13,10 @@ import torch
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.training.checkpoint import LATEST_FILE, latest_checkpoint, load_checkpoint
-from megatron_opsd.training.engine import OptimizerSettings
+from megatron_opsd.config import OptimConfig
 
-SETTINGS = OptimizerSettings(lr=3e-3, min_lr=3e-4, weight_decay=0.1, warmup_steps=1, total_steps=5,
-                             lr_decay_style="cosine", clip_grad=1.0)
+SETTINGS = OptimConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.1, warmup_steps=1, lr_decay_style="cosine", clip_grad=1.0)
+TOTAL_STEPS = 5
 MBS, SEQ, NUM_MB = 2, 10, 2
 EMA_DECAY = 0.5
 
@@ -59,7 +59,7 @@ def train_worker(hf_dir: str, root: str, resume: bool, last_step: int, save_at: 
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
-    ddp_chunks, optimizer, scheduler = setup_training(chunks, SETTINGS)
+    ddp_chunks, optimizer, scheduler = setup_training(chunks, SETTINGS, TOTAL_STEPS)
     ema = build_model(hf_dir)
     copy_weights_(ema, chunks)
     loss_fn = make_weighted_ce_loss_fn(chunks[0].real_vocab_size)

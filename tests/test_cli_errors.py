@@ -31,7 +31,7 @@ def run_train(root, *argv, **env):
 
 
 CASES = {
-    "loss.kind=rkl": "loss.kind: 'rkl' is not one of ['reverse_kl', 'forward_kl', 'jsd'",
+    "loss.divergence=rkl": "loss.divergence: 'rkl' is not one of ['reverse_kl', 'forward_kl', 'jsd'",
     "bogus.key=1": "unknown config key 'bogus.key'; valid keys at the top level",
     "rollout.n=0": "rollout.n must be >= 1, got 0",
     "optim.lr=abc": "optim.lr: expected a number, got 'abc'",
@@ -63,10 +63,10 @@ def test_debug_shows_the_traceback(train_inputs):
 def test_only_rank_0_prints(train_inputs):
     """Under torchrun/srun every rank runs the command and hits the same error; ranks other than 0 stay quiet."""
     root, model, data = train_inputs
-    quiet = run_train(root, f"model.path={model}", "loss.kind=rkl", RANK="1")
+    quiet = run_train(root, f"model.path={model}", "loss.divergence=rkl", RANK="1")
     assert quiet.returncode == 2 and quiet.stderr == "" and quiet.stdout == ""
-    loud = run_train(root, f"model.path={model}", "loss.kind=rkl", RANK="0")
-    assert loud.returncode == 2 and loud.stderr.startswith("megatron-opsd: error: loss.kind:")
+    loud = run_train(root, f"model.path={model}", "loss.divergence=rkl", RANK="0")
+    assert loud.returncode == 2 and loud.stderr.startswith("megatron-opsd: error: loss.divergence:")
 
 
 def fail_with_usage_error() -> None:

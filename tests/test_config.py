@@ -16,7 +16,8 @@ def test_defaults_resolve_and_section_types():
     cfg = load_config(None, [])
     assert isinstance(cfg, OPSDConfig)
     assert type(cfg.parallel) is ParallelConfig  # the launcher's dataclass, not a copy
-    assert cfg.loss.kind == "reverse_kl" and cfg.model.make_vocab_size_divisible_by == 128
+    assert (cfg.loss.coverage, cfg.loss.divergence) == ("full", "reverse_kl")
+    assert cfg.model.make_vocab_size_divisible_by == 128
     assert cfg.logging.dir == "runs/opsd"  # runs/<name>
     assert load_config(None, ["logging.name=exp7"]).logging.dir == "runs/exp7"
 
@@ -25,7 +26,7 @@ def test_yaml_then_overrides_coerced_from_annotations(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"path": "/m", "enable_thinking": False},
-        "loss": {"kind": "jsd", "beta": 1},  # int in YAML for a float field
+        "loss": {"divergence": "jsd", "beta": 1},  # int in YAML for a float field
         "optim": {"lr": "1e-6"},  # PyYAML reads 1e-6 as a string
         "rollout": {"sidecar_urls": ["http://a:1"], "n": 4},
     }))
@@ -35,7 +36,7 @@ def test_yaml_then_overrides_coerced_from_annotations(tmp_path):
         "train.steps=7", "data.id_field=unique_id", "loss.token_clip=none", "rollout.filter=correct",
     ])
     assert cfg.model.path == "/m" and cfg.model.enable_thinking is True and cfg.model.fp8 is None
-    assert cfg.loss.kind == "jsd" and cfg.loss.beta == 0.25 and isinstance(cfg.loss.beta, float)
+    assert cfg.loss.divergence == "jsd" and cfg.loss.beta == 0.25 and isinstance(cfg.loss.beta, float)
     assert cfg.optim.lr == 1e-6 and isinstance(cfg.optim.lr, float)
     assert cfg.rollout.sidecar_urls == ["http://a:1", "http://b:2"] and cfg.rollout.n == 4
     assert cfg.rollout.horizon == 64 and cfg.rollout.filter == "correct"
@@ -46,7 +47,7 @@ def test_yaml_then_overrides_coerced_from_annotations(tmp_path):
 
 
 def test_save_and_reload_identical(tmp_path):
-    cfg = load_config(None, ["loss.kind=topk", "loss.top_k=20", "teacher.context=concise", "optim.lr=3e-7",
+    cfg = load_config(None, ["loss.coverage=topk", "loss.top_k=20", "teacher.context=concise", "optim.lr=3e-7",
                              "rollout.horizon_growth=linear", "rollout.horizon_start=8", "rollout.horizon_end=64",
                              "rollout.horizon_steps=10", "data.system_prompt=Be brief.\nReally."])
     path = save_config(cfg, tmp_path / "sub" / "resolved.yaml")
@@ -56,18 +57,23 @@ def test_save_and_reload_identical(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.kind=foo", "loss.kind: 'foo' is not one of ['reverse_kl', 'forward_kl', 'jsd', 'k1', 'k3', 'pg', 'topk']"),
-    ("loss.knd=jsd", "unknown config key 'loss.knd'; valid keys of loss: ['kind',"),
+    ("loss.divergence=foo",
+     "loss.divergence: 'foo' is not one of ['reverse_kl', 'forward_kl', 'jsd', 'k1', 'k3', 'pg']"),
+    ("loss.coverage=all", "loss.coverage: 'all' is not one of ['full', 'topk', 'sampled']"),
+    ("loss.knd=jsd", "unknown config key 'loss.knd'; valid keys of loss: ['target', 'coverage', 'divergence',"),
     ("nosuch.key=1", "unknown config key 'nosuch.key'; valid keys at the top level: ['model',"),
     ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
     ("train.steps=1.5", "train.steps: expected an integer, got '1.5'"),
     ("optim.use_distributed_optimizer=maybe", "optim.use_distributed_optimizer: expected true or false"),
     ("model.fp8=e5m2", "model.fp8: 'e5m2' is not one of ['hybrid', 'e4m3'] (or null)"),
     ("loss=jsd", "loss is a section"),
-    ("loss.kind", "is not of the form section.key=value"),
+    ("loss.divergence", "is not of the form section.key=value"),
     ("teacher.context=template", "teacher.template must be set"),
     ("reward.kind=callable", "reward.callable must be set"),
-    ("loss.kind=topk", "loss.top_k must be a positive integer"),
+    ("loss.coverage=topk", "loss.top_k must be a positive integer when loss.coverage=topk"),
+    ("loss.divergence=pg", "loss.divergence=pg is a sampled-token estimator: set loss.coverage=sampled"),
+    ("loss.coverage=sampled", "loss.coverage=sampled compares log-probs of the sampled token only: set "
+                              "loss.divergence=pg"),
     ("loss.beta=1.5", "loss.beta must be in [0, 1]"),
     ("rollout.horizon_growth=linear", "needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps"),
     ("loss.target=pmi", "loss.target=pmi needs teacher.purified=true"),
@@ -89,7 +95,7 @@ def test_bad_yaml_values_name_the_full_key(tmp_path):
     path.write_text(yaml.safe_dump({"loss": "jsd"}))
     with pytest.raises(ConfigError, match=r"loss: expected a mapping"):
         load_config(str(path))
-    path.write_text(yaml.safe_dump({"loss": {"kind": "jsd", "extra": 1}}))
+    path.write_text(yaml.safe_dump({"loss": {"divergence": "jsd", "extra": 1}}))
     with pytest.raises(ConfigError, match=r"unknown config key 'loss.extra'"):
         load_config(str(path))
     with pytest.raises(ConfigError, match="does not exist"):
@@ -100,9 +106,9 @@ def test_parse_overrides_and_cli_arguments():
     assert parse_overrides(["a.b=1", "--set", "a.c=x=y", "d=2"]) == {"a": {"b": "1", "c": "x=y"}, "d": "2"}
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--set", "loss.kind=jsd", "rollout.n=3", "--set", "loss.beta=0.1"])
+    args = parser.parse_args(["--set", "loss.divergence=jsd", "rollout.n=3", "--set", "loss.beta=0.1"])
     cfg = config_from_args(args)
-    assert (cfg.loss.kind, cfg.rollout.n, cfg.loss.beta) == ("jsd", 3, 0.1)
+    assert (cfg.loss.divergence, cfg.rollout.n, cfg.loss.beta) == ("jsd", 3, 0.1)
 
 
 def test_apply_overrides_on_any_dataclass():
@@ -123,8 +129,8 @@ def test_apply_overrides_on_any_dataclass():
 @pytest.mark.parametrize("overrides, warns", [
     (["rollout.temperature=1.1"], True),  # loss.temperature stays 1.0
     (["rollout.temperature=1.1", "loss.temperature=1.1"], False),  # OPSD's tied setting
-    (["rollout.temperature=1.1", "loss.kind=topk", "loss.top_k=4"], True),
-    (["rollout.temperature=1.1", "loss.kind=pg"], False),  # sampled-token kinds read log-probs of the samples
+    (["rollout.temperature=1.1", "loss.coverage=topk", "loss.top_k=4"], True),
+    (["rollout.temperature=1.1", "loss.coverage=sampled", "loss.divergence=pg"], False),  # log-probs of the samples
 ])
 def test_temperature_mismatch_warning(overrides, warns):
     from megatron_opsd.config import distillation_warnings
@@ -150,3 +156,43 @@ def test_published_defaults():
     (stage,) = [s for s in stages if s["kind"] == "opsd"]
     compression = load_config(stage["config"], stage["overrides"])
     assert (compression.teacher.context, compression.rollout.filter) == ("reference", "correct")
+
+
+NEW_LOSS_KEYS = ["loss.coverage=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.divergence=jsd", "loss.beta=0.3",
+                 "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi", "loss.pmi_beta=0.5",
+                 "loss.pmi_clip=3", "loss.pmi_center=teacher", "loss.demopsd_alpha_max=0.2", "loss.demopsd_beta=2"]
+OLD_LOSS_KEYS = ["loss.kind=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.topk_divergence=jsd", "loss.beta=0.3",
+                 "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi", "teacher.pmi_beta=0.5",
+                 "teacher.pmi_clip=3", "teacher.pmi_center=teacher", "loss.demopsd_alpha_max=0.2",
+                 "loss.demopsd_beta=2"]
+
+
+@pytest.mark.parametrize("old, new", [
+    (["loss.kind=jsd"], ["loss.coverage=full", "loss.divergence=jsd"]),
+    (["loss.kind=pg"], ["loss.coverage=sampled", "loss.divergence=pg"]),
+    (["loss.kind=k3", "loss.topk_divergence=jsd"], ["loss.coverage=sampled", "loss.divergence=k3"]),  # ignored
+    (["loss.kind=topk", "loss.top_k=4"], ["loss.coverage=topk", "loss.divergence=reverse_kl", "loss.top_k=4"]),
+    (OLD_LOSS_KEYS, NEW_LOSS_KEYS),
+])
+def test_deprecated_loss_keys_give_the_new_keys_config(old, new):
+    """Each old key (loss.kind, loss.topk_divergence, teacher.pmi_*) gives the config its new keys give, with one
+    FutureWarning line per old key that names the new key; from a YAML file as from overrides."""
+    expected = load_config(None, new)
+    with pytest.warns(FutureWarning) as record:
+        assert load_config(None, old) == expected
+    messages = [str(w.message) for w in record]
+    deprecated = [o.split("=")[0] for o in old if o.split("=")[0] in ("loss.kind", "loss.topk_divergence")
+                  or o.startswith("teacher.pmi_")]
+    assert len(messages) == len(deprecated) and all("\n" not in m for m in messages)
+    for key, message in zip(deprecated, messages):
+        assert message.startswith(f"config key {key} is deprecated") and "use loss." in message
+
+
+def test_deprecated_loss_keys_in_yaml(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"loss": {"topk_divergence": "forward_kl", "kind": "topk", "top_k": 3},
+                                    "teacher": {"purified": True, "pmi_clip": 2.0}}))
+    with pytest.warns(FutureWarning, match="use loss.pmi_clip=2.0"):
+        cfg = load_config(str(path), ["loss.target=pmi"])
+    assert (cfg.loss.coverage, cfg.loss.divergence, cfg.loss.top_k, cfg.loss.pmi_clip) == ("topk", "forward_kl", 3, 2.0)
+    assert "kind" not in yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))["loss"]  # saved with the new keys only

@@ -49,7 +49,7 @@ def test_stage_configs_load_with_the_demo_overrides():
     assert sft.train.steps == 7 and sft.data.global_batch_size % sft.optim.micro_batch_size == 0
     cfg = load_config(str(stage_config_dir() / "opsdc.yaml"), ["rollout.filter=incorrect"])
     assert cfg.teacher.context == "concise" and cfg.teacher.concise_instruction == CONCISE_INSTRUCTION
-    assert cfg.loss.kind == "reverse_kl" and cfg.rollout.filter == "incorrect"
+    assert cfg.loss.divergence == "reverse_kl" and cfg.rollout.filter == "incorrect"
 
 
 def test_demo_pipeline_branches_every_filter_from_the_sft_stage(tmp_path):

@@ -5,11 +5,11 @@ from safetensors.torch import load_file
 
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.engine import OptimizerSettings
+from megatron_opsd.config import OptimConfig
 
-SETTINGS = OptimizerSettings(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
-                             clip_grad=0.5, total_steps=3)  # clip 0.5 triggers on this model (grad norm ~2-4)
-STEPS = 3
+SETTINGS = OptimConfig(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                       clip_grad=0.5)  # clip 0.5 triggers on this model (grad norm ~2-4)
+STEPS = 3  # also the LR schedule's length
 REL_TOL = 1e-4
 
 
@@ -20,7 +20,7 @@ def batch():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def megatron_steps(hf_dir: str, out_dir: str, settings: OptimizerSettings):
+def megatron_steps(hf_dir: str, out_dir: str, settings: OptimConfig):
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
@@ -29,7 +29,7 @@ def megatron_steps(hf_dir: str, out_dir: str, settings: OptimizerSettings):
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
-    ddp_chunks, optimizer, scheduler = setup_training(chunks, settings)
+    ddp_chunks, optimizer, scheduler = setup_training(chunks, settings, STEPS)
     inputs, labels = batch()
     # The SFT trainer's loss with uniform weights: the mean CE over every token, as the reference computes it.
     microbatch = {"tokens": inputs, "labels": labels, "weights": torch.full(labels.shape, 1.0 / labels.numel())}
@@ -46,7 +46,7 @@ def megatron_steps(hf_dir: str, out_dir: str, settings: OptimizerSettings):
     return losses, grad_norms
 
 
-def reference_steps(hf_dir: str, settings: OptimizerSettings):
+def reference_steps(hf_dir: str, settings: OptimConfig):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)

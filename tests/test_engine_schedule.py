@@ -55,13 +55,14 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool, replicas: bool
 
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint
-    from megatron_opsd.training.engine import OptimizerSettings, setup_training, zero_grads
+    from megatron_opsd.config import OptimConfig
+    from megatron_opsd.training.engine import setup_training, zero_grads
     from megatron_opsd.training.schedule import collect_logits, forward_backward
     from megatron_opsd.training.sft import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)
-    ddp_chunks, optimizer, _ = setup_training(chunks, OptimizerSettings(use_distributed_optimizer=False))
+    ddp_chunks, optimizer, _ = setup_training(chunks, OptimConfig(lr=1e-5, use_distributed_optimizer=False), 1000)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = len(microbatches) // dp
     mine = microbatches[dp_rank * per_rank:(dp_rank + 1) * per_rank]

@@ -28,8 +28,10 @@ def test_opsd_microbatches_reach_the_current_device(sentinel_device):
     mbs = build_microbatches([[1, 2], [3]], responses, token_weights([3, 2], "token_mean"), micro_batch_size=1,
                              pad_id=0)
     assert len(mbs) == 2
-    for mb in mbs:
-        assert {k: v.device for k, v in mb.items()} == {k: SENTINEL for k in mb}
+    for index, mb in enumerate(mbs):
+        tensors = {k: v for k, v in mb.items() if k != "index"}  # the micro-batch's position: a plain int
+        assert {k: v.device for k, v in tensors.items()} == {k: SENTINEL for k in tensors}
+        assert mb["index"] == index and type(mb["index"]) is int
 
 
 @pytest.mark.parametrize("pack_to", [None, 16])

@@ -21,8 +21,9 @@ def lora_step_worker(hf_dir: str, adapter_dir: str, micro_batch_size: int):
     from megatron_opsd.models.lora import use_adapters
     from megatron_opsd.models.lora_peft import gather_lora_tensors, init_lora_, save_peft_adapter
     from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint
-    from megatron_opsd.training.engine import OptimizerSettings, optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.opsd import (LossSettings, build_microbatches, collect_teacher_rows,
+    from megatron_opsd.config import LossConfig, OptimConfig
+    from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
+    from megatron_opsd.training.opsd import (build_microbatches, collect_teacher_rows,
                                              student_forward_backward, token_weights)
 
     chunks = build_model(hf_dir, lora=SETTINGS)
@@ -30,7 +31,7 @@ def lora_step_worker(hf_dir: str, adapter_dir: str, micro_batch_size: int):
     init_lora_(chunks, seed=3, b_std=0.05)  # non-zero B: A gets a gradient
     save_peft_adapter(chunks, adapter_dir, SETTINGS, hf_dir)  # the reference starts from this export
     base_before = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
-    ddp, optimizer, scheduler = setup_training(chunks, OptimizerSettings(lr=LR, clip_grad=CLIP, adam_eps=EPS))
+    ddp, optimizer, scheduler = setup_training(chunks, OptimConfig(lr=LR, clip_grad=CLIP, adam_eps=EPS), 1000)
     student, teacher, responses = rollouts()
     weights = token_weights([len(r) for r in responses], "token_mean")
     kw = dict(micro_batch_size=micro_batch_size, pad_id=0, dp_size=ps.get_data_parallel_world_size(),
@@ -39,7 +40,7 @@ def lora_step_worker(hf_dir: str, adapter_dir: str, micro_batch_size: int):
     with use_adapters(ddp, "off"):  # the frozen teacher: the base model, no second replica
         teacher_rows = collect_teacher_rows(ddp, build_microbatches(teacher, responses, weights, **kw))
     zero_grads(ddp, optimizer)
-    out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossSettings(),
+    out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossConfig(),
                                    real_vocab_size=chunks[0].real_vocab_size)
     grads = gather_lora_tensors(chunks, grads=True)
     info = optimizer_step(optimizer, scheduler)

@@ -101,7 +101,8 @@ def _step(ddp, chunks, optimizer, scheduler):
     """One OPSD step on test_opsd_step's fixed rollouts, frozen (adapters-off) teacher."""
     from megatron_opsd.models.lora import use_adapters
     from megatron_opsd.training.engine import optimizer_step, zero_grads
-    from megatron_opsd.training.opsd import (LossSettings, build_microbatches, collect_teacher_rows,
+    from megatron_opsd.config import LossConfig
+    from megatron_opsd.training.opsd import (build_microbatches, collect_teacher_rows,
                                              student_forward_backward, token_weights)
 
     student, teacher, responses = rollouts()
@@ -111,7 +112,7 @@ def _step(ddp, chunks, optimizer, scheduler):
         rows = collect_teacher_rows(ddp, build_microbatches(teacher, responses, weights, **kw))
     zero_grads(ddp, optimizer)
     out = student_forward_backward(ddp, build_microbatches(student, responses, weights, **kw), rows,
-                                   loss=LossSettings(), real_vocab_size=chunks[0].real_vocab_size)
+                                   loss=LossConfig(), real_vocab_size=chunks[0].real_vocab_size)
     optimizer_step(optimizer, scheduler)
     return out.loss
 
@@ -121,7 +122,8 @@ def resume_worker(hf_dir: str, root: str, resume: bool) -> dict:
     from megatron_opsd.models.lora_peft import gather_lora_tensors, init_lora_
     from megatron_opsd.models.weights import load_hf_checkpoint
     from megatron_opsd.training.checkpoint import load_latest, save_checkpoint
-    from megatron_opsd.training.engine import OptimizerSettings, setup_training
+    from megatron_opsd.config import OptimConfig
+    from megatron_opsd.training.engine import setup_training
     from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teacher_adapters
 
     ema = SimpleNamespace(weights="ema", ema_decay=0.5, purified=False)
@@ -129,7 +131,7 @@ def resume_worker(hf_dir: str, root: str, resume: bool) -> dict:
     load_hf_checkpoint(chunks, hf_dir)
     init_lora_(chunks, seed=3, b_std=0.05)
     add_teacher_adapters(chunks, ema)
-    ddp, optimizer, scheduler = setup_training(chunks, OptimizerSettings(lr=1e-3))
+    ddp, optimizer, scheduler = setup_training(chunks, OptimConfig(lr=1e-3), 1000)
     if resume:
         load_latest(root, ddp, optimizer, scheduler)
     else:

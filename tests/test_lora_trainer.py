@@ -35,9 +35,9 @@ def test_lora_trainer_purified_live_teacher(tiny_checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_checkpoints["qwen3"]
-    cfg = make_config(tmp_path, model_dir, teacher={"context": "reference", "purified": True, "pmi_clip": 1.0,
-                                                   "pmi_beta": 0.5, "weights": "live"},
-                      loss={"target": "pmi", "kind": "jsd", "beta": 0.5}, optim={"lr": 3e-2},
+    cfg = make_config(tmp_path, model_dir, teacher={"context": "reference", "purified": True, "weights": "live"},
+                      loss={"target": "pmi", "divergence": "jsd", "beta": 0.5, "pmi_clip": 1.0, "pmi_beta": 0.5},
+                      optim={"lr": 3e-2},
                       model={"path": model_dir, "lora": {"rank": 4, "alpha": 8.0, "sync": "merged"}})  # FakeClient
     history, recorded, no_replica = run_distributed(lora_trainer_worker, 1, cfg.parallel, cfg,
                                                     str(tmp_path / "adapter"))[0]

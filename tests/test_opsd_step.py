@@ -5,8 +5,8 @@ import torch
 
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.engine import OptimizerSettings
-from megatron_opsd.training.opsd import LossSettings, token_weights
+from megatron_opsd.config import LossConfig, OptimConfig
+from megatron_opsd.training.opsd import token_weights
 
 REL_TOL = 1e-4
 
@@ -33,7 +33,7 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_par
     load_hf_checkpoint(student_chunks, hf_dir)
     teacher_chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(teacher_chunks, hf_dir)  # frozen teacher: the initial weights
-    ddp, optimizer, scheduler = setup_training(student_chunks, OptimizerSettings(lr=1e-3, clip_grad=1.0))
+    ddp, optimizer, scheduler = setup_training(student_chunks, OptimConfig(lr=1e-3, clip_grad=1.0), 1000)
     student, teacher, responses = rollouts()
     weights = token_weights([len(r) for r in responses], reduction)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -46,7 +46,7 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_par
     if final_norm is not None:
         final_norm.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     zero_grads(ddp, optimizer)
-    out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossSettings(),
+    out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossConfig(),
                                    real_vocab_size=student_chunks[0].real_vocab_size)
     norm_grads = {name: p.main_grad.clone() for chunk in student_chunks for name, p in chunk.named_parameters()
                   if "layernorm" in name}

@@ -12,23 +12,25 @@ import torch.nn.functional as F
 
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.engine import OptimizerSettings
-from megatron_opsd.training.opsd import LossSettings, token_weights
+from megatron_opsd.config import LossConfig, OptimConfig
+from megatron_opsd.training.opsd import token_weights
 
 REL_TOL = 1e-4  # megatron fp32 vs transformers fp32 (+ fp64 loss maths); measured errors are printed with -s
 # Adam's first update is lr * g / (|g| + eps): with eps = 1 it is ~ lr * g, so comparing the parameter updates of
 # TP=1 and TP=2 compares their gradients element by element (with eps = 1e-8 it is ~ lr * sign(g), which flips
 # on near-zero gradient entries and hides how large the differences are).
-OPTIMIZER = OptimizerSettings(lr=10.0, clip_grad=1e6, adam_eps=1.0)  # the norm is computed, nothing clipped
+OPTIMIZER = OptimConfig(lr=10.0, clip_grad=1e6, adam_eps=1.0)  # the norm is computed, nothing clipped
 
 VARIANTS = {
-    # name: (LossSettings kwargs, teacher contexts)
-    "pmi_jsd": (dict(kind="jsd", beta=0.5, target="pmi", pmi_clip=1.0, pmi_beta=0.5), ("full", "ref_only", "base")),
-    "demopsd": (dict(kind="reverse_kl", target="demopsd", demopsd_alpha_max=0.5, demopsd_beta=200.0), ("full",)),
-    "topk_jsd": (dict(kind="topk", top_k=5, topk_divergence="jsd", beta=0.5, temperature=1.1), ("full",)),
-    "pg": (dict(kind="pg"), ("full",)),
-    "pmi_k3": (dict(kind="k3", target="pmi", pmi_clip=1.0, pmi_beta=0.5), ("full", "ref_only", "base")),
-    "demopsd_topk_renorm": (dict(kind="topk", top_k=7, topk_tail=False, target="demopsd", demopsd_alpha_max=0.5,
+    # name: (LossConfig kwargs, teacher contexts)
+    "pmi_jsd": (dict(divergence="jsd", beta=0.5, target="pmi", pmi_clip=1.0, pmi_beta=0.5),
+                ("full", "ref_only", "base")),
+    "demopsd": (dict(divergence="reverse_kl", target="demopsd", demopsd_alpha_max=0.5, demopsd_beta=200.0), ("full",)),
+    "topk_jsd": (dict(coverage="topk", top_k=5, divergence="jsd", beta=0.5, temperature=1.1), ("full",)),
+    "pg": (dict(coverage="sampled", divergence="pg"), ("full",)),
+    "pmi_k3": (dict(coverage="sampled", divergence="k3", target="pmi", pmi_clip=1.0, pmi_beta=0.5),
+               ("full", "ref_only", "base")),
+    "demopsd_topk_renorm": (dict(coverage="topk", top_k=7, topk_tail=False, target="demopsd", demopsd_alpha_max=0.5,
                                  demopsd_beta=200.0), ("full",)),
 }
 
@@ -58,11 +60,11 @@ def step_worker(hf_dir: str, micro_batch_size: int, names: list):
     results = {}
     for name in names:
         settings, contexts = VARIANTS[name]
-        loss = LossSettings(**settings)
+        loss = LossConfig(**settings)
         student_chunks, teacher_chunks = build_model(hf_dir), build_model(hf_dir)
         load_hf_checkpoint(student_chunks, hf_dir)
         load_hf_checkpoint(teacher_chunks, hf_dir)  # frozen teacher: the initial weights
-        ddp, optimizer, scheduler = setup_training(student_chunks, OPTIMIZER)
+        ddp, optimizer, scheduler = setup_training(student_chunks, OPTIMIZER, 1000)
         real_vocab = student_chunks[0].real_vocab_size
         student_mbs = build_microbatches(student, responses, weights, **kw)
         rows = {c: collect_teacher_rows(teacher_chunks, build_microbatches(teachers[c], responses, weights, **kw))
@@ -104,7 +106,7 @@ def reference(hf_dir: str, name: str, **override) -> tuple[float, float, float]:
     from transformers import AutoModelForCausalLM
 
     settings, _ = VARIANTS[name]
-    s = LossSettings(**{**settings, **override})
+    s = LossConfig(**{**settings, **override})
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     student, teachers, responses = rollouts()
     total = sum(len(r) for r in responses)
@@ -129,15 +131,15 @@ def reference(hf_dir: str, name: str, **override) -> tuple[float, float, float]:
             alpha = ((torch.sigmoid(s.demopsd_beta * jsd) - 0.5) * 2 * s.demopsd_alpha_max)[:, None]
             alphas.append(alpha)
             lq = ((1 - alpha) * lq + alpha * ls).log_softmax(-1)
-        if s.kind == "topk":
-            per_token = _divergence(s.topk_divergence, s.beta, *_topk_buckets(lp, lq, s.top_k, s.topk_tail))
-        elif s.kind in ("pg", "k3"):
+        if s.coverage == "topk":
+            per_token = _divergence(s.divergence, s.beta, *_topk_buckets(lp, lq, s.top_k, s.topk_tail))
+        elif s.coverage == "sampled":
             y = torch.tensor(r)[:, None]
             ls_y, lt_y = lp.gather(-1, y)[:, 0], lq.gather(-1, y)[:, 0]
             ratio = lt_y - ls_y
-            per_token = -ratio.detach() * ls_y if s.kind == "pg" else torch.expm1(ratio) - ratio
+            per_token = -ratio.detach() * ls_y if s.divergence == "pg" else torch.expm1(ratio) - ratio
         else:
-            per_token = _divergence(s.kind, s.beta, lp, lq)
+            per_token = _divergence(s.divergence, s.beta, lp, lq)
         loss = loss + per_token.sum() / total
     loss.backward()
     grad_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))

@@ -23,7 +23,7 @@ def tiny_run_config(tmp_path, model_dir, **sections):
                  "max_prompt_tokens": 192},
         "teacher": {"context": "reference", "weights": "frozen"},
         "rollout": {"n": 2, "prompts_per_step": 2, "max_tokens": 24, "temperature": 1.0},
-        "loss": {"kind": "reverse_kl"},
+        "loss": {"divergence": "reverse_kl"},
         "optim": {"lr": 1e-3},
         "train": {"steps": 2, "eval_every": 2},
         "logging": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": True},

@@ -132,9 +132,8 @@ def test_purified_three_teacher_forwards_pmi_target(tiny_checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = tiny_checkpoints["qwen3"]
-    cfg = make_config(tmp_path, model_dir, teacher={"context": "reference", "purified": True, "pmi_clip": 1.0,
-                                                   "pmi_beta": 0.5},
-                      loss={"target": "pmi", "kind": "jsd", "beta": 0.5})
+    cfg = make_config(tmp_path, model_dir, teacher={"context": "reference", "purified": True},
+                      loss={"target": "pmi", "divergence": "jsd", "beta": 0.5, "pmi_clip": 1.0, "pmi_beta": 0.5})
     history, recorded = run_distributed(trainer_worker, 1, cfg.parallel, cfg, 1)[0]
     rollouts, responses = recorded[0], fixed_responses()
     assert list(rollouts.teachers) == ["reference", "reference_only", "base"]
@@ -163,30 +162,17 @@ def test_purified_three_teacher_forwards_pmi_target(tiny_checkpoints, tmp_path):
     print(f"Purified OPSD trainer step: loss {history[0]['loss']:.6g}, reference {expected:.6g} (plain {plain:.6g})")
 
 
-def test_loss_settings_from_config():
-    from megatron_opsd.training.opsd import LossSettings
-
-    cfg = load_config(None, ["loss.kind=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.topk_divergence=jsd",
-                             "loss.beta=0.3", "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi",
-                             "teacher.pmi_beta=0.5", "teacher.pmi_clip=3", "teacher.pmi_center=teacher",
-                             "loss.demopsd_alpha_max=0.2", "loss.demopsd_beta=2"])
-    s = LossSettings.from_config(cfg)
-    assert (s.kind, s.top_k, s.topk_tail, s.topk_divergence, s.beta, s.temperature) == ("topk", 7, False, "jsd", 0.3,
-                                                                                       1.2)
-    assert (s.target, s.pmi_beta, s.pmi_clip, s.pmi_center, s.demopsd_alpha_max, s.demopsd_beta) == (
-        "pmi", 0.5, 3.0, "teacher", 0.2, 2.0)
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["teacher.purified=true"], "teacher.purified=true needs loss.target=pmi"),
     (["teacher.purified=true", "loss.target=pmi", "teacher.context=base"], "teacher.purified=true with "
                                                                            "teacher.context=base"),
-    (["loss.kind=pg", "loss.token_clip=0.1"], "unset loss.token_clip"),
+    (["loss.coverage=sampled", "loss.divergence=pg", "loss.token_clip=0.1"], "unset loss.token_clip"),
     (["teacher.context=rollout", "rollout.n=1"], "set rollout.n >= 2"),
-    (["teacher.purified=true", "loss.target=pmi", "teacher.pmi_clip=0"], "teacher.pmi_beta and teacher.pmi_clip"),
+    (["teacher.purified=true", "loss.target=pmi", "loss.pmi_clip=0"], "loss.pmi_beta and loss.pmi_clip"),
     (["loss.demopsd_alpha_max=2"], "loss.demopsd_alpha_max must be in [0, 1]"),
-    (["loss.kind=topk"], "loss.top_k must be a positive integer"),
-    (["loss.kind=k1"], "loss.kind=k1 trains on noise: the k1 estimator's expected gradient is 0"),
+    (["loss.coverage=topk"], "loss.top_k must be a positive integer"),
+    (["loss.coverage=sampled", "loss.divergence=k1"], "loss.divergence=k1 trains on noise: the k1 estimator's "
+                                                      "expected gradient is 0"),
     (["rollout.horizon=4", "rollout.horizon_growth=linear", "rollout.horizon_start=1", "rollout.horizon_end=2",
       "rollout.horizon_steps=3"], "not both"),
 ])
@@ -197,7 +183,8 @@ def test_rejected_combinations_name_key_and_fix(overrides, message):
 
 
 def test_k1_loss_needs_the_opt_in():
-    assert load_config(None, ["loss.kind=k1", "loss.allow_k1_loss=true"]).loss.kind == "k1"
+    assert load_config(None, ["loss.coverage=sampled", "loss.divergence=k1",
+                        "loss.allow_k1_loss=true"]).loss.divergence == "k1"
 
 
 def spying_worker(cfg, steps: int):
@@ -252,7 +239,7 @@ def test_purified_base_and_reference_only_stay_the_initial_model(tiny_checkpoint
     """teacher.weights=live moves the full teacher with the student; the reference-only and base forwards of
     Purified OPSD must still be the initial model at step 2."""
     cfg = make_config(tmp_path, tiny_checkpoints["qwen3"], teacher={"purified": True, "weights": "live"},
-                      loss={"target": "pmi", "kind": "jsd"}, optim={"lr": 1e-2})
+                      loss={"target": "pmi", "divergence": "jsd"}, optim={"lr": 1e-2})
     _, _, seen, _ = run_distributed(spying_worker, 1, cfg.parallel, cfg, 2)[0]
     sums = seen["teacher_weights"]  # per step, per micro-batch: the full, reference-only and base forwards
     assert sums and len(sums) % 6 == 0

@@ -36,7 +36,12 @@ import traceback
 from pathlib import Path
 
 REAL_VOCAB = 151_936
-LOSS_KINDS = ("reverse_kl", "forward_kl", "jsd", "topk", "k1", "k3", "pg")
+# probe name -> the loss config keys (coverage x divergence) it runs
+LOSS_KINDS = {"reverse_kl": ["loss.divergence=reverse_kl"], "forward_kl": ["loss.divergence=forward_kl"],
+              "jsd": ["loss.divergence=jsd"], "topk": ["loss.coverage=topk", "loss.top_k=16"],
+              "k1": ["loss.coverage=sampled", "loss.divergence=k1", "loss.allow_k1_loss=true"],  # a logging estimator
+              "k3": ["loss.coverage=sampled", "loss.divergence=k3"],
+              "pg": ["loss.coverage=sampled", "loss.divergence=pg"]}
 # Small model for parity and steps; the throughput shape is ~1.1 B parameters (hidden 2048, 16 layers).
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=128)
 ONE_B = dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=6144,
@@ -137,8 +142,7 @@ def _step_numbers(trainer) -> dict:
 
 
 def probe_opsd_step(ctx: dict, kind: str) -> dict:
-    extra = {"topk": ["loss.top_k=16"], "k1": ["loss.allow_k1_loss=true"]}.get(kind, [])  # k1: a logging estimator
-    return _step_numbers(_opsd_trainer(ctx, f"opsd_{kind}", [f"loss.kind={kind}", *extra]))
+    return _step_numbers(_opsd_trainer(ctx, f"opsd_{kind}", LOSS_KINDS[kind]))
 
 
 def probe_sft_step(ctx: dict) -> dict:
@@ -163,7 +167,7 @@ def probe_grpo_step(ctx: dict) -> dict:
     return _step_numbers(trainer)
 
 
-TEACHER_TARGETS = {"teacher": ["loss.kind=jsd"], "pmi": ["loss.target=pmi", "teacher.purified=true"],
+TEACHER_TARGETS = {"teacher": ["loss.divergence=jsd"], "pmi": ["loss.target=pmi", "teacher.purified=true"],
                    "demopsd": ["loss.target=demopsd"]}
 
 
@@ -293,20 +297,21 @@ def probe_opsd_throughput(ctx: dict, shape: dict, seq: int, response: int, micro
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.tiny import tiny_hf_config
     from megatron_opsd.planning.memory import ModelShape
-    from megatron_opsd.training.engine import OptimizerSettings, optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.opsd import (LossSettings, build_microbatches, student_forward_backward,
+    from megatron_opsd.config import LossConfig, OptimConfig
+    from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
+    from megatron_opsd.training.opsd import (build_microbatches, student_forward_backward,
                                              teacher_signal_source, token_weights)
 
     hf_config = tiny_hf_config("qwen3", vocab_size=REAL_VOCAB, max_position_embeddings=max(seq, 512), **shape)
     dtype = torch.bfloat16 if ctx["cuda"] else torch.float32
     chunks = build_model(hf_config, params_dtype=dtype)
-    ddp, optimizer, scheduler = setup_training(chunks, OptimizerSettings(lr=1e-6))
+    ddp, optimizer, scheduler = setup_training(chunks, OptimConfig(lr=1e-6), total_steps=1000)
     g = torch.Generator().manual_seed(0)
     prompt = seq - response
     prompts = [torch.randint(0, REAL_VOCAB, (prompt,), generator=g).tolist() for _ in range(microbatches)]
     responses = [torch.randint(0, REAL_VOCAB, (response,), generator=g).tolist() for _ in range(microbatches)]
     weights = token_weights([response] * microbatches, "token_mean")
-    loss = LossSettings()
+    loss = LossConfig()
 
     def step():
         student = build_microbatches(prompts, responses, weights, micro_batch_size=1, pad_id=0)

@@ -19,17 +19,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.vocab_parallel import (
-    VocabRange,
-    all_reduce,
-    load_chunk,
-    log_softmax_into,
-    valid_columns,
-    working_dtype,
-)
+from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, load_chunk, log_softmax_into, valid_columns,
+                                                 working_dtype)
+from megatron_opsd.losses.weights import loss_weights, reduction_weights  # noqa: F401 (reduction_weights: API)
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
-REDUCTIONS = ("token_mean", "sequence_mean", "sum")
 
 
 def _xlogy_term(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -128,52 +122,13 @@ class _VocabParallelDivergence(torch.autograd.Function):
         return grad, *([None] * 12)
 
 
-def reduction_weights(mask: torch.Tensor, reduction: str, sequence_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-token fp32 weights [leading shape] so that loss = sum(weights * per_token); all-masked -> all 0.
-
-    ``sequence_mean`` (OPSDC's 1/|y|): mean over masked tokens of each sequence, then over sequences that
-    have at least one masked token. Sequences are ``sequence_ids`` if given, else the rows of a 2-D
-    [batch, seq] leading shape (for megatron's [seq, batch] layout pass ``sequence_ids``).
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}: choose one of {REDUCTIONS}")
-    m = mask.float()
-    if reduction == "sum":
-        return m
-    if reduction == "token_mean":
-        return m / m.sum().clamp(min=1.0)
-    if sequence_ids is None:
-        if mask.dim() != 2:
-            raise ValueError(f"reduction='sequence_mean' with leading shape {tuple(mask.shape)}: pass sequence_ids "
-                             "(per-token ints) or use a 2-D [batch, seq] leading shape")
-        sequence_ids = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)
-    if sequence_ids.shape != mask.shape:
-        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} must equal the leading shape "
-                         f"{tuple(mask.shape)}")
-    _, inverse = torch.unique(sequence_ids.reshape(-1), return_inverse=True)
-    counts = torch.bincount(inverse, weights=m.reshape(-1))
-    n_sequences = (counts > 0).sum().clamp(min=1).float()
-    return (m.reshape(-1) / counts[inverse].clamp(min=1.0) / n_sequences).reshape(mask.shape)
-
-
-def vocab_parallel_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    kind: str = "reverse_kl",
-    group=None,
-    loss_mask: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    token_clip: Optional[float] = None,
-    chunk_tokens: int = 1024,
-    vocab_range: VocabRange = None,
-    reduction: str = "token_mean",
-    sequence_ids: Optional[torch.Tensor] = None,
-    teacher_is_logprobs: bool = False,
-    token_weights: Optional[torch.Tensor] = None,
-    reusable_backward: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: str = "reverse_kl",
+                              group=None, loss_mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                              beta: float = 0.5, token_clip: Optional[float] = None, chunk_tokens: int = 1024,
+                              vocab_range: VocabRange = None, reduction: str = "token_mean",
+                              sequence_ids: Optional[torch.Tensor] = None, teacher_is_logprobs: bool = False,
+                              token_weights: Optional[torch.Tensor] = None,
+                              reusable_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Divergence between student and teacher next-token distributions over the (sharded) vocabulary.
 
     Args: logits are [..., vocab_shard] (this rank's slice); ``group`` is the TP group (None = one process);
@@ -208,13 +163,7 @@ def vocab_parallel_divergence(
         raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the logits' leading shape "
                          f"{tuple(lead)}")
     mask = loss_mask.bool()
-    if token_weights is not None:
-        if token_weights.shape != lead:
-            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the logits' leading "
-                             f"shape {tuple(lead)}")
-        weights = (token_weights.float() * mask).reshape(-1)
-    else:
-        weights = reduction_weights(mask, reduction, sequence_ids).reshape(-1)
+    weights = loss_weights(mask, reduction, sequence_ids, token_weights).reshape(-1)
     cols = valid_columns(width, group, vocab_range, student_logits.device)
     per_token = _VocabParallelDivergence.apply(
         student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), mask.reshape(-1), kind,

@@ -18,16 +18,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.divergence import REDUCTIONS, reduction_weights
-from megatron_opsd.losses.vocab_parallel import (
-    VocabRange,
-    all_reduce,
-    group_rank_and_size,
-    log_softmax_stats,
-    to_fp32_masked,
-    valid_columns,
-    working_dtype,
-)
+from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, group_rank_and_size, ids_layout,
+                                                 log_softmax_stats, to_fp32_masked, working_dtype)
+from megatron_opsd.losses.weights import REDUCTIONS, loss_weights
 
 ESTIMATORS = ("k1", "k3", "pg")
 
@@ -77,12 +70,7 @@ class _LogprobsAt(torch.autograd.Function):
 def vocab_parallel_logprobs_at(logits: torch.Tensor, ids: torch.Tensor, *, group=None, temperature: float = 1.0,
                                vocab_range: VocabRange = None, chunk_tokens: int = 1024) -> torch.Tensor:
     """log p at global vocabulary ``ids`` [..., k] from [..., vocab_shard] logits; grad to ``logits`` only."""
-    lead, width = logits.shape[:-1], logits.shape[-1]
-    if ids.shape[:-1] != lead:
-        raise ValueError(f"ids shape {tuple(ids.shape)} must be the logits' leading shape {tuple(lead)} + [k]")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    cols = valid_columns(width, group, vocab_range, logits.device)
+    _, width, cols = ids_layout(logits, ids, temperature, group, vocab_range)
     out = _LogprobsAt.apply(logits.reshape(-1, width), ids.reshape(-1, ids.shape[-1]).long(), float(temperature),
                             int(chunk_tokens), cols, group)
     return out.reshape(ids.shape)
@@ -124,12 +112,6 @@ def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
         term = -r.detach() * ls
     zero = torch.zeros_like(term)
     term = torch.where(mask, term, zero)
-    if token_weights is not None:
-        if token_weights.shape != mask.shape:
-            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the log-probs' shape "
-                             f"{tuple(mask.shape)}")
-        weights = (token_weights.to(term.dtype) * mask)
-    else:
-        weights = reduction_weights(mask, reduction, sequence_ids).to(term.dtype)
+    weights = loss_weights(mask, reduction, sequence_ids, token_weights).to(term.dtype)
     per_token = torch.where(mask, (-r if estimator != "k3" else term).detach(), zero)
     return (term * weights).sum(), per_token

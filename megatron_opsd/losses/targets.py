@@ -14,20 +14,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_opsd.losses.divergence import _terms
-from megatron_opsd.losses.vocab_parallel import (
-    VocabRange,
-    all_reduce,
-    group_rank_and_size,
-    log_softmax_stats,
-    to_fp32_masked,
-    valid_columns,
-    working_dtype,
-)
+from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, group_rank_and_size, log_softmax_stats,
+                                                 to_fp32_masked, valid_columns, working_dtype)
 
 # A residual log pi_T - log pi_R is +-inf (or NaN) only where a probability is exactly 0; it is clamped to
 # this magnitude before centring so the vocabulary mean stays finite (the soft clip maps it to +-c anyway).
 _RESIDUAL_BOUND = 1e4
-PMI_CENTERS = ("uniform", "teacher")  # teacher.pmi_center
+PMI_CENTERS = ("uniform", "teacher")  # loss.pmi_center
 
 
 def _log_softmax(x: torch.Tensor, group) -> torch.Tensor:

@@ -23,16 +23,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.divergence import KINDS, _terms, reduction_weights
-from megatron_opsd.losses.vocab_parallel import (
-    VocabRange,
-    all_reduce,
-    group_rank_and_size,
-    log_softmax_stats,
-    to_fp32_masked,
-    valid_columns,
-    working_dtype,
-)
+from megatron_opsd.losses.divergence import KINDS, _terms
+from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, group_rank_and_size, ids_layout,
+                                                 log_softmax_stats, to_fp32_masked, valid_columns, working_dtype)
+from megatron_opsd.losses.weights import loss_weights
 
 
 class TeacherTopK(NamedTuple):
@@ -112,12 +106,7 @@ def vocab_parallel_bucket_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, t
                                    chunk_tokens: int = 1024) -> torch.Tensor:
     """log p at global ``ids`` [..., k] (+ log of the mass outside them, last entry) from [..., vocab_shard]
     logits; [..., k + tail] in the working dtype, grad to ``logits``. ``ids`` must be distinct per token."""
-    lead, width = logits.shape[:-1], logits.shape[-1]
-    if ids.shape[:-1] != lead:
-        raise ValueError(f"ids shape {tuple(ids.shape)} must be the logits' leading shape {tuple(lead)} + [k]")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    cols = valid_columns(width, group, vocab_range, logits.device)
+    lead, width, cols = ids_layout(logits, ids, temperature, group, vocab_range)
     out = _BucketLogprobs.apply(logits.reshape(-1, width), ids.reshape(-1, ids.shape[-1]).long(), float(temperature),
                                 int(chunk_tokens), cols, group, bool(tail))
     return out.reshape(*lead, out.shape[-1])
@@ -180,23 +169,12 @@ class _BucketDivergence(torch.autograd.Function):
         return grad.unsqueeze(-1) * pa, None, None, None, None
 
 
-def topk_divergence(
-    student_logits: torch.Tensor,
-    teacher_topk: TeacherTopK,
-    *,
-    kind: str = "reverse_kl",
-    tail: bool = True,
-    group=None,
-    loss_mask: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    token_clip: Optional[float] = None,
-    chunk_tokens: int = 1024,
-    vocab_range: VocabRange = None,
-    reduction: str = "token_mean",
-    sequence_ids: Optional[torch.Tensor] = None,
-    token_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_divergence(student_logits: torch.Tensor, teacher_topk: TeacherTopK, *, kind: str = "reverse_kl",
+                    tail: bool = True, group=None, loss_mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                    beta: float = 0.5, token_clip: Optional[float] = None, chunk_tokens: int = 1024,
+                    vocab_range: VocabRange = None, reduction: str = "token_mean",
+                    sequence_ids: Optional[torch.Tensor] = None,
+                    token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Divergence between student and teacher over the teacher's top-k tokens (+ the tail bucket).
 
     ``teacher_topk`` from ``vocab_parallel_topk`` (its temperature is the teacher's); ``temperature`` divides
@@ -221,13 +199,7 @@ def topk_divergence(
         raise ValueError(f"loss_mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(lead)}")
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if token_weights is not None:
-        if token_weights.shape != lead:
-            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the logits' leading "
-                             f"shape {tuple(lead)}")
-        weights = token_weights.float() * mask
-    else:
-        weights = reduction_weights(mask, reduction, sequence_ids)
+    weights = loss_weights(mask, reduction, sequence_ids, token_weights)
     logp = vocab_parallel_bucket_logprobs(student_logits, ids, tail=tail, group=group, temperature=temperature,
                                           vocab_range=vocab_range, chunk_tokens=chunk_tokens)
     logq = t_logprobs.detach().to(logp.dtype)

@@ -41,6 +41,18 @@ def valid_columns(shard_width: int, group, vocab_range: VocabRange, device) -> O
     return (ids >= lo) & (ids < hi)
 
 
+def ids_layout(logits: torch.Tensor, ids: torch.Tensor, temperature: float, group,
+               vocab_range: VocabRange) -> tuple[torch.Size, int, Optional[torch.Tensor]]:
+    """(leading shape, shard width, ``valid_columns``) of a log-probs-at-global-``ids`` call, after checking that
+    ``ids`` is [..., k] over the logits' leading shape and the temperature is positive."""
+    lead, width = logits.shape[:-1], logits.shape[-1]
+    if ids.shape[:-1] != lead:
+        raise ValueError(f"ids shape {tuple(ids.shape)} must be the logits' leading shape {tuple(lead)} + [k]")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    return lead, width, valid_columns(width, group, vocab_range, logits.device)
+
+
 def _scale_and_mask_(out: torch.Tensor, cols: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """In place: divide by ``scale`` (temperature) and set padded columns to -inf.
 

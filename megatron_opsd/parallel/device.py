@@ -4,11 +4,12 @@ On a GPU that is ``cuda:<torch.cuda.current_device()>`` (the rank's GPU, set by 
 is ``cpu`` (``parallel.cpu_compat`` maps ``torch.cuda.current_device()`` to cpu there). Batches are built on the
 host and moved here in one place per trainer (the micro-batch builders call ``to_device``), the way
 Megatron-LM's ``get_batch`` moves every field with ``.cuda(non_blocking=True)``; metric sums cross ranks only
-through ``all_reduce_sum``, because NCCL refuses CPU tensors ("No backend type associated with device type cpu").
+through ``all_reduce_sum`` (``sum_over_ranks`` for micro-batch metrics), because NCCL refuses CPU tensors
+("No backend type associated with device type cpu").
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -37,3 +38,14 @@ def all_reduce_sum(values: Sequence[float], group: Optional[torch.distributed.Pr
     if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(sums, group=group)
     return sums.tolist()
+
+
+def sum_over_ranks(per_microbatch: Sequence[Mapping], keys: Sequence[str], *, owner: bool = True,
+                   group: Optional[torch.distributed.ProcessGroup] = None) -> dict[str, float]:
+    """Each of ``keys`` summed over this rank's micro-batch metrics and then over the ranks of ``group``.
+
+    The one way metrics cross ranks: a rank that is not ``owner`` (not the last pipeline stage, or a
+    tensor-parallel rank holding a copy of rank 0's numbers) adds 0, so every number is counted once; every
+    rank of ``group`` must call it with the same ``keys`` (one all-reduce)."""
+    local = [sum(float(m[k]) for m in per_microbatch) if owner else 0.0 for k in keys]
+    return dict(zip(keys, all_reduce_sum(local, group)))

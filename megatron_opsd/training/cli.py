@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see examples/)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set loss.kind=jsd (repeatable)")
+                        help="override a config value, e.g. --set loss.divergence=jsd (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--nproc", type=int, default=0, help="spawn this many local processes (no torchrun)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-style overrides")

@@ -9,56 +9,36 @@ pipeline schedules expect. ``zero_grads`` / ``optimizer_step`` bracket each step
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 
-
-@dataclass
-class OptimizerSettings:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    lr_decay_style: str = "constant"  # constant | linear | cosine
-    use_distributed_optimizer: bool = True
-
-    @classmethod
-    def from_config(cls, optim_cfg, total_steps: int) -> "OptimizerSettings":
-        """From a config's ``optim`` section (every field of the same name) and ``train.steps``."""
-        names = {f.name for f in fields(cls)} - {"total_steps"}
-        return cls(total_steps=total_steps, **{n: getattr(optim_cfg, n) for n in names})
+from megatron_opsd.config import OptimConfig
 
 
-def setup_training(model_chunks: list, settings: OptimizerSettings):
-    """Returns ``(ddp_chunks, optimizer, scheduler)`` for this rank's chunks."""
+def setup_training(model_chunks: list, optim: OptimConfig, total_steps: int):
+    """Returns ``(ddp_chunks, optimizer, scheduler)`` for this rank's chunks; ``optim`` is the config's ``optim``
+    section, ``total_steps`` the LR schedule's length (``train.steps``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = model_chunks[0].config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=settings.use_distributed_optimizer)
+                                               use_distributed_optimizer=optim.use_distributed_optimizer)
     ddp_chunks = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
                   for i, chunk in enumerate(model_chunks)]
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
-                        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
-                        clip_grad=settings.clip_grad, bf16=config.bf16, fp16=config.fp16,
+        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                        clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16,
                         params_dtype=config.params_dtype,
-                        use_distributed_optimizer=settings.use_distributed_optimizer),
+                        use_distributed_optimizer=optim.use_distributed_optimizer),
         ddp_chunks,
     )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr, min_lr=settings.min_lr,
-        lr_warmup_steps=settings.warmup_steps, lr_decay_steps=max(settings.total_steps, 1),
-        lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
-        wd_incr_steps=max(settings.total_steps, 1), wd_incr_style="constant",
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(total_steps, 1),
+        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss

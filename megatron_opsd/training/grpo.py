@@ -19,6 +19,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from megatron_opsd.config import K1_REFUSAL, ConfigError, OPSDConfig, load_config
+from megatron_opsd.losses import token_weights
 from megatron_opsd.losses.vocab_parallel import working_dtype
 
 
@@ -154,8 +155,6 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_weights(lengths: Sequence[int], token_level: bool) -> list[torch.Tensor]:
-    """Per-token weights of the step: token mean (DAPO) or per-sequence mean (GRPO)."""
-    from megatron_opsd.training.opsd import token_weights
-
-    return token_weights(list(lengths), "token_mean" if token_level else "sequence_mean")
+    """Per-token weights of the step (``losses.token_weights``): token mean (DAPO) or per-sequence mean (GRPO)."""
+    return token_weights(lengths, "token_mean" if token_level else "sequence_mean")
 

@@ -106,10 +106,9 @@ class GRPOTrainer(OPSDTrainer):
 
     def _sum_over_ranks(self, values: dict) -> dict:
         """Sum per-rank partial sums over every rank (callers pass zeros where they do not own the numbers)."""
-        from megatron_opsd.parallel.device import all_reduce_sum
+        from megatron_opsd.parallel.device import sum_over_ranks
 
-        keys = sorted(values)
-        return dict(zip(keys, all_reduce_sum([values[k] for k in keys])))
+        return sum_over_ranks([values], sorted(values))
 
     def train_step(self) -> dict:
         import time

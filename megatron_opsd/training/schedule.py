@@ -3,7 +3,8 @@
 ``forward_backward`` and ``collect_logits`` drive ``megatron.core.pipeline_parallel.get_forward_backward_func()``
 (no pipelining, 1F1B at PP > 1, interleaved 1F1B with virtual stages) with a list of microbatch dicts; on the
 last pipeline stage the caller's ``loss_fn(logits, microbatch)`` sees this rank's vocabulary shard of the
-logits, ``[batch, seq, padded_vocab / TP]`` (GPTModel returns batch-first). Every microbatch of one call must be
+logits, ``[batch, seq, padded_vocab / TP]`` (GPTModel returns batch-first); a loss that needs per-micro-batch
+state reads ``microbatch["index"]``, which ``opsd.build_microbatches`` stamps (not ``id(microbatch)``). Every microbatch of one call must be
 padded to the same ``seq_length``: the schedules run with ``variable_seq_lengths=False`` (gloo pairs
 point-to-point messages in posting order; variable shapes add a shape exchange that we do not rely on).
 

@@ -17,7 +17,7 @@ import torch
 
 from megatron_opsd.config import (CheckpointConfig, ConfigError, LoggingConfig, ModelConfig, OptimConfig,
                                   TrainConfig, config_to_dict, save_config)
-from megatron_opsd.parallel.device import all_reduce_sum, to_device
+from megatron_opsd.parallel.device import sum_over_ranks, to_device
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.training.loop import run_steps
 
@@ -281,7 +281,7 @@ class SFTTrainer:
         from megatron_opsd.models.tokenizer import load_tokenizer
         from megatron_opsd.models.weights import load_hf_checkpoint
         from megatron_opsd.parallel import init_distributed
-        from megatron_opsd.training.engine import OptimizerSettings, setup_training
+        from megatron_opsd.training.engine import setup_training
         from megatron_opsd.training.trainer import MetricsLogger
 
         self.cfg = validate_sft_config(cfg)
@@ -309,8 +309,7 @@ class SFTTrainer:
 
         self.model = build_model_from_config(cfg)
         load_hf_checkpoint(self.model, cfg.model.path)
-        settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
-        self.ddp, self.optimizer, self.scheduler = setup_training(self.model, settings)
+        self.ddp, self.optimizer, self.scheduler = setup_training(self.model, cfg.optim, cfg.train.steps)
         self.loss_fn = make_weighted_ce_loss_fn(self.model[0].real_vocab_size)
         self.step = 0
         self.saved_step = -1  # the step of the newest checkpoint on disk (a finished run re-run: no new save)
@@ -336,7 +335,7 @@ class SFTTrainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
         info = optimizer_step(self.optimizer, self.scheduler)
         owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-        (tokens,) = all_reduce_sum([sum(float(m["tokens"]) for m in out.metrics) if owner else 0.0])
+        tokens = sum_over_ranks(out.metrics, ["tokens"], owner=owner)["tokens"]
         self.step += 1
         return {"loss": out.loss, "tokens": tokens, "grad_norm": float(info["grad_norm"] or 0.0), "lr": lr}
 

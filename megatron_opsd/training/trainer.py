@@ -87,7 +87,7 @@ class OPSDTrainer:
         from megatron_opsd.parallel import init_distributed
         from megatron_opsd.rewards import build_reward
         from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu
-        from megatron_opsd.training.engine import OptimizerSettings, setup_training
+        from megatron_opsd.training.engine import setup_training
         from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
         self.cfg = cfg
@@ -130,8 +130,7 @@ class OPSDTrainer:
         if self.rank == 0 and self.distils:
             for message in distillation_warnings(cfg):
                 warnings.warn(message, stacklevel=2)
-        settings = OptimizerSettings.from_config(cfg.optim, cfg.train.steps)
-        self.ddp, self.optimizer, self.scheduler = setup_training(self.student, settings)
+        self.ddp, self.optimizer, self.scheduler = setup_training(self.student, cfg.optim, cfg.train.steps)
         self.step = 0
         self.sidecar = None
         self.client = None
@@ -249,12 +248,10 @@ class OPSDTrainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        from megatron.core import parallel_state as ps
-
         from megatron_opsd.data.sequences import horizon_at_step
         from megatron_opsd.rewards.filters import group_filter
         from megatron_opsd.training.engine import optimizer_step, zero_grads
-        from megatron_opsd.training.opsd import (LossSettings, build_microbatches, student_forward_backward,
+        from megatron_opsd.training.opsd import (build_microbatches, opsd_metrics, student_forward_backward,
                                                  teacher_signal_source, token_weights)
         from megatron_opsd.training.lora_teacher import step_teacher_adapters
         from megatron_opsd.training.schedule import copy_weights_
@@ -277,7 +274,7 @@ class OPSDTrainer:
         horizon = horizon_at_step(self.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
         if horizon is not None:
             stats["rollout/horizon"] = float(horizon)
-        metrics = {"loss": 0.0, "divergence": 0.0, "entropy/student": 0.0, "entropy/teacher": 0.0}
+        metrics = {"loss": 0.0, "divergence": 0.0}  # + entropy/* when logged (loss.log_entropy)
         if keep:
             # truncated OPD: student and teacher sequences end at prompt + h (causal attention: the logits
             # before the cut do not depend on the tokens after it, so this is exact and saves the forwards)
@@ -285,7 +282,7 @@ class OPSDTrainer:
             weights = token_weights([len(r) for r in responses], cfg.loss.reduction)
             kw = self._batch_layout()
             student_mbs = build_microbatches([rollouts.student_prompts[i] for i, _ in keep], responses, weights, **kw)
-            loss = LossSettings.from_config(cfg)
+            loss = cfg.loss
             t0 = time.perf_counter()
             teacher_mbs = {context: build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **kw)
                            for context, prompts in rollouts.teachers.items()}  # three contexts for Purified OPSD
@@ -298,7 +295,7 @@ class OPSDTrainer:
             out = student_forward_backward(self.ddp, student_mbs, signals, loss=loss, real_vocab_size=self.real_vocab)
             step_info = optimizer_step(self.optimizer, self.scheduler)
             times["time/student"] = time.perf_counter() - t0
-            metrics.update(self._reduce_metrics(out.metrics, ps))
+            metrics.update(opsd_metrics(out.metrics, cfg.loss))
             metrics["loss"] = out.loss
             metrics["grad_norm"] = float(step_info["grad_norm"] or 0.0)
         if self.teacher is not None:
@@ -345,18 +342,6 @@ class OPSDTrainer:
             metrics.update(evaluate_for_training(self.client, self.tokenizer, self.cfg, self.step,
                                                  self.run_dir / "eval"))
         return {**metrics, **stats, **times}
-
-    def _reduce_metrics(self, per_mb: list, ps) -> dict:
-        """Sum the last stage's micro-batch metrics over DP (TP rank 0 only), so rank 0 can log them."""
-        from megatron_opsd.parallel.device import all_reduce_sum
-
-        keys = ("divergence_sum", "student_entropy_sum", "teacher_entropy_sum", "tokens")
-        owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        divergence, entropy_s, entropy_t, tokens = all_reduce_sum(
-            [sum(float(m[k]) for m in per_mb) if owner else 0.0 for k in keys])
-        n = max(tokens, 1.0)
-        return {"divergence": divergence / n, "entropy/student": entropy_s / n, "entropy/teacher": entropy_t / n,
-                "tokens": tokens}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _extra_models(self) -> Optional[dict]:
