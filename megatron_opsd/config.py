@@ -179,7 +179,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     dir: Optional[str] = None  # None: resolved to runs/<name> by load_config
-    name: str = "opsd"
+    name: Optional[str] = None  # None: the trainer's kind (opsd for train and rl, sft for sft)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "megatron-opsd"
@@ -486,7 +486,7 @@ def validate_lora(cfg: OPSDConfig) -> None:
 def resolve_config(cfg: OPSDConfig) -> OPSDConfig:
     """Fill the defaults that depend on other fields (logging.dir = runs/<name>)."""
     if cfg.logging.dir is None:
-        cfg.logging.dir = str(Path("runs") / cfg.logging.name)
+        cfg.logging.dir = str(Path("runs") / (cfg.logging.name or "opsd"))
     return cfg
 
 

@@ -8,7 +8,8 @@ log-probs, or megatron's recomputation of them), with DAPO's clip-higher (eps_lo
     ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))
     l_t     = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i)  [+ kl_coef * KL_t]
 summed with per-token weights: token-level (DAPO: 1 / all response tokens of the step) or sequence-level
-(GRPO: 1 / (|y_i| * number of rollouts)). ``training/rl_trainer.py`` drives them on the OPSD trainer's machinery.
+(GRPO: 1 / (|y_i| * number of rollouts)). ``training/rl_trainer.py`` drives them (``grpo_step``) on the shared run
+machinery (``training/run.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from megatron_opsd.config import K1_REFUSAL, ConfigError, OPSDConfig, load_config
+from megatron_opsd.config import (K1_REFUSAL, CheckpointConfig, ConfigError, DataConfig, LoggingConfig, ModelConfig,
+                                  OPSDConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig, load_config,
+                                  resolve_config, validate_config)
+from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.losses.vocab_parallel import working_dtype
 
 
@@ -36,14 +40,40 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO L_cache: soft penalty over the last L_cache tokens before max_tokens
     overlong_penalty: float = 1.0  # the penalty reached at max_tokens
     recompute_old_logprobs: bool = False  # True: behaviour log-probs from megatron, not the sidecar
+    # the KL's reference model: frozen = a replica of the initial weights; auto = frozen when kl_coef > 0, else none
+    reference: Literal["auto", "frozen", "none"] = "auto"
+    chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide KL and entropy
 
 
 @dataclass
-class RLTrainConfig(OPSDConfig):
+class RLTrainConfig:
+    """A GRPO run: the sections every trainer shares, and ``rl``. No ``teacher``/``loss``: GRPO distils nothing."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def reference_model(rl: RLConfig) -> str:
+    """``rl.reference`` resolved: ``frozen`` (a replica of the initial weights) or ``none``."""
+    if rl.reference == "auto":
+        return "frozen" if rl.kl_coef > 0 else "none"
+    return rl.reference
 
 
 def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
+    """The shared sections' checks (``config.validate_config``, on them alone), ``logging.dir`` resolved, and
+    GRPO's own."""
+    shared = OPSDConfig(model=cfg.model, parallel=cfg.parallel, data=cfg.data, rollout=cfg.rollout, reward=cfg.reward,
+                        optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, logging=cfg.logging)
+    validate_config(resolve_config(shared))  # the sections are shared objects: logging.dir lands in cfg too
     rl = cfg.rl
     checks = [
         (rl.clip_eps_low >= 0 and rl.clip_eps_high >= 0, f"rl.clip_eps_low/high must be >= 0, got "
@@ -63,6 +93,12 @@ def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
                                       "(use rl.dynamic_sampling to drop uninformative groups); set rollout.filter=all"),
         (cfg.rollout.horizon is None and cfg.rollout.horizon_growth is None,
          "rollout.horizon/horizon_growth are OPSD options; GRPO trains on whole responses: leave them null"),
+        (rl.kl_coef <= 0 or reference_model(rl) == "frozen",
+         f"rl.kl_coef={rl.kl_coef} needs a reference model: set rl.reference=frozen (or auto), or rl.kl_coef=0"),
+        (cfg.model.lora.rank == 0 or reference_model(rl) == "none",  # LoRA hook: the reference = adapters off
+         "model.lora with a reference model (rl.kl_coef > 0 or rl.reference=frozen) is not supported yet; set "
+         "rl.kl_coef=0 rl.reference=auto or model.lora.rank=0"),
+        (rl.chunk_tokens >= 1, f"rl.chunk_tokens must be >= 1, got {rl.chunk_tokens}"),
     ]
     for ok, msg in checks:
         if not ok:
