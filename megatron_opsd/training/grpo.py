@@ -14,51 +14,14 @@ machinery (``training/run.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-from megatron_opsd.config import (K1_REFUSAL, CheckpointConfig, ConfigError, DataConfig, LoggingConfig, ModelConfig,
-                                  OPSDConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig, load_config,
+from megatron_opsd.config import (K1_REFUSAL, ConfigError, OPSDConfig, RLConfig, RLTrainConfig, load_config,
                                   resolve_config, validate_config)
-from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.losses.vocab_parallel import working_dtype
-
-
-@dataclass
-class RLConfig:
-    clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]
-    clip_eps_high: float = 0.28  # DAPO clip-higher (0.2 = symmetric PPO)
-    kl_coef: float = 0.0  # > 0: KL to a frozen reference model (the initial weights)
-    kl_estimator: Literal["full", "k3", "k1"] = "full"  # full: exact reverse KL over the vocabulary
-    allow_k1_kl: bool = False  # kl_estimator=k1 has zero expected gradient on-policy: refused unless opted in
-    std_normalize: bool = True  # False: A = r - mean (Dr. GRPO), no division by the group std
-    adv_eps: float = 1e-6
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (all correct / all wrong)
-    token_level_loss: bool = True  # DAPO token mean over the step; False: GRPO per-sequence mean
-    overlong_buffer: int = 0  # DAPO L_cache: soft penalty over the last L_cache tokens before max_tokens
-    overlong_penalty: float = 1.0  # the penalty reached at max_tokens
-    recompute_old_logprobs: bool = False  # True: behaviour log-probs from megatron, not the sidecar
-    # the KL's reference model: frozen = a replica of the initial weights; auto = frozen when kl_coef > 0, else none
-    reference: Literal["auto", "frozen", "none"] = "auto"
-    chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide KL and entropy
-
-
-@dataclass
-class RLTrainConfig:
-    """A GRPO run: the sections every trainer shares, and ``rl``. No ``teacher``/``loss``: GRPO distils nothing."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def reference_model(rl: RLConfig) -> str:

@@ -12,9 +12,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
 from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_entropy, vocab_parallel_token_logprobs
-from megatron_opsd.models.gpt import build_model_from_config
 from megatron_opsd.parallel.device import all_reduce_sum
 from megatron_opsd.rewards import build_reward
 from megatron_opsd.rewards.filters import group_filter
@@ -22,9 +20,9 @@ from megatron_opsd.training.engine import optimizer_step, zero_grads
 from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy_loss, k3_kl, reference_model,
                                          rollout_weights, step_rewards, validate_rl_config)
 from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, response_token_ids, tp_group
-from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, rollout_progress, sample_rollouts
+from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress, sample_rollouts
 from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
-from megatron_opsd.training.schedule import copy_weights_, forward_backward
+from megatron_opsd.training.schedule import forward_backward
 
 GRPO_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/old_and_ref", "time/policy", "time/optimizer",
                "time/sync", "time/eval")
@@ -185,21 +183,11 @@ class GRPOTrainer:
     def __init__(self, cfg: RLTrainConfig, evaluate: Optional[EvaluateHook] = None):
         self.cfg = cfg = validate_rl_config(cfg)
         self.run = run = Run(cfg, desc="grpo", uses_sidecar=True, evaluate=evaluate)
-        self.sampler = PromptSampler(load_prompt_dataset(cfg.data.train_path, cfg.data), cfg.rollout.prompts_per_step,
-                                     cfg.data.shuffle, cfg.data.seed)
-        self.reward = build_reward(cfg.reward)
-        self.reference = None
-        if reference_model(cfg.rl) == "frozen":
-            self.reference = build_model_from_config(cfg)
-            copy_weights_(self.reference, run.student)
+        self.sampler, self.reward = prompt_sampler(cfg), build_reward(cfg.reward)
+        self.reference = run.replica() if reference_model(cfg.rl) == "frozen" else None
         run.build_optimizer()
 
-    def train_step(self) -> dict:
-        return grpo_step(self)
-
-    def fit(self) -> list[dict]:
-        return self.run.fit(self)
-
+    train_step = grpo_step
     progress = staticmethod(rollout_progress)
 
     def rollouts(self, timer: PhaseTimer) -> StepRollouts:
@@ -214,4 +202,5 @@ class GRPOTrainer:
 
 def train_grpo(cfg: RLTrainConfig, evaluate: Optional[EvaluateHook] = None) -> list[dict]:
     """Run GRPO from ``cfg`` on this process (launched by torchrun, srun, or run_distributed)."""
-    return GRPOTrainer(cfg, evaluate).fit()
+    trainer = GRPOTrainer(cfg, evaluate)
+    return trainer.run.fit(trainer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
 from megatron_opsd.data.sequences import student_prompt_ids
 from megatron_opsd.rollout.client import check_on_policy
 from megatron_opsd.training.run import PhaseTimer, Run, broadcast_object
@@ -30,6 +31,12 @@ class StepRollouts:
     # no teacher (a demonstration context and no other correct rollout in its group). One context, or three for
     # Purified OPSD (teacher.context, reference_only, base), in that order. Empty for GRPO.
     teachers: dict = field(default_factory=dict)
+
+
+def prompt_sampler(cfg) -> PromptSampler:
+    """``rollout.prompts_per_step`` prompts per step from ``data.train_path`` (its position is checkpointed)."""
+    return PromptSampler(load_prompt_dataset(cfg.data.train_path, cfg.data), cfg.rollout.prompts_per_step,
+                         cfg.data.shuffle, cfg.data.seed)
 
 
 def sample_rollouts(run: Run, examples: list, reward, *, max_tokens: int, timer: PhaseTimer,

@@ -35,6 +35,7 @@ from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu, start_sid
 from megatron_opsd.training.checkpoint import LoadedCheckpoint, load_latest, save_checkpoint
 from megatron_opsd.training.engine import OptimizerSettings, setup_training
 from megatron_opsd.training.loop import run_steps
+from megatron_opsd.training.schedule import copy_weights_
 
 # ``evaluate(client, tokenizer, cfg, step, out_dir) -> {"eval/...": float}``: injected by the CLI layer
 # (``evaluation.runner.evaluate_for_training``), so training never imports evaluation.
@@ -126,6 +127,13 @@ class Run:
         self.sidecar = None  # the local sidecar process, when this rank started one
         self.client: Optional[SidecarClient] = None
 
+    def replica(self, *, teacher: bool = False) -> list:
+        """A second model sharded like the student, holding the student's current (initial) weights: a teacher
+        (``teacher=True``: its own FP8 format), Purified OPSD's initial model, or GRPO's reference."""
+        chunks = build_model_from_config(self.cfg, teacher=teacher)
+        copy_weights_(chunks, self.student)
+        return chunks
+
     def build_optimizer(self) -> None:
         """DDP, distributed optimizer and LR scheduler around the student; then the metrics logger (rank 0)."""
         settings = OptimizerSettings.from_config(self.cfg.optim, self.cfg.train.steps)
@@ -178,13 +186,13 @@ class Run:
         every ``train.eval_every`` steps evaluate on the sidecar (rank 0). Returns the step's metrics."""
         if self.uses_sidecar:
             self.push_weights(self.step + 1)
-        timer.lap("time/sync")
+            timer.lap("time/sync")
         self.step += 1
         metrics.setdefault("lr", self.optimizer.param_groups[0]["lr"])
         every = self.cfg.train.eval_every
         if self.evaluate is not None and every and self.step % every == 0 and self.rank == 0:
             metrics.update(self.evaluate(self.client, self.tokenizer, self.cfg, self.step, self.run_dir / "eval"))
-        timer.lap("time/eval")
+        timer.lap("time/eval")  # the evaluation, and the step's bookkeeping when there is none
         return {**metrics, **stats, **timer.times}
 
     # ------------------------------------------------------------------------------------------ checkpoints

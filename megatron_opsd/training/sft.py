@@ -28,7 +28,7 @@ from megatron_opsd.training.run import PhaseTimer, Run
 from megatron_opsd.training.schedule import forward_backward
 from megatron_opsd.training.sft_data import SFTDataConfig, build_sft_microbatches, load_sft_dataset
 
-SFT_PHASES = ("time/batch", "time/student", "time/optimizer", "time/sync", "time/eval")
+SFT_PHASES = ("time/batch", "time/student", "time/optimizer", "time/eval")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def sft_step(t: "SFTTrainer") -> dict:
     (tokens,) = all_reduce_sum([sum(float(m["tokens"]) for m in out.metrics) if owner else 0.0])
     timer.lap("time/optimizer")
     metrics = {"loss": out.loss, "tokens": tokens, "grad_norm": float(info["grad_norm"] or 0.0), "lr": lr}
-    return run.finish_step(metrics, {}, timer)  # no sidecar: counts the step
+    return run.finish_step(metrics, {}, timer)  # no sidecar, no evaluation: counts the step
 
 
 class SFTTrainer:
@@ -131,8 +131,7 @@ class SFTTrainer:
         run.build_optimizer()
         self.loss_fn = make_weighted_ce_loss_fn(run.real_vocab)
 
-    def train_step(self) -> dict:
-        return sft_step(self)
+    train_step = sft_step
 
     def progress(self, m: dict) -> dict:
         return dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")

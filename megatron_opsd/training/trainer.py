@@ -12,9 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron_opsd.config import OPSDConfig, distillation_warnings
 from megatron_opsd.data.contexts import (PURIFIED_BASE_CONTEXTS, needs_demonstration, teacher_context_names,
                                          teacher_messages)
-from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
 from megatron_opsd.data.sequences import encode_prompt, horizon_at_step
-from megatron_opsd.models.gpt import build_model_from_config
 from megatron_opsd.parallel.device import all_reduce_sum
 from megatron_opsd.rewards import build_reward
 from megatron_opsd.rewards.filters import correct_demonstrations, group_filter
@@ -22,7 +20,7 @@ from megatron_opsd.training.engine import optimizer_step, zero_grads
 from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teacher_adapters, teacher_adapters
 from megatron_opsd.training.opsd import (LossSettings, build_microbatches, student_forward_backward,
                                          teacher_signal_source, token_weights)
-from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, rollout_progress, sample_rollouts
+from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress, sample_rollouts
 from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
 from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
@@ -106,15 +104,12 @@ class OPSDTrainer:
     def __init__(self, cfg: OPSDConfig, evaluate: Optional[EvaluateHook] = None):
         self.cfg = cfg
         self.run = run = Run(cfg, desc="opsd", uses_sidecar=True, evaluate=evaluate)
-        self.sampler = PromptSampler(load_prompt_dataset(cfg.data.train_path, cfg.data), cfg.rollout.prompts_per_step,
-                                     cfg.data.shuffle, cfg.data.seed)
-        self.reward = build_reward(cfg.reward)
+        self.sampler, self.reward = prompt_sampler(cfg), build_reward(cfg.reward)
         self.teacher = None
         if cfg.model.lora.rank > 0:  # LoRA: the teacher is the student with its adapters switched
             add_teacher_adapters(run.student, cfg.teacher)
         elif cfg.teacher.weights != "live":  # a second replica sharded like the student
-            self.teacher = build_model_from_config(cfg, teacher=True)
-            copy_weights_(self.teacher, run.student)
+            self.teacher = run.replica(teacher=True)
             if run.rank == 0:
                 n = sum(p.numel() * p.element_size() for c in self.teacher for p in c.parameters())
                 print(f"teacher ({cfg.teacher.weights}) holds {n / 2**20:.1f} MiB of weights on rank 0")
@@ -124,19 +119,13 @@ class OPSDTrainer:
         # (with LoRA: the base model, adapters off).
         self.initial = None
         if cfg.teacher.purified and cfg.teacher.weights != "frozen" and cfg.model.lora.rank == 0:
-            self.initial = build_model_from_config(cfg)
-            copy_weights_(self.initial, run.student)
+            self.initial = run.replica()
         if run.rank == 0:
             for message in distillation_warnings(cfg):
                 warnings.warn(message, stacklevel=2)
         run.build_optimizer()
 
-    def train_step(self) -> dict:
-        return opsd_step(self)
-
-    def fit(self) -> list[dict]:
-        return self.run.fit(self)
-
+    train_step = opsd_step
     progress = staticmethod(rollout_progress)
 
     # ------------------------------------------------------------------------------------------ rollouts
@@ -214,4 +203,5 @@ class OPSDTrainer:
 def train(cfg: OPSDConfig, evaluate: Optional[EvaluateHook] = None) -> list[dict]:
     """Run OPSD from ``cfg`` on this process (launched by torchrun, srun, or run_distributed). ``evaluate``: the
     ``train.eval_every`` hook (the CLI passes ``evaluation.runner.evaluate_for_training``)."""
-    return OPSDTrainer(cfg, evaluate).fit()
+    trainer = OPSDTrainer(cfg, evaluate)
+    return trainer.run.fit(trainer)
