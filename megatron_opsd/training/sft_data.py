@@ -37,7 +37,6 @@ class SFTDataConfig:
     packing: bool = False  # several conversations per row up to max_seq_len (block-diagonal causal attention)
 
 
-
 @dataclass
 class SFTExample:
     """One tokenized conversation: ``ids`` and ``trainable`` (1 where the token is an assistant token)."""
