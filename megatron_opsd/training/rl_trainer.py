@@ -58,10 +58,10 @@ def grpo_step(t: "GRPOTrainer") -> dict:
         tokens = mbs[0]["tokens"]
         out = forward_backward(run.ddp, mbs, policy_loss_fn(rl, run.real_vocab, ref_rows), seq_length=tokens.shape[1],
                                micro_batch_size=tokens.shape[0], loss_reduction="sum")
+        metrics.update(policy_metrics(out, behaviour, rl))
         timer.lap("time/policy")
-        step_info = optimizer_step(run.optimizer, run.scheduler)
+        metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
         timer.lap("time/optimizer")
-        metrics.update(policy_metrics(out, behaviour, rl), grad_norm=float(step_info["grad_norm"] or 0.0))
     return run.finish_step(metrics, stats, timer)  # weight push, step count, evaluation
 
 

@@ -100,11 +100,11 @@ def sft_step(t: "SFTTrainer") -> dict:
         chunk.train()
     out = forward_backward(run.ddp, mbs, t.loss_fn, seq_length=mbs[0]["tokens"].shape[1],
                            micro_batch_size=cfg.optim.micro_batch_size, loss_reduction="sum")
+    owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    (tokens,) = all_reduce_sum([sum(float(m["tokens"]) for m in out.metrics) if owner else 0.0])
     timer.lap("time/student")
     lr = run.optimizer.param_groups[0]["lr"]  # the LR this step used
     info = optimizer_step(run.optimizer, run.scheduler)
-    owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    (tokens,) = all_reduce_sum([sum(float(m["tokens"]) for m in out.metrics) if owner else 0.0])
     timer.lap("time/optimizer")
     metrics = {"loss": out.loss, "tokens": tokens, "grad_norm": float(info["grad_norm"] or 0.0), "lr": lr}
     return run.finish_step(metrics, {}, timer)  # no sidecar, no evaluation: counts the step

@@ -59,10 +59,10 @@ def opsd_step(t: "OPSDTrainer") -> dict:
         timer.lap("time/teacher")
         zero_grads(run.ddp, run.optimizer)
         out = student_forward_backward(run.ddp, student_mbs, signals, loss=loss, real_vocab_size=run.real_vocab)
+        metrics.update(distillation_metrics(out.metrics), loss=out.loss)
         timer.lap("time/student")
-        step_info = optimizer_step(run.optimizer, run.scheduler)
+        metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
         timer.lap("time/optimizer")
-        metrics.update(distillation_metrics(out.metrics), loss=out.loss, grad_norm=float(step_info["grad_norm"] or 0.0))
     t.update_teacher()
     timer.lap("time/teacher_update")
     return run.finish_step(metrics, stats, timer)  # weight push, step count, evaluation
