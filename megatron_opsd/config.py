@@ -189,7 +189,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     dir: Optional[str] = None  # None: resolved to runs/<name> by load_config
-    name: str = "opsd"
+    name: Optional[str] = None  # None: the trainer's kind (opsd for train and rl, sft for sft)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "megatron-opsd"
@@ -206,6 +206,44 @@ class OPSDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class RLConfig:
+    """GRPO's ``rl:`` section (its maths: ``training/grpo.py``)."""
+
+    clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]
+    clip_eps_high: float = 0.28  # DAPO clip-higher (0.2 = symmetric PPO)
+    kl_coef: float = 0.0  # > 0: KL to a frozen reference model (the initial weights)
+    kl_estimator: Literal["full", "k3", "k1"] = "full"  # full: exact reverse KL over the vocabulary
+    allow_k1_kl: bool = False  # kl_estimator=k1 has zero expected gradient on-policy: refused unless opted in
+    std_normalize: bool = True  # False: A = r - mean (Dr. GRPO), no division by the group std
+    adv_eps: float = 1e-6
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (all correct / all wrong)
+    token_level_loss: bool = True  # DAPO token mean over the step; False: GRPO per-sequence mean
+    overlong_buffer: int = 0  # DAPO L_cache: soft penalty over the last L_cache tokens before max_tokens
+    overlong_penalty: float = 1.0  # the penalty reached at max_tokens
+    recompute_old_logprobs: bool = False  # True: behaviour log-probs from megatron, not the sidecar
+    # the KL's reference model: frozen = a replica of the initial weights; auto = frozen when kl_coef > 0, else none
+    reference: Literal["auto", "frozen", "none"] = "auto"
+    chunk_tokens: int = 1024  # tokens per fp32 chunk of the vocabulary-wide KL and entropy
+
+
+@dataclass
+class RLTrainConfig:
+    """A GRPO run (``megatron-opsd rl``, ``training/grpo.py``): the sections every trainer shares, and ``rl``. No
+    ``teacher``/``loss``: GRPO distils nothing."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -552,7 +590,7 @@ def validate_lora(cfg: OPSDConfig) -> None:
 def resolve_config(cfg: OPSDConfig) -> OPSDConfig:
     """Fill the defaults that depend on other fields (logging.dir = runs/<name>)."""
     if cfg.logging.dir is None:
-        cfg.logging.dir = str(Path("runs") / cfg.logging.name)
+        cfg.logging.dir = str(Path("runs") / (cfg.logging.name or "opsd"))
     return cfg
 
 

@@ -2,6 +2,8 @@
 import torch
 
 from megatron_opsd.training.rl_trainer import GRPOTrainer
+from megatron_opsd.training.rollouts import StepRollouts
+from megatron_opsd.training.run import broadcast_object
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
 REWARDS = [[1.0, 0.0, 0.0], [0.2, 0.9, 0.5]]
@@ -39,22 +41,20 @@ class SkipWeightPush:
 class FixedRolloutsGRPO(GRPOTrainer):
     """Test double for the sidecar's rollouts: fixed token ids, rewards, and transformers' log-probs."""
 
-    def _rollouts(self):
-        from megatron_opsd.training.trainer import StepRollouts, _broadcast
-
+    def rollouts(self, timer):
         result = None
-        if self.rank == 0:
+        if self.run.rank == 0:
             responses = fixed_responses()
             logprobs = hf_logprobs(self.cfg.model.path, PROMPTS, responses)
             correct = [[r > 0.5 for r in g] for g in REWARDS]
             result = StepRollouts(PROMPTS, responses, correct, REWARDS, logprobs)
-        return _broadcast(result)
+        return broadcast_object(result)
 
 
 def grpo_steps(cfg, steps: int) -> list:
     torch.manual_seed(0)
     trainer = FixedRolloutsGRPO(cfg)
-    trainer.client = SkipWeightPush()
+    trainer.run.client = SkipWeightPush()
     history = [trainer.train_step() for _ in range(steps)]
-    trainer.logger and trainer.logger.close()
+    trainer.run.logger and trainer.run.logger.close()
     return history

@@ -38,9 +38,6 @@ LAYERS: list[tuple[str, ...]] = [
 # Known arrows that break the rules, each with who removes it. Deleted entries are checked too: an entry that no
 # longer matches an import fails the test, so the list only shrinks.
 ALLOWED_ARROWS: dict[tuple[str, str], str] = {
-    # INTEGRATOR: delete after merging house-trainer (issue #17), which removes the trainer's upward arrow to
-    # evaluation (``evaluate_for_training``'s call direction).
-    ("megatron_opsd.training.trainer", "megatron_opsd.evaluation.runner"): "house-trainer removes it (issue #17)",
 }
 
 # Packages whose own imports (megatron_opsd.*) are all at module top, outside the CLI boundary. Third-party heavy

@@ -36,7 +36,7 @@ def test_opsd_microbatches_reach_the_current_device(sentinel_device):
 
 @pytest.mark.parametrize("pack_to", [None, 16])
 def test_sft_microbatches_reach_the_current_device(sentinel_device, pack_to):
-    from megatron_opsd.training.sft import SFTExample, build_sft_microbatches
+    from megatron_opsd.training.sft_data import SFTExample, build_sft_microbatches
 
     examples = [SFTExample("a", [1, 2, 3, 4], [0, 0, 1, 1]), SFTExample("b", [5, 6, 7], [0, 1, 1])]
     mbs = build_sft_microbatches(examples, micro_batch_size=1, pad_id=0, pack_to=pack_to)

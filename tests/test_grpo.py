@@ -138,6 +138,26 @@ def test_rl_config_loads_and_validates(tmp_path):
         load_rl_config("examples/grpo_tiny.yaml", ["rl.nonsense=1"])
 
 
+def test_rl_config_has_its_own_reference_and_no_teacher_or_loss():
+    """GRPO's reference model is ``rl.reference`` (auto: frozen iff rl.kl_coef > 0); the OPSD-only sections are
+    not part of a GRPO config, and the shared sections are still validated."""
+    from megatron_opsd.training.grpo import reference_model
+
+    assert reference_model(load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_coef=0.1"]).rl) == "frozen"
+    assert reference_model(load_rl_config("examples/grpo_tiny.yaml").rl) == "none"
+    assert reference_model(load_rl_config("examples/grpo_tiny.yaml", ["rl.reference=frozen"]).rl) == "frozen"
+    with pytest.raises(ConfigError, match="rl.kl_coef=0.1 needs a reference model: set rl.reference=frozen"):
+        load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_coef=0.1", "rl.reference=none"])
+    with pytest.raises(ConfigError, match="model.lora with a reference model"):
+        load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_coef=0.1", "model.lora.rank=4"])
+    for section in ("teacher.context=base", "loss.kind=jsd"):
+        with pytest.raises(ConfigError, match=f"unknown config key {section.split('=')[0]!r}"):
+            load_rl_config("examples/grpo_tiny.yaml", [section])
+    with pytest.raises(ConfigError, match="rollout.max_tokens must be >= 1"):  # config.validate_config's check
+        load_rl_config("examples/grpo_tiny.yaml", ["rollout.max_tokens=0"])
+    assert load_rl_config("examples/grpo_tiny.yaml", ["logging.dir=null", "logging.name=g"]).logging.dir == "runs/g"
+
+
 def test_rl_cli_refuses_bad_values_before_starting(capsys):
     from megatron_opsd.cli import main
 

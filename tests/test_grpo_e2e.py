@@ -7,7 +7,8 @@ import pytest
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.training.grpo import load_rl_config
 from megatron_opsd.training.rl_cli import run_rl_trainer
-from tests._run_configs import write_run_config
+from megatron_opsd.training.rl_trainer import GRPO_PHASES
+from tests._run_configs import assert_phases_add_up, write_run_config
 
 PROBLEMS = ["Say something.", "Write a word.", "Tell me a story.", "Go on."]
 
@@ -41,5 +42,6 @@ def test_grpo_reward_rises_tp2(tiny_checkpoints, tmp_path):
     assert results[0]["loss"] == metrics[-1]["loss"]
     for m in metrics:
         assert m["tokens"] > 0 and 0.0 <= m["rl/clip_fraction"] <= 1.0 and m["rl/ratio_mean"] > 0
+        assert_phases_add_up(m, GRPO_PHASES)
     first, last = fmean(rewards[:4]), fmean(rewards[-4:])
     assert last > first + 0.05, f"reward did not rise: first 4 steps {first:.3f}, last 4 steps {last:.3f}"

@@ -14,10 +14,10 @@ def lora_trainer_worker(cfg, adapter_dir: str):
 
     trainer = recording_trainer(cfg)
     history = [trainer.train_step()]
-    save_peft_adapter(trainer.student, adapter_dir, LoRASettings.from_config(cfg.model.lora), cfg.model.path)
+    save_peft_adapter(trainer.run.student, adapter_dir, LoRASettings.from_config(cfg.model.lora), cfg.model.path)
     history.append(trainer.train_step())
-    if trainer.logger is not None:
-        trainer.logger.close()
+    if trainer.run.logger is not None:
+        trainer.run.logger.close()
     return history, trainer.recorded, trainer.teacher is None
 
 

@@ -7,9 +7,10 @@ import torch
 from megatron_opsd.config import ConfigError
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.sft import (SFTDataConfig, build_sft_microbatches, load_sft_config, load_sft_dataset,
-                                        tokenize_conversation)
+from megatron_opsd.training.sft import SFT_PHASES, load_sft_config
+from megatron_opsd.training.sft_data import SFTDataConfig, build_sft_microbatches, load_sft_dataset, tokenize_conversation
 from megatron_opsd.training.sft_cli import run_sft
+from tests._run_configs import assert_phases_add_up
 
 PAIRS = [(f"What is {a} + {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 1), (2, 7), (6, 2), (8, 1), (4, 4), (9, 3)]]
 
@@ -207,6 +208,8 @@ def test_sft_cli_memorises_and_exports_hf(tiny_checkpoints, tmp_path):
     assert rc == 0
     losses = step_losses(tmp_path / "run")
     assert len(losses) == 40 and losses[29] < 0.5 * losses[0]
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        assert_phases_add_up(json.loads(line), SFT_PHASES)
     assert (tmp_path / "run" / "checkpoints" / "latest").exists() and list((tmp_path / "run" / "tensorboard").iterdir())
 
     tok = load_tokenizer(out)  # the tokenizer travelled with the export
@@ -231,7 +234,7 @@ def test_example_config_loads():
 def test_packed_microbatch_layout():
     """Packing puts conversations side by side: positions restart, labels never cross a boundary, attention
     is causal inside each conversation only, and the token weights are the same as unpacked."""
-    from megatron_opsd.training.sft import SFTExample, build_sft_microbatches
+    from megatron_opsd.training.sft_data import SFTExample, build_sft_microbatches
 
     examples = [SFTExample("a", [1, 2, 3], [0, 1, 1]), SFTExample("b", [4, 5], [0, 1]),
                 SFTExample("c", [6, 7, 8, 9], [0, 0, 1, 1])]

@@ -6,7 +6,8 @@ import pytest
 from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.training.cli import run_trainer
-from tests._run_configs import write_run_config
+from megatron_opsd.training.trainer import OPSD_PHASES
+from tests._run_configs import assert_phases_add_up, write_run_config
 
 pytestmark = pytest.mark.vllm
 
@@ -39,6 +40,7 @@ def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, tmp_path):
     for m in metrics:
         assert m["tokens"] > 0 and m["loss"] > 0 and m["divergence"] > 0  # different contexts: KL > 0
         assert 0.0 <= m["rollout/accuracy"] <= 1.0 and m["rollout/mean_length"] > 0
+        assert_phases_add_up(m, OPSD_PHASES)  # every phase timed, including step 2's evaluation
     assert results[0]["loss"] == metrics[-1]["loss"]
     assert "eval/accuracy" not in metrics[0] and 0.0 <= metrics[1]["eval/accuracy"] <= 1.0  # eval_every: 2
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()

@@ -47,14 +47,14 @@ def recording_trainer(cfg, client=None):
     from megatron_opsd.training.trainer import OPSDTrainer
 
     class Recording(OPSDTrainer):
-        def _rollouts(self):
-            rollouts = super()._rollouts()
+        def rollouts(self, timer):
+            rollouts = super().rollouts(timer)
             self.recorded.append(rollouts)
             return rollouts
 
     torch.manual_seed(0)
     trainer = Recording(cfg)
-    trainer.recorded, trainer.client = [], client or FakeClient()
+    trainer.recorded, trainer.run.client = [], client or FakeClient()
     flat = [c for group in CORRECT for c in group]
     trainer.reward = lambda texts, examples: [float(c) for c in flat[:len(texts)]]
     return trainer
@@ -63,8 +63,8 @@ def recording_trainer(cfg, client=None):
 def trainer_worker(cfg, steps: int, client=None):
     trainer = recording_trainer(cfg, client)
     history = [trainer.train_step() for _ in range(steps)]
-    if trainer.logger is not None:
-        trainer.logger.close()
+    if trainer.run.logger is not None:
+        trainer.run.logger.close()
     return history, trainer.recorded
 
 
@@ -191,9 +191,10 @@ def spying_worker(cfg, steps: int):
     """``trainer_worker`` that also records, per step, the generation limit, each side's micro-batch length
     (student first, then the teacher contexts in order) and a checksum of the weights each teacher forward ran."""
     from megatron_opsd.training import opsd
+    from megatron_opsd.training import trainer as opsd_trainer  # opsd_step's module holds build_microbatches
 
     seen = {"lengths": [], "teacher_weights": []}
-    build, teacher_rows = opsd.build_microbatches, opsd._teacher_rows
+    build, teacher_rows = opsd_trainer.build_microbatches, opsd._teacher_rows
 
     def recording_build(*args, **kwargs):
         mbs = build(*args, **kwargs)
@@ -204,12 +205,12 @@ def spying_worker(cfg, steps: int):
         seen["teacher_weights"].append(sum(p.detach().double().sum().item() for p in chunk.parameters()))
         return teacher_rows(chunk, mb)
 
-    opsd.build_microbatches, opsd._teacher_rows = recording_build, recording_teacher_rows
+    opsd_trainer.build_microbatches, opsd._teacher_rows = recording_build, recording_teacher_rows
     client = FakeClient()
     try:
         history, recorded = trainer_worker(cfg, steps, client)
     finally:
-        opsd.build_microbatches, opsd._teacher_rows = build, teacher_rows
+        opsd_trainer.build_microbatches, opsd._teacher_rows = build, teacher_rows
     return history, recorded, seen, client.max_tokens
 
 

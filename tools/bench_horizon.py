@@ -29,7 +29,7 @@ def bench_worker(cfg, horizon: int, pairs: int) -> dict:
     from megatron_opsd.training.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(cfg)
-    trainer._connect_sidecar()
+    trainer.run.connect_sidecar()
     runs = {"full": [], f"horizon {horizon}": []}
     try:
         settings = [("full", None), (f"horizon {horizon}", horizon)]
@@ -42,7 +42,7 @@ def bench_worker(cfg, horizon: int, pairs: int) -> dict:
                 if pair > 0:  # the first pair warms up (vLLM graph capture, allocator)
                     runs[name].append({k: metrics[k] for k in ("time/step", *PHASES, "tokens")})
     finally:
-        trainer.close()
+        trainer.run.close()
     return runs
 
 

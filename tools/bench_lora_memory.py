@@ -42,14 +42,15 @@ def trainer_tensors(trainer) -> dict:
     """Category -> the tensors the trainer holds for it (the categories of ``megatron-opsd plan``)."""
     from megatron_opsd.models.lora import adapters_of
 
-    teacher_sets = [t for a in adapters_of(trainer.student) for t in (a.teacher_A, a.teacher_B) if t is not None]
+    run = trainer.run
+    teacher_sets = [t for a in adapters_of(run.student) for t in (a.teacher_A, a.teacher_B) if t is not None]
     teacher_ids = {id(t) for t in teacher_sets}
-    student = [p for chunk in trainer.student for p in chunk.parameters() if id(p) not in teacher_ids]
+    student = [p for chunk in run.student for p in chunk.parameters() if id(p) not in teacher_ids]
     trained = [p for p in student if p.requires_grad]
-    grads = [b.grad_data for chunk in trainer.ddp for b in (*chunk.buffers, *chunk.expert_parallel_buffers)]
+    grads = [b.grad_data for chunk in run.ddp for b in (*chunk.buffers, *chunk.expert_parallel_buffers)]
     grads += [getattr(p, "main_grad", None) for p in trained] + [p.grad for p in trained]
     optimizer_tensors = []
-    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+    for opt in getattr(run.optimizer, "chained_optimizers", [run.optimizer]):
         for group in opt.optimizer.param_groups:  # fp32 master shards (views when the weights are fp32)
             optimizer_tensors += list(group["params"])
         optimizer_tensors += [v for state in opt.optimizer.state.values() for v in state.values()
@@ -74,16 +75,16 @@ def fixed_rollouts(trainer):
     import torch
 
     from megatron_opsd.data.sequences import student_prompt_ids
-    from megatron_opsd.training.trainer import StepRollouts
+    from megatron_opsd.training.rollouts import StepRollouts
 
-    cfg, examples = trainer.cfg, trainer.sampler.next_batch()
+    cfg, examples, tokenizer = trainer.cfg, trainer.sampler.next_batch(), trainer.run.tokenizer
     gen = torch.Generator().manual_seed(0)
-    student = [student_prompt_ids(trainer.tokenizer, ex, cfg.data, cfg.model.enable_thinking) for ex in examples]
-    responses = [[torch.randint(10, trainer.real_vocab, (cfg.rollout.max_tokens,), generator=gen).tolist()
+    student = [student_prompt_ids(tokenizer, ex, cfg.data, cfg.model.enable_thinking) for ex in examples]
+    responses = [[torch.randint(10, trainer.run.real_vocab, (cfg.rollout.max_tokens,), generator=gen).tolist()
                   for _ in range(cfg.rollout.n)] for _ in examples]
     correct = [[True] * cfg.rollout.n for _ in examples]
-    texts = [[trainer.tokenizer.decode(r) for r in g] for g in responses]
-    return StepRollouts(student, responses, correct, teachers=trainer._teacher_prompts(examples, texts, correct))
+    texts = [[tokenizer.decode(r) for r in g] for g in responses]
+    return StepRollouts(student, responses, correct, teachers=trainer.teacher_prompts(examples, texts, correct))
 
 
 def measure(config_path: str, overrides: list) -> dict:
@@ -96,13 +97,13 @@ def measure(config_path: str, overrides: list) -> dict:
     cfg = load_config(config_path, overrides)
     trainer = OPSDTrainer(cfg)
     rollouts = fixed_rollouts(trainer)
-    trainer._rollouts = lambda: rollouts  # the sidecar's part of the step
-    trainer._finish_step = lambda metrics, stats, times: metrics  # no weight push, no evaluation
+    trainer.rollouts = lambda timer: rollouts  # the sidecar's part of the step
+    trainer.run.finish_step = lambda metrics, stats, timer: metrics  # no weight push, no evaluation
     metrics = trainer.train_step()
     measured = held_bytes(trainer)
     settings, _ = settings_from_config(cfg, data_parallel=1, implementation="local")
     planned = estimate_memory(ModelShape.from_hf_config(cfg.model.path), settings).stages[0].components
-    trainable = sum(p.numel() for c in trainer.student for p in c.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for c in trainer.run.student for p in c.parameters() if p.requires_grad)
     return {"measured": measured, "planned": {k: planned[k] for k in CATEGORIES}, "loss": metrics["loss"],
             "trainable_params": trainable}
 

@@ -63,7 +63,7 @@ def fixed_rollouts(trainer, teacher_contexts: list, seed: int = 0):
     """Two prompts x two rollouts of fixed token ids (student prompt, teacher prompts, responses, rewards)."""
     import torch
 
-    from megatron_opsd.training.trainer import StepRollouts
+    from megatron_opsd.training.rollouts import StepRollouts
 
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(20, 400, (n,), generator=g).tolist()  # noqa: E731 - inside the tokenizer
@@ -126,9 +126,9 @@ def _opsd_trainer(ctx: dict, name: str, overrides: list):
 
     cfg = load_config(None, base_overrides(ctx["model"], ctx["root"] / name, ctx["opsd_data"]) + overrides)
     trainer = OPSDTrainer(cfg)
-    trainer.client = NoWeightPush()
+    trainer.run.client = NoWeightPush()
     contexts = teacher_context_names(cfg.teacher)
-    trainer._rollouts = lambda: fixed_rollouts(trainer, contexts)
+    trainer.rollouts = lambda timer: fixed_rollouts(trainer, contexts)
     return trainer
 
 
@@ -136,8 +136,8 @@ def _step_numbers(trainer) -> dict:
     try:
         metrics = trainer.train_step()
     finally:
-        if trainer.logger is not None:
-            trainer.logger.close()
+        if trainer.run.logger is not None:
+            trainer.run.logger.close()
     return {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
 
@@ -162,8 +162,8 @@ def probe_grpo_step(ctx: dict) -> dict:
     cfg = load_rl_config(None, base_overrides(ctx["model"], ctx["root"] / "grpo", ctx["opsd_data"])
                          + ["rl.recompute_old_logprobs=true"])
     trainer = GRPOTrainer(cfg)
-    trainer.client = NoWeightPush()
-    trainer._rollouts = lambda: fixed_rollouts(trainer, ["base"])
+    trainer.run.client = NoWeightPush()
+    trainer.rollouts = lambda timer: fixed_rollouts(trainer, [])
     return _step_numbers(trainer)
 
 
@@ -184,12 +184,13 @@ def probe_teacher_per_microbatch(ctx: dict) -> dict:
 
 def _teacher_modes(ctx: dict, target: str, overrides: list) -> dict:
     from megatron_opsd.training import opsd
+    from megatron_opsd.training import trainer as opsd_trainer  # opsd_step's module holds teacher_signal_source
 
     numbers = {}
     for mode in ("microbatch", "step"):
         trainer = _opsd_trainer(ctx, f"teacher_{target}_{mode}", overrides)
         if mode == "step":
-            original = opsd.teacher_signal_source
+            original = opsd_trainer.teacher_signal_source
 
             def step_first(model_for, teacher_mbs, student_mbs, *, loss, real_vocab_size, teacher_scope):
                 rows = {}
@@ -198,13 +199,13 @@ def _teacher_modes(ctx: dict, target: str, overrides: list) -> dict:
                         rows[c] = opsd.collect_teacher_rows(model_for(c), mbs)
                 return opsd.teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
 
-            opsd.teacher_signal_source = step_first
+            opsd_trainer.teacher_signal_source = step_first
             try:
                 numbers[mode] = _step_numbers(trainer)
             finally:
-                opsd.teacher_signal_source = original
+                opsd_trainer.teacher_signal_source = original
         else:  # at PP=1 the trainer's source is per micro-batch (a callable), not a list
-            assert callable(opsd.teacher_signal_source(trainer._teacher_model, {}, [], loss=None, real_vocab_size=0))
+            assert callable(opsd.teacher_signal_source(trainer.teacher_model, {}, [], loss=None, real_vocab_size=0))
             numbers[mode] = _step_numbers(trainer)
     a, b = numbers["microbatch"], numbers["step"]
     ok = all(math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7) for k in a)

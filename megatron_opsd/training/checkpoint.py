@@ -28,6 +28,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_opsd.models.gpt import unwrap
 
@@ -71,16 +74,12 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -165,9 +164,7 @@ def _restore_adam_steps(optimizer) -> None:
                     inner.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def _rng_object(data) -> "ShardedObject":
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
+def _rng_object(data) -> ShardedObject:
     world = torch.distributed.get_world_size()
     return ShardedObject(_RNG_KEY, data, (world,), (_rank(),), replica_id=0)
 
@@ -218,8 +215,6 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer=N
     written as ``config.yaml`` inside the checkpoint. ``keep_last``: keep only the newest N checkpoints.
     ``optimizer_sharding``: one of OPTIMIZER_SHARDINGS (see there).
     """
-    from megatron.core import dist_checkpointing
-
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
@@ -247,8 +242,6 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer=N
 
     if _rank() == 0:
         if config_dict is not None:
-            import yaml
-
             (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         (tmp / MARKER_FILE).write_text(json.dumps({"step": step, "format_version": FORMAT_VERSION,
                                                    "world_size": torch.distributed.get_world_size(),
@@ -270,8 +263,6 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
                     extra_models: Optional[dict] = None, restore_rng: bool = True) -> LoadedCheckpoint:
     """Collective: restore the model chunks, optimizer, scheduler, extra models and (same world size only) the
     per-rank RNG states from the checkpoint directory ``path``; returns step, data and extra state."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     if not _is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER_FILE}): pass a step-N directory "

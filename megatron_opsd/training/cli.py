@@ -64,8 +64,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_trainer(cfg) -> dict:
-    """Entry point per process: train and return the last step's metrics."""
+    """Entry point per process: train (the CLI wires evaluation into training's ``train.eval_every`` hook: training
+    never imports evaluation) and return the last step's metrics."""
+    from megatron_opsd.evaluation.runner import evaluate_for_training
     from megatron_opsd.training.trainer import train
 
-    history = train(cfg)
+    history = train(cfg, evaluate=evaluate_for_training)
     return history[-1] if history else {}

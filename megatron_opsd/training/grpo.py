@@ -8,43 +8,36 @@ log-probs, or megatron's recomputation of them), with DAPO's clip-higher (eps_lo
     ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))
     l_t     = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i)  [+ kl_coef * KL_t]
 summed with per-token weights: token-level (DAPO: 1 / all response tokens of the step) or sequence-level
-(GRPO: 1 / (|y_i| * number of rollouts)). ``training/rl_trainer.py`` drives them on the OPSD trainer's machinery.
+(GRPO: 1 / (|y_i| * number of rollouts)). ``training/rl_trainer.py`` drives them (``grpo_step``) on the shared run
+machinery (``training/run.py``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-from megatron_opsd.config import K1_REFUSAL, ConfigError, OPSDConfig, load_config
+from megatron_opsd.config import (K1_REFUSAL, ConfigError, OPSDConfig, RLConfig, RLTrainConfig, load_config,
+                                  resolve_config, validate_config)
 from megatron_opsd.losses import token_weights
 from megatron_opsd.losses.vocab_parallel import working_dtype
 
 
-@dataclass
-class RLConfig:
-    clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]
-    clip_eps_high: float = 0.28  # DAPO clip-higher (0.2 = symmetric PPO)
-    kl_coef: float = 0.0  # > 0: KL to a frozen reference model (the initial weights)
-    kl_estimator: Literal["full", "k3", "k1"] = "full"  # full: exact reverse KL over the vocabulary
-    allow_k1_kl: bool = False  # kl_estimator=k1 has zero expected gradient on-policy: refused unless opted in
-    std_normalize: bool = True  # False: A = r - mean (Dr. GRPO), no division by the group std
-    adv_eps: float = 1e-6
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (all correct / all wrong)
-    token_level_loss: bool = True  # DAPO token mean over the step; False: GRPO per-sequence mean
-    overlong_buffer: int = 0  # DAPO L_cache: soft penalty over the last L_cache tokens before max_tokens
-    overlong_penalty: float = 1.0  # the penalty reached at max_tokens
-    recompute_old_logprobs: bool = False  # True: behaviour log-probs from megatron, not the sidecar
-
-
-@dataclass
-class RLTrainConfig(OPSDConfig):
-    rl: RLConfig = field(default_factory=RLConfig)
+def reference_model(rl: RLConfig) -> str:
+    """``rl.reference`` resolved: ``frozen`` (a replica of the initial weights) or ``none``."""
+    if rl.reference == "auto":
+        return "frozen" if rl.kl_coef > 0 else "none"
+    return rl.reference
 
 
 def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
+    """The shared sections' checks (``config.validate_config``, on them alone), ``logging.dir`` resolved, and
+    GRPO's own."""
+    shared = OPSDConfig(model=cfg.model, parallel=cfg.parallel, data=cfg.data, rollout=cfg.rollout, reward=cfg.reward,
+                        optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, logging=cfg.logging)
+    validate_config(resolve_config(shared))  # the sections are shared objects: logging.dir lands in cfg too
     rl = cfg.rl
     checks = [
         (rl.clip_eps_low >= 0 and rl.clip_eps_high >= 0, f"rl.clip_eps_low/high must be >= 0, got "
@@ -64,6 +57,12 @@ def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
                                       "(use rl.dynamic_sampling to drop uninformative groups); set rollout.filter=all"),
         (cfg.rollout.horizon is None and cfg.rollout.horizon_growth is None,
          "rollout.horizon/horizon_growth are OPSD options; GRPO trains on whole responses: leave them null"),
+        (rl.kl_coef <= 0 or reference_model(rl) == "frozen",
+         f"rl.kl_coef={rl.kl_coef} needs a reference model: set rl.reference=frozen (or auto), or rl.kl_coef=0"),
+        (cfg.model.lora.rank == 0 or reference_model(rl) == "none",  # LoRA hook: the reference = adapters off
+         "model.lora with a reference model (rl.kl_coef > 0 or rl.reference=frozen) is not supported yet; set "
+         "rl.kl_coef=0 rl.reference=auto or model.lora.rank=0"),
+        (rl.chunk_tokens >= 1, f"rl.chunk_tokens must be >= 1, got {rl.chunk_tokens}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -1,7 +1,8 @@
 """`megatron-opsd rl --config X.yaml [--set key=value ...] [key=value ...]`: GRPO on the rollout sidecar.
 
 Same launch model as `megatron-opsd train`: under torchrun/srun every process runs this command; ``--nproc N``
-spawns N local processes (gloo on CPU). The config is an OPSD config plus an ``rl:`` section (training/grpo.py).
+spawns N local processes (gloo on CPU). The config (``grpo.RLTrainConfig``) has the sections every trainer shares
+plus ``rl:`` (training/grpo.py); no ``teacher:``/``loss:``.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_rl_trainer(cfg) -> dict:
-    """Entry point per process: GRPO-train and return the last step's metrics."""
+    """Entry point per process: GRPO-train (evaluation wired into ``train.eval_every``) and return the last step's
+    metrics."""
+    from megatron_opsd.evaluation.runner import evaluate_for_training
     from megatron_opsd.training.rl_trainer import train_grpo
 
-    history = train_grpo(cfg)
+    history = train_grpo(cfg, evaluate=evaluate_for_training)
     return history[-1] if history else {}

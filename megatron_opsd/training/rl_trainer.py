@@ -1,184 +1,205 @@
-"""The GRPO step on the OPSD trainer: rewards -> (overlong shaping) -> group advantages -> (dynamic sampling)
--> clipped policy loss [+ KL to the frozen reference] through megatron's schedule -> optimizer step -> weight push.
-The maths is in ``training/grpo.py``; everything else (sidecar, broadcast, logging, checkpoints) is OPSDTrainer's.
+"""GRPO on the shared run machinery (``training/run.py``): ``grpo_step`` is the method, one optimizer step top to
+bottom; ``GRPOTrainer`` holds the prompt sampler, the reward and the reference model (``rl.reference``). The
+maths is in ``training/grpo.py``.
+
+Log-probs are the raw model's (temperature 1), as the sidecar returns them, on both sides of the ratio.
 """
 from __future__ import annotations
 
+from statistics import fmean
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
-from megatron_opsd.training.grpo import (RLTrainConfig, clipped_policy_loss, k3_kl, rollout_weights, step_rewards,
-                                         validate_rl_config)
-from megatron_opsd.training.opsd import response_token_ids, tp_group
-from megatron_opsd.training.trainer import OPSDTrainer
+from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_entropy, vocab_parallel_token_logprobs
+from megatron_opsd.parallel.device import sum_over_ranks
+from megatron_opsd.rewards import build_reward
+from megatron_opsd.rewards.filters import group_filter
+from megatron_opsd.training.engine import optimizer_step, zero_grads
+from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy_loss, k3_kl, reference_model,
+                                         rollout_weights, step_rewards, validate_rl_config)
+from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, response_token_ids, tp_group
+from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress, sample_rollouts
+from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
+from megatron_opsd.training.schedule import forward_backward
 
-
-class GRPOTrainer(OPSDTrainer):
-    """The OPSD trainer's machinery (sidecar, rollouts broadcast from rank 0, weight push, logging,
-    checkpoints, fit loop) with a GRPO step. No teacher: the replica slot holds the frozen reference model
-    when ``rl.kl_coef > 0`` (and nothing otherwise).
-
-    Log-probs are the raw model's (temperature 1), as the sidecar returns them, on both sides of the ratio.
-    """
-
-    progress_name = "grpo"
-    distils = False  # no distillation loss: loss.* settings other than chunk_tokens are unused
-
-    def __init__(self, cfg: RLTrainConfig):
-        import copy
-
-        cfg = copy.deepcopy(cfg)
-        if cfg.model.lora.rank > 0 and cfg.rl.kl_coef > 0:  # LoRA hook: the reference would need the adapters off
-            from megatron_opsd.config import ConfigError
-
-            raise ConfigError("model.lora with rl.kl_coef > 0 is not supported yet; set rl.kl_coef=0 or "
-                              "model.lora.rank=0")
-        cfg.teacher.weights = "frozen" if cfg.rl.kl_coef > 0 else "live"  # frozen replica = the reference
-        cfg.teacher.context = "base"  # the unused teacher prompt is the student's (no reference field needed)
-        super().__init__(validate_rl_config(cfg))
-
-    def _token_logprobs(self, chunks: list, mbs: list) -> Optional[list]:
-        """Forward-only log-probs of each micro-batch's response tokens (last PP stage; None elsewhere)."""
-        from megatron_opsd.losses import vocab_parallel_token_logprobs
-        from megatron_opsd.training.opsd import collect_teacher_rows
-
-        rows = collect_teacher_rows(chunks, mbs)
-        if rows is None:
-            return None
-        return [vocab_parallel_token_logprobs(r, mb["targets"], group=tp_group(),
-                                              vocab_range=(0, self.real_vocab)) for r, mb in zip(rows, mbs)]
-
-    def _microbatches(self, rollouts, keep: list, advantages: list) -> list:
-        from megatron_opsd.training.opsd import build_microbatches
-
-        responses = [rollouts.responses[i][j] for i, j in keep]
-        prompts = [rollouts.student_prompts[i] for i, _ in keep]
-        old = [torch.tensor(rollouts.logprobs[i][j], dtype=torch.float32) for i, j in keep]
-        for (i, j), lp, r in zip(keep, old, responses):
-            if len(lp) != len(r):
-                raise RuntimeError(f"rollout {i}/{j}: the sidecar returned {len(lp)} log-probs for {len(r)} tokens")
-        per_token = {
-            "weights": rollout_weights([len(r) for r in responses], self.cfg.rl.token_level_loss),
-            "advantages": [torch.full((len(r),), float(advantages[i][j])) for (i, j), r in zip(keep, responses)],
-            "old_logprobs": old,
-        }
-        kw = self._batch_layout()
-        mbs = build_microbatches(prompts, responses, per_token["weights"], **kw)
-        for key in ("advantages", "old_logprobs"):  # same layout as the weights: one value per response row
-            for mb, other in zip(mbs, build_microbatches(prompts, responses, per_token[key], **kw)):
-                mb[key] = other["weights"]
-        for mb in mbs:
-            mb["targets"] = response_token_ids(mb)
-        return mbs
-
-    def _loss_fn(self, ref_rows: Optional[dict]):
-        from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_entropy, vocab_parallel_token_logprobs
-
-        rl, group, vocab_range = self.cfg.rl, tp_group(), (0, self.real_vocab)
-
-        def loss_fn(logits: torch.Tensor, mb: dict):
-            rows, mask, weights = logits[mb["row_mask"]], mb["weights"] > 0, mb["weights"]
-            logp = vocab_parallel_token_logprobs(rows, mb["targets"], group=group, vocab_range=vocab_range)
-            loss, clipped = clipped_policy_loss(logp, mb["old_logprobs"], mb["advantages"], weights,
-                                                eps_low=rl.clip_eps_low, eps_high=rl.clip_eps_high)
-            kl = torch.zeros_like(logp, dtype=torch.float32)
-            if rl.kl_coef > 0 and rl.kl_estimator == "full":
-                weighted, kl = vocab_parallel_divergence(
-                    rows, ref_rows[id(mb)], kind="reverse_kl", group=group, loss_mask=mask,
-                    chunk_tokens=self.cfg.loss.chunk_tokens, vocab_range=vocab_range, reduction="sum",
-                    token_weights=weights)
-                loss = loss + rl.kl_coef * weighted
-            elif rl.kl_coef > 0:
-                ref = mb["ref_logprobs"]
-                kl = k3_kl(logp, ref) if rl.kl_estimator == "k3" else logp.float() - ref.float()
-                loss = loss + rl.kl_coef * (kl * weights).sum()
-            with torch.no_grad():
-                entropy = vocab_parallel_entropy(rows.detach(), group=group, vocab_range=vocab_range,
-                                                 chunk_tokens=self.cfg.loss.chunk_tokens)
-                ratio = torch.exp(logp.detach().float() - mb["old_logprobs"].float())
-                m = mask.float()
-                return loss, {"tokens": m.sum(), "clipped": (clipped.float() * m).sum(),
-                              "ratio_sum": (ratio * m).sum(), "kl_sum": (kl.detach().float() * m).sum(),
-                              "entropy_sum": (entropy.float() * m).sum()}
-
-        return loss_fn
-
-    def _sum_over_ranks(self, values: dict) -> dict:
-        """Sum per-rank partial sums over every rank (callers pass zeros where they do not own the numbers)."""
-        from megatron_opsd.parallel.device import sum_over_ranks
-
-        return sum_over_ranks([values], sorted(values))
-
-    def train_step(self) -> dict:
-        import time
-        from statistics import fmean
-
-        from megatron.core import parallel_state as ps
-
-        from megatron_opsd.rewards.filters import group_filter
-        from megatron_opsd.training.engine import optimizer_step, zero_grads
-        from megatron_opsd.training.schedule import forward_backward
-
-        cfg, rl = self.cfg, self.cfg.rl
-        times = {}
-        t0 = time.perf_counter()
-        rollouts = self._rollouts()
-        times["time/rollout"] = time.perf_counter() - t0
-        lengths = [[len(y) for y in ys] for ys in rollouts.responses]
-        grouped = step_rewards(rollouts.rewards, rollouts.correct, lengths, rl, cfg.rollout.max_tokens)
-        shaped, advantages, use = grouped.shaped, grouped.advantages, grouped.used
-        keep = [(i, j) for i, ok in enumerate(use) if ok for j in range(len(rollouts.responses[i]))]
-        stats = {f"rollout/{k}": v for k, v in group_filter(rollouts.responses, rollouts.correct, "all").stats.items()}
-        stats.update({"reward/mean": fmean(r for g in rollouts.rewards for r in g),
-                      "reward/shaped_mean": fmean(r for g in shaped for r in g),
-                      "rl/groups_kept": sum(use) / len(use), "rl/num_trained": float(len(keep))})
-        metrics = {"loss": 0.0, "divergence": 0.0, "tokens": 0.0}
-        if keep:
-            mbs = self._microbatches(rollouts, keep, advantages)
-            t0 = time.perf_counter()
-            last = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            behaviour = {"logprob_diff_sum": 0.0}
-            if rl.recompute_old_logprobs:  # megatron's log-probs under the weights that sampled (pre-update)
-                recomputed = self._token_logprobs(self.ddp, mbs)
-                for mb, lp in zip(mbs, recomputed or []):
-                    if last:
-                        behaviour["logprob_diff_sum"] += float(((lp - mb["old_logprobs"]).abs() * (mb["weights"] > 0)).sum())
-                    mb["old_logprobs"] = lp
-            ref_rows = None
-            if rl.kl_coef > 0 and rl.kl_estimator == "full":
-                from megatron_opsd.training.opsd import collect_teacher_rows
-
-                ref_rows = {id(mb): rows for mb, rows in zip(mbs, collect_teacher_rows(self.teacher, mbs) or [])}
-            elif rl.kl_coef > 0:
-                for mb, lp in zip(mbs, self._token_logprobs(self.teacher, mbs) or []):
-                    mb["ref_logprobs"] = lp
-            times["time/old_and_ref"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for chunk in self.ddp:
-                chunk.train()
-            zero_grads(self.ddp, self.optimizer)
-            tokens = mbs[0]["tokens"]
-            out = forward_backward(self.ddp, mbs, self._loss_fn(ref_rows), seq_length=tokens.shape[1],
-                                   micro_batch_size=tokens.shape[0], loss_reduction="sum")
-            step_info = optimizer_step(self.optimizer, self.scheduler)
-            times["time/policy"] = time.perf_counter() - t0
-            local = {k: 0.0 for k in ("tokens", "clipped", "ratio_sum", "kl_sum", "entropy_sum")}
-            if last:
-                for m in out.metrics:
-                    for k in local:
-                        local[k] += float(m[k])
-            sums = self._sum_over_ranks({**local, **behaviour})
-            n = max(sums["tokens"], 1.0)
-            metrics.update({"loss": out.loss, "tokens": sums["tokens"], "divergence": sums["kl_sum"] / n,
-                            "rl/clip_fraction": sums["clipped"] / n, "rl/ratio_mean": sums["ratio_sum"] / n,
-                            "entropy/student": sums["entropy_sum"] / n,
-                            "grad_norm": float(step_info["grad_norm"] or 0.0)})
-            if rl.recompute_old_logprobs:
-                metrics["rl/sidecar_logprob_abs_diff"] = sums["logprob_diff_sum"] / n
-        return self._finish_step(metrics, stats, times)
+GRPO_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/old_and_ref", "time/policy", "time/optimizer",
+               "time/sync", "time/eval")
+POLICY_SUMS = ("tokens", "clipped", "ratio_sum", "kl_sum", "entropy_sum")
 
 
-def train_grpo(cfg: RLTrainConfig) -> list[dict]:
+def grpo_step(t: "GRPOTrainer") -> dict:
+    """One GRPO step: rollouts -> rewards, (overlong shaping), group advantages, (dynamic sampling) -> behaviour
+    and reference log-probs -> clipped policy loss [+ KL to the reference] -> optimizer -> weight push."""
+    cfg, rl, run = t.cfg, t.cfg.rl, t.run
+    timer = PhaseTimer(GRPO_PHASES)
+    rollouts = t.rollouts(timer)  # rank 0: sample on the sidecar, verify (reward); broadcast to every rank
+    lengths = [[len(y) for y in ys] for ys in rollouts.responses]
+    grouped = step_rewards(rollouts.rewards, rollouts.correct, lengths, rl, cfg.rollout.max_tokens)
+    keep = [(i, j) for i, ok in enumerate(grouped.used) if ok for j in range(len(rollouts.responses[i]))]
+    stats = {f"rollout/{k}": v for k, v in group_filter(rollouts.responses, rollouts.correct, "all").stats.items()}
+    stats.update({"reward/mean": fmean(r for g in rollouts.rewards for r in g),
+                  "reward/shaped_mean": fmean(r for g in grouped.shaped for r in g),
+                  "rl/groups_kept": sum(grouped.used) / len(grouped.used), "rl/num_trained": float(len(keep))})
+    timer.lap("time/filter")
+    metrics = {"loss": 0.0, "divergence": 0.0, "tokens": 0.0}
+    if keep:
+        mbs = grpo_microbatches(rollouts, keep, grouped.advantages, rl, run.batch_layout(cfg.data.pad_to_multiple_of))
+        timer.lap("time/batch")
+        behaviour = {"logprob_diff_sum": 0.0}
+        if rl.recompute_old_logprobs:  # megatron's log-probs under the weights that sampled (pre-update)
+            behaviour["logprob_diff_sum"] = replace_old_logprobs(mbs, token_logprobs(run.ddp, mbs, run.real_vocab))
+        ref_rows = reference_signal(t.reference, mbs, rl, run.real_vocab)
+        timer.lap("time/old_and_ref")
+        for chunk in run.ddp:
+            chunk.train()
+        zero_grads(run.ddp, run.optimizer)
+        tokens = mbs[0]["tokens"]
+        out = forward_backward(run.ddp, mbs, policy_loss_fn(rl, run.real_vocab, ref_rows), seq_length=tokens.shape[1],
+                               micro_batch_size=tokens.shape[0], loss_reduction="sum")
+        metrics.update(policy_metrics(out, behaviour, rl))
+        timer.lap("time/policy")
+        metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
+        timer.lap("time/optimizer")
+    return run.finish_step(metrics, stats, timer)  # weight push, step count, evaluation
+
+
+def _last_stage_owner() -> bool:
+    """The rank that holds a micro-batch's reduced numbers: last pipeline stage, TP rank 0."""
+    return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+
+
+def grpo_microbatches(rollouts: StepRollouts, keep: list, advantages: list, rl: RLConfig, layout: dict) -> list:
+    """The kept rollouts' micro-batches with per-token ``weights``, ``advantages``, ``old_logprobs`` (the
+    sidecar's) and ``targets`` (the response token ids), all in the weights' layout."""
+    responses = [rollouts.responses[i][j] for i, j in keep]
+    prompts = [rollouts.student_prompts[i] for i, _ in keep]
+    old = [torch.tensor(rollouts.logprobs[i][j], dtype=torch.float32) for i, j in keep]
+    for (i, j), lp, r in zip(keep, old, responses):
+        if len(lp) != len(r):
+            raise RuntimeError(f"rollout {i}/{j}: the sidecar returned {len(lp)} log-probs for {len(r)} tokens")
+    per_token = {
+        "weights": rollout_weights([len(r) for r in responses], rl.token_level_loss),
+        "advantages": [torch.full((len(r),), float(advantages[i][j])) for (i, j), r in zip(keep, responses)],
+        "old_logprobs": old,
+    }
+    mbs = build_microbatches(prompts, responses, per_token["weights"], **layout)
+    for key in ("advantages", "old_logprobs"):  # same layout as the weights: one value per response row
+        for mb, other in zip(mbs, build_microbatches(prompts, responses, per_token[key], **layout)):
+            mb[key] = other["weights"]
+    for mb in mbs:
+        mb["targets"] = response_token_ids(mb)
+    return mbs
+
+
+def token_logprobs(chunks: list, mbs: list, real_vocab: int) -> Optional[list]:
+    """Forward-only log-probs of each micro-batch's response tokens (last PP stage; None elsewhere)."""
+    rows = collect_teacher_rows(chunks, mbs)
+    if rows is None:
+        return None
+    return [vocab_parallel_token_logprobs(r, mb["targets"], group=tp_group(), vocab_range=(0, real_vocab))
+            for r, mb in zip(rows, mbs)]
+
+
+def replace_old_logprobs(mbs: list, recomputed: Optional[list]) -> float:
+    """Use megatron's recomputed behaviour log-probs; returns this rank's summed |recomputed - sidecar| (0 off the
+    owning rank)."""
+    diff = 0.0
+    for mb, lp in zip(mbs, recomputed or []):
+        if _last_stage_owner():
+            diff += float(((lp - mb["old_logprobs"]).abs() * (mb["weights"] > 0)).sum())
+        mb["old_logprobs"] = lp
+    return diff
+
+
+def reference_signal(reference: Optional[list], mbs: list, rl: RLConfig, real_vocab: int) -> Optional[dict]:
+    """The KL's reference side: full rows per micro-batch (``kl_estimator=full``, keyed by the micro-batch's ``index``), or token
+    log-probs stored as ``mb["ref_logprobs"]`` (k3 / k1); nothing without ``rl.kl_coef``."""
+    if rl.kl_coef <= 0:
+        return None
+    if rl.kl_estimator == "full":
+        return {mb["index"]: rows for mb, rows in zip(mbs, collect_teacher_rows(reference, mbs) or [])}
+    for mb, lp in zip(mbs, token_logprobs(reference, mbs, real_vocab) or []):
+        mb["ref_logprobs"] = lp
+    return None
+
+
+def policy_loss_fn(rl: RLConfig, real_vocab: int, ref_rows: Optional[dict]):
+    """``loss_fn(logits, mb)`` for the schedule: clipped policy loss [+ kl_coef * KL], and the sums it logs."""
+    group, vocab_range = tp_group(), (0, real_vocab)
+
+    def loss_fn(logits: torch.Tensor, mb: dict):
+        rows, mask, weights = logits[mb["row_mask"]], mb["weights"] > 0, mb["weights"]
+        logp = vocab_parallel_token_logprobs(rows, mb["targets"], group=group, vocab_range=vocab_range)
+        loss, clipped = clipped_policy_loss(logp, mb["old_logprobs"], mb["advantages"], weights,
+                                            eps_low=rl.clip_eps_low, eps_high=rl.clip_eps_high)
+        kl = torch.zeros_like(logp, dtype=torch.float32)
+        if rl.kl_coef > 0 and rl.kl_estimator == "full":
+            weighted, kl = vocab_parallel_divergence(
+                rows, ref_rows[mb["index"]], kind="reverse_kl", group=group, loss_mask=mask, chunk_tokens=rl.chunk_tokens,
+                vocab_range=vocab_range, reduction="sum", token_weights=weights)
+            loss = loss + rl.kl_coef * weighted
+        elif rl.kl_coef > 0:
+            ref = mb["ref_logprobs"]
+            kl = k3_kl(logp, ref) if rl.kl_estimator == "k3" else logp.float() - ref.float()
+            loss = loss + rl.kl_coef * (kl * weights).sum()
+        with torch.no_grad():
+            entropy = vocab_parallel_entropy(rows.detach(), group=group, vocab_range=vocab_range,
+                                             chunk_tokens=rl.chunk_tokens)
+            ratio = torch.exp(logp.detach().float() - mb["old_logprobs"].float())
+            m = mask.float()
+            return loss, {"tokens": m.sum(), "clipped": (clipped.float() * m).sum(),
+                          "ratio_sum": (ratio * m).sum(), "kl_sum": (kl.detach().float() * m).sum(),
+                          "entropy_sum": (entropy.float() * m).sum()}
+
+    return loss_fn
+
+
+def policy_metrics(out, behaviour: dict, rl: RLConfig) -> dict:
+    """The step's policy numbers, summed over every rank (zeros where a rank does not own them) and averaged per
+    trained token."""
+    local = {k: 0.0 for k in POLICY_SUMS}
+    if _last_stage_owner():
+        for m in out.metrics:
+            for k in local:
+                local[k] += float(m[k])
+    values = {**local, **behaviour}
+    sums = sum_over_ranks([values], sorted(values))
+    n = max(sums["tokens"], 1.0)
+    metrics = {"loss": out.loss, "tokens": sums["tokens"], "divergence": sums["kl_sum"] / n,
+               "rl/clip_fraction": sums["clipped"] / n, "rl/ratio_mean": sums["ratio_sum"] / n,
+               "entropy/student": sums["entropy_sum"] / n}
+    if rl.recompute_old_logprobs:
+        metrics["rl/sidecar_logprob_abs_diff"] = sums["logprob_diff_sum"] / n
+    return metrics
+
+
+class GRPOTrainer:
+    """GRPO on the shared run machinery. ``reference``: a frozen replica of the initial weights when
+    ``rl.reference`` resolves to frozen (``rl.kl_coef > 0``), else None."""
+
+    def __init__(self, cfg: RLTrainConfig, evaluate: Optional[EvaluateHook] = None):
+        self.cfg = cfg = validate_rl_config(cfg)
+        self.run = run = Run(cfg, desc="grpo", uses_sidecar=True, evaluate=evaluate)
+        self.sampler, self.reward = prompt_sampler(cfg), build_reward(cfg.reward)
+        self.reference = run.replica() if reference_model(cfg.rl) == "frozen" else None
+        run.build_optimizer()
+
+    train_step = grpo_step
+    progress = staticmethod(rollout_progress)
+
+    def rollouts(self, timer: PhaseTimer) -> StepRollouts:
+        """COLLECTIVE: this step's whole rollouts with their rewards and sidecar log-probs (no teacher prompts)."""
+        return sample_rollouts(self.run, self.sampler.next_batch(), self.reward, max_tokens=self.cfg.rollout.max_tokens,
+                               timer=timer)
+
+    def extra_models(self) -> Optional[dict]:
+        """The reference replica, checkpointed under ``teacher`` (the checkpoint layout GRPO runs always had)."""
+        return None if self.reference is None else {"teacher": self.reference}
+
+
+def train_grpo(cfg: RLTrainConfig, evaluate: Optional[EvaluateHook] = None) -> list[dict]:
     """Run GRPO from ``cfg`` on this process (launched by torchrun, srun, or run_distributed)."""
-    return GRPOTrainer(cfg).fit()
+    trainer = GRPOTrainer(cfg, evaluate)
+    return trainer.run.fit(trainer)

@@ -1,0 +1,240 @@
+"""The run machinery every trainer composes (OPSD, GRPO, SFT): distributed init, run directory and saved config,
+tokenizer, the student built and loaded from HF, optimizer and scheduler, checkpoint save/resume, the metrics
+logger, the sidecar connection and weight push, and ``fit`` (resume -> sidecar -> step loop -> final save).
+
+A trainer is a small object holding what its method needs on top (teacher replicas, a reward, a reference model)
+and a ``train_step()``; it never subclasses another trainer. ``Run.fit(trainer)`` drives it:
+
+    trainer.sampler        the PromptSampler whose position is checkpointed
+    trainer.train_step()   one optimizer step; ends with ``run.finish_step`` (push, count, evaluate)
+    trainer.extra_models() name -> model chunks saved with the student (teacher, EMA, reference), or None
+    trainer.progress(m)    the progress bar's fields for step metrics ``m``
+
+End-of-run save rule (one for every trainer): the final step is saved unless the newest checkpoint on disk
+already holds it (a finished run started again with ``checkpoint.resume``, or ``save_every`` landing on it).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+
+from megatron_opsd.config import ConfigError, config_to_dict, save_config
+from megatron_opsd.models.gpt import build_model_from_config
+from megatron_opsd.models.lora import LoRASettings
+from megatron_opsd.models.tokenizer import load_tokenizer
+from megatron_opsd.models.weights import load_hf_checkpoint
+from megatron_opsd.parallel import init_distributed
+from megatron_opsd.rollout.client import SidecarClient
+from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank
+from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu, start_sidecar_process
+from megatron_opsd.training.checkpoint import LoadedCheckpoint, load_latest, save_checkpoint
+from megatron_opsd.training.engine import setup_training
+from megatron_opsd.training.loop import run_steps
+from megatron_opsd.training.schedule import copy_weights_
+
+# ``evaluate(client, tokenizer, cfg, step, out_dir) -> {"eval/...": float}``: injected by the CLI layer
+# (``evaluation.runner.evaluate_for_training``), so training never imports evaluation.
+EvaluateHook = Callable[..., dict]
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from global rank ``src`` on every rank (picklable objects; a no-op on one process)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class PhaseTimer:
+    """Consecutive phase timers of one step: ``lap(key)`` charges the time since the previous lap (or the timer's
+    start) to ``key``, so the phases add up to the step by construction. Keys named at construction are present
+    (0.0) even when a rank or a step skips their phase, so every rank reports the same keys."""
+
+    def __init__(self, keys: Iterable[str] = ()):
+        self.times = {key: 0.0 for key in keys}
+        self._last = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        now = time.perf_counter()
+        self.times[key] = self.times.get(key, 0.0) + now - self._last
+        self._last = now
+
+
+class MetricsLogger:
+    """JSONL metrics file always; TensorBoard and wandb when enabled (rank 0 only)."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.tb = self.wandb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional package
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: pip install tensorboard (continuing with metrics.jsonl)")
+        if cfg.logging.wandb:
+            import wandb  # optional package
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=config_to_dict(cfg), dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Run:
+    """One training run's machinery. Built in two calls so a trainer can add to the student before the
+    optimizer wraps it (LoRA teacher adapters, replicas copied from the initial weights):
+    ``run = Run(cfg, ...)`` (distributed, run dir, tokenizer, student) then ``run.build_optimizer()``."""
+
+    def __init__(self, cfg, *, desc: str, uses_sidecar: bool, evaluate: Optional[EvaluateHook] = None):
+        self.cfg, self.desc, self.uses_sidecar, self.evaluate = cfg, desc, uses_sidecar, evaluate
+        if uses_sidecar:
+            refuse_local_sidecar_on_gpu(cfg.rollout.sidecar_urls)
+        init_distributed(cfg.parallel)
+        self.rank = torch.distributed.get_rank()
+        self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.run_dir = Path(cfg.logging.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.tokenizer_dir = cfg.model.tokenizer or cfg.model.path
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.student = build_model_from_config(cfg)
+        load_hf_checkpoint(self.student, cfg.model.path)
+        self.real_vocab = self.student[0].real_vocab_size
+        self.ddp = self.optimizer = self.scheduler = self.logger = None
+        self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint on disk (the end-of-run save rule)
+        self.sidecar = None  # the local sidecar process, when this rank started one
+        self.client: Optional[SidecarClient] = None
+
+    def replica(self, *, teacher: bool = False) -> list:
+        """A second model sharded like the student, holding the student's current (initial) weights: a teacher
+        (``teacher=True``: its own FP8 format), Purified OPSD's initial model, or GRPO's reference."""
+        chunks = build_model_from_config(self.cfg, teacher=teacher)
+        copy_weights_(chunks, self.student)
+        return chunks
+
+    def build_optimizer(self) -> None:
+        """DDP, distributed optimizer and LR scheduler around the student; then the metrics logger (rank 0)."""
+        self.ddp, self.optimizer, self.scheduler = setup_training(self.student, self.cfg.optim, self.cfg.train.steps)
+        self.logger = MetricsLogger(self.cfg, self.run_dir) if self.rank == 0 else None
+
+    def batch_layout(self, pad_to_multiple_of: int) -> dict:
+        """This rank's micro-batch layout keywords (``build_microbatches``)."""
+        return dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
+                    pad_multiple=self.cfg.parallel.sequence_multiple(pad_to_multiple_of),
+                    dp_size=self.dp_size, dp_rank=self.dp_rank)
+
+    # ------------------------------------------------------------------------------------------ sidecar
+    def adapter_sync(self) -> bool:
+        """LoRA with ``model.lora.sync=adapter``: the sidecar serves base + adapter and each step pushes the adapter."""
+        return self.cfg.model.lora.rank > 0 and self.cfg.model.lora.sync == "adapter"
+
+    def connect_sidecar(self) -> None:
+        """Start a local sidecar on rank 0 (no ``rollout.sidecar_urls``) or connect to the given ones; every rank
+        gets a client (weight pushes are collective)."""
+        cfg = self.cfg
+        if cfg.train.eval_every and self.evaluate is None:
+            raise ConfigError("train.eval_every > 0 needs an evaluation hook: run through the CLI, or pass "
+                              "evaluate=evaluation.runner.evaluate_for_training to train()/train_grpo()")
+        urls = list(cfg.rollout.sidecar_urls)
+        if not urls and self.rank == 0:
+            self.sidecar = start_sidecar_process(
+                cfg.model.path, port=cfg.rollout.local_sidecar_port, log_path=self.run_dir / "sidecar.log",
+                dtype=cfg.rollout.local_sidecar_dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
+                max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if self.adapter_sync() else None,
+                tensor_parallel_size=cfg.rollout.local_sidecar_tensor_parallel_size)
+            urls = [self.sidecar.url]
+        urls = broadcast_object(urls)
+        r = cfg.rollout
+        self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
+                                    sync_timeout_s=r.sync_timeout_s)
+        if self.rank == 0:
+            self.client.wait_healthy()
+
+    def push_weights(self, version: int) -> None:
+        """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter."""
+        if self.adapter_sync():
+            push_adapter_from_model(self.client, self.student, LoRASettings.from_config(self.cfg.model.lora),
+                                    version, self.cfg.model.path)
+        else:
+            self.client.push_weights(self.student, version=version)
+
+    def finish_step(self, metrics: dict, stats: dict, timer: PhaseTimer) -> dict:
+        """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
+        every ``train.eval_every`` steps evaluate on the sidecar (rank 0). Returns the step's metrics."""
+        if self.uses_sidecar:
+            self.push_weights(self.step + 1)
+            timer.lap("time/sync")
+        self.step += 1
+        metrics.setdefault("lr", self.optimizer.param_groups[0]["lr"])
+        every = self.cfg.train.eval_every
+        if self.evaluate is not None and every and self.step % every == 0 and self.rank == 0:
+            metrics.update(self.evaluate(self.client, self.tokenizer, self.cfg, self.step, self.run_dir / "eval"))
+        timer.lap("time/eval")  # the evaluation, and the step's bookkeeping when there is none
+        return {**metrics, **stats, **timer.times}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save(self, trainer) -> None:
+        """COLLECTIVE: checkpoint the student, optimizer, scheduler, sampler position and the trainer's extra models."""
+        self.saved_step = self.step
+        save_checkpoint(self.ckpt_dir, self.step, self.ddp, self.optimizer, self.scheduler,
+                        data_state=trainer.sampler.state_dict(), extra_models=trainer.extra_models(),
+                        config_dict=config_to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+
+    def resume(self, trainer) -> Optional[LoadedCheckpoint]:
+        """With ``checkpoint.resume``: restore the newest checkpoint (if any) and the sampler's position."""
+        if not self.cfg.checkpoint.resume:
+            return None
+        loaded = load_latest(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler,
+                             extra_models=trainer.extra_models())
+        if loaded is not None:
+            self.step = self.saved_step = loaded.step
+            trainer.sampler.load_state_dict(loaded.data_state)
+            if self.rank == 0:
+                print(f"resumed from {loaded.path} at step {self.step}")
+        return loaded
+
+    # ------------------------------------------------------------------------------------------ the run
+    def fit(self, trainer) -> list[dict]:
+        """Resume, connect the sidecar (and give it resumed weights), run the steps, save the last one (the
+        rule in the module docstring), and close. Returns the metrics of the steps run here."""
+        self.resume(trainer)
+        try:  # SIGTERM (lifecycle.install_shutdown_handlers) raises SystemExit anywhere in here
+            if self.uses_sidecar:
+                self.connect_sidecar()
+                if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
+                    self.push_weights(self.step)
+            history = run_steps(self, trainer)
+            if self.saved_step != self.step:
+                self.save(trainer)
+        finally:
+            self.close()
+        return history
+
+    def close(self) -> None:
+        """Close the metrics files and stop the local sidecar (if this rank started one)."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.sidecar is not None:
+            self.sidecar.stop()
