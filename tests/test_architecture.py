@@ -44,7 +44,7 @@ ALLOWED_ARROWS: dict[tuple[str, str], str] = {
 # or optional packages (vllm in the trainer process, megatron-core, transformers, wandb, math-verify, ...) may still
 # be imported inside functions: docs/architecture.md, "Imports".
 TOP_IMPORT_UNITS = ("", "errors", "lifecycle", "templates", "parallel", "models", "data", "rewards", "rollout",
-                    "evaluation", "pipeline", "planning", "demo")
+                    "evaluation", "pipeline", "planning", "demo", "training", "losses")
 
 # Our own modules that may be imported inside functions: they import an optional heavy package at module top.
 LAZY_MODULES: dict[str, str] = {
