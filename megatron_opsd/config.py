@@ -198,6 +198,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The final model as an HF directory, written by the training processes themselves at the end of the run
+    (no second job that re-initialises the cluster and reloads the checkpoint). LoRA runs export merged weights."""
+
+    hf_dir: Optional[str] = None  # None: no export (`megatron-opsd export` still converts any checkpoint later)
+    dtype: Optional[Literal["float32", "bfloat16"]] = None  # None: the training dtype
+
+
+@dataclass
 class OPSDConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -210,6 +219,7 @@ class OPSDConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 @dataclass
@@ -248,6 +258,7 @@ class RLTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # k1 = log p_S(y) - log p_T(y) at y ~ p_S: its value estimates KL(p_S || p_T), but its gradient is grad log p_S(y),

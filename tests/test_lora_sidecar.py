@@ -2,6 +2,7 @@
 transformers + PEFT with that adapter; a second push replaces it; bad or stale adapters are refused and nothing
 changes."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,8 +65,9 @@ def test_adapter_push_serves_base_plus_adapter(lora_client, model_dir, tmp_path)
 
 def test_lora_training_pushes_adapters_tp2(tiny_checkpoints, tmp_path):
     """`megatron-opsd train` with LoRA at TP=2 and the local sidecar: every step pushes only the adapter (step 2's
-    rollouts pass the on-policy version check only if step 1's push was served), and the run's checkpoint exports
-    the adapter in PEFT format."""
+    rollouts pass the on-policy version check only if step 1's push was served), the run's checkpoint exports
+    the adapter in PEFT format, and the run's own end-of-run export (``export.hf_dir``, merged at TP=2) equals
+    `megatron-opsd export` of its checkpoint bit for bit."""
     from safetensors.torch import load_file
 
     from megatron_opsd.config import load_config
@@ -76,7 +78,8 @@ def test_lora_training_pushes_adapters_tp2(tiny_checkpoints, tmp_path):
 
     config_path = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"], train={"steps": 2, "eval_every": 0},
                                   model={"path": tiny_checkpoints["qwen3"], "lora": {"rank": 4, "alpha": 8.0}},
-                                  logging={"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False})
+                                  logging={"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+                                  export={"hf_dir": str(tmp_path / "run_hf")})
     cfg = load_config(str(config_path))
     run_distributed(run_trainer, 2, cfg.parallel, cfg)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -86,3 +89,9 @@ def test_lora_training_pushes_adapters_tp2(tiny_checkpoints, tmp_path):
     export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "hf", peft_out=tmp_path / "adapter")
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained away from B = 0
+    in_run, from_checkpoint = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "run_hf", tmp_path / "hf"))
+    assert sorted(in_run) == sorted(from_checkpoint)
+    assert all(torch.equal(in_run[k], from_checkpoint[k]) for k in in_run)
+    base = load_file(str(Path(tiny_checkpoints["qwen3"]) / "model.safetensors"))
+    assert not torch.equal(in_run["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # merged: the adapters moved it

@@ -8,7 +8,7 @@ import yaml
 
 from megatron_opsd.config import ConfigError
 from megatron_opsd.pipeline import load_pipeline_config, run_pipeline
-from megatron_opsd.pipeline.runner import results_table, stage_commands
+from megatron_opsd.pipeline.runner import results_table, stage_command
 
 
 def _write(tmp_path, cfg: dict):
@@ -45,21 +45,22 @@ def test_config_errors_name_the_key(tmp_path):
         load_pipeline_config(_write(tmp_path, good), ["eval.nope=1"])
 
 
-def test_stage_commands_chain_exports(tmp_path):
+def test_stage_command_chains_exports(tmp_path):
     cfg = load_pipeline_config(_write(tmp_path, {"name": "p", "model": "base", "nproc": 2,
                                                  "out_dir": str(tmp_path / "out"), "stages": _stages()}))
-    (sft,) = stage_commands(cfg, cfg.stages[0], "base")
+    sft = stage_command(cfg, cfg.stages[0], "base")
     assert sft[:3] == [sys.executable, "-m", "megatron_opsd.cli"]
     assert sft[3:9] == ["sft", "--config", "examples/sft_tiny.yaml", "--resume", "--nproc", "2"]
     assert "model.path=base" in sft and f"export.hf_dir={tmp_path / 'out' / 'sft' / 'hf'}" in sft
-    train, export = stage_commands(cfg, cfg.stages[2], str(tmp_path / "out" / "sft" / "hf"))
+    train = stage_command(cfg, cfg.stages[2], str(tmp_path / "out" / "sft" / "hf"))
     assert train[3] == "train" and train.index("rollout.filter=correct") < train.index(
         f"model.path={tmp_path / 'out' / 'sft' / 'hf'}")  # the pipeline's paths win over stage overrides
-    assert export[3:] == ["export", "--checkpoint", str(tmp_path / "out" / "opsd" / "checkpoints"),
-                          "--out", str(tmp_path / "out" / "opsd" / "hf")]
+    # every kind exports from its own training processes at the end (no separate `megatron-opsd export` job)
+    assert train[-1] == f"export.hf_dir={tmp_path / 'out' / 'opsd' / 'hf'}"
     cfg.launcher = "srun --ntasks 16 python -m megatron_opsd.cli"
-    train, _ = stage_commands(cfg, cfg.stages[1], "x")
+    train = stage_command(cfg, cfg.stages[1], "x")
     assert train[:6] == ["srun", "--ntasks", "16", "python", "-m", "megatron_opsd.cli"] and "--nproc" not in train
+    assert train[-1] == f"export.hf_dir={tmp_path / 'out' / 'rlvr' / 'hf'}"
 
 
 def test_results_table_relative_tokens():

@@ -4,9 +4,9 @@ A tiny reproduction of the OPSDC papers' effect through the commands users run a
 arithmetic task with verbose ("Wait, let me verify ...") and concise traces, a random tiny Qwen3 with a BPE
 tokenizer trained on the task, ``megatron-opsd sft`` on the trace mixture, then OPSDC (``megatron-opsd train``:
 vLLM sidecar rollouts, concise-instruction self-teacher, reverse KL) from the SFT model once per rollout filter
-(all | correct | incorrect), each exported with ``megatron-opsd export`` and evaluated greedily on the held-out
-split. The stages run through ``megatron-opsd pipeline``'s runner (each its own process, from the previous
-stage's HF export). Writes under ``runs/<name>/``: ``results.json``, ``table.md``, ``curves.png``, the task
+(all | correct | incorrect), each exported as an HF directory at its end (``export.hf_dir``) and evaluated greedily
+on the held-out split. The stages run through ``megatron-opsd pipeline``'s runner (each its own process, from the
+previous stage's HF export). Writes under ``runs/<name>/``: ``results.json``, ``table.md``, ``curves.png``, the task
 data and initial model, ``stages/<stage>/`` (config, metrics.jsonl, checkpoints, HF export) and ``eval/``.
 See docs/demo_design.md.
 """

@@ -37,8 +37,9 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def stage_commands(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> list[list[str]]:
-    """The commands that train ``stage`` from ``model_dir`` and leave an HF export in ``<stage>/hf``."""
+def stage_command(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> list[str]:
+    """The command that trains ``stage`` from ``model_dir`` and, at its end, exports it to ``<stage>/hf``
+    (``export.hf_dir``: the training processes write it, no second job reloads the checkpoint)."""
     stage_dir = Path(cfg.out_dir) / stage.name
     cli = [sys.executable, "-m", "megatron_opsd.cli"]
     launcher = shlex.split(cfg.launcher) if cfg.launcher else cli
@@ -46,11 +47,8 @@ def stage_commands(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> l
     if not cfg.launcher:
         train += ["--nproc", str(stage.nproc or cfg.nproc)]
     train += list(stage.overrides) + [f"model.path={model_dir}", f"logging.dir={stage_dir}",
-                                      f"checkpoint.dir={stage_dir / 'checkpoints'}"]
-    if stage.kind == "sft":
-        return [train + [f"export.hf_dir={stage_dir / 'hf'}"]]
-    export = cli + ["export", "--checkpoint", str(stage_dir / "checkpoints"), "--out", str(stage_dir / "hf")]
-    return [train, export]
+                                      f"checkpoint.dir={stage_dir / 'checkpoints'}", f"export.hf_dir={stage_dir / 'hf'}"]
+    return train
 
 
 def _run(cmd: list[str], stage: str) -> None:
@@ -115,8 +113,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if (stage_dir / DONE_MARKER).is_file() and (hf_dir / "config.json").is_file():
             print(f"[pipeline] {stage.name}: finished earlier, skipping ({hf_dir})", flush=True)
         else:
-            for cmd in stage_commands(cfg, stage, start_model):
-                _run(cmd, stage.name)
+            _run(stage_command(cfg, stage, start_model), stage.name)
             _write_json_atomic(stage_dir / DONE_MARKER, {"stage": asdict(stage), "started_from": start_model})
         exports[stage.name] = previous = str(hf_dir)
         if stage.evaluate and (row := evaluate_stage(cfg, stage.name, str(hf_dir))) is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,14 +16,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set loss.divergence=jsd (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--nproc", type=int, default=0, help="spawn this many local processes (no torchrun)")
+    parser.add_argument("--export-hf", dest="export_hf", default=None, metavar="DIR",
+                        help="at the end, write the final model as an HF directory (= export.hf_dir)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-style overrides")
 
 
-def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable, extra_overrides: Sequence[str] = ()
-           ) -> int:
+def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable) -> int:
     """Shared by train / rl / sft: config from --config + overrides, then ``entry(cfg)`` on this process (under
     torchrun/srun) or on ``--nproc`` spawned local processes."""
-    overrides = list(args.sets) + list(args.overrides) + list(extra_overrides)
+    overrides = list(args.sets) + list(args.overrides)
+    if args.export_hf:
+        overrides.append(f"export.hf_dir={args.export_hf}")
     if args.resume:
         overrides.append("checkpoint.resume=true")
     cfg = load_config_fn(args.config, overrides)

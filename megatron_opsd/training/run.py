@@ -1,6 +1,7 @@
 """The run machinery every trainer composes (OPSD, GRPO, SFT): distributed init, run directory and saved config,
 tokenizer, the student built and loaded from HF, optimizer and scheduler, checkpoint save/resume, the metrics
-logger, the sidecar connection and weight push, and ``fit`` (resume -> sidecar -> step loop -> final save).
+logger, the sidecar connection and weight push, and ``fit`` (resume -> sidecar -> step loop -> final save -> HF
+export).
 
 A trainer is a small object holding what its method needs on top (teacher replicas, a reward, a reference model)
 and a ``train_step()``; it never subclasses another trainer. ``Run.fit(trainer)`` drives it:
@@ -24,10 +25,10 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_opsd.config import ConfigError, config_to_dict, save_config
-from megatron_opsd.models.gpt import build_model_from_config
+from megatron_opsd.models.gpt import PARAMS_DTYPES, build_model_from_config
 from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.models.tokenizer import load_tokenizer
-from megatron_opsd.models.weights import load_hf_checkpoint
+from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
 from megatron_opsd.parallel import init_distributed
 from megatron_opsd.rollout.client import SidecarClient
 from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank
@@ -215,10 +216,24 @@ class Run:
                 print(f"resumed from {loaded.path} at step {self.step}")
         return loaded
 
+    def export(self) -> Optional[Path]:
+        """COLLECTIVE: the student as an HF directory (``export.hf_dir``; LoRA merged), tokenizer files included,
+        written atomically. The same writer as ``megatron-opsd export``, without its second job."""
+        export = self.cfg.export
+        if not export.hf_dir:
+            return None
+        out = Path(export.hf_dir)
+        save_hf_checkpoint(self.student, out, source_dir=self.tokenizer_dir,
+                           dtype=PARAMS_DTYPES[export.dtype] if export.dtype else None)
+        if self.rank == 0:
+            print(f"exported the {self.desc} model at step {self.step} to {out}", flush=True)
+        return out
+
     # ------------------------------------------------------------------------------------------ the run
     def fit(self, trainer) -> list[dict]:
         """Resume, connect the sidecar (and give it resumed weights), run the steps, save the last one (the
-        rule in the module docstring), and close. Returns the metrics of the steps run here."""
+        rule in the module docstring), export (``export.hf_dir``), and close. Returns the metrics of the steps
+        run here."""
         self.resume(trainer)
         try:  # SIGTERM (lifecycle.install_shutdown_handlers) raises SystemExit anywhere in here
             if self.uses_sidecar:
@@ -228,6 +243,7 @@ class Run:
             history = run_steps(self, trainer)
             if self.saved_step != self.step:
                 self.save(trainer)
+            self.export()
         finally:
             self.close()
         return history

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_opsd.config import (CheckpointConfig, ConfigError, LoggingConfig, ModelConfig, OptimConfig, TrainConfig,
+from megatron_opsd.config import (CheckpointConfig, ConfigError, ExportConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig,
                                   load_config)
 from megatron_opsd.data.datasets import PromptSampler
 from megatron_opsd.models.families import have_transformer_engine
-from megatron_opsd.models.gpt import PARAMS_DTYPES
-from megatron_opsd.models.weights import save_hf_checkpoint
 from megatron_opsd.parallel.device import sum_over_ranks
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.training.engine import mask_padded_vocab, optimizer_step, zero_grads
@@ -32,12 +30,6 @@ SFT_PHASES = ("time/batch", "time/student", "time/optimizer", "time/eval")
 
 
 @dataclass
-class SFTExportConfig:
-    hf_dir: Optional[str] = None  # write the final model as an HF directory here (for the OPSD sidecar)
-    dtype: Optional[Literal["float32", "bfloat16"]] = None  # None: the training dtype
-
-
-@dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -46,7 +38,7 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # logging.dir defaults to runs/<name or sft>
-    export: SFTExportConfig = field(default_factory=SFTExportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def validate_sft_config(cfg: SFTConfig) -> SFTConfig:
@@ -111,8 +103,7 @@ def sft_step(t: "SFTTrainer") -> dict:
 
 
 class SFTTrainer:
-    """SFT on the shared run machinery: the tokenized dataset's sampler and the weighted CE loss; ``fit`` exports
-    the final model as an HF directory (``export.hf_dir``)."""
+    """SFT on the shared run machinery: the tokenized dataset's sampler and the weighted CE loss."""
 
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg = validate_sft_config(cfg)
@@ -139,21 +130,8 @@ class SFTTrainer:
     def extra_models(self) -> None:
         return None
 
-    def export(self) -> Optional[Path]:
-        """COLLECTIVE: the current weights as an HF directory (``export.hf_dir``), tokenizer files included."""
-        if not self.cfg.export.hf_dir:
-            return None
-        dtype = PARAMS_DTYPES[self.cfg.export.dtype] if self.cfg.export.dtype else None
-        out = Path(self.cfg.export.hf_dir)
-        save_hf_checkpoint(self.run.student, out, source_dir=self.run.tokenizer_dir, dtype=dtype)
-        if self.run.rank == 0:
-            print(f"exported the SFT model to {out}")
-        return out
-
     def fit(self) -> list[dict]:
-        history = self.run.fit(self)
-        self.export()
-        return history
+        return self.run.fit(self)
 
 
 def train_sft(cfg: SFTConfig) -> list[dict]:

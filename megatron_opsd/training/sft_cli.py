@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_opsd.training.cli import add_arguments, launch  # the same flags as `train` (--export-hf included)
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see examples/sft_tiny.yaml)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=1e-5 (repeatable)")
-    parser.add_argument("--export-hf", dest="export_hf", default=None, metavar="DIR",
-                        help="write the final model as an HF directory (export.hf_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--nproc", type=int, default=0, help="spawn this many local processes (no torchrun)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-style overrides")
+__all__ = ["add_arguments", "main", "run_sft"]
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_opsd.training.cli import launch
     from megatron_opsd.training.sft import load_sft_config
 
-    return launch(args, load_sft_config, run_sft, [f"export.hf_dir={args.export_hf}"] if args.export_hf else [])
+    return launch(args, load_sft_config, run_sft)
 
 
 def run_sft(cfg) -> dict:
