@@ -249,3 +249,37 @@ def test_packed_microbatch_layout():
     assert visible[4].tolist() == [False, False, False, True, True, False, False, False]
     assert visible[2].tolist() == [True, True, True, False, False, False, False, False]
     assert not visible[6].any()  # padding attends to nothing (its loss weight is 0)
+
+
+def test_grouped_microbatches_hold_the_same_rows_with_less_padding():
+    """data.group_by_length: the step's conversations sorted by length and dealt to micro-batches and DP ranks,
+    each micro-batch padded to its own longest (PP=1) or the step's (PP>1). Every conversation appears once with
+    the same tokens, labels and 1/N weights as ungrouped, so the step's loss is the same (the layout tests
+    compare the training losses too: tp1 pads per micro-batch, pp2 per step, packed rows are not grouped)."""
+    from megatron_opsd.training.sft_data import SFTExample
+
+    lengths = [9, 3, 17, 5, 12, 4, 30, 6]
+    examples = [SFTExample(str(i), list(range(1, n + 1)), [0] + [1] * (n - 1)) for i, n in enumerate(lengths)]
+
+    def layout(**kw) -> list:
+        return [build_sft_microbatches(examples, micro_batch_size=2, pad_id=0, pad_multiple=4, dp_size=2, dp_rank=r,
+                                       **kw) for r in (0, 1)]
+
+    def rows(per_rank: list) -> list:  # (tokens, labels, weights) of every real row, without its padding
+        out = []
+        for mbs in per_rank:
+            for mb in mbs:
+                for t, lab, w in zip(mb["tokens"], mb["labels"], mb["weights"]):
+                    n = int((t != 0).sum())
+                    assert not w[n:].any()  # padding carries no weight
+                    out.append((t[:n].tolist(), lab[:n - 1].tolist(), w[:n].tolist()))
+        return sorted(out)
+
+    plain, grouped, grouped_pp = layout(), layout(group_by_length=True, one_length=False), \
+        layout(group_by_length=True, one_length=True)
+    assert rows(grouped) == rows(plain) == rows(grouped_pp)
+    widths = [[mb["tokens"].shape[1] for mb in mbs] for mbs in grouped]
+    assert widths == [[4, 12], [8, 32]]  # rank 0: (3, 4), (9, 12); rank 1: (5, 6), (17, 30); multiples of 4
+    assert all(mb["tokens"].shape[1] == 32 for mbs in plain + grouped_pp for mb in mbs)
+    padded = lambda per_rank: sum(mb["tokens"].numel() for mbs in per_rank for mb in mbs)
+    assert padded(grouped) == 2 * (4 + 12 + 8 + 32) < padded(plain) == 8 * 32

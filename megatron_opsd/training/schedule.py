@@ -4,9 +4,10 @@
 (no pipelining, 1F1B at PP > 1, interleaved 1F1B with virtual stages) with a list of microbatch dicts; on the
 last pipeline stage the caller's ``loss_fn(logits, microbatch)`` sees this rank's vocabulary shard of the
 logits, ``[batch, seq, padded_vocab / TP]`` (GPTModel returns batch-first); a loss that needs per-micro-batch
-state reads ``microbatch["index"]``, which ``opsd.build_microbatches`` stamps (not ``id(microbatch)``). Every microbatch of one call must be
-padded to the same ``seq_length``: the schedules run with ``variable_seq_lengths=False`` (gloo pairs
-point-to-point messages in posting order; variable shapes add a shape exchange that we do not rely on).
+state reads ``microbatch["index"]``, which ``opsd.build_microbatches`` stamps (not ``id(microbatch)``). At PP > 1
+every microbatch of one call must be padded to the same ``seq_length``: the schedules run with
+``variable_seq_lengths=False`` (gloo pairs point-to-point messages in posting order; variable shapes add a shape
+exchange that we do not rely on). At PP = 1 there is no point-to-point message, and lengths may differ.
 
 ``copy_weights_`` / ``ema_update_`` / ``FP32EMA`` act on two replicas sharded the same way (frozen / refreshed /
 EMA teacher), shard-locally, with no communication. An EMA teacher in bf16 must use ``FP32EMA``: with decay 0.999
@@ -49,14 +50,14 @@ def model_forward(model, microbatch: dict) -> torch.Tensor:
     return model(microbatch["tokens"], _position_ids(microbatch), attention_mask=microbatch.get("attention_mask"))
 
 
-def _validate(microbatches: list, seq_length: int, micro_batch_size: int) -> None:
+def _validate(microbatches: list, seq_length: int, micro_batch_size: int, one_length: bool) -> None:
     if not microbatches:
         raise ValueError("microbatches is empty: pass at least one microbatch dict")
     for i, mb in enumerate(microbatches):
         if "tokens" not in mb:
             raise ValueError(f"microbatch {i} has no 'tokens' entry (a [batch, seq] LongTensor)")
         shape = tuple(mb["tokens"].shape)
-        if shape != (micro_batch_size, seq_length):
+        if shape != (micro_batch_size, seq_length if one_length else shape[1]):
             raise ValueError(f"microbatch {i}: tokens shape {shape} != (micro_batch_size, seq_length) = "
                              f"({micro_batch_size}, {seq_length}); pad every microbatch of a step to one length")
 
@@ -64,9 +65,10 @@ def _validate(microbatches: list, seq_length: int, micro_batch_size: int) -> Non
 def _run_schedule(model_chunks: list, microbatches: list, on_logits: Callable, *, seq_length: int,
                   micro_batch_size: int, forward_only: bool) -> list:
     """Runs the schedule; ``on_logits(index, logits, microbatch) -> (loss, metrics)`` on the last stage."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    _validate(microbatches, seq_length, micro_batch_size)
+    _validate(microbatches, seq_length, micro_batch_size, one_length=ps.get_pipeline_model_parallel_world_size() > 1)
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)

@@ -85,12 +85,14 @@ def sft_step(t: "SFTTrainer") -> dict:
                                  pad_id=run.tokenizer.pad_token_id,
                                  pad_multiple=cfg.parallel.sequence_multiple(cfg.data.pad_to_multiple_of),
                                  dp_size=run.dp_size, dp_rank=run.dp_rank,
-                                 pack_to=cfg.data.max_seq_len if cfg.data.packing else None)
+                                 pack_to=cfg.data.max_seq_len if cfg.data.packing else None,
+                                 group_by_length=cfg.data.group_by_length,
+                                 one_length=cfg.parallel.pipeline_model_parallel_size > 1)
     timer.lap("time/batch")
     zero_grads(run.ddp, run.optimizer)
     for chunk in run.ddp:
         chunk.train()
-    out = forward_backward(run.ddp, mbs, t.loss_fn, seq_length=mbs[0]["tokens"].shape[1],
+    out = forward_backward(run.ddp, mbs, t.loss_fn, seq_length=max(mb["tokens"].shape[1] for mb in mbs),
                            micro_batch_size=cfg.optim.micro_batch_size, loss_reduction="sum")
     owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     tokens = sum_over_ranks(out.metrics, ["tokens"], owner=owner)["tokens"]
