@@ -101,6 +101,10 @@ class RolloutConfig:
     transport: Literal["http", "shm", "collective"] = "http"  # weight push; collective: any sidecar TP
     collective_host: Optional[str] = None  # trainer rank 0's address for the sidecars' workers; None: automatic
     sync_timeout_s: float = 120.0  # fixed part of a weight push's deadline (+ bytes at 50 MB/s)
+    # collective: a push broken mid-stream is rolled back from host copies of what it overwrote (up to the
+    # weights / sidecar TP of host memory per worker during a push); false: no copies, and such a push leaves the
+    # sidecar refusing /generate (503) until the next complete one
+    keep_previous_weights: bool = True
     n: int = 1  # rollouts per prompt
     temperature: float = 1.0
     top_p: float = 1.0

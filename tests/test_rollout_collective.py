@@ -162,6 +162,38 @@ def test_trainer_abort_before_the_first_bucket_changes_nothing(client, model_dir
     assert client.health()["weight_version"] == version
 
 
+def test_transfer_broken_after_some_buckets_is_rolled_back(client, hf_model, model_dir):
+    """The trainer's stream breaks three quarters of the way through (a tensor it never announced), after many
+    64 KiB buckets were loaded and most layers overwritten on both TP workers: every worker copies back what the
+    update had overwritten, so the sidecar serves exactly the previous weights (greedy equals transformers with
+    them), its version is unchanged, nothing is reported partial, and the next push works."""
+    from vllm.distributed.weight_transfer.base import ParamMeta
+
+    original = load_file(f"{model_dir}/model.safetensors")
+    version = next_version(client)
+    client.push_weights_from_iterator(original.items(), version=version)
+    before = sidecar_greedy(client)
+    assert before == greedy(hf_model, original)
+    changed = {k: v + 0.5 for k, v in original.items()}
+    names = list(changed)
+
+    def stream():
+        for i, name in enumerate(names):
+            if i == 3 * len(names) // 4:
+                yield "model.never_announced.weight", torch.zeros(4)
+            yield name, changed[name]
+
+    sender = client._sender(0)
+    with pytest.raises(RuntimeError, match="was not announced"):
+        sender.send_weights(stream(), [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in changed.items()],
+                            version + 1)
+    health = client.health()
+    assert health["weight_version"] == version and not health["partial_weights"]
+    assert sidecar_greedy(client) == before
+    client.push_weights_from_iterator(changed.items(), version=version + 1)
+    assert client.health()["weight_version"] == version + 1 and sidecar_greedy(client) == greedy(hf_model, changed)
+
+
 @pytest.mark.parametrize("body, field", [({"n": 10 ** 6, "temperature": 1.0}, "n"),
                                          ({"temperature": float("nan")}, "temperature"),
                                          ({"temperature": float("inf")}, "temperature")])

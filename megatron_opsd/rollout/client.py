@@ -79,7 +79,8 @@ class SidecarClient:
     def __init__(self, urls: Union[str, Sequence[str]], timeout_s: float = 600.0, retries: int = 3,
                  backoff_s: float = 0.5, dispatch: str = "round_robin", connect_timeout_s: float = 5.0,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "http", shm_dir: str = "/dev/shm",
-                 collective_host: Optional[str] = None, sync_timeout_s: float = 120.0):
+                 collective_host: Optional[str] = None, sync_timeout_s: float = 120.0,
+                 keep_previous_weights: bool = True):
         import httpx
 
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -95,6 +96,7 @@ class SidecarClient:
         self.retries, self.backoff_s, self.dispatch = retries, backoff_s, dispatch
         self.bucket_bytes, self.transport, self.shm_dir = bucket_bytes, transport, shm_dir
         self.collective_host, self.sync_timeout_s = collective_host, sync_timeout_s
+        self.keep_previous_weights = keep_previous_weights
         self._senders: dict[int, object] = {}  # replica -> CollectiveTrainerEngine (collective transport)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
         self._lock = threading.Lock()
@@ -351,8 +353,8 @@ class SidecarClient:
                 else collective.CollectiveTrainerInitInfo
             info = info_cls(master_address=self.collective_host or _reachable_address(self.urls),
                             master_port=free_port(), world_size=1 + int(health["world_size"]),
-                            timeout_s=self.sync_timeout_s,
-                            bucket_bytes=self.bucket_bytes, rank=0)
+                            timeout_s=self.sync_timeout_s, bucket_bytes=self.bucket_bytes,
+                            keep_previous=self.keep_previous_weights, rank=0)
             self._senders[replica] = WeightTransferTrainerFactory.trainer_init(
                 info, client=_ReplicaWeightSync(self, replica))
         return self._senders[replica]

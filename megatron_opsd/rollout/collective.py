@@ -20,12 +20,15 @@ Fault semantics (why this is not vLLM's nccl engine):
   ready to receive (a key in the group's store) before the trainer sends the first bucket.
 - Bucket metadata and an end / abort marker travel through the store; every wait (store, broadcast, HTTP)
   has a deadline sized from the update's bytes (``sync_timeout_s``).
-- All or nothing, as far as it goes without a second copy of the weights: a refused update, or one aborted
-  before its first bucket, changes nothing on any worker (vLLM's layerwise reload puts every layer's previous
-  tensors back); the version moves only after every worker loaded every tensor and the trainer's commit marker
-  arrived. A transfer broken after some buckets were loaded cannot be undone: the sidecar then keeps its
-  version, reports ``partial_weights`` and refuses ``/generate`` (503) until a complete update arrives
-  (docs/sidecar.md).
+- All or nothing: a refused update, or one aborted before its first bucket, changes nothing on any worker
+  (vLLM's layerwise reload puts every layer's previous tensors back). A transfer broken after some buckets
+  were loaded is rolled back: just before vLLM's reload overwrites a layer's served tensors with new values
+  (``layerwise._copy_and_restore_kernel_tensors``), each worker keeps a host copy of that layer's tensors, and
+  an aborted update copies them back (``keep_previous``, the default: host memory of up to this worker's shard
+  of the weights, freed when the update ends). The version moves only after every worker loaded every tensor
+  and the trainer's commit marker arrived. With ``keep_previous=False`` (``rollout.keep_previous_weights``) a
+  transfer broken mid-stream leaves the sidecar on its version, reporting ``partial_weights`` and refusing
+  ``/generate`` (503) until a complete update arrives (docs/sidecar.md).
 """
 from __future__ import annotations
 
@@ -43,11 +46,13 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_tensor
+from vllm.logger import init_logger
 
 from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES
 
 
+logger = init_logger(__name__)
 COMMUNICATORS = {"gloo": "gloo", "opsd_nccl": "nccl"}  # vLLM backend name -> torch.distributed backend
 END, ABORT = "end", "abort"
 
@@ -86,6 +91,7 @@ class CollectiveInitInfo(WeightTransferInitInfo):
     world_size: int  # 1 trainer sender + the sidecar's workers
     rank_offset: int = 1
     timeout_s: float = 300.0
+    keep_previous: bool = True  # host copies of overwritten tensors until the update ends (rollback on abort)
 
 
 @dataclass
@@ -114,6 +120,70 @@ def _key(round_id: str, *parts: Any) -> str:
     return "/".join([round_id, *map(str, parts)])
 
 
+# nn.Module bookkeeping that vLLM's reload itself keeps consistent (parameters are re-registered in place)
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+
+
+class PreviousWeights:
+    """What an update overwrites, kept so that an aborted update can put it back: host copies of the served
+    tensors, taken just before vLLM's layerwise reload copies a layer's new values into them, and each
+    overwritten layer's plain attributes as they were when the update started.
+
+    vLLM has no rollback of its own. ``layerwise._copy_and_restore_kernel_tensors`` (called once a layer has all
+    its tensors, and by ``finalize_layerwise_reload`` for partly loaded ones) is where served storage changes; it
+    is looked up by name at call time, so it is wrapped while an update is open. The attributes matter where a
+    kernel keeps weights outside the layer's tensors: on CPU, ``process_weights_after_loading`` binds
+    ``layer.cpu_linear`` to a oneDNN handle packed from the new weights; on GPU the processed values live in the
+    tensors (CUDA graphs hold their addresses), and the attributes only carry flags."""
+
+    def __init__(self):
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (served tensor, host copy)
+        self.attributes: dict[torch.nn.Module, dict] = {}  # layer -> its plain attributes at the start
+        self.overwritten: dict[int, torch.nn.Module] = {}
+        self._original = None
+
+    def open(self, model: torch.nn.Module) -> None:
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        self.close()
+        self.attributes = {layer: {k: v for k, v in vars(layer).items() if k not in _MODULE_INTERNALS}
+                           for layer in model.modules()}
+        self._original = original = layerwise._copy_and_restore_kernel_tensors
+
+        def copy_keeping_previous(layer, info):
+            parameters, buffers = info.kernel_tensors
+            for served in (*parameters.values(), *buffers.values()):
+                if id(served) not in self.copies:
+                    self.copies[id(served)] = (served, served.detach().to("cpu", copy=True))
+            self.overwritten[id(layer)] = layer
+            return original(layer, info)
+
+        layerwise._copy_and_restore_kernel_tensors = copy_keeping_previous
+
+    def restore(self) -> int:
+        """Put every kept tensor and attribute back; returns how many tensors."""
+        with torch.no_grad():
+            for served, previous in self.copies.values():
+                served.copy_(previous)
+        for layer in self.overwritten.values():
+            before = self.attributes.get(layer, {})
+            for key in [k for k in vars(layer) if k not in _MODULE_INTERNALS and k not in before]:
+                delattr(layer, key)
+            for key, value in before.items():
+                object.__setattr__(layer, key, value)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return len(self.copies)
+
+    def close(self) -> None:
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        if self._original is not None:
+            layerwise._copy_and_restore_kernel_tensors = self._original
+            self._original = None
+        self.copies, self.attributes, self.overwritten = {}, {}, {}
+
+
 # ---------------------------------------------------------------------------------------------------- worker
 class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, CollectiveUpdateInfo]):
     """Runs in every vLLM worker (loaded through the ``vllm.general_plugins`` entry point)."""
@@ -127,9 +197,12 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         self.store = self.group = None
         self.rank = -1
         self.loaded_any = False
+        self.keep_previous = True
+        self.previous = PreviousWeights()
 
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()
+        self.keep_previous = init_info.keep_previous
         pc = self.parallel_config
         self.rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self.store, self.group = open_group(self.comm, init_info.master_address, init_info.master_port,
@@ -140,6 +213,8 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         self.loaded_any = False
+        if self.keep_previous:
+            self.previous.open(self.model)
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
@@ -183,22 +258,45 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        self.previous.close()  # committed: the previous tensors are no longer needed
+
+    def abort(self) -> bool:
+        """End a failed update: vLLM's finalize gives layers that received nothing their tensors back, and the
+        kept copies restore every layer that had been overwritten. Returns whether this worker is left with
+        partly new weights (only without ``keep_previous``, after some bucket was loaded)."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+            if self.keep_previous:
+                logger.warning("weight update aborted: restored the %d tensors it had overwritten",
+                               self.previous.restore())
+                return False
+            return self.loaded_any
+        except Exception:  # noqa: BLE001 - the session must end; report the weights as suspect instead
+            logger.exception("weight update aborted, and ending it failed: the weights may be partly new")
+            return True
+        finally:
+            self.previous.close()
 
     def shutdown(self) -> None:
         self.group = self.store = None
 
 
 def abort_weight_update(worker) -> bool:
-    """``collective_rpc`` target (runs on each vLLM worker): end a failed update session. Layers that received
-    nothing get their previous tensors back (vLLM's finalize does that); returns whether any bucket had been
-    loaded, i.e. whether this worker's weights are now partly new."""
+    """``collective_rpc`` target (runs on each vLLM worker): end a failed update session (``abort``); returns
+    whether this worker's weights are now partly new."""
     engine = getattr(worker, "weight_transfer_engine", None)
     if engine is None:
         return False
-    engine.finish_weight_update()
-    engine.reset_weight_update_target()
-    worker._weight_update_active = False
-    return bool(getattr(engine, "loaded_any", False))
+    try:
+        if isinstance(engine, CollectiveWeightTransferEngine):
+            return engine.abort()
+        engine.finish_weight_update()
+        return False
+    finally:
+        engine.reset_weight_update_target()
+        worker._weight_update_active = False
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -212,6 +310,7 @@ class CollectiveTrainerInitInfo(TrainerInitInfo):
     world_size: int
     timeout_s: float = 300.0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    keep_previous: bool = True  # the workers' rollback copies (CollectiveInitInfo.keep_previous)
 
 
 @dataclass
@@ -248,7 +347,8 @@ class CollectiveTrainerEngine(TrainerWeightTransferEngine[CollectiveTrainerInitI
     def connect(self) -> None:
         """Open the group: the sidecar's workers join inside ``init_weight_transfer_engine``, concurrently."""
         info = self.init_info
-        worker_info = CollectiveInitInfo(info.master_address, info.master_port, info.world_size, 1, info.timeout_s)
+        worker_info = CollectiveInitInfo(info.master_address, info.master_port, info.world_size, 1, info.timeout_s,
+                                         info.keep_previous)
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self.client.init_weight_transfer_engine, asdict(worker_info))
             try:

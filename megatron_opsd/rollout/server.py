@@ -413,7 +413,7 @@ class SidecarRoutes:
         except Exception as err:  # noqa: BLE001 - every worker ended its session; report why
             logger.warning("collective weight update v%d failed, previous weights kept: %s", pending[1], err)
             effect = "left partly new weights: generation is refused until a complete update" \
-                if state.partial_weights else "changed no weights"
+                if state.partial_weights else "changed no weights (what it had overwritten was restored)"
             raise RequestError(f"weight update v{pending[1]} failed and {effect} (version stays "
                                f"{state.version}): {err}", status=500) from None
         elapsed = time.perf_counter() - start

@@ -169,7 +169,7 @@ class Run:
         urls = broadcast_object(urls)
         r = cfg.rollout
         self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
-                                    sync_timeout_s=r.sync_timeout_s)
+                                    sync_timeout_s=r.sync_timeout_s, keep_previous_weights=r.keep_previous_weights)
         if self.rank == 0:
             self.client.wait_healthy()
 
