@@ -145,6 +145,7 @@ def test_ablation_arguments():
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # several training stages and sidecars: more than pytest.ini's 900 s on a busy machine
 def test_quick_ablation_end_to_end(tmp_path):
     """`megatron-opsd demo --ablation compression --quick`: every stage runs (a few steps each), the filters keep
     exactly the rollouts they name, and results.json / table / PNG hold CIs around their values. No effect size

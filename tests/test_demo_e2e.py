@@ -24,6 +24,9 @@ def parse(*argv):
 QUICK_MIN_TOKEN_DROP = 0.33
 QUICK_MAX_ACCURACY_DROP = 0.05
 QUICK_MIN_SFT_ACCURACY = 0.5
+# The whole quick demo runs in the setup of the first test below (about 10-15 min on a busy 2-core machine):
+# pytest.ini's 900 s per test is too tight for it, so these tests get more.
+DEMO_TIMEOUT_S = 2400
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,7 @@ def quick_demo(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_quick_demo_end_to_end(quick_demo):
     out, printed = quick_demo
     results = json.loads((out / "results.json").read_text())
@@ -77,6 +81,7 @@ GRPO_MIN_REWARD_GAIN = 0.08
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_grpo_reward_rises_on_the_demo_task(quick_demo, tmp_path):
     out, _ = quick_demo
     rewards = [m["reward/mean"] for m in run_from_sft(out, "rl", "grpo.yaml", tmp_path / "grpo")]
@@ -94,6 +99,7 @@ LORA_STEPS = 10
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_lora_opsdc_compresses_from_the_demo_sft_model(quick_demo, tmp_path):
     from megatron_opsd.demo.recipe import LORA_OVERRIDES
 

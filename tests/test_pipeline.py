@@ -89,6 +89,7 @@ def demo_files(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # several training stages and sidecars: more than pytest.ini's 900 s on a busy machine
 def test_pipeline_end_to_end_on_demo_task(demo_files, tmp_path, capsys):
     root, model = demo_files
     quiet = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.save_every=0"]
