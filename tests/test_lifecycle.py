@@ -181,8 +181,9 @@ GRACEFUL_PARENT = textwrap.dedent("""
 
 def test_sigterm_runs_the_normal_shutdown_and_reaps_the_group(tmp_path):
     with MarkedRun([sys.executable, "-c", GRACEFUL_PARENT], tmp_path) as run:
-        wait_for(lambda: len(marked(run.marker)) >= 3, 30, "child and grandchild", run.proc)
-        time.sleep(1.0)  # let the child install its handler
+        # parent, guard, child and grandchild: the child starts the grandchild only after installing its handler
+        # (waiting for three and sleeping 1 s raced a child still importing on a busy machine)
+        wait_for(lambda: len(marked(run.marker)) >= 4, 60, "guard, child and grandchild", run.proc)
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(timeout=30) == 128 + signal.SIGTERM
         assert "SIGTERM received: shutting down" in run.output()
