@@ -13,10 +13,7 @@ from typing import Optional
 from megatron_opsd.config import DEFAULT_PROMPT_TEMPLATE, DataConfig
 from megatron_opsd.demo.task import CONCISE_INSTRUCTION
 from megatron_opsd.evaluation.report import benchmark_summary, save_results
-from megatron_opsd.evaluation.runner import EvalSettings, evaluate
-from megatron_opsd.models.tokenizer import load_tokenizer
-from megatron_opsd.rollout.client import SidecarClient
-from megatron_opsd.rollout.process import start_sidecar_process
+from megatron_opsd.evaluation.runner import EvalSettings, OneSidecarEvaluator
 
 # The concise-instruction prompt (the OPSDC teacher's context) as a student prompt template: the evaluation
 # builds exactly the text of ``task.concise_messages`` (checked in tests/test_demo.py).
@@ -28,38 +25,16 @@ class DemoEvaluator:
 
     def __init__(self, first_model: Path, test_path: Path, *, max_tokens: int, log_path: Path,
                  max_model_len: int = 512):
-        self.first_model, self.test_path, self.log_path = Path(first_model), Path(test_path), Path(log_path)
-        self.max_tokens, self.max_model_len = max_tokens, max_model_len
-        self.sidecar = self.client = self.tokenizer = None
-        self.version = 0
-        self.loaded: Optional[Path] = None
+        self.first_model, self.test_path = Path(first_model), Path(test_path)
+        self.max_tokens = max_tokens
+        self.models = OneSidecarEvaluator(log_path=log_path, dtype="float32", max_model_len=max_model_len)
 
     def __enter__(self) -> "DemoEvaluator":
-        self.tokenizer = load_tokenizer(str(self.first_model))
-        self.sidecar = start_sidecar_process(self.first_model, log_path=self.log_path, dtype="float32",
-                                             max_model_len=self.max_model_len)
-        self.client = SidecarClient(self.sidecar.url, timeout_s=3600.0)
-        self.loaded = self.first_model
+        self.models.serve(self.first_model)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.sidecar is not None:
-            self.sidecar.stop()
-
-    def _load(self, model_dir: Path) -> None:
-        from safetensors.torch import load_file
-
-        if self.loaded == model_dir:
-            return
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to evaluate")
-        self.version += 1
-        tensors = (item for f in files for item in load_file(str(f)).items())
-        self.client.push_weights_from_iterator(tensors, version=self.version)
-        self.loaded = model_dir
+        self.models.__exit__(*exc)
 
     def evaluate(self, model_dir: Path, *, concise_prompt: bool = False, settings=None,
                  save_to: Optional[Path] = None) -> dict:
@@ -85,5 +60,4 @@ class DemoEvaluator:
     def results(self, model_dir: Path, benchmarks, settings) -> dict:
         """The evaluation runner's full results (per-problem records) of ``model_dir`` on ``benchmarks`` (JSONL
         paths, or ``{name: [PromptExample]}``) with ``settings`` (an ``EvalSettings``)."""
-        self._load(Path(model_dir))
-        return evaluate(self.client, self.tokenizer, benchmarks, settings, model=str(model_dir))
+        return self.models.results(model_dir, benchmarks, settings)

@@ -1,4 +1,4 @@
-"""`megatron-opsd pipeline --config P.yaml [key=value ...]`: run the stages in order, evaluate each, print the
+"""`megatron-opsd pipeline --config P.yaml [key=value ...]`: run the stages in order, evaluate each model, print the
 table. Re-running the same command continues where a crashed run stopped."""
 from __future__ import annotations
 

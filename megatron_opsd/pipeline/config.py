@@ -5,7 +5,7 @@ name: tiny_pipeline            # outputs under runs/<name>/ (or out_dir)
 model: runs/demo/tiny-qwen3    # the HF directory the first stage starts from
 nproc: 2                       # local processes per stage (ignored when `launcher` is set)
 eval:
-  path: runs/demo/test.jsonl   # held-out JSONL with problem/answer fields, evaluated after every stage
+  path: runs/demo/test.jsonl   # held-out JSONL with problem/answer fields, evaluated for every stage
   max_tokens: 256
 stages:
   - {name: sft,  kind: sft,  config: examples/sft_tiny.yaml}

@@ -1,9 +1,11 @@
-"""Run SFT -> RLVR -> OPSD (any sequence of sft / rl / opsd stages), evaluating after each.
+"""Run SFT -> RLVR -> OPSD (any sequence of sft / rl / opsd stages), then evaluate every stage's model.
 
 Every stage runs as its own `megatron-opsd sft|rl|train` process (local ``--nproc`` processes, or a cluster
 ``launcher``), so each starts with a clean distributed state and a crash in one stage never corrupts another.
 A stage's model is exported as an HF directory (``<out_dir>/<stage>/hf``) that the next stage loads as
 ``model.path`` and the evaluation sidecar serves: checkpoints flow between stages without conversion steps.
+The evaluations run after the last stage on one sidecar (``OneSidecarEvaluator``: each further model's weights
+are pushed to it rather than starting vLLM again), each cached in ``<stage>/eval.json``.
 
 Re-running the same command after a crash skips finished stages (their ``stage_done.json``) and resumes the
 interrupted one from its last checkpoint (``--resume``). Stage processes die with the pipeline process, and a
@@ -21,7 +23,7 @@ from typing import Optional
 
 from megatron_opsd.config import DataConfig
 from megatron_opsd.evaluation.report import benchmark_summary
-from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir
+from megatron_opsd.evaluation.runner import EvalSettings, OneSidecarEvaluator
 from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
 from megatron_opsd.training.checkpoint import write_text_atomic
@@ -61,9 +63,9 @@ def _run(cmd: list[str], stage: str) -> None:
                             "from its last checkpoint.")
 
 
-def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[dict]:
-    """Greedy (by default) accuracy and response length of ``model_dir`` on ``eval.path``, cached in
-    ``<out_dir>/<name>/eval.json``."""
+def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str, models: OneSidecarEvaluator) -> Optional[dict]:
+    """Greedy (by default) accuracy and response length of ``model_dir`` on ``eval.path`` (on ``models``'
+    sidecar), cached in ``<out_dir>/<name>/eval.json``."""
     e = cfg.eval
     if e.path is None:
         return None
@@ -76,8 +78,7 @@ def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str) -> Optional[d
     settings = EvalSettings(n=e.n, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, seed=e.seed,
                             enable_thinking=e.enable_thinking, limit=e.limit, data=data)
     out.parent.mkdir(parents=True, exist_ok=True)  # also for "start", which has no stage folder
-    results = evaluate_model_dir(model_dir, [e.path], settings, log_path=out.parent / "eval_sidecar.log",
-                                 dtype=e.dtype, max_model_len=e.max_model_len)
+    results = models.results(model_dir, [e.path], settings)
     summary = {"stage": name, "model": str(model_dir),
                **benchmark_summary(next(iter(results["benchmarks"].values())))}
     _write_json_atomic(out, summary)
@@ -102,9 +103,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
     exports: dict[str, str] = {}
-    rows = []
-    if cfg.eval.baseline and (row := evaluate_stage(cfg, "start", cfg.model)) is not None:
-        rows.append(row)
+    to_evaluate = [("start", cfg.model, {})] if cfg.eval.baseline else []  # (row name, model, extra fields)
     previous = cfg.model
     for stage in cfg.stages:
         start_model = exports[stage.init_from] if stage.init_from else previous
@@ -116,8 +115,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             _run(stage_command(cfg, stage, start_model), stage.name)
             _write_json_atomic(stage_dir / DONE_MARKER, {"stage": asdict(stage), "started_from": start_model})
         exports[stage.name] = previous = str(hf_dir)
-        if stage.evaluate and (row := evaluate_stage(cfg, stage.name, str(hf_dir))) is not None:
-            rows.append({**row, "kind": stage.kind, "started_from": start_model})
+        if stage.evaluate:
+            to_evaluate.append((stage.name, str(hf_dir), {"kind": stage.kind, "started_from": start_model}))
+    rows = []
+    e = cfg.eval
+    with OneSidecarEvaluator(log_path=out_dir / "eval_sidecar.log", dtype=e.dtype,
+                             max_model_len=e.max_model_len) as models:  # starts only if a row is not cached
+        for name, model_dir, extra in to_evaluate:
+            if (row := evaluate_stage(cfg, name, model_dir, models)) is not None:
+                rows.append({**row, **extra})
     table = results_table(rows)
     (out_dir / "table.md").write_text(table + "\n")
     results = {"name": cfg.name, "rows": rows, "exports": exports}
