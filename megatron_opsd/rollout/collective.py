@@ -197,6 +197,7 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         self.store = self.group = None
         self.rank = -1
         self.loaded_any = False
+        self.error = None  # why this worker's last update_weights failed
         self.keep_previous = True
         self.previous = PreviousWeights()
 
@@ -218,9 +219,18 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        self.receive_weights(self.parse_update_info(update_info))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        """Receive one update. A failure is kept in ``self.error`` (read by the sidecar through the worker
+        extension's ``opsd_update_error``), not raised: vLLM's multiproc executor stops reading replies at the
+        first worker that raised, which leaves the other workers' replies queued, and every later call at TP > 1
+        would then read the reply of the call before it."""
+        self.error = None
+        try:
+            self.receive_weights(self.parse_update_info(update_info))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 - reported through opsd_update_error
+            self.error = f"{type(err).__name__}: {err}"
+            logger.warning("weight update failed on this worker: %s", self.error)
 
     def receive_weights(self, info: CollectiveUpdateInfo) -> None:
         if self.group is None:
@@ -281,6 +291,11 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
 
     def shutdown(self) -> None:
         self.group = self.store = None
+
+
+def update_error(worker):
+    """``collective_rpc`` target: why this worker's last ``update_weights`` failed (None: it did not)."""
+    return getattr(getattr(worker, "weight_transfer_engine", None), "error", None)
 
 
 def abort_weight_update(worker) -> bool:

@@ -345,7 +345,10 @@ class SidecarRoutes:
         try:
             async with state.exclusive():
                 start = time.perf_counter()
-                await engine.collective_rpc("opsd_load_weights", args=(update.files,))
+                errors = sorted({e for e in await engine.collective_rpc("opsd_load_weights", args=(update.files,))
+                                 if e})
+                if errors:
+                    raise RuntimeError(f"loading the staged weights failed: {'; '.join(errors)}")
                 state.version = update.version
                 apply_s = time.perf_counter() - start
         finally:
@@ -403,6 +406,9 @@ class SidecarRoutes:
                 try:
                     await engine.collective_rpc("start_weight_update")
                     await engine.collective_rpc("update_weights", kwargs={"update_info": req.update_info})
+                    errors = sorted({e for e in await engine.collective_rpc("opsd_update_error") if e})
+                    if errors:  # the workers report failures instead of raising (collective.update_weights)
+                        raise RuntimeError("; ".join(errors))
                     await engine.collective_rpc("finish_weight_update")
                 except BaseException:
                     partly = await engine.collective_rpc("opsd_abort_weight_update")

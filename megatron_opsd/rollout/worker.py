@@ -2,13 +2,14 @@
 ``EngineClient.collective_rpc``, so they run on every TP worker, in whatever process vLLM put it."""
 from __future__ import annotations
 
-from megatron_opsd.rollout.collective import abort_weight_update
+from megatron_opsd.rollout.collective import abort_weight_update, update_error
 
 
 class SidecarWorkerExtension:
-    def opsd_load_weights(self, paths: list[str]) -> None:
+    def opsd_load_weights(self, paths: list[str]):
         """Reload weights in place from staged safetensors files (HF names, full tensors: each TP worker keeps
-        its own shard through the model's ``load_weights``)."""
+        its own shard through the model's ``load_weights``). Returns None, or why it failed: raising would leave
+        the other TP workers' replies queued in vLLM's executor (see ``collective.update_weights``)."""
         from safetensors import safe_open
 
         def tensors():
@@ -17,7 +18,15 @@ class SidecarWorkerExtension:
                     for name in handle.keys():
                         yield name, handle.get_tensor(name)
 
-        self.reload_weights(weights_iterator=tensors())
+        try:
+            self.reload_weights(weights_iterator=tensors())
+        except Exception as err:  # noqa: BLE001 - returned to the sidecar, which raises it
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    def opsd_update_error(self):
+        """Why this worker's last collective ``update_weights`` failed, or None."""
+        return update_error(self)
 
     def opsd_abort_weight_update(self) -> bool:
         """End a failed collective update session; whether this worker had loaded some bucket already."""
