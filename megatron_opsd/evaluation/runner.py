@@ -8,7 +8,6 @@ comparison (``report.compare_to_baseline``) can pair prompts by id.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.resources
 import math
@@ -237,21 +236,6 @@ def evaluate(client, tokenizer, benchmarks: Union[str, Sequence[str], dict], set
     return results
 
 
-def evaluate_model_dir(model_dir: Union[str, Path], benchmarks: Union[str, Sequence[str], dict],
-                       settings: EvalSettings, *, data_dir: Optional[Union[str, Path]] = None,
-                       sidecar_urls: Optional[Sequence[str]] = None, log_path: Optional[Union[str, Path]] = None,
-                       **sidecar_options: Any) -> dict:
-    """``evaluate`` an HF directory on running sidecar(s) serving it, or on a local sidecar started for it
-    (``sidecar_options`` become its flags, e.g. ``dtype="float32", max_model_len=512``) and stopped after."""
-    tokenizer = load_tokenizer(str(model_dir))
-    with contextlib.ExitStack() as stack:
-        if not sidecar_urls:
-            proc = stack.enter_context(start_sidecar_process(model_dir, log_path=log_path, **sidecar_options))
-            sidecar_urls = [proc.url]
-        client = stack.enter_context(SidecarClient(list(sidecar_urls), timeout_s=3600.0))
-        return evaluate(client, tokenizer, benchmarks, settings, data_dir=data_dir, model=str(model_dir))
-
-
 class OneSidecarEvaluator:
     """Evaluate several HF directories of one architecture on one local sidecar: it starts on the first directory
     evaluated, and each further directory's weights are pushed to it (the trainer's weight-update path) instead of
@@ -295,6 +279,20 @@ class OneSidecarEvaluator:
                 settings: EvalSettings, *, data_dir: Optional[Union[str, Path]] = None) -> dict:
         """``evaluate`` (full results) of ``model_dir`` on ``benchmarks`` with ``settings``."""
         client = self.serve(model_dir)
+        return evaluate(client, load_tokenizer(str(model_dir)), benchmarks, settings, data_dir=data_dir,
+                        model=str(model_dir))
+
+
+def evaluate_model_dir(model_dir: Union[str, Path], benchmarks: Union[str, Sequence[str], dict],
+                       settings: EvalSettings, *, data_dir: Optional[Union[str, Path]] = None,
+                       sidecar_urls: Optional[Sequence[str]] = None, log_path: Optional[Union[str, Path]] = None,
+                       **sidecar_options: Any) -> dict:
+    """``evaluate`` an HF directory on running sidecar(s) serving it, or on a local sidecar started for it
+    (``sidecar_options`` become its flags, e.g. ``dtype="float32", max_model_len=512``) and stopped after."""
+    if not sidecar_urls:
+        with OneSidecarEvaluator(log_path=log_path, **sidecar_options) as local:
+            return local.results(model_dir, benchmarks, settings, data_dir=data_dir)
+    with SidecarClient(list(sidecar_urls), timeout_s=3600.0) as client:
         return evaluate(client, load_tokenizer(str(model_dir)), benchmarks, settings, data_dir=data_dir,
                         model=str(model_dir))
 

@@ -49,7 +49,8 @@ def stage_command(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> li
     if not cfg.launcher:
         train += ["--nproc", str(stage.nproc or cfg.nproc)]
     train += list(stage.overrides) + [f"model.path={model_dir}", f"logging.dir={stage_dir}",
-                                      f"checkpoint.dir={stage_dir / 'checkpoints'}", f"export.hf_dir={stage_dir / 'hf'}"]
+                                      f"checkpoint.dir={stage_dir / 'checkpoints'}",
+                                      f"export.hf_dir={stage_dir / 'hf'}"]
     return train
 
 

@@ -166,7 +166,9 @@ class PreviousWeights:
             for served, previous in self.copies.values():
                 served.copy_(previous)
         for layer in self.overwritten.values():
-            before = self.attributes.get(layer, {})
+            if layer not in self.attributes:  # not a module of the model at the update's start: nothing to put back
+                continue
+            before = self.attributes[layer]
             for key in [k for k in vars(layer) if k not in _MODULE_INTERNALS and k not in before]:
                 delattr(layer, key)
             for key, value in before.items():

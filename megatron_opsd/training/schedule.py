@@ -57,9 +57,12 @@ def _validate(microbatches: list, seq_length: int, micro_batch_size: int, one_le
         if "tokens" not in mb:
             raise ValueError(f"microbatch {i} has no 'tokens' entry (a [batch, seq] LongTensor)")
         shape = tuple(mb["tokens"].shape)
-        if shape != (micro_batch_size, seq_length if one_length else shape[1]):
+        if one_length and shape != (micro_batch_size, seq_length):
             raise ValueError(f"microbatch {i}: tokens shape {shape} != (micro_batch_size, seq_length) = "
                              f"({micro_batch_size}, {seq_length}); pad every microbatch of a step to one length")
+        if shape[0] != micro_batch_size:
+            raise ValueError(f"microbatch {i}: tokens shape {shape} has batch {shape[0]} != micro_batch_size = "
+                             f"{micro_batch_size}")
 
 
 def _run_schedule(model_chunks: list, microbatches: list, on_logits: Callable, *, seq_length: int,

@@ -15,8 +15,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_opsd.config import (CheckpointConfig, ConfigError, ExportConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig,
-                                  load_config)
+from megatron_opsd.config import (CheckpointConfig, ConfigError, ExportConfig, LoggingConfig, ModelConfig, OptimConfig,
+                                  TrainConfig, load_config)
 from megatron_opsd.data.datasets import PromptSampler
 from megatron_opsd.models.families import have_transformer_engine
 from megatron_opsd.parallel.device import sum_over_ranks
