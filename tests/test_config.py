@@ -148,7 +148,7 @@ def test_published_defaults():
 
     cfg = OPSDConfig()
     assert cfg.teacher.concise_instruction.startswith("Solve the following math problem concisely and correctly. "
-                                                      "Be direct -- avoid unnecessary elaboration")
+                                                      "Be direct \u2014 avoid unnecessary elaboration")
     for path in sorted(Path("examples/configs").glob("*_opsdc.yaml")):
         opsdc = load_config(str(path))
         assert (opsdc.teacher.weights, opsdc.teacher.refresh_every) == ("refresh", 50), path
