@@ -23,9 +23,11 @@ from megatron_opsd.parallel.distributed import ParallelConfig
 
 DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_PROMPT_TEMPLATE = "{{ problem }}\n" + DEFAULT_PROMPT_SUFFIX
-# OPSDC's instruction as published (Sang et al. 2603.05433: the prompt figure and the public code)
+# OPSDC's instruction c as published (Sang et al. 2603.05433: the paper's teacher prompt box, em-dash included).
+# The teacher prompt is c, a blank line, then the student's own prompt (data.prompt_template: the problem and its
+# answer-format line), the paper's Figure 2 layout; docs/losses.md says where the published DAPO prompt differs.
 DEFAULT_CONCISE_INSTRUCTION = (
-    "Solve the following math problem concisely and correctly. Be direct -- avoid unnecessary elaboration, "
+    "Solve the following math problem concisely and correctly. Be direct \u2014 avoid unnecessary elaboration, "
     "redundant steps, or restating the problem. Focus only on the key reasoning steps needed to reach the answer."
 )
 # DemoPSD's sigmoid sharpness: the per-token JSD is at most ln 2, so alpha_t = (sigmoid(beta d) - 0.5) 2 alpha_max

@@ -143,19 +143,20 @@ def test_temperature_mismatch_warning(overrides, warns):
 
 def test_published_defaults():
     """OPSDC's instruction as published; the large OPSDC configs refresh the teacher every 50 steps (OPSDC's M);
-    the tiny pipeline's compression stage is Kim & Lee's: reference-solution teacher on correct rollouts."""
+    the tiny pipeline's compression stage trains on correct rollouts only (Kim & Lee's filter) with the concise
+    teacher its SFT stage taught (the demo's SFT never shows a reference solution)."""
     from pathlib import Path
 
     cfg = OPSDConfig()
     assert cfg.teacher.concise_instruction.startswith("Solve the following math problem concisely and correctly. "
-                                                      "Be direct -- avoid unnecessary elaboration")
+                                                      "Be direct \u2014 avoid unnecessary elaboration")
     for path in sorted(Path("examples/configs").glob("*_opsdc.yaml")):
         opsdc = load_config(str(path))
         assert (opsdc.teacher.weights, opsdc.teacher.refresh_every) == ("refresh", 50), path
     stages = yaml.safe_load(Path("examples/pipeline_tiny.yaml").read_text())["stages"]
     (stage,) = [s for s in stages if s["kind"] == "opsd"]
     compression = load_config(stage["config"], stage["overrides"])
-    assert (compression.teacher.context, compression.rollout.filter) == ("reference", "correct")
+    assert (compression.teacher.context, compression.rollout.filter) == ("concise", "correct")
 
 
 NEW_LOSS_KEYS = ["loss.coverage=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.divergence=jsd", "loss.beta=0.3",

@@ -12,7 +12,7 @@ from megatron_opsd.models.tokenizer import Tokenizer
 
 DATA = packaged_data_dir()  # the benchmarks shipped in the package
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-INSTRUCTION = ("Solve the following math problem concisely and correctly. Be direct -- avoid unnecessary elaboration, "
+INSTRUCTION = ("Solve the following math problem concisely and correctly. Be direct \u2014 avoid unnecessary elaboration, "
                "redundant steps, or restating the problem. Focus only on the key reasoning steps needed to reach the "
                "answer.")  # OPSDC's published wording (the default teacher.concise_instruction)
 SOLVE_YOURSELF = "After understanding the reference solution, solve the problem yourself, reasoning from first principles."

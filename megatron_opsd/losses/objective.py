@@ -165,5 +165,5 @@ class Objective:
 
     @torch.no_grad()
     def entropy_sum(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Entropy of softmax(logits) summed over the loss tokens (for logging; one full-vocabulary pass)."""
+        """Entropy of softmax(logits) at temperature 1 summed over the loss tokens (logging; one full-vocabulary pass)."""
         return (vocab_parallel_entropy(logits.detach(), **self.vocab_kwargs()) * (weights > 0)).sum()
