@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_horizon.py [--horizon 16 --pairs 6] [--model HF_DIR] \
         [--markdown docs/benchmarks.md]
 
-One real OPSD trainer (the demo's OPSDC stage config, ``examples/demo/opsdc.yaml``, TP=1) with one real vLLM
-sidecar runs steps that alternate between full OPD (horizon null) and truncated OPD (horizon H), so both see the
+One real OPSD trainer (the demo's OPSDC stage config, ``megatron_opsd/demo/configs/opsdc.yaml``, TP=1) with one
+real vLLM sidecar runs steps that alternate between full OPD (horizon null) and truncated OPD (horizon H), so both see the
 same machine load; the first pair is a warm-up and is not counted. With ``rollout.filter: all`` the trainer
 generates only H tokens and both forwards end at prompt + H (``OPSDTrainer._generation_limit``). The model is
 the demo's random initial tiny Qwen3 (``megatron_opsd.demo.prepare``), which rarely stops before
@@ -83,13 +83,13 @@ def main() -> int:
 
     from megatron_opsd.config import load_config
     from megatron_opsd.demo.prepare import prepare
-    from megatron_opsd.demo.recipe import DemoRecipe
+    from megatron_opsd.demo.recipe import DemoRecipe, stage_config_dir
     from megatron_opsd.parallel.launch import run_distributed
 
     with tempfile.TemporaryDirectory(prefix="bench-horizon-") as tmp:
         inputs = prepare(Path(tmp), DemoRecipe(), seed=0)
         model = args.model or str(inputs.init_model)
-        cfg = load_config("examples/demo/opsdc.yaml", [
+        cfg = load_config(str(stage_config_dir() / "opsdc.yaml"), [  # package data: runs from any directory
             f"model.path={model}", f"data.train_path={inputs.train}", "data.eval_path=null", "train.eval_every=0",
             f"train.steps={2 * (args.pairs + 1)}", f"logging.dir={tmp}/run", "logging.progress=false"])
         runs = run_distributed(bench_worker, 1, cfg.parallel, cfg, args.horizon, args.pairs)[0]
