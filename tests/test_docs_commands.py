@@ -272,3 +272,28 @@ def test_commands_that_need_more_say_what(scratch, capsys, monkeypatch):
     assert cli_main(["plan", "--config", "examples/configs/qwen3-32b_opsdc.yaml", "--gpu-memory", "80GB"]) == 2
     err = capsys.readouterr().err
     assert "model.path: /checkpoints/Qwen3-32B not found; pass --model-config" in err and "qwen3-32b" in err
+
+
+def test_generated_plan_table_is_what_plan_prints_now(monkeypatch):
+    """docs/benchmarks.md's LoRA plan section equals what tools/plan_tables.py writes from `megatron-opsd plan`."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    plan_tables = importlib.import_module("plan_tables")
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    documented = text[text.index(plan_tables.BEGIN): text.index(plan_tables.END) + len(plan_tables.END)] + "\n"
+    assert documented == plan_tables.section(), "rerun: python tools/plan_tables.py --markdown docs/benchmarks.md"
+
+
+def test_scale_table_peaks_are_what_plan_prints(monkeypatch, capsys):
+    """docs/scale.md's example-config table: each row's "plan peak" is its configs' `# plan:` line's peak."""
+    monkeypatch.chdir(REPO)
+    rows = re.findall(r"^\| `([\w.-]+)_opsdc\.yaml`, `[\w.-]+_correct_only\.yaml` \|.*\| ([\d.]+) GiB \|$",
+                      (REPO / "docs" / "scale.md").read_text(), re.M)
+    assert len(rows) == len(list((REPO / "examples" / "configs").glob("*_opsdc.yaml")))
+    for model, documented in rows:
+        for variant in ("opsdc", "correct_only"):
+            config = REPO / "examples" / "configs" / f"{model}_{variant}.yaml"
+            line = re.search(r"^# plan: megatron-opsd (.+)$", config.read_text(), re.M).group(1)
+            assert cli_main(shlex.split(line)) == 0
+            peak = float(re.search(r"peak stage \d+: ([\d.]+) GiB", capsys.readouterr().out).group(1))
+            assert f"{peak:.1f}" == documented, (config.name, peak, documented)
