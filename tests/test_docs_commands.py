@@ -297,3 +297,16 @@ def test_scale_table_peaks_are_what_plan_prints(monkeypatch, capsys):
             assert cli_main(shlex.split(line)) == 0
             peak = float(re.search(r"peak stage \d+: ([\d.]+) GiB", capsys.readouterr().out).group(1))
             assert f"{peak:.1f}" == documented, (config.name, peak, documented)
+
+
+def test_help_of_every_command_prints_no_warnings(scratch):
+    """`megatron-opsd <command> --help` in a fresh process: help on stdout, nothing on stderr (issue 32 item 9:
+    megatron-core's expected import warnings are filtered in megatron_opsd/__init__.py)."""
+    helps = ("import contextlib, sys\nfrom megatron_opsd.cli import SUBCOMMANDS, main\n"
+             "for name in SUBCOMMANDS:\n"
+             "    with contextlib.suppress(SystemExit):\n"
+             "        main([name, '--help'])\n")
+    proc = subprocess.run([sys.executable, "-c", helps], cwd=scratch, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert all(f"megatron-opsd {name}" in proc.stdout for name in SUBCOMMANDS if name != "version")
