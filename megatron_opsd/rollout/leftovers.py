@@ -2,8 +2,9 @@
 
 A SIGKILLed run cannot clean up: its weight-staging directories (``opsd-update-p<pid>-*``, ``rollout/staging.py``),
 the shm transport's bucket files (``opsd-weights-<pid>-*``, ``rollout/client.py``) and the POSIX shared-memory
-segments of vLLM's worker message queues (``psm_*``: Python's ``multiprocessing.shared_memory``, unlinked only by a
-live owner) stay in ``/dev/shm``, which is RAM (about 840 MB after a few SIGKILLs of a TP=2 sidecar here).
+segments of vLLM's worker message queues (``psm_*``: vLLM 0.32's ``ShmRingBuffer``,
+``distributed/device_communicators/shm_broadcast.py``, creates them with
+``shared_memory.SharedMemory(create=True, size=self.total_bytes_of_buffer)``, unlinked only by a live owner) stay in ``/dev/shm``, which is RAM (issue 32 found about 840 MB after a few SIGKILLs).
 
 Nothing that a live process may still use is removed: our staging files carry their creator's pid and go only when
 that pid is dead; a ``psm_*`` segment carries no pid, so it goes only when it belongs to this user, is older than a
