@@ -62,7 +62,9 @@ def to_markdown(summary: dict, args: argparse.Namespace, model: str) -> str:
         f"`{command}`: the demo's OPSDC stage (TP=1, 16 prompts x 1 rollout, `rollout.max_tokens` 192) on {model},",
         f"one trainer and one vLLM sidecar, steps alternating full / horizon {args.horizon}; medians of "
         f"{args.pairs} steps each after a warm-up pair, seconds. CPU, 2 cores shared with several other jobs: only the "
-        "ratios are meaningful. `tokens` = distilled tokens per step.", "",
+        "ratios are meaningful. `tokens` = distilled tokens per step. At PP=1 the teacher's forward runs inside the "
+        "student's loss, one micro-batch at a time (`training/opsd.py` `teacher_signal_source`): `student s` includes "
+        "it, `teacher s` is only the set-up of its signal source (PP > 1: the teacher's forwards).", "",
         "| setting | tokens | step s | rollout s | teacher s | student s | sync s |",
         "|---|---|---|---|---|---|---|", *rows, f"| full / horizon | | {ratio} |", "",
         "Full responses average ~155 tokens here (the random model seldom stops); the saving scales with "
