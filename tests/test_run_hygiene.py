@@ -17,6 +17,7 @@ from megatron_opsd.config import load_config
 from megatron_opsd.errors import UsageError
 from megatron_opsd.models.weights import _replace_dir
 from megatron_opsd.rollout.leftovers import SHM_BUCKET_PREFIX, STAGING_DIR_PREFIX, clean_dead_leftovers, owner_pid
+from megatron_opsd.training.export_cli import refuse_peft_without_lora
 from megatron_opsd.training.rundir import drop_metrics_after, refuse_overwrite
 
 
@@ -75,6 +76,7 @@ def test_export_peft_out_needs_a_lora_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--peft-out: " in err and "is not a LoRA run" in err, err
     assert not (tmp_path / "hf").exists()
+    refuse_peft_without_lora(fake_checkpoint(tmp_path / "lora", 3, lora_rank=16))  # a LoRA run passes the check
 
 
 def test_leftovers_of_dead_runs_go_live_ones_stay(tmp_path):
