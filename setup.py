@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 VERSION = re.search(
     r'__version__ = "([^"]+)"', Path(__file__).with_name("megatron_opsd").joinpath("__init__.py").read_text()
@@ -16,10 +16,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_opsd", "megatron_opsd.*"]),
+    # Namespace discovery lists the data directories (evaluation/data/*, demo/configs: no __init__.py) as packages,
+    # as setuptools asks of data shipped inside a package; otherwise each build warns that they are "absent from
+    # the `packages` configuration" (and a later setuptools would stop shipping them).
+    packages=find_namespace_packages(include=["megatron_opsd", "megatron_opsd.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
     # Read at run time through importlib.resources: the built-in benchmarks and the demo's stage configs.
-    package_data={"megatron_opsd": ["evaluation/data/README.md", "evaluation/data/*/*.jsonl", "demo/configs/*.yaml"]},
+    package_data={"megatron_opsd.evaluation.data": ["README.md", "*/*.jsonl"], "megatron_opsd.demo.configs": ["*.yaml"]},
     install_requires=[
         "megatron-core>=0.16,<0.17",
         "torch>=2.6",

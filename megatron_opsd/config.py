@@ -189,7 +189,9 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default: <logging.dir>/checkpoints
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
-    resume: bool = False  # resume from the latest checkpoint in dir if there is one
+    # True: continue from the newest checkpoint in dir when there is one (a rerun of a killed or requeued job);
+    # False: start fresh, refused when dir holds a checkpoint (training/rundir.py: nothing is overwritten silently)
+    resume: bool = True
 
 
 @dataclass

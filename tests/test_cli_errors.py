@@ -69,6 +69,21 @@ def test_only_rank_0_prints(train_inputs):
     assert loud.returncode == 2 and loud.stderr.startswith("megatron-opsd: error: loss.divergence:")
 
 
+def test_refuses_to_overwrite_a_checkpointed_run(train_inputs):
+    """`checkpoint.resume=false` over a run directory holding a checkpoint: one line naming the way out, before
+    any rank starts (resuming is the default; training/rundir.py)."""
+    root, model, data = train_inputs
+    step = root / "kept" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "opsd_checkpoint.json").write_text("{}")  # the marker of a complete checkpoint
+    out = run_train(root, f"model.path={model}", f"data.train_path={data}", f"logging.dir={root / 'kept'}",
+                    "checkpoint.resume=false")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "checkpoint.resume: false, but" in out.stderr and "holds step-3 of an earlier run" in out.stderr
+    assert "choose a new logging.dir" in out.stderr
+    assert sorted(p.name for p in step.iterdir()) == ["opsd_checkpoint.json"]  # untouched
+
+
 def fail_with_usage_error() -> None:
     raise UsageError("data.train_path: bad rows")
 

@@ -176,3 +176,27 @@ def test_eval_cli_starts_its_own_sidecar(model_dir, tmp_path):
     assert "| amc23 | 3 |" in md and "| mine | 2 |" in md
     assert log.stat().st_size > 0
     assert sidecars() == before  # the command stopped the sidecar it started
+
+
+def test_eval_budget_fits_the_context_and_finished_benchmarks_are_kept(model_dir, sidecar, tmp_path, capsys):
+    """Without --max-tokens the budget is 1024 lowered to what the longest prompt leaves of the model's context
+    (a fixed 1024 against this 2048-token model and a ~1,400-token prompt: vLLM's HTTP 422); with a budget that
+    does not fit, the failing benchmark ends the command with exit 2 and the one finished before it is kept."""
+    from megatron_opsd.cli import main as cli_main
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"problem": "What is $1+1$? " * 180, "answer": "2"}) + "\n")
+    common = ["eval", "--model", model_dir, "--benchmarks", f"amc23,{long}", "--limit", "1", "--temperature", "1.0",
+              "--sidecar-url", sidecar.url, "--no-progress", "--bootstrap", "10"]
+    rc = cli_main([*common, "--out", str(tmp_path / "fits")])
+    assert rc == 0
+    results = json.loads((tmp_path / "fits" / "results.json").read_text())
+    longest = max(p["prompt_tokens"] for b in results["benchmarks"].values() for p in b["prompts"])
+    assert longest + 1024 > MAX_LEN and results["settings"]["max_tokens"] == MAX_LEN - longest
+    assert f"--max-tokens {MAX_LEN - longest} (fits the model's {MAX_LEN}-token context)" in capsys.readouterr().out
+
+    rc = cli_main([*common, "--max-tokens", "1024", "--out", str(tmp_path / "kept")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "megatron-opsd eval: error:" in err and "kept the finished benchmarks (amc23)" in err, err
+    kept = json.loads((tmp_path / "kept" / "results.json").read_text())
+    assert list(kept["benchmarks"]) == ["amc23"] and kept["benchmarks"]["amc23"]["num_prompts"] == 1

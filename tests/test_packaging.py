@@ -31,8 +31,10 @@ def _build_wheel(out: Path) -> Path:
     shutil.copytree(REPO / "megatron_opsd", src / "megatron_opsd", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("setup.py", "README.md", "MANIFEST.in", "LICENSE"):
         shutil.copy(REPO / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(out / "dist"), str(src)], check=True, env=_clean_env())
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(out / "dist"), str(src)], check=True, env=_clean_env(), capture_output=True, text=True)
+    # the package data is declared as setuptools wants it (setup.py): no "absent from `packages`" warnings
+    assert "Warning" not in built.stdout + built.stderr, built.stdout + built.stderr
     (wheel,) = (out / "dist").glob("megatron_opsd-*.whl")
     return wheel
 

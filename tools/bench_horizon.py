@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_horizon.py [--horizon 16 --pairs 6] [--model HF_DIR] \
         [--markdown docs/benchmarks.md]
 
-One real OPSD trainer (the demo's OPSDC stage config, ``examples/demo/opsdc.yaml``, TP=1) with one real vLLM
-sidecar runs steps that alternate between full OPD (horizon null) and truncated OPD (horizon H), so both see the
+One real OPSD trainer (the demo's OPSDC stage config, ``megatron_opsd/demo/configs/opsdc.yaml``, TP=1) with one
+real vLLM sidecar runs steps that alternate between full OPD (horizon null) and truncated OPD (horizon H), so both see the
 same machine load; the first pair is a warm-up and is not counted. With ``rollout.filter: all`` the trainer
 generates only H tokens and both forwards end at prompt + H (``OPSDTrainer._generation_limit``). The model is
 the demo's random initial tiny Qwen3 (``megatron_opsd.demo.prepare``), which rarely stops before
@@ -62,7 +62,9 @@ def to_markdown(summary: dict, args: argparse.Namespace, model: str) -> str:
         f"`{command}`: the demo's OPSDC stage (TP=1, 16 prompts x 1 rollout, `rollout.max_tokens` 192) on {model},",
         f"one trainer and one vLLM sidecar, steps alternating full / horizon {args.horizon}; medians of "
         f"{args.pairs} steps each after a warm-up pair, seconds. CPU, 2 cores shared with several other jobs: only the "
-        "ratios are meaningful. `tokens` = distilled tokens per step.", "",
+        "ratios are meaningful. `tokens` = distilled tokens per step. At PP=1 the teacher's forward runs inside the "
+        "student's loss, one micro-batch at a time (`training/opsd.py` `teacher_signal_source`): `student s` includes "
+        "it, `teacher s` is only the set-up of its signal source (PP > 1: the teacher's forwards).", "",
         "| setting | tokens | step s | rollout s | teacher s | student s | sync s |",
         "|---|---|---|---|---|---|---|", *rows, f"| full / horizon | | {ratio} |", "",
         "Full responses average ~155 tokens here (the random model seldom stops); the saving scales with "
@@ -83,13 +85,13 @@ def main() -> int:
 
     from megatron_opsd.config import load_config
     from megatron_opsd.demo.prepare import prepare
-    from megatron_opsd.demo.recipe import DemoRecipe
+    from megatron_opsd.demo.recipe import DemoRecipe, stage_config_dir
     from megatron_opsd.parallel.launch import run_distributed
 
     with tempfile.TemporaryDirectory(prefix="bench-horizon-") as tmp:
         inputs = prepare(Path(tmp), DemoRecipe(), seed=0)
         model = args.model or str(inputs.init_model)
-        cfg = load_config("examples/demo/opsdc.yaml", [
+        cfg = load_config(str(stage_config_dir() / "opsdc.yaml"), [  # package data: runs from any directory
             f"model.path={model}", f"data.train_path={inputs.train}", "data.eval_path=null", "train.eval_every=0",
             f"train.steps={2 * (args.pairs + 1)}", f"logging.dir={tmp}/run", "logging.progress=false"])
         runs = run_distributed(bench_worker, 1, cfg.parallel, cfg, args.horizon, args.pairs)[0]

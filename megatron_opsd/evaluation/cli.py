@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=1024, help="response token budget per sample")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="response token budget per sample (default: 1024, or less so that the longest prompt "
+                             "plus the budget fits the model's context: --max-model-len, else config.json's "
+                             "max_position_embeddings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts per benchmark")
     parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
@@ -75,13 +78,16 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron_opsd.config import DataConfig
     from megatron_opsd.evaluation.report import load_results, write_report
-    from megatron_opsd.evaluation.runner import EvalSettings, evaluate_model_dir, load_benchmark, resolve_benchmarks
+    from megatron_opsd.evaluation.runner import (DEFAULT_MAX_TOKENS, EvalSettings, evaluate_model_dir,
+                                                 fitting_max_tokens, load_benchmark, resolve_benchmarks)
+    from megatron_opsd.models.gpt import load_hf_config
+    from megatron_opsd.models.tokenizer import load_tokenizer
 
     data = DataConfig(system_prompt=args.system_prompt)
     if args.prompt_template is not None:
         data = replace(data, prompt_template=args.prompt_template)
     settings = EvalSettings(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, enable_thinking=args.thinking,
+                            max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens, seed=args.seed, enable_thinking=args.thinking,
                             boxed_only=args.boxed_only, limit=args.limit, prompts_per_request=args.batch_prompts,
                             save_text=args.save_text, progress=args.progress, data=data)
     # Fail on bad input before the sidecar spends a minute starting.
@@ -90,12 +96,25 @@ def run(args: argparse.Namespace) -> dict:
         load_benchmark(path, data, limit=1)
     baseline = load_results(args.baseline) if args.baseline else None
     model_dir = _resolve_model(args.model, args.out)
+    if args.max_tokens is None:
+        context = args.max_model_len or load_hf_config(model_dir).max_position_embeddings
+        settings = replace(settings, max_tokens=fitting_max_tokens(context, load_tokenizer(str(model_dir)),
+                                                                   benchmarks, settings))
+        print(f"--max-tokens {settings.max_tokens} (fits the model's {context}-token context)", flush=True)
     urls = [u for u in args.sidecar_url.split(",") if u.strip()] if args.sidecar_url else None
-    results = evaluate_model_dir(model_dir, [str(p) if n not in BENCHMARKS else n for n, p in benchmarks.items()],
-                                 settings, data_dir=args.data_dir, sidecar_urls=urls, log_path=args.sidecar_log,
-                                 dtype=args.dtype, max_model_len=args.max_model_len,
-                                 kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                                 tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        results = evaluate_model_dir(model_dir, [str(p) if n not in BENCHMARKS else n for n, p in benchmarks.items()],
+                                     settings, data_dir=args.data_dir, sidecar_urls=urls, log_path=args.sidecar_log,
+                                     dtype=args.dtype, max_model_len=args.max_model_len,
+                                     kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                                     tensor_parallel_size=args.tensor_parallel_size)
+    except Exception as err:  # keep what finished: a later benchmark's failure does not discard it
+        partial = getattr(err, "partial_results", None)
+        if partial and partial["benchmarks"]:
+            paths = write_report(partial, args.out, baseline=baseline, n_boot=args.bootstrap, seed=args.seed)
+            print(f"kept the finished benchmarks ({', '.join(partial['benchmarks'])}) in {paths['json']}",
+                  file=sys.stderr, flush=True)
+        raise
     paths = write_report(results, args.out, baseline=baseline, n_boot=args.bootstrap, seed=args.seed)
     return {"paths": paths, "results": results}
 

@@ -52,13 +52,16 @@ def default_data_dir() -> Path:
     return Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else packaged_data_dir()
 
 
+DEFAULT_MAX_TOKENS = 1024  # eval's response budget, lowered to fit the model's context (fitting_max_tokens)
+
+
 @dataclass
 class EvalSettings:
     n: int = 1  # samples per prompt
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: Optional[int] = None
-    max_tokens: int = 1024
+    max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int = 0  # prompt i of a benchmark samples with seed + i (independent of batching)
     enable_thinking: Optional[bool] = None  # chat template switch; None = the template's default
     boxed_only: bool = True  # only the last \boxed{} of a response is graded
@@ -145,11 +148,28 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, disable=not enabled)
 
 
+def chat_prompts(tokenizer, examples: list[PromptExample], settings: EvalSettings) -> list[list[int]]:
+    """The chat-formatted prompt ids the sidecar is sent."""
+    return [tokenizer.apply_chat_template(student_messages(ex, settings.data), add_generation_prompt=True,
+                                          enable_thinking=settings.enable_thinking) for ex in examples]
+
+
+def fitting_max_tokens(context: int, tokenizer, benchmarks: dict, settings: EvalSettings,
+                       cap: int = DEFAULT_MAX_TOKENS) -> int:
+    """The response budget that fits every prompt of ``benchmarks`` ({name: path}) into ``context`` tokens (vLLM
+    refuses a request whose prompt + max_tokens exceeds its max_model_len: HTTP 422), at most ``cap``."""
+    longest = max(len(p) for path in benchmarks.values()
+                  for p in chat_prompts(tokenizer, load_benchmark(path, settings.data, settings.limit), settings))
+    if context - longest < 1:
+        raise ValueError(f"--max-model-len: the model's context of {context} tokens holds no response after the "
+                         f"longest prompt ({longest} tokens); raise --max-model-len or shorten the prompts")
+    return min(cap, context - longest)
+
+
 def generate_benchmark(client, tokenizer, examples: list[PromptExample], settings: EvalSettings,
                        desc: str = "eval") -> tuple[list[list[int]], list[list[Any]]]:
     """Chat-formatted prompt ids and the sidecar's samples (n per prompt), in batches with a progress bar."""
-    prompts = [tokenizer.apply_chat_template(student_messages(ex, settings.data), add_generation_prompt=True,
-                                             enable_thinking=settings.enable_thinking) for ex in examples]
+    prompts = chat_prompts(tokenizer, examples, settings)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
     samples: list[list[Any]] = []
     step = settings.prompts_per_request
@@ -230,7 +250,11 @@ def evaluate(client, tokenizer, benchmarks: Union[str, Sequence[str], dict], set
     grader = grader or default_grader(settings.boxed_only)
     results = {"model": model, "settings": _settings_dict(settings), "benchmarks": {}}
     for name, (path, examples) in loaded.items():
-        res = evaluate_examples(client, tokenizer, examples, settings, grader=grader, name=name)
+        try:
+            res = evaluate_examples(client, tokenizer, examples, settings, grader=grader, name=name)
+        except Exception as err:
+            err.partial_results = results  # the benchmarks finished before this one: the caller keeps them
+            raise
         res["path"] = None if path is None else str(path)
         results["benchmarks"][name] = res
     return results

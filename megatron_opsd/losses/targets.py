@@ -43,7 +43,7 @@ def pmi_target_logprobs(teacher_logits: torch.Tensor, reference_logits: torch.Te
                         *, group=None, vocab_range: VocabRange = None, temperature: float = 1.0,
                         clip: float = 10.0, beta: float = 1.0, center: str = "uniform",
                         chunk_tokens: int = 1024) -> torch.Tensor:
-    """Purified OPSD's PMI target (METHODS.md, "Purified OPSD"), as log-probs:
+    """Purified OPSD's PMI target (arXiv 2607.02234; docs/losses.md, "The methods"), as log-probs:
 
         Delta(v)   = log pi_T(v) - log pi_R(v)                        residual
         Delta~(v)  = c * tanh((Delta(v) - m) / c)                     centred, soft clip
@@ -92,14 +92,15 @@ def pmi_target_logprobs(teacher_logits: torch.Tensor, reference_logits: torch.Te
 def demopsd_target_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, group=None,
                             vocab_range: VocabRange = None, temperature: float = 1.0, alpha_max: float = 0.15,
                             beta: float = 8.0, chunk_tokens: int = 1024, return_alpha: bool = False):
-    """DemoPSD's reverse-KL barycenter target (METHODS.md, "DemoPSD"), as log-probs, student stop-gradient:
+    """DemoPSD's reverse-KL barycenter target (arXiv 2607.02502; docs/losses.md, "The methods"), as log-probs,
+    student stop-gradient:
 
         d_t     = JSD(pi_S || pi_T)      (the symmetric JSD, M = (pi_S + pi_T) / 2, in nats, full vocabulary)
         alpha_t = (sigmoid(beta * d_t) - 0.5) * 2 * alpha_max          in [0, alpha_max)
         log P   = log softmax( (1 - alpha_t) log pi_T + alpha_t log pi_S )   i.e. P ∝ pi_T^(1-a) pi_S^a
 
     Train with ``kind="reverse_kl"`` (KL(pi_theta || sg(P))). ``alpha_max`` = 0.15 in the paper; ``beta`` is
-    the sigmoid's sharpness (its published value is not in METHODS.md; config ``loss.demopsd_beta``). d_t <= ln 2,
+    the sigmoid's sharpness (no published value found; config ``loss.demopsd_beta``). d_t <= ln 2,
     so alpha_t <= (sigmoid(beta ln 2) - 0.5) 2 alpha_max: the default 8 reaches 99.2% of alpha_max (1: 33%). Both
     logits are divided by ``temperature``. With ``return_alpha`` also returns alpha_t [...] (fp32) for logging.
     """

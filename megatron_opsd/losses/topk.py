@@ -1,7 +1,7 @@
 """Teacher top-k mode: the divergence over the teacher's global top-k tokens plus one tail bucket.
 
-METHODS.md, "OPSD": "Top-k variant: restrict to the teacher's top-k tokens and renormalise" (``tail=False``
-here); DemoPSD uses top-k 100. With ``tail=True`` (the default) the distributions are compared on k + 1
+OPSD (docs/losses.md, "The methods"): "Top-k variant: restrict to the teacher's top-k tokens and renormalise"
+(``tail=False`` here); DemoPSD uses top-k 100. With ``tail=True`` (the default) the distributions are compared on k + 1
 buckets: the k teacher tokens and the tail (all other valid tokens), so no mass is thrown away and the
 divergence is a lower bound of the full-vocabulary one (data processing inequality).
 

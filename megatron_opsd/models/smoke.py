@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_opsd.errors import UsageError
 from megatron_opsd.models.gpt import build_model
 from megatron_opsd.models.tiny import tiny_hf_config
 from megatron_opsd.parallel.device import to_device
@@ -50,7 +51,12 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="trainer-style overrides; rollout.sidecar_urls=... makes rank 0 check each /health")
     args, ignored = parser.parse_known_args(argv)  # stands in for `megatron-opsd train` in launch-script tests
-    r = run(args.tp, args.seed)
+    try:
+        r = run(args.tp, args.seed)
+    except UsageError as err:  # e.g. --tp 2 in one process: say how to start the ranks instead of a traceback
+        print(f"{parser.prog}: error: {err}; start one process per rank, e.g. torchrun --nproc-per-node "
+              f"{args.tp} -m megatron_opsd.models.smoke --tp {args.tp}", file=sys.stderr)
+        return 2
     print(f"smoke rank={r['rank']} host={r['host']} world={r['world']} TP={r['tp']} DP={r['dp']} "
           f"tp_rank={r['tp_rank']} logits_sum={r['sum']:.6f} logits_abs_sum={r['abs_sum']:.6f}", flush=True)
     if args.overrides:

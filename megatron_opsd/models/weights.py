@@ -388,8 +388,25 @@ def _finish_hf_dir(tmp: Path, out_dir: Path, files: list, total: int, hf_config,
     _replace_dir(tmp, out_dir)
 
 
+def _user_umask() -> int:
+    mask = os.umask(0o022)  # the only portable read of the umask is setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(tmp: Path) -> None:
+    """``mkdtemp`` creates its directory ``0700`` and ``copy2`` keeps the source's mode: give the finished export
+    the modes a plain ``mkdir`` / ``open`` would (``0777`` / ``0666`` less the user's umask), so others in the
+    user's group can read a model as they can any other file the user writes."""
+    mask = _user_umask()
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` onto ``out_dir``, replacing an older one without a moment with neither."""
+    """Rename the finished ``tmp`` onto ``out_dir`` (with the user's umask), replacing an older one without a
+    moment with neither."""
+    _apply_umask(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -143,6 +144,10 @@ def apply(force: bool = False) -> bool:
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state  # 4
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
     logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
+    # tensor_parallel/layers.py asks for CUDA_DEVICE_MAX_CONNECTIONS=1 (a CUDA stream setting) on every rank: only
+    # meaningful on GPU, where the launch scripts set it (docs/scale.md); on CPU it is noise
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set the "
+                            "environment variable CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
 
     p2p_communication._batched_p2p_ops = _batched_p2p_ops_gloo_order  # 6
     for fn in (mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutputFunction):  # 7

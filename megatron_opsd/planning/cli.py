@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Optional
 
 from megatron_opsd.planning.lora import sync_bytes
@@ -25,6 +26,10 @@ from megatron_opsd.planning.memory import (
     suggest_changes,
     validate_layout,
 )
+
+# examples/model_configs/ of the checkout (not package data): named in the error for a config whose model.path
+# is not on this machine
+SHIPPED_MODEL_CONFIGS = ("qwen3-8b", "qwen3-14b", "qwen3-32b", "llama-3.1-70b")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +105,10 @@ def main(args: argparse.Namespace) -> int:
         model_path = args.model_config or cfg.model.path
         if not model_path:
             raise ConfigError("model.path is empty: set it in the config or pass --model-config")
+        if not args.model_config and not Path(model_path).exists():
+            raise ConfigError(f"model.path: {model_path} not found; pass --model-config with the model's HF "
+                              f"directory or config.json (no weights needed), e.g. the published configs in the "
+                              f"checkout's examples/model_configs/ ({', '.join(SHIPPED_MODEL_CONFIGS)})")
         shape = ModelShape.from_hf_config(model_path)
         cluster = Cluster(gpus_per_node=args.gpus_per_node, num_nodes=args.nodes,
                           gpu_memory=parse_memory_size(args.gpu_memory), sidecar_replicas=args.sidecar_replicas,

@@ -26,6 +26,7 @@ from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwr
 from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout import vllm_plugin
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
+from megatron_opsd.rollout.leftovers import SHM_BUCKET_PREFIX
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,8 @@ class SidecarClient:
         if self.transport == "shm":
             from safetensors.torch import save_file
 
-            path = Path(self.shm_dir) / f"opsd-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}-{bucket.index}.safetensors"
+            name = f"{SHM_BUCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{bucket.index}.safetensors"
+            path = Path(self.shm_dir) / name
             save_file(bucket.tensors, str(path))
             try:
                 list(pool.map(lambda i: send(i, headers={SHM_PATH_HEADER: str(path)}), range(len(ids))))

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from safetensors.torch import load as load_safetensors
 
 from megatron_opsd.rollout.engine import EngineConfig, checkpoint_tensor_specs, on_gpu, prepare_vllm_env
+from megatron_opsd.rollout.leftovers import clean_dead_leftovers
 from megatron_opsd.rollout.lora import add_adapter_route
 from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER, GenerateRequest,
                                             SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
@@ -555,6 +556,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"megatron-opsd sidecar: {err}", flush=True)
         return 2
+    clean_dead_leftovers()  # what killed runs left in /dev/shm (rollout/leftovers.py), before this one adds its own
     import uvloop
 
     uvloop.run(serve(cfg, args.host, args.port, args.log_level.lower()))

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from megatron_opsd.rollout.leftovers import STAGING_DIR_PREFIX
+
 
 class WeightUpdateError(ValueError):
     """A bad update request; ``status`` is the HTTP code the server answers with."""
@@ -99,7 +101,8 @@ class WeightStager:
         with self._lock:
             update_id = f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             self._replace(StagedUpdate(update_id, version, num_tensors,
-                                       Path(tempfile.mkdtemp(prefix=f"opsd-update-{update_id}-", dir=staging_root(self.update_bytes())))))
+                                       Path(tempfile.mkdtemp(prefix=f"{STAGING_DIR_PREFIX}{os.getpid()}-{update_id}-",
+                                                            dir=staging_root(self.update_bytes())))))
             return update_id
 
     def update_bytes(self) -> int:

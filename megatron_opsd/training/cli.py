@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see examples/)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set loss.divergence=jsd (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint (the default when the run directory holds one; "
+                             "checkpoint.resume=false refuses such a directory instead of overwriting it)")
     parser.add_argument("--nproc", type=int, default=0, help="spawn this many local processes (no torchrun)")
     parser.add_argument("--export-hf", dest="export_hf", default=None, metavar="DIR",
                         help="at the end, write the final model as an HF directory (= export.hf_dir)")
@@ -31,6 +33,9 @@ def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable) 
         overrides.append("checkpoint.resume=true")
     cfg = load_config_fn(args.config, overrides)
     check_inputs(cfg)
+    from megatron_opsd.training.rundir import refuse_overwrite  # megatron-core: not at `train --help`
+
+    refuse_overwrite(cfg)  # before any rank starts
     if args.nproc:
         from megatron_opsd.parallel.launch import run_distributed
 

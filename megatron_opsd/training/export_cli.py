@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+from megatron_opsd.errors import UsageError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
@@ -29,8 +31,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f"--checkpoint {path}: no complete step-N checkpoint there")
+        raise UsageError(f"--checkpoint {path}: no complete step-N checkpoint there")
     return found
+
+
+def refuse_peft_without_lora(step_dir: Path) -> None:
+    """``--peft-out`` needs a LoRA run: checked before any process starts (UsageError: one line, exit 2)."""
+    import yaml
+
+    saved = yaml.safe_load((step_dir / "config.yaml").read_text()) or {}
+    if not ((saved.get("model") or {}).get("lora") or {}).get("rank"):
+        raise UsageError(f"--peft-out: {step_dir} is not a LoRA run (its model.lora.rank is 0); export it with "
+                         "--out alone")
 
 
 def export_worker(checkpoint: str, out: str, peft_out: Optional[str] = None) -> None:
@@ -49,8 +61,6 @@ def export_worker(checkpoint: str, out: str, peft_out: Optional[str] = None) -> 
     saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text()) or {}
     model = from_dict(ModelConfig, saved.get("model", {}), prefix="model")
     lora = LoRASettings.from_config(model.lora)
-    if peft_out and lora.rank == 0:
-        raise ValueError(f"--peft-out: {checkpoint} is not a LoRA run (its model.lora.rank is 0)")
     chunks = build_model(model.path, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, lora=lora)
     load_checkpoint(checkpoint, chunks, restore_rng=False)
     save_hf_checkpoint(chunks, out, source_dir=model.tokenizer or model.path)
@@ -68,6 +78,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: 
     from megatron_opsd.parallel.launch import run_distributed
 
     step_dir = resolve_checkpoint(checkpoint)
+    if peft_out:
+        refuse_peft_without_lora(step_dir)
     cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     run_distributed(export_worker, tp * pp, cfg, str(step_dir), str(out), str(peft_out) if peft_out else None)
     print(f"exported {step_dir} to {out}")

@@ -12,7 +12,7 @@ and a ``train_step()``; it never subclasses another trainer. ``Run.fit(trainer)`
     trainer.progress(m)    the progress bar's fields for step metrics ``m``
 
 End-of-run save rule (one for every trainer): the final step is saved unless the newest checkpoint on disk
-already holds it (a finished run started again with ``checkpoint.resume``, or ``save_every`` landing on it).
+already holds it (a finished run started again, which resumes by default, or ``save_every`` landing on it).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu, start_sid
 from megatron_opsd.training.checkpoint import LoadedCheckpoint, load_latest, save_checkpoint
 from megatron_opsd.training.engine import setup_training
 from megatron_opsd.training.loop import run_steps
+from megatron_opsd.training.rundir import checkpoint_root, drop_metrics_after, refuse_overwrite
 from megatron_opsd.training.schedule import copy_weights_
 
 # ``evaluate(client, tokenizer, cfg, step, out_dir) -> {"eval/...": float}``: injected by the CLI layer
@@ -113,7 +114,7 @@ class Run:
         self.rank = torch.distributed.get_rank()
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.run_dir = Path(cfg.logging.dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.ckpt_dir = checkpoint_root(cfg)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -204,16 +205,21 @@ class Run:
                         config_dict=config_to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
 
     def resume(self, trainer) -> Optional[LoadedCheckpoint]:
-        """With ``checkpoint.resume``: restore the newest checkpoint (if any) and the sampler's position."""
-        if not self.cfg.checkpoint.resume:
-            return None
-        loaded = load_latest(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler,
-                             extra_models=trainer.extra_models())
+        """With ``checkpoint.resume`` (the default): restore the newest checkpoint (if any) and the sampler's
+        position; without it, refuse a directory that holds one (``training/rundir.py``). Then drop the
+        ``metrics.jsonl`` rows past the step the run starts from (one row per step)."""
+        refuse_overwrite(self.cfg)
+        loaded = None
+        if self.cfg.checkpoint.resume:
+            loaded = load_latest(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler,
+                                 extra_models=trainer.extra_models())
         if loaded is not None:
             self.step = self.saved_step = loaded.step
             trainer.sampler.load_state_dict(loaded.data_state)
             if self.rank == 0:
                 print(f"resumed from {loaded.path} at step {self.step}")
+        if self.rank == 0 and (dropped := drop_metrics_after(self.run_dir, self.step)):
+            print(f"{self.run_dir}/metrics.jsonl: dropped {dropped} rows past step {self.step} (not checkpointed)")
         return loaded
 
     def export(self) -> Optional[Path]:
