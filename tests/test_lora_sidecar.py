@@ -42,6 +42,8 @@ def lora_client(model_dir, tmp_path_factory):  # noqa: F811
 
 
 def test_adapter_push_serves_base_plus_adapter(lora_client, model_dir, tmp_path):  # noqa: F811
+    """A real sidecar started with LoRA serves base + pushed PEFT adapter with transformers' greedy output, and
+    refuses a bad adapter (missing tensor, old version, rank above --max-lora-rank) without changing what it serves."""
     base_greedy, _ = greedy(lora_client)
     for version, seed in ((1, 0), (2, 1)):
         tensors, config, model = peft_adapter(model_dir, tmp_path / f"a{seed}", seed)

@@ -32,6 +32,9 @@ def tiny_run_config(tmp_path, model_dir, **sections):
 
 
 def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, tmp_path):
+    """`megatron-opsd train` for two steps at TP=2 with a local sidecar: metrics with every phase timed, evaluation
+    on step 2, checkpoint, TensorBoard, an export to HF that transformers loads, and `eval --model <checkpoints>`
+    exporting the same weights: the shortest run through the whole OPSD trainer."""
     config_path = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"])
     cfg = load_config(str(config_path))
     results = run_distributed(run_trainer, 2, cfg.parallel, cfg)
