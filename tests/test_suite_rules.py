@@ -4,7 +4,8 @@ checked statically like tests/test_architecture.py: pure AST over tests/test_*.p
 - Every end-to-end test, one marked ``slow`` or ``vllm`` (on the function, through a module's ``pytestmark``,
   or on one of its ``pytest.param`` cases), says in its docstring what it proves that no cheaper test does:
   such a test costs seconds to minutes of every CI run, so its reason to exist is written next to it.
-- The per-file duration table that tests/conftest.py prints at the end of every run is right.
+- The per-file duration table that tests/conftest.py prints at the end of every run is right, and its
+  LONGEST_FIRST order names only files that exist.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-from tests.conftest import duration_summary
+from tests.conftest import LONGEST_FIRST, duration_summary
 
 TESTS_DIR = Path(__file__).resolve().parent
 E2E_MARKS = ("slow", "vllm")
@@ -106,3 +107,10 @@ def test_duration_summary_sorts_files_and_sums_each_worker():
     ]
     assert duration_summary({"tests/test_a.py": 1.0}, {}) == ["     1.0 s  main  tests/test_a.py",
                                                                 "     1.0 s  main  (sum of 1 files)"]
+
+
+def test_longest_first_names_existing_files():
+    """A renamed or split file must be renamed in conftest.LONGEST_FIRST too, else it silently starts last."""
+    names = {path.stem for path in _test_files()}
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    assert not [name for name in LONGEST_FIRST if name not in names]
