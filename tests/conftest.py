@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny HF checkpoints built once per session."""
+"""Shared fixtures (tiny HF checkpoints built once per session), the files' order, the vLLM policy, and the
+per-file durations printed at the end of every run."""
 import os
+from collections import defaultdict
 
 import pytest
 
@@ -25,10 +27,14 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 # The longest files start first, so that with two workers (`make test`: -n 2 --dist loadfile) none of them is
-# left running alone at the end; the order of tests inside a file is kept. Measured: each takes minutes.
+# left running alone at the end; the order of tests inside a file is kept. Files not named here start after these,
+# in collection order. Order from the last whole-suite profiles (issue 25: the quick demo ~460 s, the ablation
+# ~350 s, the rest ~150-260 s each); the table printed at the end of every run (below) is what to update it from.
 LONGEST_FIRST = ("test_demo_e2e", "test_demo_ablation", "test_rollout_sidecar", "test_rollout_collective",
-                 "test_lifecycle", "test_packaging", "test_pipeline", "test_trainer_variants", "test_launch_scripts",
-                 "test_lora_sidecar", "test_eval_e2e", "test_grpo_e2e", "test_lora")
+                 "test_lifecycle", "test_trainer_resume", "test_packaging", "test_pipeline", "test_sft",
+                 "test_trainer_e2e", "test_trainer_variants", "test_launch_scripts", "test_gpu_check",
+                 "test_checkpoint", "test_opsd_step", "test_models_parity", "test_lora_sidecar", "test_eval_e2e",
+                 "test_grpo_e2e", "test_lora", "test_lora_modes")
 
 
 def longest_first(items) -> None:
@@ -69,7 +75,43 @@ def pytest_collection_modifyitems(config, items):
     _vllm_skipped.append((len(needs_vllm), err))
 
 
+# Seconds per test file (setup + call + teardown of its tests, module fixtures included) and per xdist worker,
+# printed at the end of every run: the budget (CI ~30 min on 2 cores) is watched file by file.
+_file_seconds: dict = defaultdict(float)
+_file_worker: dict = {}
+
+
+def _worker_of(report) -> str:
+    """The xdist worker that ran a test (``gw0``, ...) as the controller sees it; ``main`` without xdist."""
+    node = getattr(report, "node", None)
+    return getattr(getattr(node, "gateway", None), "id", None) or getattr(report, "worker_id", None) or "main"
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    _file_seconds[path] += report.duration
+    _file_worker.setdefault(path, _worker_of(report))
+
+
+def duration_summary(seconds: dict, workers: dict) -> list[str]:
+    """Lines of the per-file table, longest first, then the sum per worker."""
+    lines = [f"{s:8.1f} s  {workers.get(path, 'main'):>4}  {path}"
+             for path, s in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))]
+    per_worker: dict = defaultdict(float)
+    files: dict = defaultdict(int)
+    for path, s in seconds.items():
+        per_worker[workers.get(path, "main")] += s
+        files[workers.get(path, "main")] += 1
+    lines += [f"{s:8.1f} s  {worker:>4}  (sum of {files[worker]} files)" for worker, s in sorted(per_worker.items())]
+    return lines
+
+
+@pytest.hookimpl(trylast=True)  # after --durations: the last table of the run
 def pytest_terminal_summary(terminalreporter):
+    if _file_seconds and not hasattr(terminalreporter.config, "workerinput"):
+        terminalreporter.write_sep("=", "seconds per test file (setup + call + teardown)")
+        for line in duration_summary(_file_seconds, _file_worker):
+            terminalreporter.write_line(line)
     for count, err in _vllm_skipped:
         terminalreporter.write_line(f"SKIPPED {count} tests marked vllm: `import vllm` fails ({type(err).__name__}: "
                                     f"{err}); `make test` would fail on this set-up", yellow=True)

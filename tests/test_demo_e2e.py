@@ -43,6 +43,9 @@ def quick_demo(tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_quick_demo_end_to_end(quick_demo):
+    """The whole `megatron-opsd demo --quick` (data, SFT, OPSDC per filter, held-out curves, table, PNG) through
+    the real stage commands and sidecars: the only test that OPSDC on the demo task shortens held-out answers by a
+    third and keeps accuracy. Its run (module fixture) also serves the two tests below."""
     out, printed = quick_demo
     results = json.loads((out / "results.json").read_text())
     assert (out / "table.md").read_text().strip() in printed
@@ -83,6 +86,8 @@ GRPO_MIN_REWARD_GAIN = 0.08
 @pytest.mark.vllm
 @pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_grpo_reward_rises_on_the_demo_task(quick_demo, tmp_path):
+    """`megatron-opsd rl` with the demo's own grpo.yaml from the quick demo's SFT model: the only test that GRPO
+    raises the reward on the demo task over 20 steps (test_grpo_e2e's toy reward is another task and model)."""
     out, _ = quick_demo
     rewards = [m["reward/mean"] for m in run_from_sft(out, "rl", "grpo.yaml", tmp_path / "grpo")]
     assert len(rewards) == 20
@@ -101,6 +106,8 @@ LORA_STEPS = 10
 @pytest.mark.vllm
 @pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_lora_opsdc_compresses_from_the_demo_sft_model(quick_demo, tmp_path):
+    """LoRA OPSDC (the demo's --lora overrides) from the quick demo's SFT model: the only test that adapter-only
+    training compresses as full OPSDC does, and that its sidecar receives adapter pushes, never merged weights."""
     from megatron_opsd.demo.recipe import LORA_OVERRIDES
 
     out, _ = quick_demo

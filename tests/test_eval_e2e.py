@@ -44,6 +44,9 @@ def sidecar(model_dir, tmp_path_factory):
 
 
 def test_eval_end_to_end(model_dir, sidecar, tmp_path):
+    """`evaluate` on 20 MATH-500 problems through a real sidecar, every recorded sample checked against what the
+    sidecar returned (tokens, truncation, boxed answer, math-verify grade), the JSON / Markdown / PNG report, and
+    the CLI on the same sidecar with a baseline: the evaluation path that unit tests with fixed samples cannot reach."""
     from megatron_opsd.cli import main as cli_main
     from megatron_opsd.evaluation.report import write_report
     from megatron_opsd.evaluation.runner import EvalSettings, evaluate

@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # 2.5-3.5 min on the shared 2-core CI machine (15 probes, 12 trainers built)
 def test_gpu_check_cpu_probes_pass(tmp_path):
+    """tools/gpu_check.py run as users run it on a GPU, here with --device cpu: every probe passes and its numbers
+    hold (logits, per-micro-batch teacher equals per-step, divergence equals the naive one); the only test that
+    the device check script itself keeps working."""
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--out", str(out),
                            "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)

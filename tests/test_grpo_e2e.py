@@ -32,6 +32,8 @@ def grpo_config(tmp_path, model_dir, steps, **sections):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_grpo_reward_rises_tp2(tiny_checkpoints, tmp_path):
+    """`megatron-opsd rl` at TP=2 for 14 steps with a real sidecar and weight pushes: the reward rises, every step
+    is logged with its phases; the unit tests of the GRPO loss and step cannot show learning through rollouts."""
     steps = 14
     cfg = grpo_config(tmp_path, tiny_checkpoints["qwen3"], steps)
     results = run_distributed(run_rl_trainer, 2, cfg.parallel, cfg)

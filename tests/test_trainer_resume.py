@@ -21,6 +21,8 @@ def run(config_path, *overrides):
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(tiny_checkpoints, tmp_path):
+    """A run cut after step 1 and resumed (checkpoint, sampler position, resumed weights pushed to the new
+    sidecar) logs exactly the losses, divergences, rollout lengths and grad norms of an uninterrupted run."""
     config = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"], parallel={"tensor_model_parallel_size": 1},
                              train={"steps": 3}, checkpoint={"save_every": 1})
     full = run(config, f"logging.dir={tmp_path / 'full'}")
@@ -32,6 +34,8 @@ def test_resume_equals_uninterrupted(tiny_checkpoints, tmp_path):
 
 
 def test_correct_filter_with_no_correct_rollout_trains_nothing(tiny_checkpoints, tmp_path):
+    """With rollout.filter=correct and a reward that is never correct, a real trainer step distils on nothing:
+    loss 0, no gradient norm, no tokens; the filter's unit tests do not run the step around it."""
     config = tiny_run_config(tmp_path, tiny_checkpoints["qwen3"], parallel={"tensor_model_parallel_size": 1},
                              train={"steps": 1}, rollout={"filter": "correct"},
                              reward={"kind": "callable", "callable": "tests._rewards:never_correct"})
@@ -41,6 +45,8 @@ def test_correct_filter_with_no_correct_rollout_trains_nothing(tiny_checkpoints,
 
 
 def test_bad_config_key_names_it(tmp_path):
+    """Config only, no sidecar despite the module's vllm mark: a misspelt key or an unknown filter value is a
+    ConfigError naming the key."""
     with pytest.raises(ConfigError, match="loss.kindd"):
         load_config(None, ["loss.kindd=jsd"])
     with pytest.raises(ConfigError, match="rollout.filter"):
