@@ -478,7 +478,7 @@ def build_router(state: SidecarState) -> APIRouter:
 
 def mount(app, state: SidecarState) -> None:
     """Our routes first (they replace vLLM's ``/health``), our metrics on vLLM's registry, and the secret around the
-    whole app: Starlette's ``add_middleware`` puts it outermost, so it answers before vLLM's middleware and routes."""
+    whole app: outermost in the middleware stack, so it answers before vLLM's middleware and any route."""
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     router = build_router(state)
@@ -491,7 +491,12 @@ def mount(app, state: SidecarState) -> None:
 
     get_prometheus_registry().register(state)
     app.state.sidecar = state
-    app.add_middleware(RequireSecret, secret=state.secret)
+    if app.middleware_stack is None:
+        app.add_middleware(RequireSecret, secret=state.secret)
+    else:  # vLLM's SageMaker bootstrap (``build_app``) built the stack already ("app.middleware_stack =
+        # app.build_middleware_stack()"), so add_middleware refuses; a rebuild would make a second instance of each
+        # middleware (vLLM's request metrics then stay at zero): wrap the built stack instead
+        app.middleware_stack = RequireSecret(app.middleware_stack, state.secret)
 
 
 async def serve(cfg, host: str, port: int, log_level: str, secret: str) -> None:
