@@ -107,6 +107,10 @@ class RolloutConfig:
     # weights / sidecar TP of host memory per worker during a push); false: no copies, and such a push leaves the
     # sidecar refusing /generate (503) until the next complete one
     keep_previous_weights: bool = True
+    # the secret every call to the sidecars carries (rollout/auth.py, docs/sidecar.md "Access"): $OPSD_SIDECAR_SECRET,
+    # else the file $OPSD_SIDECAR_SECRET_FILE names, else (local sidecar) a new one for this run; or name your own:
+    secret_env: Optional[str] = None  # an environment variable holding it
+    secret_file: Optional[str] = None  # a file holding it, readable only by you (mode 600)
     n: int = 1  # rollouts per prompt
     temperature: float = 1.0
     top_p: float = 1.0

@@ -108,6 +108,23 @@ def test_sbatch_dry_run_sidecar_on_trainer_node():
     assert "rollout.sidecar_urls=http://n1:8000" in trainer
 
 
+def test_sbatch_binds_each_sidecar_to_its_node_address_and_keeps_the_secret_off_command_lines():
+    """A sidecar listens on the address its node's name resolves to (the trainer's URLs name the node), not on every
+    interface; SIDECAR_BIND overrides; an unresolvable name falls back to every interface, saying so. The secret
+    reaches the steps through the environment: no rendered command holds it."""
+    secret = "given-secret-0123456789"
+    rc, commands, out = dry_run_sbatch(HOSTS="localhost", SIDECAR_NODES=0, SIDECAR_TP=2, SIDECAR_GPU_OFFSET=6,
+                                       GPUS_PER_NODE=6, OPSD_SIDECAR_SECRET=secret)
+    assert rc == 0, out
+    sidecar = next(c for c in commands if c[0] == "srun")
+    assert option(sidecar, "--host") in ("127.0.0.1", "::1") and secret not in out
+    rc, commands, out = dry_run_sbatch(HOSTS="localhost", SIDECAR_NODES=0, SIDECAR_BIND="10.1.2.3")
+    assert option(next(c for c in commands if c[0] == "srun"), "--host") == "10.1.2.3"
+    rc, commands, out = dry_run_sbatch(HOSTS="no-such-node-x1 no-such-node-x2", SIDECAR_NODES=1)
+    assert option(next(c for c in commands if c[0] == "srun"), "--host") == "0.0.0.0"
+    assert "cannot resolve no-such-node-x2; its sidecar listens on every interface" in out
+
+
 def test_sbatch_refuses_too_few_nodes():
     rc, _, out = dry_run_sbatch(HOSTS="a b", TRAINER_NODES=2, SIDECAR_NODES=1)
     assert rc == 2 and "cannot hold TRAINER_NODES=2 + SIDECAR_NODES=1" in out
@@ -122,6 +139,16 @@ def test_torchrun_script_dry_run():
     assert argv[0] == "torchrun" and option(argv, "--nnodes") == "4" and option(argv, "--rdzv-endpoint") == "h0:29400"
     assert option(argv, "--rdzv-conf").startswith("is_host=0,")  # only node 0 hosts the c10d store
     assert argv[argv.index("--no-python") + 1:] == ["megatron-opsd", "train", "--config", "c.yaml"]
+
+
+def test_torchrun_script_refuses_a_secret_file_others_can_read(tmp_path):
+    secret = tmp_path / "sidecar.secret"
+    secret.write_text("s3cret\n")
+    for mode, rc, said in [(0o644, 2, "is readable by others (mode 644); chmod 600"), (0o600, 0, "torchrun")]:
+        secret.chmod(mode)
+        proc = subprocess.run(["bash", str(TORCHRUN), "true"], env=_env(DRY_RUN=1, OPSD_SIDECAR_SECRET_FILE=secret),
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == rc and said in proc.stdout + proc.stderr, proc.stderr
 
 
 SMOKE = re.compile(r"smoke rank=(\d) host=\S+ world=(\d) TP=(\d) DP=\d tp_rank=\d logits_sum=(\S+) "
@@ -272,6 +299,8 @@ def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
     ranks = _smoke_lines(ranks_text)
     assert sorted(ranks) == [0, 1] and all(v[:2] == (2, 2) for v in ranks.values())
     assert "smoke sidecar http://" in ranks_text and f":{port}/health -> HTTP 200" in ranks_text
+    # the job's secret reached the trainer step through srun's environment; without it the sidecar refuses
+    assert f":{port}/v1/models -> HTTP 200 with the run's secret, HTTP 401 without" in ranks_text
     assert f"overrides: model.path={model} rollout.sidecar_urls=" in ranks_text  # trains what the sidecar serves
     host_port = f":{port}"
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.rollout import SidecarClient, SidecarError, start_sidecar_process
+from megatron_opsd.parallel.distributed import free_port
+from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.auth import bearer
 from megatron_opsd.training.cli import run_trainer
 from tests.test_rollout_sidecar import hf_greedy, hf_model  # noqa: F401 - hf_model is a fixture
 from tests.test_trainer_e2e import tiny_run_config
@@ -85,6 +87,9 @@ def test_trainer_end_to_end_tp2_trainer_tp2_sidecar_collective(server, model_dir
     assert all(m["time/sync"] > 0 and m["tokens"] > 0 for m in metrics)
     server_version = httpx.get(server.url + "/health").json()["weight_version"]
     assert start == 0 and server_version == 2
+    # the trainer called with the run's secret (auth on by default); none of the run's files holds it
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()] + [server.log_path]
+    assert len(written) > 3 and not any(server.secret.encode() in p.read_bytes() for p in written)
 
 
 def test_greedy_equals_transformers_before_and_after_a_push(client, hf_model, model_dir):
@@ -205,8 +210,29 @@ def test_bad_generate_input_is_a_4xx_naming_the_field(server, body, field):
     field from the TP=2 sidecar: validated before vLLM sees them, as a 500 would close the client's keep-alive
     connection (the HTTP sidecar tests do not send these values)."""
     resp = httpx.post(server.url + "/generate", content=json.dumps({"prompts": [[5, 6]], **body}),
-                      headers={"content-type": "application/json"}, timeout=60)
+                      headers={"content-type": "application/json", **bearer(server.secret)}, timeout=60)
     assert resp.status_code == 422 and resp.json()["detail"].startswith(field + ":")
+
+
+def test_a_client_without_the_secret_cannot_rendezvous_or_push_at_tp2(server, client, model_dir):
+    """At sidecar TP=2: a client with a wrong secret is refused (401) at every step of the collective flow, its push
+    fails before any rendezvous, and the served version and weights stay."""
+    state = {k: v + 0.5 for k, v in load_file(f"{model_dir}/model.safetensors").items()}
+    before, version = sidecar_greedy(client), next_version(client)
+    with SidecarClient(server.url, secret="wrong", transport="collective", retries=1, sync_timeout_s=5) as stranger:
+        with pytest.raises(SidecarRequestError, match="HTTP 401"):
+            stranger.push_weights_from_iterator(state.items(), version=version)
+    info = dict(master_address="127.0.0.1", master_port=free_port(), world_size=3, nonce="n0")
+    update = dict(round_id="r0", names=sorted(state), shapes=[list(state[k].shape) for k in sorted(state)],
+                  dtype_names=["float32"] * len(state), timeout_s=10.0)
+    for path, body in [("/init_weight_transfer_engine", {"init_info": info}),
+                       ("/start_weight_update", {"weight_version": version, "update_info": update}),
+                       ("/update_weights", {"update_info": update}), ("/finish_weight_update", {"weight_version": 1})]:
+        resp = httpx.post(server.url + path, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30)
+        assert resp.status_code == 401, (path, resp.text)
+    health = client.health()
+    assert health["weight_version"] == version - 1 and not health["partial_weights"]
+    assert sidecar_greedy(client) == before
 
 
 def test_sidecar_killed_mid_push_gives_a_clear_error_within_the_timeout(server, client, model_dir):

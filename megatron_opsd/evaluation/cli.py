@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-prompts", type=int, default=8, help="prompts per generation request")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     side = parser.add_argument_group("sidecar (a local one is started on --model unless --sidecar-url is given)")
-    side.add_argument("--sidecar-url", default=None, help="reuse running `megatron-opsd sidecar`(s) serving --model (comma-separated replicas)")
+    side.add_argument("--sidecar-url", default=None,
+                      help="reuse running `megatron-opsd sidecar`(s) serving --model (comma-separated replicas; their "
+                           "secret from $OPSD_SIDECAR_SECRET or the file $OPSD_SIDECAR_SECRET_FILE names)")
     side.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (use float32 on CPU for tests)")
     side.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     side.add_argument("--kv-cache-memory-bytes", type=int, default=None)

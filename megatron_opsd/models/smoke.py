@@ -8,8 +8,10 @@ the checksum is the same for every TP size: a multi-node TP=2 run must print wha
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
+import urllib.error
 import urllib.request
 
 import torch
@@ -66,15 +68,22 @@ def main(argv=None) -> int:
     urls = [u for o in args.overrides if o.startswith("rollout.sidecar_urls=")
             for u in o.split("=", 1)[1].split(",") if u]
     if r["rank"] == 0:
+        secret = os.environ.get("OPSD_SIDECAR_SECRET")  # the launcher's run secret (rollout/auth.py), if any
         for url in urls:
-            print(f"smoke sidecar {url}/health -> {_health(url)}", flush=True)
+            print(f"smoke sidecar {url}/health -> {_get(url, '/health')}", flush=True)
+            print(f"smoke sidecar {url}/v1/models -> {_get(url, '/v1/models', secret)} with the run's secret, "
+                  f"{_get(url, '/v1/models')} without", flush=True)
     return 0
 
 
-def _health(url: str) -> str:
+def _get(url: str, path: str, secret: str | None = None) -> str:
+    request = urllib.request.Request(url.rstrip("/") + path, headers={"Authorization": f"Bearer {secret}"}
+                                     if secret else {})
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code}"
     except OSError as err:
         return f"unreachable ({err})"
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
 from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout import vllm_plugin
+from megatron_opsd.rollout.auth import bearer, find_secret
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
 from megatron_opsd.rollout.leftovers import SHM_BUCKET_PREFIX
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER
@@ -81,7 +82,9 @@ class SidecarClient:
                  backoff_s: float = 0.5, dispatch: str = "round_robin", connect_timeout_s: float = 5.0,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "http", shm_dir: str = "/dev/shm",
                  collective_host: Optional[str] = None, sync_timeout_s: float = 120.0,
-                 keep_previous_weights: bool = True):
+                 keep_previous_weights: bool = True, secret: Optional[str] = None):
+        """``secret``: what every call carries (``Authorization: Bearer``); default the run's, from the environment
+        (``$OPSD_SIDECAR_SECRET`` or the file ``$OPSD_SIDECAR_SECRET_FILE`` names; see ``rollout/auth.py``)."""
         import httpx
 
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -99,7 +102,9 @@ class SidecarClient:
         self.collective_host, self.sync_timeout_s = collective_host, sync_timeout_s
         self.keep_previous_weights = keep_previous_weights
         self._senders: dict[int, object] = {}  # replica -> CollectiveTrainerEngine (collective transport)
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+        self.secret = secret if secret is not None else find_secret()
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+                                  headers=bearer(self.secret))
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._load = [0] * len(self.urls)  # requests this client has in flight per replica
@@ -143,6 +148,9 @@ class SidecarClient:
                     return resp.json() if resp.headers.get("content-type", "").startswith("application/json") \
                         else resp.text
                 detail = _detail(resp)
+                if resp.status_code == 401:
+                    detail += " (this client sent the secret it was given, which is not the sidecar's)" \
+                        if self.secret else " (this client has none: set $OPSD_SIDECAR_SECRET or rollout.secret_file)"
                 if resp.status_code < 500:
                     raise SidecarRequestError(url + path, resp.status_code, detail)
                 errors.append(f"{url}: HTTP {resp.status_code}: {detail}")
@@ -356,7 +364,7 @@ class SidecarClient:
             info = info_cls(master_address=self.collective_host or _reachable_address(self.urls),
                             master_port=free_port(), world_size=1 + int(health["world_size"]),
                             timeout_s=self.sync_timeout_s, bucket_bytes=self.bucket_bytes,
-                            keep_previous=self.keep_previous_weights, rank=0)
+                            keep_previous=self.keep_previous_weights, rank=0, secret=self.secret or "")
             self._senders[replica] = WeightTransferTrainerFactory.trainer_init(
                 info, client=_ReplicaWeightSync(self, replica))
         return self._senders[replica]

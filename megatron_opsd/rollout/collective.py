@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -49,6 +50,7 @@ from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_
 from vllm.logger import init_logger
 
 from megatron_opsd.parallel.distributed import free_port
+from megatron_opsd.rollout.auth import rendezvous_key, store_prefix, verify_members
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES
 
 
@@ -66,19 +68,22 @@ def transfer_backend(on_gpu: bool) -> str:
     return "opsd_nccl" if on_gpu else "gloo"
 
 
-def open_group(comm: str, host: str, port: int, rank: int, world_size: int, timeout_s: float):
-    """A stateless group: its own TCPStore (rank 0 listens) and a gloo / NCCL backend object on it."""
+def open_group(comm: str, host: str, port: int, rank: int, world_size: int, timeout_s: float, key: str):
+    """A stateless group: its own TCPStore (rank 0 listens) and a gloo / NCCL backend object on it. Every key, the
+    backend's rendezvous and ours, lives under a prefix derived from the rendezvous ``key`` (``auth.store_prefix``),
+    and every member proves ``key`` to the others before the group is used (``auth.verify_members``)."""
     dist = torch.distributed
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
-    prefixed = dist.PrefixStore("opsd-weights", store)
+    prefixed = dist.PrefixStore(store_prefix(key), store)
     if comm == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
     else:
         group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return store, group
+    verify_members(group, key, rank, world_size, timeout_s, device="cuda" if comm == "nccl" else "cpu")
+    return prefixed, group
 
 
 # ---------------------------------------------------------------------------------------------------- wire info
@@ -92,6 +97,8 @@ class CollectiveInitInfo(WeightTransferInitInfo):
     rank_offset: int = 1
     timeout_s: float = 300.0
     keep_previous: bool = True  # host copies of overwritten tensors until the update ends (rollback on abort)
+    nonce: str = ""  # this rendezvous's nonce, from the trainer
+    store_key: str = field(default="", repr=False)  # HMAC(secret, nonce), added by the sidecar (auth.rendezvous_key)
 
 
 @dataclass
@@ -209,7 +216,7 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         pc = self.parallel_config
         self.rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self.store, self.group = open_group(self.comm, init_info.master_address, init_info.master_port,
-                                            self.rank, init_info.world_size, init_info.timeout_s)
+                                            self.rank, init_info.world_size, init_info.timeout_s, init_info.store_key)
 
     def start_weight_update(self) -> None:
         """vLLM's layerwise reload (as its nccl engine): each layer is re-processed once all its tensors arrived."""
@@ -328,6 +335,7 @@ class CollectiveTrainerInitInfo(TrainerInitInfo):
     timeout_s: float = 300.0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     keep_previous: bool = True  # the workers' rollback copies (CollectiveInitInfo.keep_previous)
+    secret: str = field(default="", repr=False)  # the run's secret: each rendezvous's key is derived from it
 
 
 @dataclass
@@ -364,13 +372,15 @@ class CollectiveTrainerEngine(TrainerWeightTransferEngine[CollectiveTrainerInitI
     def connect(self) -> None:
         """Open the group: the sidecar's workers join inside ``init_weight_transfer_engine``, concurrently."""
         info = self.init_info
+        nonce = secrets.token_hex(16)  # one-time: the sidecar derives the same key from its secret
         worker_info = CollectiveInitInfo(info.master_address, info.master_port, info.world_size, 1, info.timeout_s,
-                                         info.keep_previous)
+                                         info.keep_previous, nonce=nonce)
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self.client.init_weight_transfer_engine, asdict(worker_info))
             try:
                 self.store, self.group = open_group(self.comm, info.master_address, info.master_port, 0,
-                                                    info.world_size, info.timeout_s)
+                                                    info.world_size, info.timeout_s,
+                                                    rendezvous_key(info.secret, nonce))
             except Exception as err:
                 raise WeightTransferError(f"weight transfer group on {info.master_address}:{info.master_port} "
                                           f"did not form within {info.timeout_s:.0f} s: {err}") from err

@@ -18,6 +18,7 @@ import torch
 from megatron_opsd.config import ConfigError
 from megatron_opsd.lifecycle import start_process, stop_process
 from megatron_opsd.parallel.distributed import free_port
+from megatron_opsd.rollout.auth import SECRET_ENV, SECRET_FILE_ENV, run_secret
 from megatron_opsd.rollout.client import SidecarClient, SidecarError
 from megatron_opsd.rollout.engine import prepare_vllm_env
 
@@ -25,8 +26,9 @@ from megatron_opsd.rollout.engine import prepare_vllm_env
 class SidecarProcess:
     """A running ``megatron-opsd sidecar``; ``stop()`` (or leaving the ``with`` block) terminates it."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, secret: str):
         self.proc, self.url, self.log_path = proc, url, log_path
+        self.secret = secret  # what its clients send (``SidecarClient(url, secret=...)``; default: the run's)
 
     @property
     def pid(self) -> int:
@@ -77,12 +79,14 @@ def sidecar_env(base: dict) -> dict:
 
 def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, host: str = "127.0.0.1",
                           log_path: Optional[str | Path] = None, startup_timeout_s: float = 900.0,
-                          env: Optional[dict] = None, **options) -> SidecarProcess:
+                          env: Optional[dict] = None, secret: Optional[str] = None, **options) -> SidecarProcess:
     """Run ``python -m megatron_opsd.cli sidecar --model DIR`` and wait until /health answers.
 
     ``options`` become command-line flags (``max_model_len=256`` -> ``--max-model-len 256``; ``True`` -> a
     bare flag). The server's output goes to ``log_path`` (a temporary file by default), quoted in the error
-    if it dies or does not come up in time.
+    if it dies or does not come up in time. Every route but ``/health`` then needs ``secret`` (default the run's,
+    ``auth.run_secret``: created and exported here if the environment has none, so this process's clients send it);
+    the sidecar gets it in its environment, never on its command line.
     """
     port = port or free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"opsd-sidecar-{port}-", suffix=".log")[1])
@@ -94,11 +98,13 @@ def start_sidecar_process(model_dir: str | Path, port: Optional[int] = None, *, 
         cmd.append("--" + key.replace("_", "-"))
         if value is not True:
             cmd.append(str(value))
-    child_env = sidecar_env({**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    secret = secret or (env or {}).get(SECRET_ENV) or run_secret()
+    child_env = sidecar_env({**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), SECRET_ENV: secret})
+    child_env.pop(SECRET_FILE_ENV, None)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = start_process(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
-    sidecar = SidecarProcess(proc, f"http://{host}:{port}", log_path)
+    sidecar = SidecarProcess(proc, f"http://{host}:{port}", log_path, secret)
     try:
         _wait_until_healthy(sidecar, startup_timeout_s)
     except BaseException:  # also SIGTERM's SystemExit or Ctrl-C while waiting: never leave it running

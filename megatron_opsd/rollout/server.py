@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load as load_safetensors
 
+from megatron_opsd.rollout.auth import RequireSecret, rendezvous_key, sidecar_secret
 from megatron_opsd.rollout.engine import EngineConfig, checkpoint_tensor_specs, on_gpu, prepare_vllm_env
 from megatron_opsd.rollout.leftovers import clean_dead_leftovers
 from megatron_opsd.rollout.lora import add_adapter_route
@@ -102,9 +103,10 @@ class GenerationGate:
 class SidecarState:
     """The engine client, what we know about the served checkpoint, the weight version and counters."""
 
-    def __init__(self, engine, model_dir: str, transfer_backend: str, max_lora_rank: Optional[int]):
+    def __init__(self, engine, model_dir: str, transfer_backend: str, max_lora_rank: Optional[int], secret: str):
         config = engine.model_config
         self.engine, self.model_dir, self.transfer_backend = engine, model_dir, transfer_backend
+        self.secret = secret  # guards every route but /health (auth.RequireSecret) and the transfer rendezvous
         self.max_lora_rank = max_lora_rank
         self.max_model_len: int = int(config.max_model_len)
         self.vocab_size: int = int(config.get_vocab_size())
@@ -370,7 +372,12 @@ class SidecarRoutes:
         """Join the trainer's group (every worker, blocking until the trainer opens its side)."""
         state, engine = self.state, self.engine
         req = await parse_body(request, WeightTransferInitBody)
-        await engine.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": req.init_info})
+        try:  # the group's one-time key, from our secret: the workers join only the trainer's group
+            key = rendezvous_key(state.secret, str(req.init_info.get("nonce") or ""))
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        await engine.collective_rpc("init_weight_transfer_engine",
+                                    kwargs={"init_info": dict(req.init_info, store_key=key)})
         return {"ok": True, "world_size": state.world_size}
 
     async def start_weight_update(self, request: Request):
@@ -471,7 +478,8 @@ def build_router(state: SidecarState) -> APIRouter:
 
 
 def mount(app, state: SidecarState) -> None:
-    """Our routes first (they replace vLLM's ``/health``), our metrics on vLLM's registry."""
+    """Our routes first (they replace vLLM's ``/health``), our metrics on vLLM's registry, and the secret around the
+    whole app: outermost in the middleware stack, so it answers before vLLM's middleware and any route."""
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     router = build_router(state)
@@ -484,9 +492,15 @@ def mount(app, state: SidecarState) -> None:
 
     get_prometheus_registry().register(state)
     app.state.sidecar = state
+    if app.middleware_stack is None:
+        app.add_middleware(RequireSecret, secret=state.secret)
+    else:  # vLLM's SageMaker bootstrap (``build_app``) built the stack already ("app.middleware_stack =
+        # app.build_middleware_stack()"), so add_middleware refuses; a rebuild would make a second instance of each
+        # middleware (vLLM's request metrics then stay at zero): wrap the built stack instead
+        app.middleware_stack = RequireSecret(app.middleware_stack, state.secret)
 
 
-async def serve(cfg, host: str, port: int, log_level: str) -> None:
+async def serve(cfg, host: str, port: int, log_level: str, secret: str) -> None:
     """vLLM's ``run_server_worker`` with our routes mounted between building the app and serving it."""
     import vllm.envs as envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -507,7 +521,7 @@ async def serve(cfg, host: str, port: int, log_level: str) -> None:
         tasks = await engine.get_supported_tasks()
         app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, app.state, args, tasks)
-        state = SidecarState(engine, cfg.model, backend, cfg.max_lora_rank)
+        state = SidecarState(engine, cfg.model, backend, cfg.max_lora_rank, secret)
         mount(app, state)
         logger.info("serving %s on http://%s (pid %d)", cfg.model, listen_address, os.getpid())
         # on SIGTERM vLLM stops the engine first: requests still open then can never finish, so cancel them soon
@@ -522,7 +536,9 @@ async def serve(cfg, host: str, port: int, log_level: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF checkpoint directory to serve (weight version 0)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on: loopback by default; a cluster node's own address (or name) to "
+                             "serve trainers on other nodes")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -538,6 +554,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="serve LoRA adapters up to this rank (POST /adapter/update; vLLM enable_lora)")
+    parser.add_argument("--secret-file", default=None,
+                        help="file holding the secret every call must carry (Authorization: Bearer; only GET /health "
+                             "is open), created readable only by you if it does not exist; default "
+                             "$OPSD_SIDECAR_SECRET, else $OPSD_SIDECAR_SECRET_FILE, else a new file whose path is "
+                             "logged. Never pass the secret itself as an argument")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--vllm-args", default="",
                         help="further flags for vLLM's server, one string, e.g. --vllm-args='--max-num-seqs 128'")
@@ -559,5 +580,10 @@ def main(args: argparse.Namespace) -> int:
     clean_dead_leftovers()  # what killed runs left in /dev/shm (rollout/leftovers.py), before this one adds its own
     import uvloop
 
-    uvloop.run(serve(cfg, args.host, args.port, args.log_level.lower()))
+    secret, created = sidecar_secret(args.secret_file, args.port)
+    try:
+        uvloop.run(serve(cfg, args.host, args.port, args.log_level.lower(), secret))
+    finally:
+        if created is not None:
+            created.unlink(missing_ok=True)
     return 0

@@ -30,6 +30,7 @@ from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
 from megatron_opsd.parallel import init_distributed
+from megatron_opsd.rollout.auth import find_secret
 from megatron_opsd.rollout.client import SidecarClient
 from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank
 from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu, start_sidecar_process
@@ -159,18 +160,19 @@ class Run:
         if cfg.train.eval_every and self.evaluate is None:
             raise ConfigError("train.eval_every > 0 needs an evaluation hook: run through the CLI, or pass "
                               "evaluate=evaluation.runner.evaluate_for_training to train()/train_grpo()")
-        urls = list(cfg.rollout.sidecar_urls)
+        urls, r = list(cfg.rollout.sidecar_urls), cfg.rollout
+        secret = find_secret(env=r.secret_env, file=r.secret_file) if self.rank == 0 else None  # only rank 0 calls
         if not urls and self.rank == 0:
             self.sidecar = start_sidecar_process(
                 cfg.model.path, port=cfg.rollout.local_sidecar_port, log_path=self.run_dir / "sidecar.log",
                 dtype=cfg.rollout.local_sidecar_dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
                 max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if self.adapter_sync() else None,
-                tensor_parallel_size=cfg.rollout.local_sidecar_tensor_parallel_size)
-            urls = [self.sidecar.url]
+                tensor_parallel_size=cfg.rollout.local_sidecar_tensor_parallel_size, secret=secret)
+            urls, secret = [self.sidecar.url], self.sidecar.secret
         urls = broadcast_object(urls)
-        r = cfg.rollout
         self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
-                                    sync_timeout_s=r.sync_timeout_s, keep_previous_weights=r.keep_previous_weights)
+                                    sync_timeout_s=r.sync_timeout_s, keep_previous_weights=r.keep_previous_weights,
+                                    secret=secret)
         if self.rank == 0:
             self.client.wait_healthy()
 
