@@ -211,6 +211,11 @@ def test_documented_command(where, command, scratch, monkeypatch):
             check_megatron_opsd(argv[inner + 1:])
         out = run_process(["bash", *argv[argv.index(script):]], {**env, "DRY_RUN": "1"}, scratch)
         assert "DRY_RUN" in out or "megatron-opsd" in out, out
+    elif head == "export":  # an environment variable of ours: the package or a launch script must read it
+        for name in (w.split("=", 1)[0] for w in argv[1:] if "=" in w):
+            readers = [f for f in [*(REPO / "megatron_opsd").rglob("*.py"), *(REPO / "examples/launch").iterdir()]
+                       if f.is_file() and name in f.read_text()]
+            assert name.startswith(("OPSD_", "HF_", "CUDA_", "VLLM_")) and readers, f"nothing of ours reads ${name}"
     elif head == "sbatch":
         script = argv[-1]
         assert script.endswith(".sbatch") and (REPO / script).is_file(), f"{script} does not exist"
