@@ -169,7 +169,8 @@ class Run:
         urls = broadcast_object(urls)
         r = cfg.rollout
         self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
-                                    sync_timeout_s=r.sync_timeout_s, keep_previous_weights=r.keep_previous_weights)
+                                    sync_timeout_s=r.sync_timeout_s, push_retries=r.push_retries,
+                                    bucket_bytes=r.push_bucket_mb << 20 if r.transport == "collective" else None)
         if self.rank == 0:
             self.client.wait_healthy()
 
