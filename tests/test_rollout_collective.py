@@ -273,7 +273,7 @@ def test_worker_that_stops_mid_push_is_a_dead_peer_within_the_bound(server, clie
             sent += 1
             if sent == len(state) // 2:
                 worker.send_signal(signal.SIGSTOP)
-                threading.Timer(20.0, worker.send_signal, (signal.SIGCONT,)).start()
+                threading.Timer(14.0, worker.send_signal, (signal.SIGCONT,)).start()
             yield item
 
     sender = client._sender(0)
@@ -285,7 +285,7 @@ def test_worker_that_stops_mid_push_is_a_dead_peer_within_the_bound(server, clie
         elapsed = time.monotonic() - start
     finally:
         sender.init_info.timeout_s, client.push_retries = 60.0, 2
-    assert elapsed < 20, (elapsed, str(err.value))  # the trainer's bound, not the worker's resumption, ended it
+    assert elapsed < 14, (elapsed, str(err.value))  # the trainer's bound, not the worker's resumption, ended it
     assert server.url in str(err.value) and "within" in str(err.value)
     wait_for_partial(client, 60)
     assert server.alive
@@ -355,11 +355,14 @@ def test_worker_killed_mid_push_gives_a_clear_error_within_the_bound(server, cli
                 worker.kill()
             yield item
 
+    version = next_version(client)
+    sender = client._sender(0)  # a 5 s fixed part (and ready wait) keeps the test short
+    sender.init_info.timeout_s, sender.init_info.ready_timeout_s, client.push_retries = 5.0, 5.0, 1
     start = time.monotonic()
-    client.push_retries = 1
     with pytest.raises(SidecarError) as err:
-        client.push_collective(stream, [(k, tuple(v.shape)) for k, v in state.items()], next_version(client))
+        client.push_collective(stream, [(k, tuple(v.shape)) for k, v in state.items()], version)
     elapsed = time.monotonic() - start
     bound = float(str(err.value).split("waits bounded by ")[1].split(" s")[0])
     assert "collective weight push" in str(err.value) and server.url in str(err.value), str(err.value)
-    assert elapsed < 4 * bound, (elapsed, str(err.value))  # each attempt: a few waits at most, never a hang
+    assert "\n" not in str(err.value) and bound < 6
+    assert elapsed < 2 * 4 * bound, (elapsed, str(err.value))  # per attempt a few bounded waits, never a hang

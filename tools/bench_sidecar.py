@@ -3,8 +3,8 @@ weight-update latency vs. size for every transport at sidecar TP=1 and TP=2.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--tp 1 2]
         [--clients 1 8] [--baseline /path/to/older/checkout] [--markdown docs/benchmarks.md]
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py --push-compare /path/to/older/checkout
-        [--sizes h1024-L8] [--tp 1 2] [--markdown docs/benchmarks.md]
+    cd /tmp && HF_HUB_OFFLINE=1 PYTHONPATH=CHECKOUT .venv/bin/python CHECKOUT/tools/bench_sidecar.py
+        --push-compare /path/to/older/checkout [--sizes h1024-L8] [--tp 1 2] [--markdown docs/benchmarks.md]
 
 Both generators run the same random tiny Qwen3 checkpoint in fp32 on the same batch, with sampling at
 temperature 1 and EOS ignored so every sample has ``max_tokens`` tokens. The sidecar's time is measured by the
@@ -162,6 +162,9 @@ def bench_push_compare(models: dict, tps: list[int], repeats: int, max_len: int,
     sidecar at a time (idle vLLM workers still poll), each pushed to by its own checkout's client."""
     import subprocess
 
+    if (Path.cwd() / "megatron_opsd").is_dir():  # `python -m` puts the cwd first: it would shadow PYTHONPATH
+        raise SystemExit("--push-compare: run from a directory without megatron_opsd/ (e.g. cd /tmp), with "
+                         "PYTHONPATH=this checkout, so that each sidecar imports the checkout it is given")
     here = str(Path(__file__).resolve().parents[1])
     rows = []
     for name, model_dir in models.items():
@@ -171,7 +174,9 @@ def bench_push_compare(models: dict, tps: list[int], repeats: int, max_len: int,
                     for bucket_mb in buckets:
                         out = subprocess.run([sys.executable, __file__, "--push-worker", proc.url, str(model_dir),
                                               str(repeats), str(bucket_mb)], env=dict(os.environ, PYTHONPATH=path),
-                                             capture_output=True, text=True, timeout=1800, check=True)
+                                             capture_output=True, text=True, timeout=1800)
+                        if out.returncode:
+                            raise RuntimeError(f"{label} push failed: {out.stderr[-3000:]}\n{proc.log_tail()}")
                         row = dict(json.loads(out.stdout.strip().splitlines()[-1]), model=name, tp=tp, code=label,
                                    bucket=f"{bucket_mb} MiB" if bucket_mb else "default")
                         print(json.dumps(row), flush=True)

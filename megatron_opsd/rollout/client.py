@@ -94,6 +94,7 @@ class SidecarClient:
         if push_retries < 0:
             raise ValueError("push_retries: must be >= 0 (collective re-pushes after a failed one)")
         self.urls = [u.rstrip("/") for u in self.urls]
+        self.timeout_s = timeout_s
         self.retries, self.backoff_s, self.dispatch = retries, backoff_s, dispatch
         self.transport, self.shm_dir = transport, shm_dir
         # None: 64 MiB for the staged transports, 1 GiB (x 2 in flight) for the collective one
@@ -371,7 +372,8 @@ class SidecarClient:
             info = info_cls(master_address=self.collective_host or _reachable_address(self.urls),
                             master_port=free_port(), world_size=1 + int(health["world_size"]),
                             timeout_s=self.sync_timeout_s,
-                            bucket_bytes=self.bucket_bytes or collective.DEFAULT_PUSH_BUCKET_BYTES, rank=0)
+                            bucket_bytes=self.bucket_bytes or collective.DEFAULT_PUSH_BUCKET_BYTES,
+                            ready_timeout_s=self.timeout_s, rank=0)
             self._senders[replica] = WeightTransferTrainerFactory.trainer_init(
                 info, client=_ReplicaWeightSync(self, replica))
         return self._senders[replica]

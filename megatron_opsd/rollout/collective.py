@@ -366,6 +366,9 @@ class CollectiveTrainerInitInfo(TrainerInitInfo):
     world_size: int
     timeout_s: float = 60.0  # fixed part of every wait (rollout.sync_timeout_s)
     bucket_bytes: int = DEFAULT_PUSH_BUCKET_BYTES
+    # until every worker receives: the sidecar first lets the generations in flight finish (no collective is
+    # pending meanwhile); the client's request timeout
+    ready_timeout_s: float = 600.0
 
 
 @dataclass
@@ -456,7 +459,7 @@ class CollectiveTrainerEngine(TrainerWeightTransferEngine[CollectiveTrainerInitI
         self.client.start_weight_update(version=version, update_info=asdict(info))
         pool = ThreadPoolExecutor(1)
         self.current = round_ = _Round(info, pool.submit(self.client.update_weights, asdict(info)), pool)
-        self._wait_keys(round_, "ready", info.base_s)
+        self._wait_keys(round_, "ready", max(info.base_s, self.init_info.ready_timeout_s))
         return round_
 
     def _wait_keys(self, round_: _Round, name: str, timeout_s: float) -> None:
