@@ -102,11 +102,11 @@ class RolloutConfig:
     local_sidecar_tensor_parallel_size: int = 1  # TP of the local sidecar (CPU: set VLLM_CPU_OMP_THREADS_BIND)
     transport: Literal["http", "shm", "collective"] = "http"  # weight push; collective: any sidecar TP
     collective_host: Optional[str] = None  # trainer rank 0's address for the sidecars' workers; None: automatic
-    sync_timeout_s: float = 120.0  # fixed part of a weight push's deadline (+ bytes at 50 MB/s)
-    # collective: a push broken mid-stream is rolled back from host copies of what it overwrote (up to the
-    # weights / sidecar TP of host memory per worker during a push); false: no copies, and such a push leaves the
-    # sidecar refusing /generate (503) until the next complete one
-    keep_previous_weights: bool = True
+    # collective push: fixed part of every wait (+ one bucket at a quarter of the measured rate, >= 50 MB/s);
+    # keep sync_timeout_s + push_bucket_mb / 50 MB/s well below the trainer's NCCL timeout
+    sync_timeout_s: float = 60.0
+    push_retries: int = 2  # collective: re-pushes on a fresh transfer group after a failed push, then stop
+    push_bucket_mb: int = 1024  # collective: bucket size (two in flight on trainer rank 0 and on each worker)
     # the secret every call to the sidecars carries (rollout/auth.py, docs/sidecar.md "Access"): $OPSD_SIDECAR_SECRET,
     # else the file $OPSD_SIDECAR_SECRET_FILE names, else (local sidecar) a new one for this run; or name your own:
     secret_env: Optional[str] = None  # an environment variable holding it
@@ -373,6 +373,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r} in the config dataclass")
 
 
+# keys that no longer exist -> what to do instead (a one-line ConfigError instead of "unknown key")
+REMOVED_KEYS = {"rollout.keep_previous_weights": "removed: a collective push that fails is torn down on both ends "
+                                                 "and pushed again (rollout.push_retries), the sidecar refusing "
+                                                 "/generate meanwhile; delete the key"}
+
+
+def _unknown_key(key: str, where: str, names: list) -> ConfigError:
+    if key in REMOVED_KEYS:
+        return ConfigError(f"config key {key!r} was {REMOVED_KEYS[key]}")
+    return ConfigError(f"unknown config key {key!r}; valid keys {'of ' + where if where else 'at the top level'}: {names}")
+
+
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested mapping; unknown keys and bad values raise ConfigError."""
     names = [f.name for f in dataclasses.fields(cls)]
@@ -383,8 +395,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
-            raise ConfigError(f"unknown config key {key!r}; valid keys {'of ' + prefix if prefix else 'at the top level'}"
-                              f": {names}")
+            raise _unknown_key(key, prefix, names)
         kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
 
@@ -485,8 +496,7 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
             names = [f.name for f in dataclasses.fields(target)]
             where = ".".join(parts[:i])
             if part not in names:
-                raise ConfigError(f"unknown config key {key!r}; valid keys {'of ' + where if where else 'at the top level'}"
-                                  f": {names}")
+                raise _unknown_key(key, where, names)
             tp = typing.get_type_hints(type(target))[part]
             if i < len(parts) - 1:
                 target = getattr(target, part)
@@ -556,6 +566,8 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(r.local_sidecar_tensor_parallel_size >= 1,
          f"rollout.local_sidecar_tensor_parallel_size must be >= 1, got {r.local_sidecar_tensor_parallel_size}")
     need(r.sync_timeout_s > 0, f"rollout.sync_timeout_s must be > 0, got {r.sync_timeout_s}")
+    need(r.push_retries >= 0, f"rollout.push_retries must be >= 0, got {r.push_retries}")
+    need(r.push_bucket_mb >= 1, f"rollout.push_bucket_mb must be >= 1, got {r.push_bucket_mb}")
     need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
     need(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {r.max_tokens}")
     need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")

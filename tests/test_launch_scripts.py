@@ -75,7 +75,9 @@ def test_sbatch_dry_run_llama70b_layout():
         assert option(cmd, "--nodes") == "1" and option(cmd, "--ntasks") == "1"
         tail = cmd[cmd.index("env"):]
         assert tail[1] == "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7"
-        assert tail[2:4] == ["megatron-opsd", "sidecar"] and option(tail, "--model") == "/ckpt"
+        # the trainer's TearDown (1) must not reach vLLM: a failed weight push would kill its workers
+        assert tail[2] == "TORCH_NCCL_ASYNC_ERROR_HANDLING=2"
+        assert tail[3:5] == ["megatron-opsd", "sidecar"] and option(tail, "--model") == "/ckpt"
         assert option(tail, "--tensor-parallel-size") == "8" and option(tail, "--port") == "8000"
         assert option(cmd, "--output") == f"/logs/j/sidecar-{option(cmd, '--nodelist')}-0.log"
         assert option(cmd, "--cpus-per-task") == "64"  # 8 GPUs x CPUS_PER_GPU=8: vLLM's workers get cores

@@ -300,3 +300,30 @@ def test_teacher_weight_bytes_count_the_fp32_ema_and_purified_initial_copy():
     assert teacher_weight_bytes(TrainSettings(teacher_weights="ema", param_bytes=4), p) == 4 * p  # its own average
     assert teacher_weight_bytes(TrainSettings(teacher_weights="frozen", teacher_forwards=3), p) == 2 * p
     assert teacher_weight_bytes(TrainSettings(teacher_weights="live", teacher_forwards=3), p) == 2 * p  # initial copy
+
+
+def test_collective_weight_push_transients_by_hand():
+    """Llama-3.1-70B, 1 GiB push buckets: trainer rank 0 holds one bucket on the wire, the next one's tensors and
+    packed copy, and the gather of the LM head (its TP shards + the concatenation); the step's activations and
+    logits are freed by then, so only the excess counts. Each TP=8 vLLM worker needs two receive buffers and one
+    layer's shard outside vLLM's share: 1 - 0.9 of 80 GiB leaves room; at 0.97 it does not (one-line fix)."""
+    from megatron_opsd.planning.memory import push_receiver_bytes, push_sender_bytes
+
+    llama = shape("llama-3.1-70b")
+    s = TrainSettings(tensor_parallel=8, pipeline_parallel=4, seq_length=1024, response_tokens=512,
+                      push_bucket_bytes=GIB)
+    lm_head = 128256 * 8192 * 2
+    assert push_sender_bytes(llama, s) == 3 * GIB + 2 * lm_head  # ~7.0 GiB
+    stage0 = estimate_memory(llama, s).stages[0].components
+    transients = sum(stage0.get(k, 0) for k in ("activations", "recompute working set"))
+    assert stage0["weight push beyond the step's transients (rank 0)"] == max(0, 3 * GIB + 2 * lm_head - transients)
+    assert "weight push beyond the step's transients (rank 0)" not in \
+        estimate_memory(llama, TrainSettings(tensor_parallel=8, pipeline_parallel=4)).stages[0].components
+    layer = llama.layer_params(1) * 2 // 8
+    assert push_receiver_bytes(llama, s, 8) == 2 * GIB + layer
+    cluster = Cluster(num_nodes=4, gpu_memory=80 * GIB, sidecar_replicas=2, sidecar_tp=8, sidecar_shares_nodes=False)
+    validate_layout(llama, s, cluster)  # 2.2 GiB of 8 GiB headroom
+    cluster.sidecar_memory_utilization = 0.97
+    with pytest.raises(LayoutError, match="lower rollout.push_bucket_mb"):
+        validate_layout(llama, s, cluster)
+

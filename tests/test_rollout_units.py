@@ -152,11 +152,31 @@ def test_announced_update_is_checked_before_anything_is_sent(change, message):
     assert err.value.status == 422
 
 
-def test_collective_deadline_grows_with_the_update_bytes():
-    from megatron_opsd.rollout.collective import sync_timeout_s
+def test_collective_waits_are_bounded_per_bucket_from_the_measured_rate():
+    """Every wait of a push covers one bucket, not the update: at 70B (141 GB of bf16) a 1 GiB bucket waits at
+    most 60 s + 1 GiB at 50 MB/s (~81 s), far below torch's 10-minute NCCL default; a measured rate shortens it
+    (a quarter of the rate is assumed), never below the 50 MB/s floor."""
+    from megatron_opsd.rollout.collective import wait_s
 
-    assert sync_timeout_s(0, base_s=60) == 60
-    assert sync_timeout_s(141e9, base_s=60) == pytest.approx(60 + 141e9 / 50e6)  # 70B bf16: ~48 min at 50 MB/s
+    assert wait_s(0, base_s=60) == 60
+    assert wait_s(1 << 30, base_s=60) == pytest.approx(60 + (1 << 30) / 50e6) and wait_s(1 << 30, base_s=60) < 90
+    assert wait_s(1 << 30, base_s=60, rate=4e9) == pytest.approx(60 + (1 << 30) / 1e9)
+    assert wait_s(1 << 30, base_s=60, rate=1e6) == wait_s(1 << 30, base_s=60)
+
+
+def test_both_ends_cut_the_announced_tensors_into_the_same_buckets():
+    """The trainer and every worker compute the buckets from the announced sizes alone (no per-bucket metadata):
+    consecutive tensors up to the bucket size, an oversized tensor alone, every tensor exactly once."""
+    from megatron_opsd.rollout.collective import plan_buckets
+
+    sizes = [40, 40, 30, 200, 10, 10, 90, 5]
+    plan = plan_buckets(sizes, 100)
+    assert plan == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8)]
+    assert [i for a, b in plan for i in range(a, b)] == list(range(len(sizes)))
+    assert all(sum(sizes[a:b]) <= 100 or b - a == 1 for a, b in plan)
+    assert plan_buckets([], 100) == [] and plan_buckets(sizes, 10 ** 9) == [(0, len(sizes))]
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets(sizes, 0)
 
 
 def test_staging_goes_where_the_whole_update_fits(tmp_path, monkeypatch):
@@ -179,3 +199,19 @@ def test_staging_goes_where_the_whole_update_fits(tmp_path, monkeypatch):
     update = stager.take_for_commit(uid)
     assert update.directory.parent == tmp_path and len(list(tmp_path.iterdir())) == 1
     update.discard()
+
+
+def test_removed_rollback_key_is_a_one_line_error_naming_what_replaced_it(tmp_path):
+    """``rollout.keep_previous_weights`` (the host-copy rollback) is gone: in a YAML file or as --set it fails
+    config loading with one line saying what a failed push does now, instead of "unknown key"."""
+    from megatron_opsd.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  keep_previous_weights: false\n")
+    for kwargs in (dict(path=str(path)), dict(overrides=["rollout.keep_previous_weights=true"])):
+        with pytest.raises(ConfigError) as err:
+            load_config(**kwargs)
+        message = str(err.value)
+        assert "\n" not in message and "rollout.keep_previous_weights" in message
+        assert "rollout.push_retries" in message and "delete the key" in message
+    assert load_config(overrides=["rollout.push_retries=0", "rollout.push_bucket_mb=64"]).rollout.push_retries == 0

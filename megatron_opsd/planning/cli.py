@@ -93,6 +93,7 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         fp8=cfg.model.fp8,
         teacher_fp8=teacher_fp8(cfg),
         lora_rank=cfg.model.lora.rank,
+        push_bucket_bytes=r.push_bucket_mb << 20 if r.transport == "collective" else 0,
     )
     return settings, global_batch
 

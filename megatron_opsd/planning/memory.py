@@ -142,6 +142,7 @@ class TrainSettings:
     fp8: Optional[str] = None
     teacher_fp8: Optional[str] = None  # the teacher replica's (teacher.fp8 resolved); ignored for a live teacher
     lora_rank: int = 0  # model.lora.rank: base frozen, adapters trained (planning/lora.py)
+    push_bucket_bytes: int = 0  # collective weight push (rollout.push_bucket_mb); 0: a staged transport
 
     @property
     def model_parallel(self) -> int:
@@ -347,8 +348,35 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
             c["student logits grad"] = logits
             c["teacher logits"] = response * vocab_shard * s.logits_bytes * s.teacher_forwards * held
             c["divergence chunks"] = DIVERGENCE_CHUNK_BUFFERS * min(s.chunk_tokens, tokens) * vocab_shard * 4
+        if stage == 0 and s.push_bucket_bytes:  # global rank 0 sends the push, between steps
+            step_transients = sum(c.get(k, 0) for k in STEP_TRANSIENTS)
+            c["weight push beyond the step's transients (rank 0)"] = max(0, push_sender_bytes(shape, s)
+                                                                         - step_transients)
         stages.append(StagePlan(stage=stage, params=params, components=c))
     return MemoryPlan(shape=shape, settings=s, stages=stages)
+
+
+# freed after each step, so the weight push (between steps) reuses their room
+STEP_TRANSIENTS = ("activations", "recompute working set", "student logits", "student logits grad",
+                   "teacher logits", "divergence chunks")
+
+
+def largest_tensor_bytes(shape: ModelShape, s: TrainSettings) -> int:
+    """The largest full (TP-gathered) tensor the push exports: the embedding / LM head or the fused MLP input."""
+    vocab = shape.padded_vocab(1, s.make_vocab_size_divisible_by)
+    return max(vocab * shape.hidden_size, 2 * shape.intermediate_size * shape.hidden_size) * s.param_bytes
+
+
+def push_sender_bytes(shape: ModelShape, s: TrainSettings) -> int:
+    """Trainer rank 0 during a collective push (``rollout/collective.broadcast_update``): one bucket on the wire,
+    the next bucket's tensors and their packed copy, plus the gather of the largest tensor (its TP shards and
+    their concatenation)."""
+    return 3 * s.push_bucket_bytes + 2 * largest_tensor_bytes(shape, s)
+
+
+def push_receiver_bytes(shape: ModelShape, s: TrainSettings, sidecar_tp: int) -> int:
+    """One vLLM worker during a push: two receive buffers, and one layer's shard re-processed by the reload."""
+    return 2 * s.push_bucket_bytes + shape.layer_params(1) * 2 // sidecar_tp
 
 
 def _check_choices(s: TrainSettings) -> None:
@@ -452,6 +480,11 @@ def _validate_cluster(shape: ModelShape, s: TrainSettings, cluster: Cluster, err
         if weights >= room:
             errors.append(f"sidecar weights {weights / GIB:.1f} GiB per GPU exceed {room / GIB:.1f} GiB "
                           f"(gpu_memory_utilization {cluster.sidecar_memory_utilization}); raise --sidecar-tp")
+        push, headroom = push_receiver_bytes(shape, s, stp), cluster.gpu_memory - room
+        if s.push_bucket_bytes and push > headroom / 2:  # vLLM fills its share; the receive buffers are outside
+            errors.append(f"the weight push needs {push / GIB:.1f} GiB per sidecar GPU (2 x rollout.push_bucket_mb "
+                          f"+ one layer) outside vLLM's gpu_memory_utilization, which leaves {headroom / GIB:.1f} "
+                          "GiB (half of it for CUDA's own use); lower rollout.push_bucket_mb or the utilization")
 
 
 def sidecar_weight_bytes(shape: ModelShape, sidecar_tp: int) -> float:

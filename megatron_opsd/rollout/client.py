@@ -80,9 +80,9 @@ def check_on_policy(samples: Iterable[Union[Sample, Sequence[Sample]]], current_
 class SidecarClient:
     def __init__(self, urls: Union[str, Sequence[str]], timeout_s: float = 600.0, retries: int = 3,
                  backoff_s: float = 0.5, dispatch: str = "round_robin", connect_timeout_s: float = 5.0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "http", shm_dir: str = "/dev/shm",
-                 collective_host: Optional[str] = None, sync_timeout_s: float = 120.0,
-                 keep_previous_weights: bool = True, secret: Optional[str] = None):
+                 bucket_bytes: Optional[int] = None, transport: str = "http", shm_dir: str = "/dev/shm",
+                 collective_host: Optional[str] = None, sync_timeout_s: float = 60.0, push_retries: int = 2,
+                 secret: Optional[str] = None):
         """``secret``: what every call carries (``Authorization: Bearer``); default the run's, from the environment
         (``$OPSD_SIDECAR_SECRET`` or the file ``$OPSD_SIDECAR_SECRET_FILE`` names; see ``rollout/auth.py``)."""
         import httpx
@@ -96,11 +96,15 @@ class SidecarClient:
             raise ValueError(f"transport: {transport!r} is not one of {TRANSPORTS}")
         if retries < 1:
             raise ValueError("retries: must be >= 1 (the number of attempts)")
+        if push_retries < 0:
+            raise ValueError("push_retries: must be >= 0 (collective re-pushes after a failed one)")
         self.urls = [u.rstrip("/") for u in self.urls]
+        self.timeout_s = timeout_s
         self.retries, self.backoff_s, self.dispatch = retries, backoff_s, dispatch
-        self.bucket_bytes, self.transport, self.shm_dir = bucket_bytes, transport, shm_dir
-        self.collective_host, self.sync_timeout_s = collective_host, sync_timeout_s
-        self.keep_previous_weights = keep_previous_weights
+        self.transport, self.shm_dir = transport, shm_dir
+        # None: 64 MiB for the staged transports, 1 GiB (x 2 in flight) for the collective one
+        self.bucket_bytes = bucket_bytes
+        self.collective_host, self.sync_timeout_s, self.push_retries = collective_host, sync_timeout_s, push_retries
         self._senders: dict[int, object] = {}  # replica -> CollectiveTrainerEngine (collective transport)
         self.secret = secret if secret is not None else find_secret()
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
@@ -233,7 +237,7 @@ class SidecarClient:
         stats = dict(buckets=0, tensors=0, bytes=0)
         try:
             with ThreadPoolExecutor(len(self.urls)) as pool:
-                for bucket in iter_buckets(named_tensors, self.bucket_bytes, dtype):
+                for bucket in iter_buckets(named_tensors, self.bucket_bytes or DEFAULT_BUCKET_BYTES, dtype):
                     self._send_bucket(pool, bucket, ids)
                     stats["buckets"] += 1
                     stats["tensors"] += len(bucket.names)
@@ -285,7 +289,7 @@ class SidecarClient:
         under HF names and push them from global rank 0. Every rank returns after rank 0's push finished
         (rank 0 gets the statistics) or raises the same error."""
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if self.transport == "collective":  # one gather per replica; all ranks take part in each
+        if self.transport == "collective":  # one gather for every replica (and one per re-push); all ranks join
             return self._on_all_ranks(rank, version, lambda: self.push_collective(
                 lambda: iter(iter_hf_tensors(model_chunks)), announced_tensors(model_chunks), version, rank=rank))
         tensors: Iterator = iter(iter_hf_tensors(model_chunks))
@@ -311,44 +315,59 @@ class SidecarClient:
 
     def push_collective(self, make_stream, metadata: list[tuple[str, tuple[int, ...]]], version: int,
                         rank: int = 0) -> Optional[dict]:
-        """Collective transport: one broadcast per replica through vLLM's weight-transfer flow (our ``gloo`` /
-        ``opsd_nccl`` engine, see ``rollout/collective.py``). ``make_stream()`` yields a fresh pass of
-        ``(hf_name, tensor)`` (a collective on every trainer rank; tensors only on rank 0). Afterwards the
-        replicas' versions are compared: replicas left on different versions by a failure are reported."""
+        """Collective transport (``rollout/collective.py``): one gather (``make_stream()``: a fresh pass of
+        ``(hf_name, tensor)``, a collective on every trainer rank, tensors only on rank 0) broadcast to every
+        replica at once. A replica whose push failed (its transfer group torn down on both ends, the sidecar
+        refusing /generate meanwhile) is pushed again on a fresh group, up to ``push_retries`` times, with a
+        fresh gather on every rank; after the last one a ``SidecarError`` names each failed sidecar and why."""
         from vllm.distributed.weight_transfer.base import ParamMeta
+
+        from megatron_opsd.rollout.collective import broadcast_update  # imports vLLM: collective transport only
 
         dtype = _torch_dtype(self._call("GET", "/weights/spec", 0)["dtype"]) if rank == 0 else torch.float32
         params = [ParamMeta(name, dtype, tuple(shape)) for name, shape in metadata]
-        results, failures = [], []
-        for replica in range(len(self.urls)):
+        pending, failed, refused, stats = list(range(len(self.urls))), {}, [], None
+        for attempt in range(1 + self.push_retries):
             stream = make_stream()
-            if rank != 0:
-                for _ in stream:
-                    pass
-                continue
-            try:
-                results.append(self._sender(replica).send_weights(stream, params, version))
-            except Exception as err:  # noqa: BLE001 - the other replicas still get this version
-                failures.append(f"{self.urls[replica]}: {err}")
-                for _ in stream:
-                    pass
+            if rank == 0:
+                failed = {}
+                senders = {}
+                for replica in pending:
+                    try:
+                        senders[replica] = self._sender(replica)
+                    except Exception as err:  # noqa: BLE001 - this replica is retried, the others go on
+                        failed[replica] = f"{type(err).__name__}: {err}"
+                result, errors = broadcast_update(list(senders.values()), stream, params, version)
+                stats = result or stats
+                failed.update({r: str(errors[e]) for r, e in senders.items() if e in errors})
+                refused = [r for r, e in senders.items() if isinstance(getattr(errors.get(e), "__cause__", None),
+                                                                        SidecarRequestError)]
+                failed = {r: why for r, why in failed.items() if r in refused or not self._serves(r, version)}
+            for _ in stream:  # every rank finishes the gather, whatever happened on rank 0
+                pass
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                box = [(failed, refused)]
+                dist.broadcast_object_list(box, src=0)
+                failed, refused = box[0]
+            pending = sorted(failed)
+            if not pending or refused:  # a refusal (4xx) names a bad update: pushing it again cannot help
+                break
+            if rank == 0 and attempt < self.push_retries:
+                logger.warning("collective weight push v%d failed on %s; pushing again (%d/%d) on a fresh group",
+                               version, ", ".join(self.urls[r] for r in pending), attempt + 1, self.push_retries)
+        if pending:
+            raise SidecarError(f"collective weight push v{version} failed after {attempt + 1} attempt(s) on "
+                               + " | ".join(f"{self.urls[r]}: {failed[r]}" for r in pending))
         if rank != 0:
             return None
-        if failures:
-            versions = self._versions_or_errors()
-            split = f"; replicas now disagree on the weight version: {versions}" \
-                if len(set(versions.values())) > 1 else ""
-            raise SidecarError("collective weight push failed on " + " | ".join(failures) + split)
-        return dict(results[0], replicas=len(results), total_s=sum(r["total_s"] for r in results))
+        return dict(stats or {}, attempts=attempt + 1)
 
-    def _versions_or_errors(self) -> dict[str, object]:
-        out = {}
-        for i, url in enumerate(self.urls):
-            try:
-                out[url] = self.health(i)["weight_version"]
-            except SidecarError:
-                out[url] = "unreachable"
-        return out
+    def _serves(self, replica: int, version: int) -> bool:
+        """Whether ``replica`` already serves ``version`` (a push whose confirmation was lost)."""
+        try:
+            return self.health(replica)["weight_version"] == version
+        except SidecarError:
+            return False
 
     def _sender(self, replica: int):
         """The trainer-side engine for ``replica``, rendezvoused on first use (and again after a broken group)."""
@@ -363,8 +382,9 @@ class SidecarClient:
                 else collective.CollectiveTrainerInitInfo
             info = info_cls(master_address=self.collective_host or _reachable_address(self.urls),
                             master_port=free_port(), world_size=1 + int(health["world_size"]),
-                            timeout_s=self.sync_timeout_s, bucket_bytes=self.bucket_bytes,
-                            keep_previous=self.keep_previous_weights, rank=0, secret=self.secret or "")
+                            timeout_s=self.sync_timeout_s,
+                            bucket_bytes=self.bucket_bytes or collective.DEFAULT_PUSH_BUCKET_BYTES,
+                            ready_timeout_s=self.timeout_s, rank=0, secret=self.secret or "")
             self._senders[replica] = WeightTransferTrainerFactory.trainer_init(
                 info, client=_ReplicaWeightSync(self, replica))
         return self._senders[replica]
@@ -394,7 +414,7 @@ class _ReplicaWeightSync:
         return self._post("/start_weight_update", {"weight_version": version, "update_info": update_info})
 
     def update_weights(self, update_info: dict) -> dict:
-        return self._post("/update_weights", {"update_info": update_info}, update_info["timeout_s"] + 30.0)
+        return self._post("/update_weights", {"update_info": update_info}, None)
 
     def finish_weight_update(self, weight_version: int) -> dict:
         return self._post("/finish_weight_update", {"weight_version": weight_version})

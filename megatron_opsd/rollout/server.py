@@ -124,6 +124,7 @@ class SidecarState:
         self.adapter_root: Optional[Path] = None  # where pushed adapters are written for vLLM to load
         self.sleeping = False
         self.partial_weights = False  # a collective update failed after loading some tensors
+        self.partial_reason = ""  # why (answered with every 503 until a complete update arrives)
         self.collective_round: Optional[tuple[str, int]] = None  # (round_id, version) accepted, not yet received
         self.prompt_tokens = self.generated_tokens = self.updates = 0
         self.generate_seconds = self.last_tokens_per_s = 0.0
@@ -269,7 +270,7 @@ class SidecarRoutes:
                 "in_flight": state.gate.generating, "sleeping": state.sleeping, "vocab_size": state.vocab_size,
                 "max_model_len": state.max_model_len, "update_in_progress": state.stager.in_progress,
                 "world_size": state.world_size, "weight_transfer_backend": state.transfer_backend,
-                "partial_weights": state.partial_weights}
+                "partial_weights": state.partial_weights, "partial_reason": state.partial_reason}
 
     async def generate(self, request: Request):
         state = self.state
@@ -279,9 +280,9 @@ class SidecarRoutes:
             raise RequestError("the engine is asleep; POST /wake_up first", status=409)
         async with state.gate.shared():
             if state.partial_weights:
-                raise RequestError(f"a weight update failed mid-transfer and left partly new weights; push a "
-                                   f"complete update (current version {state.version}) or restart the sidecar",
-                                   status=503)
+                raise RequestError(f"a weight update failed mid-transfer and left partly new weights "
+                                   f"({state.partial_reason}); waiting for a complete push (current version "
+                                   f"{state.version})", status=503)
             version, start = state.version, time.perf_counter()
             try:
                 results = await sample(state, prompts, req)
@@ -353,6 +354,7 @@ class SidecarRoutes:
                 if errors:
                     raise RuntimeError(f"loading the staged weights failed: {'; '.join(errors)}")
                 state.version = update.version
+                state.partial_weights, state.partial_reason = False, ""  # every tensor was replaced
                 apply_s = time.perf_counter() - start
         finally:
             update.discard()
@@ -418,16 +420,18 @@ class SidecarRoutes:
                     if errors:  # the workers report failures instead of raising (collective.update_weights)
                         raise RuntimeError("; ".join(errors))
                     await engine.collective_rpc("finish_weight_update")
-                except BaseException:
-                    partly = await engine.collective_rpc("opsd_abort_weight_update")
-                    state.partial_weights = state.partial_weights or any(partly)
+                except BaseException as err:
+                    partly = await engine.collective_rpc("opsd_abort_weight_update")  # every worker drops its group
+                    if any(partly):
+                        state.partial_weights = True
+                        state.partial_reason = f"update v{pending[1]}: {err}"[:500]
                     raise
-                state.partial_weights = False
+                state.partial_weights, state.partial_reason = False, ""
                 state.version = pending[1]
         except Exception as err:  # noqa: BLE001 - every worker ended its session; report why
-            logger.warning("collective weight update v%d failed, previous weights kept: %s", pending[1], err)
-            effect = "left partly new weights: generation is refused until a complete update" \
-                if state.partial_weights else "changed no weights (what it had overwritten was restored)"
+            logger.warning("collective weight update v%d failed: %s", pending[1], err)
+            effect = "left partly new weights: generation is refused (503) until a complete update" \
+                if state.partial_weights else "changed no weights"
             raise RequestError(f"weight update v{pending[1]} failed and {effect} (version stays "
                                f"{state.version}): {err}", status=500) from None
         elapsed = time.perf_counter() - start

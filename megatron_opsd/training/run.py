@@ -171,7 +171,8 @@ class Run:
             urls, secret = [self.sidecar.url], self.sidecar.secret
         urls = broadcast_object(urls)
         self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
-                                    sync_timeout_s=r.sync_timeout_s, keep_previous_weights=r.keep_previous_weights,
+                                    sync_timeout_s=r.sync_timeout_s, push_retries=r.push_retries,
+                                    bucket_bytes=r.push_bucket_mb << 20 if r.transport == "collective" else None,
                                     secret=secret)
         if self.rank == 0:
             self.client.wait_healthy()
