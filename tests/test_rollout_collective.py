@@ -187,7 +187,8 @@ def wait_for_partial(client, timeout_s: float) -> dict:
 
 def assert_refuses_generation(server, reason: str) -> None:
     """Alive (health answers), /generate refused with 503 naming ``reason``."""
-    resp = httpx.post(server.url + "/generate", json={"prompts": [[5, 6]], "max_tokens": 2}, timeout=60)
+    resp = httpx.post(server.url + "/generate", json={"prompts": [[5, 6]], "max_tokens": 2}, timeout=60,
+                      headers=bearer(server.secret))
     assert resp.status_code == 503 and reason in resp.json()["detail"], resp.text
 
 
