@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -497,6 +498,63 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     return cfg
 
 
+# Ranges of single values, checked at load for every config class that has the key (OPSD, GRPO, SFT): a value
+# the sidecar or a rank would refuse only after minutes of weight loading fails here, naming the key. The sampling
+# ranges are vLLM 0.32's (``SamplingParams._verify_args``: "temperature must be in [0, 2]", "top_p must be in
+# (0, 1]", "top_k must be 0 (disable), or at least 1" with -1 also meaning off, "max_tokens must be at least 1").
+VALUE_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "rollout.temperature": (lambda v: 0.0 <= v <= 2.0, "in [0, 2] (vLLM's range; 0 = greedy)"),
+    "rollout.top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "rollout.top_k": (lambda v: v >= -1, "-1 or 0 (off), or >= 1"),
+    "rollout.max_staleness": (lambda v: v >= 0, ">= 0"),
+    "rollout.local_sidecar_port": (lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535] (or null: a free one)"),
+    "rollout.kv_cache_memory_bytes": (lambda v: v >= 1, ">= 1 (or null)"),
+    "optim.lr": (lambda v: v >= 0, ">= 0"),
+    "optim.min_lr": (lambda v: v >= 0, ">= 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.adam_eps": (lambda v: v > 0, "> 0"),
+    "optim.clip_grad": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.micro_batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.steps": (lambda v: v >= 0, ">= 0"),
+    "train.eval_every": (lambda v: v >= 0, ">= 0 (0: no evaluation)"),
+    "checkpoint.save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
+    "logging.log_every": (lambda v: v >= 1, ">= 1"),
+    "data.limit": (lambda v: v >= 1, ">= 1 (or null: every row)"),
+    "data.max_prompt_tokens": (lambda v: v >= 1, ">= 1"),
+    "data.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
+    "model.make_vocab_size_divisible_by": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _leaves(cfg: Any, prefix: str = ""):
+    """(dotted key, value) of every non-section field of a config dataclass tree."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def validate_values(cfg: Any) -> Any:
+    """Every number finite, every value in ``VALUE_RANGES`` in its range, and the parallel sizes >= 1: for every
+    config class, at load, before any process group or sidecar exists."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        rule = VALUE_RANGES.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"{key} must be {rule[1]}, got {value}")
+    parallel = getattr(cfg, "parallel", None)
+    if isinstance(parallel, ParallelConfig):
+        parallel.validate_sizes()
+    return cfg
+
+
 def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     """Cross-field checks that single annotations cannot express."""
     def need(cond: bool, msg: str) -> None:
@@ -623,6 +681,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[Sequence[
     for key, value in deprecated:
         apply_deprecated_key(cfg, key, value)
     apply_overrides(cfg, list(overrides or []))
+    validate_values(cfg)
     if isinstance(cfg, OPSDConfig):
         validate_config(resolve_config(cfg))
     return cfg
