@@ -35,3 +35,16 @@ def rank0_phase_longer_than_tensor_timeout(tensor_timeout_s: float, phase_s: flo
     except Exception as err:  # noqa: BLE001 - the timeout is what this control expects
         out["world_wait"] = f"{type(err).__name__}: {err}"
     return out
+
+
+def smoke_checksums_with_gpu_initialisation() -> dict:
+    """The launcher smoke job's checksum with megatron configured as on a GPU (``use_cpu_initialization=False``:
+    each TP shard drawn from the TP rank's RNG stream), with the smoke's seeded HF weights and without them."""
+    from megatron_opsd.models import gpt, smoke
+
+    real = gpt.transformer_config_from_hf
+    gpt.transformer_config_from_hf = lambda *a, **kw: real(*a, **kw, use_cpu_initialization=False)
+    try:
+        return {"seeded": smoke.logits_checksum(0), "megatron_init": smoke.logits_checksum(0, seeded_weights=False)}
+    finally:
+        gpt.transformer_config_from_hf = real
