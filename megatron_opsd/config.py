@@ -502,31 +502,34 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
 # the sidecar or a rank would refuse only after minutes of weight loading fails here, naming the key. The sampling
 # ranges are vLLM 0.32's (``SamplingParams._verify_args``: "temperature must be in [0, 2]", "top_p must be in
 # (0, 1]", "top_k must be 0 (disable), or at least 1" with -1 also meaning off, "max_tokens must be at least 1").
+def _at_least(low: float, note: str = "") -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}{note}"
+
+
+def _in(low: float, high: float, text: str, *, open_low: bool = False,
+        open_high: bool = False) -> tuple[typing.Callable[[Any], bool], str]:
+    """``low <= v <= high`` (an open end excludes its bound); ``text`` says so in the error."""
+    return (lambda v: (v > low if open_low else v >= low) and (v < high if open_high else v <= high)), text
+
+
 VALUE_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "rollout.temperature": (lambda v: 0.0 <= v <= 2.0, "in [0, 2] (vLLM's range; 0 = greedy)"),
-    "rollout.top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
-    "rollout.top_k": (lambda v: v >= -1, "-1 or 0 (off), or >= 1"),
-    "rollout.max_staleness": (lambda v: v >= 0, ">= 0"),
-    "rollout.local_sidecar_port": (lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535] (or null: a free one)"),
-    "rollout.kv_cache_memory_bytes": (lambda v: v >= 1, ">= 1 (or null)"),
-    "optim.lr": (lambda v: v >= 0, ">= 0"),
-    "optim.min_lr": (lambda v: v >= 0, ">= 0"),
-    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "optim.adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "optim.adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "optim.adam_eps": (lambda v: v > 0, "> 0"),
-    "optim.clip_grad": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "optim.micro_batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.steps": (lambda v: v >= 0, ">= 0"),
-    "train.eval_every": (lambda v: v >= 0, ">= 0 (0: no evaluation)"),
-    "checkpoint.save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
-    "logging.log_every": (lambda v: v >= 1, ">= 1"),
-    "data.limit": (lambda v: v >= 1, ">= 1 (or null: every row)"),
-    "data.max_prompt_tokens": (lambda v: v >= 1, ">= 1"),
-    "data.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
-    "model.make_vocab_size_divisible_by": (lambda v: v >= 1, ">= 1"),
+    "rollout.temperature": _in(0.0, 2.0, "in [0, 2] (vLLM's range; 0 = greedy)"),
+    "rollout.top_p": _in(0.0, 1.0, "in (0, 1]", open_low=True),
+    "rollout.top_k": ((lambda v: v >= -1), "-1 or 0 (off), or >= 1"),
+    "rollout.local_sidecar_port": _in(1, 65535, "a TCP port in [1, 65535] (or null: a free one)"),
+    "optim.adam_beta1": _in(0.0, 1.0, "in [0, 1)", open_high=True),
+    "optim.adam_beta2": _in(0.0, 1.0, "in [0, 1)", open_high=True),
+    "optim.adam_eps": ((lambda v: v > 0), "> 0"),
+    "optim.clip_grad": _at_least(0, " (0: no clipping)"),
+    "train.eval_every": _at_least(0, " (0: no evaluation)"),
+    "checkpoint.save_every": _at_least(0, " (0: only at the end)"),
+    "data.limit": _at_least(1, " (or null: every row)"),
+    "rollout.kv_cache_memory_bytes": _at_least(1, " (or null)"),
+    **{key: _at_least(0) for key in ("rollout.max_staleness", "optim.lr", "optim.min_lr", "optim.weight_decay",
+                                      "optim.warmup_steps", "train.steps")},
+    **{key: _at_least(1) for key in ("optim.micro_batch_size", "checkpoint.keep_last", "logging.log_every",
+                                      "data.max_prompt_tokens", "data.pad_to_multiple_of",
+                                      "model.make_vocab_size_divisible_by")},
 }
 
 

@@ -27,7 +27,7 @@ class ParallelConfig:
     seed: int = 1234
     backend: Optional[str] = None  # None: nccl with CUDA, gloo without
     # the tensor groups' timeout (the world group and megatron's TP/PP/DP groups): NCCL's watchdog aborts the job
-    # when a collective has not completed after it. 30 = torch's and megatron's default
+    # when a collective has not completed after it. 30 = megatron's default (torch's NCCL default: 10)
     timeout_minutes: float = 30.0
     # the control group's (gloo) timeout: the other ranks wait there while rank 0 alone samples, grades,
     # evaluates or starts a sidecar (parallel/control.py); long, as an evaluation may take hours
