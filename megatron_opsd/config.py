@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -515,6 +516,66 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     return cfg
 
 
+# Ranges of single values, checked at load for every config class that has the key (OPSD, GRPO, SFT): a value
+# the sidecar or a rank would refuse only after minutes of weight loading fails here, naming the key. The sampling
+# ranges are vLLM 0.32's (``SamplingParams._verify_args``: "temperature must be in [0, 2]", "top_p must be in
+# (0, 1]", "top_k must be 0 (disable), or at least 1" with -1 also meaning off, "max_tokens must be at least 1").
+def _at_least(low: float, note: str = "") -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}{note}"
+
+
+def _in(low: float, high: float, text: str, *, open_low: bool = False,
+        open_high: bool = False) -> tuple[typing.Callable[[Any], bool], str]:
+    """``low <= v <= high`` (an open end excludes its bound); ``text`` says so in the error."""
+    return (lambda v: (v > low if open_low else v >= low) and (v < high if open_high else v <= high)), text
+
+
+VALUE_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "rollout.temperature": _in(0.0, 2.0, "in [0, 2] (vLLM's range; 0 = greedy)"),
+    "rollout.top_p": _in(0.0, 1.0, "in (0, 1]", open_low=True),
+    "rollout.top_k": ((lambda v: v >= -1), "-1 or 0 (off), or >= 1"),
+    "rollout.local_sidecar_port": _in(1, 65535, "a TCP port in [1, 65535] (or null: a free one)"),
+    "optim.adam_beta1": _in(0.0, 1.0, "in [0, 1)", open_high=True),
+    "optim.adam_beta2": _in(0.0, 1.0, "in [0, 1)", open_high=True),
+    "optim.adam_eps": ((lambda v: v > 0), "> 0"),
+    "optim.clip_grad": _at_least(0, " (0: no clipping)"),
+    "train.eval_every": _at_least(0, " (0: no evaluation)"),
+    "checkpoint.save_every": _at_least(0, " (0: only at the end)"),
+    "data.limit": _at_least(1, " (or null: every row)"),
+    "rollout.kv_cache_memory_bytes": _at_least(1, " (or null)"),
+    **{key: _at_least(0) for key in ("rollout.max_staleness", "optim.lr", "optim.min_lr", "optim.weight_decay",
+                                      "optim.warmup_steps", "train.steps")},
+    **{key: _at_least(1) for key in ("optim.micro_batch_size", "checkpoint.keep_last", "logging.log_every",
+                                      "data.max_prompt_tokens", "data.pad_to_multiple_of",
+                                      "model.make_vocab_size_divisible_by")},
+}
+
+
+def _leaves(cfg: Any, prefix: str = ""):
+    """(dotted key, value) of every non-section field of a config dataclass tree."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def validate_values(cfg: Any) -> Any:
+    """Every number finite, every value in ``VALUE_RANGES`` in its range, and the parallel sizes >= 1: for every
+    config class, at load, before any process group or sidecar exists."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        rule = VALUE_RANGES.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"{key} must be {rule[1]}, got {value}")
+    parallel = getattr(cfg, "parallel", None)
+    if isinstance(parallel, ParallelConfig):
+        parallel.validate_sizes()
+    return cfg
+
+
 def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     """Cross-field checks that single annotations cannot express."""
     def need(cond: bool, msg: str) -> None:
@@ -643,6 +704,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[Sequence[
     for key, value in deprecated:
         apply_deprecated_key(cfg, key, value)
     apply_overrides(cfg, list(overrides or []))
+    validate_values(cfg)
     if isinstance(cfg, OPSDConfig):
         validate_config(resolve_config(cfg))
     return cfg

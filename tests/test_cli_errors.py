@@ -38,6 +38,10 @@ CASES = {
     "model.path=missing-dir": "model.path: 'missing-dir' does not exist; give an HF checkpoint directory",
     "parallel.tensor_model_parallel_size=3": "parallel.tensor_model_parallel_size: num_attention_heads (4) is not "
                                              "divisible by tensor_model_parallel_size (3)",
+    # issue 31 item 10: what the sidecar or a rank refused only after the ranks (and the sidecar) had started
+    "rollout.top_p=nan": "rollout.top_p must be a finite number, got nan",
+    "parallel.pipeline_model_parallel_size=0": "parallel.pipeline_model_parallel_size must be >= 1, got 0",
+    "data.train_path=absent.jsonl": "data.train_path: dataset file 'absent.jsonl' does not exist",
 }
 
 
@@ -45,7 +49,7 @@ CASES = {
 def test_one_line_exit_2(train_inputs, override):
     root, model, data = train_inputs
     nproc = ["--nproc", "3"] if override.startswith("parallel.") else []  # 3 ranks, 4 heads: a layout error
-    out = run_train(root, f"model.path={model}", f"data.train_path={data}", override, *nproc)
+    out = run_train(root, f"model.path={model}", f"data.train_path={data}", override, *nproc)  # the last one wins
     assert out.returncode == 2, out.stderr
     assert out.stderr == f"megatron-opsd: error: {out.stderr.split('error: ', 1)[-1]}"  # nothing before the line
     assert out.stderr.count("\n") == 1 and CASES[override] in out.stderr, out.stderr
@@ -94,3 +98,67 @@ def test_worker_usage_error_comes_back_as_itself():
     not as a DistributedError with one traceback per rank."""
     with pytest.raises(UsageError, match=r"^data.train_path: bad rows$"):
         run_distributed(fail_with_usage_error, 2, ParallelConfig())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.temperature=2.5", "rollout.temperature must be in [0, 2] (vLLM's range; 0 = greedy), got 2.5"),
+    ("rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
+    ("rollout.top_k=-2", "rollout.top_k must be -1 or 0 (off), or >= 1, got -2"),
+    ("rollout.max_tokens=0", "rollout.max_tokens must be >= 1, got 0"),
+    ("loss.beta=inf", "loss.beta must be a finite number, got inf"),
+    ("optim.adam_beta2=1", "optim.adam_beta2 must be in [0, 1), got 1.0"),
+    ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size must be >= 1, got 0"),
+    ("parallel.timeout_minutes=-1", "parallel.timeout_minutes must be a finite number > 0, got -1.0"),
+])
+def test_values_are_checked_at_load(override, message):
+    """Ranges and finiteness at load, for every trainer's config (OPSD, GRPO, SFT share the sections)."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.training.grpo import load_rl_config
+    from megatron_opsd.training.sft import load_sft_config
+
+    loaders = [load_config] + ([load_rl_config] if not override.startswith("loss.") else [])
+    if override.split(".")[0] in ("optim", "parallel"):
+        loaders.append(load_sft_config)
+    for load in loaders:
+        extra = ["rollout.n=2"] if load is load_rl_config else []
+        with pytest.raises(UsageError) as err:
+            load(None, ["model.path=m", "data.train_path=t.jsonl", *extra, override])
+        assert str(err.value) == message
+
+
+def _check_data(tmp_path, rows: str, *overrides, name="train.jsonl", sft=False):
+    from megatron_opsd.config import load_config
+    from megatron_opsd.training.cli import check_data
+    from megatron_opsd.training.sft import load_sft_config
+
+    path = tmp_path / name
+    path.write_text(rows)
+    load = load_sft_config if sft else load_config
+    cfg = load(None, ["model.path=m", f"data.train_path={path}", *overrides])
+    with pytest.raises(UsageError) as err:
+        check_data(cfg)
+    return str(err.value).replace(str(tmp_path), "TMP")
+
+
+def test_data_files_are_checked_before_any_rank(tmp_path):
+    """Each class of data-file mistake, through ``check_data`` (what ``launch`` runs once before any rank or
+    sidecar starts): missing, empty, a row that does not parse, no prompt field, a teacher context's field
+    missing, an eval file without answers (or none), an SFT row without a conversation."""
+    good = '{"problem": "1+1?", "answer": "2"}\n'
+    assert _check_data(tmp_path, "") == "data.train_path: dataset 'TMP/train.jsonl' is empty"
+    assert _check_data(tmp_path, good + "{oops\n").startswith(
+        "data.train_path: TMP/train.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes)")
+    assert _check_data(tmp_path, good + '{"question": "3+3?"}\n') == (
+        "data.train_path: TMP/train.jsonl: row 1 has no 'problem' (data.prompt_field); available fields: ['question']")
+    assert _check_data(tmp_path, good, "teacher.context=reference").startswith(
+        "data.train_path: teacher.context=reference needs the field 'solution' (data.reference_field), which "
+        "example '0' does not have")
+    assert _check_data(tmp_path, good, "train.eval_every=5", "teacher.context=answer").startswith("data.eval_path: not set, but train.eval_every")
+    (tmp_path / "eval.jsonl").write_text('{"problem": "3+3?"}\n')
+    assert _check_data(tmp_path, good, "train.eval_every=5", f"data.eval_path={tmp_path / 'eval.jsonl'}",
+                       "teacher.context=answer") == (
+        "data.eval_path: example '0' of 'TMP/eval.jsonl' has no 'answer' (data.answer_field) to grade against")
+    assert _check_data(tmp_path, good, "data.train_path=nowhere.jsonl") == (
+        "data.train_path: dataset file 'nowhere.jsonl' does not exist (data.train_path / data.eval_path)")
+    assert _check_data(tmp_path, '{"prompt": "hi"}\n', name="sft.jsonl", sft=True).startswith(
+        "data.train_path: TMP/sft.jsonl: row 1: row has neither a 'messages' list")

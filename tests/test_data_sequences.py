@@ -7,6 +7,7 @@ from megatron_opsd.config import DataConfig, RolloutConfig, TeacherConfig
 from megatron_opsd.data.contexts import CONTEXT_BUILDERS, student_messages, teacher_messages
 from megatron_opsd.data.datasets import PromptExample, PromptSampler, load_prompt_dataset
 from megatron_opsd.data.sequences import encode_prompt, horizon_at_step, student_prompt_ids
+from megatron_opsd.errors import UsageError
 from megatron_opsd.evaluation.runner import packaged_data_dir
 from megatron_opsd.models.tokenizer import Tokenizer
 
@@ -98,7 +99,8 @@ def test_prompt_too_long_names_the_field_and_example(tok, math500):
                                          r"\d+ tokens, more than data.max_prompt_tokens=200"):
         encode_prompt(tok, teacher_messages(math500[0], DataConfig(), TeacherConfig()), 200, math500[0].id,
                       "teacher (reference)")
-    with pytest.raises(ValueError, match="student prompt .* data.max_prompt_tokens=5"):
+    # a UsageError: found inside a rank (rank 0 encodes the step's prompts), it still ends the run as one line
+    with pytest.raises(UsageError, match="student prompt .* data.max_prompt_tokens=5"):
         student_prompt_ids(tok, math500[0], DataConfig(max_prompt_tokens=5))
 
 

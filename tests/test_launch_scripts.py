@@ -307,3 +307,20 @@ def test_sbatch_real_run_with_cpu_sidecar(tmp_path):
     host_port = f":{port}"
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines() if "sidecar" in line and host_port in line]  # shut down
+
+
+def test_smoke_checksum_is_tp_independent_with_gpu_initialisation():
+    """Issue 31, 9c: on a GPU megatron initialises each TP shard from the TP rank's RNG stream, so its random
+    weights differ with TP; the smoke job loads seeded full HF weights through the trainer's loader instead, and
+    its checksum at TP=2 equals TP=1 under the GPU setting (use_cpu_initialization=False), run here on CPU."""
+    from megatron_opsd.parallel.distributed import ParallelConfig
+    from megatron_opsd.parallel.launch import run_distributed
+    from tests._workers_parallel import smoke_checksums_with_gpu_initialisation
+
+    one = run_distributed(smoke_checksums_with_gpu_initialisation, 1)[0]
+    two = run_distributed(smoke_checksums_with_gpu_initialisation, 2, ParallelConfig(tensor_model_parallel_size=2))
+    for rank in two:
+        for key in ("sum", "abs_sum"):
+            assert rank["seeded"][key] == pytest.approx(one["seeded"][key], rel=1e-6, abs=1e-6)
+    # the control: megatron's GPU-style initialisation alone gives a different model at TP=2
+    assert two[0]["megatron_init"]["abs_sum"] != pytest.approx(one["megatron_init"]["abs_sum"], rel=1e-3)

@@ -257,3 +257,25 @@ def test_in_place_backward_equals_reusable_and_refuses_a_second_pass(kind):
         s = student.requires_grad_(True)
         loss, _ = vocab_parallel_divergence(s, teacher, kind=kind, loss_mask=mask)
     assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_chunk_loop_has_no_host_syncs_and_chunking_is_exact(kind, monkeypatch):
+    """The chunk loop decides which chunks hold tokens once, from one host copy of the mask (issue 31, 9b): no
+    ``bool(tensor)`` per chunk. Chunks fully masked, partly masked and full give the same per-token values and
+    gradient, bit for bit, as one chunk holding every row."""
+    torch.manual_seed(3)
+    student = torch.randn(10, 33, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(10, 33, dtype=torch.float64)
+    mask = torch.tensor([0, 0, 0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)  # chunks of 3: empty, partial, full, partial
+    whole = vocab_parallel_divergence(student, teacher, kind=kind, loss_mask=mask, chunk_tokens=10)
+    (grad_whole,) = torch.autograd.grad(whole[0], student)
+    conversions = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: conversions.append(t.shape) or real_bool(t))
+    chunked = vocab_parallel_divergence(student, teacher, kind=kind, loss_mask=mask, chunk_tokens=3)
+    monkeypatch.undo()
+    (grad_chunked,) = torch.autograd.grad(chunked[0], student)
+    assert conversions == []
+    assert torch.equal(whole[1], chunked[1]) and torch.equal(grad_whole, grad_chunked)
+    assert torch.equal(grad_chunked[~mask], torch.zeros_like(grad_chunked[~mask]))

@@ -60,3 +60,26 @@ def test_launch_retries_when_the_rendezvous_port_was_taken(monkeypatch):
     finally:
         taken.close()
     assert not picks and len(pids) == 1 and pids[0] != os.getpid()
+
+
+def test_rank0_work_longer_than_the_tensor_timeout_waits_on_the_control_group():
+    """Issue 31, item 4: rank 0 alone works (rollouts, grading, evaluation) for longer than the tensor group's
+    timeout while the other ranks wait in the trainer's object broadcast and checkpoint barrier; they wait on the
+    gloo control group (its own long timeout), so the run goes on. The same wait on the world group times out."""
+    from megatron_opsd.parallel.launch import run_distributed
+    from tests._workers_parallel import rank0_phase_longer_than_tensor_timeout
+
+    results = run_distributed(rank0_phase_longer_than_tensor_timeout, 2, ParallelConfig(), 1.0, 2.5)
+    for out in results:
+        assert out["control_backend"] == "gloo"
+        assert out["received"] == {"from": 0}
+    assert results[1]["waited_s"] > 2.0  # it did wait through rank 0's phase, past the 1 s tensor timeout
+    assert "timed out" in results[1]["world_wait"].lower() or "timeout" in results[1]["world_wait"].lower(), results
+
+
+def test_timeouts_and_sizes_are_checked():
+    for bad in (dict(timeout_minutes=0), dict(control_timeout_minutes=float("inf")),
+                dict(virtual_pipeline_model_parallel_size=0), dict(pipeline_model_parallel_size=-1)):
+        key = next(iter(bad))
+        with pytest.raises(ValueError, match=f"parallel.{key}"):
+            ParallelConfig(**bad).validate_sizes()

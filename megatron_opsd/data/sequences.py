@@ -15,6 +15,7 @@ from typing import Optional, Protocol
 from megatron_opsd.config import DataConfig, RolloutConfig
 from megatron_opsd.data.contexts import student_messages
 from megatron_opsd.data.datasets import PromptExample
+from megatron_opsd.errors import UsageError
 
 
 class ChatTokenizer(Protocol):
@@ -37,7 +38,7 @@ def encode_prompt(tokenizer: ChatTokenizer, messages: list[dict], max_prompt_tok
                   what: str, enable_thinking: Optional[bool] = None) -> list[int]:
     ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking))
     if len(ids) > max_prompt_tokens:
-        raise ValueError(f"the {what} prompt of example {example_id!r} has {len(ids)} tokens, more than "
+        raise UsageError(f"the {what} prompt of example {example_id!r} has {len(ids)} tokens, more than "
                          f"data.max_prompt_tokens={max_prompt_tokens}; raise data.max_prompt_tokens or drop the example")
     return ids
 

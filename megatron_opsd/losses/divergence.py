@@ -59,6 +59,14 @@ def _chunk_terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor,
     return _terms(kind, beta, logp, logq)
 
 
+def _chunks_with_tokens(mask: torch.Tensor, chunk: int) -> list[bool]:
+    """Per chunk of ``chunk`` rows: does it hold any unmasked token. One device->host copy for the whole call (none
+    for a host mask) instead of a ``bool(mask.any())`` sync per chunk inside the loop."""
+    padded = mask.new_zeros(-(-mask.shape[0] // chunk) * chunk)
+    padded[:mask.shape[0]] = mask
+    return padded.view(-1, chunk).any(dim=1).tolist()
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
     """Per-token divergence [tokens]; masked tokens give 0 and zero gradient. Teacher gets no gradient.
 
@@ -78,10 +86,10 @@ class _VocabParallelDivergence(torch.autograd.Function):
         grad = torch.empty_like(student) if want_grad else None
         scratch, logp_buf, logq_buf = (torch.empty(min(chunk, n), student.shape[1], dtype=dtype,
                                                    device=student.device) for _ in range(3))
-        for start in range(0, n, chunk):
+        for start, has_tokens in zip(range(0, n, chunk), _chunks_with_tokens(mask, chunk)):
             rows = slice(start, start + chunk)
             row_mask = mask[rows]
-            if not bool(row_mask.any()):  # same mask on every tensor-parallel rank: all skip together
+            if not has_tokens:  # same mask on every tensor-parallel rank: all skip together
                 if grad is not None:
                     grad[rows].zero_()
                 continue
@@ -102,8 +110,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 else:
                     sum_pa = all_reduce(pa.sum(dim=-1), dist.ReduceOp.SUM, group)
                 g = torch.addcmul(pa, p, sum_pa.unsqueeze(-1), value=-1.0, out=grad[rows])
-                if not bool(row_mask.all()):
-                    g[~row_mask] = 0.0
+                g.masked_fill_(~row_mask.unsqueeze(-1), 0.0)  # no host sync (boolean indexing would need one)
         ctx.grad, ctx.temperature, ctx.reusable, ctx.chunk = grad, temperature, reusable_backward, chunk
         return per_token
 

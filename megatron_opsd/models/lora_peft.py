@@ -20,6 +20,7 @@ import torch
 
 from megatron_opsd.models.lora import LoRASettings, lora_recipes, peft_target_modules
 from megatron_opsd.models.weights import _full_tensors, _gather_tp, _local_shard, _replace_dir, hf_tensor_shapes, unwrap
+from megatron_opsd.parallel import control
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -147,8 +148,7 @@ def save_peft_adapter(model_chunks: list, out_dir, settings: LoRASettings, base_
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    control.barrier()  # the others wait (gloo, long timeout) while rank 0 writes
 
 
 def load_peft_adapter(model_chunks: list, adapter_dir, settings: LoRASettings) -> None:

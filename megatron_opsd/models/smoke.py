@@ -1,9 +1,15 @@
 """Install and launcher smoke test: ``torchrun ... -m megatron_opsd.models.smoke --tp 2``.
 
 Initialises torch.distributed + megatron from the launcher's variables (torchrun or srun), builds a tiny
-random Qwen3 GPTModel at the requested TP and prints a checksum of its gathered logits on rank 0. The weights
-come from ``torch.manual_seed`` with megatron's CPU initialisation (full master weight, then sliced), so on CPU
-the checksum is the same for every TP size: a multi-node TP=2 run must print what a single process prints.
+random Qwen3 GPTModel at the requested TP and prints a checksum of its gathered logits on rank 0. The checksum is
+the same for every TP size, on CPU and on GPU: a multi-node TP=2 run must print what a single process prints.
+
+The weights are not megatron's random initialisation: that is TP-independent only on CPU. megatron-core's
+``ModelParallelConfig.use_cpu_initialization`` (False on GPU, ``models/families.py``) says: "CPU initialization is
+the same regardless of tensor model parallelism, but GPU initialization is not" (on GPU each shard is drawn
+``with get_cuda_rng_tracker().fork()``, whose model-parallel seed differs per TP rank; Transformer Engine's layers
+do the same). Instead every rank draws one full set of HF-named weights from ``--seed`` and loads it through the
+trainer's own HF loader (``load_hf_checkpoint``), which slices each tensor for its TP rank.
 """
 from __future__ import annotations
 
@@ -11,16 +17,21 @@ import argparse
 import os
 import socket
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from safetensors.torch import save_file
+
 from megatron_opsd.errors import UsageError
 from megatron_opsd.models.gpt import build_model
 from megatron_opsd.models.tiny import tiny_hf_config
+from megatron_opsd.models.weights import hf_tensor_shapes, load_hf_checkpoint
 from megatron_opsd.parallel.device import to_device
 from megatron_opsd.parallel.distributed import ParallelConfig, destroy_distributed, init_distributed
 
@@ -29,21 +40,47 @@ def run(tp: int, seed: int = 0, tokens: int = 16) -> dict:
     torch.set_num_threads(1)
     info = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, seed=seed))
     try:
-        torch.manual_seed(seed)
-        model = build_model(tiny_hf_config("qwen3", vocab_size=512))[0].eval()
-        batch = to_device({"tokens": torch.randint(0, 512, (2, tokens), generator=torch.Generator().manual_seed(seed)),
-                           "position_ids": torch.arange(tokens).unsqueeze(0).expand(2, -1)})
-        with torch.no_grad():
-            logits = gather_from_tensor_model_parallel_region(
-                model(batch["tokens"], batch["position_ids"], attention_mask=None))
-        logits = logits[..., :512].double()
         result = {"rank": info["RANK"], "world": info["WORLD_SIZE"], "tp": tp, "dp": info["DATA_PARALLEL_SIZE"],
-                  "host": socket.gethostname(), "sum": logits.sum().item(),
-                  "abs_sum": logits.abs().sum().item(), "tp_rank": ps.get_tensor_model_parallel_rank()}
+                  "host": socket.gethostname(), **logits_checksum(seed, tokens),
+                  "tp_rank": ps.get_tensor_model_parallel_rank()}
         torch.distributed.barrier()
     finally:
         destroy_distributed()
     return result
+
+
+def logits_checksum(seed: int = 0, tokens: int = 16, seeded_weights: bool = True) -> dict:
+    """Sum and absolute sum of the tiny model's gathered logits on a seeded batch (megatron initialised);
+    ``seeded_weights=False`` keeps megatron's own random initialisation (tests show it is TP-dependent on GPU)."""
+    torch.manual_seed(seed)
+    chunks = build_model(tiny_hf_config("qwen3", vocab_size=512))
+    if seeded_weights:
+        load_seeded_weights(chunks, seed)
+    model = chunks[0].eval()
+    batch = to_device({"tokens": torch.randint(0, 512, (2, tokens), generator=torch.Generator().manual_seed(seed)),
+                       "position_ids": torch.arange(tokens).unsqueeze(0).expand(2, -1)})
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(
+            model(batch["tokens"], batch["position_ids"], attention_mask=None))
+    logits = logits[..., :512].double()
+    return {"sum": logits.sum().item(), "abs_sum": logits.abs().sum().item()}
+
+
+def seeded_hf_tensors(hf_config, seed: int) -> dict:
+    """One full random set of the HF checkpoint's tensors from ``seed`` (same on every rank, host and device)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in hf_tensor_shapes(hf_config).items():
+        tensor = 0.02 * torch.randn(tuple(shape), generator=gen)
+        tensors[name] = tensor + 1.0 if name.endswith("norm.weight") else tensor
+    return tensors
+
+
+def load_seeded_weights(chunks: list, seed: int) -> None:
+    """``seeded_hf_tensors`` into this rank's shards through the HF loader (a node-local temporary file)."""
+    with tempfile.TemporaryDirectory(prefix="opsd-smoke-") as tmp:
+        save_file(seeded_hf_tensors(chunks[0].hf_config, seed), str(Path(tmp) / "model.safetensors"))
+        load_hf_checkpoint(chunks, tmp)
 
 
 def main(argv=None) -> int:

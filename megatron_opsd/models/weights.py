@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_opsd.models.families import FAMILIES, detect_family, head_dim, num_kv_heads
+from megatron_opsd.parallel import control
 
 
 def unwrap(model):
@@ -364,8 +365,7 @@ def save_hf_checkpoint(model_chunks, out_dir, *, source_dir=None, max_shard_byte
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
         raise
-    if dist.is_initialized():
-        dist.barrier()
+    control.barrier()  # the others wait (gloo, long timeout) while rank 0 writes the whole model
 
 
 def _finish_hf_dir(tmp: Path, out_dir: Path, files: list, total: int, hf_config, source_dir) -> None:

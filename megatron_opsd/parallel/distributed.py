@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from megatron_opsd.errors import UsageError
-from megatron_opsd.parallel import cpu_compat
+from megatron_opsd.parallel import control, cpu_compat
 
 
 @dataclass
@@ -26,7 +26,24 @@ class ParallelConfig:
     sequence_parallel: bool = False
     seed: int = 1234
     backend: Optional[str] = None  # None: nccl with CUDA, gloo without
-    timeout_minutes: int = 30
+    # the tensor groups' timeout (the world group and megatron's TP/PP/DP groups): NCCL's watchdog aborts the job
+    # when a collective has not completed after it. 30 = megatron's default (torch's NCCL default: 10)
+    timeout_minutes: float = 30.0
+    # the control group's (gloo) timeout: the other ranks wait there while rank 0 alone samples, grades,
+    # evaluates or starts a sidecar (parallel/control.py); long, as an evaluation may take hours
+    control_timeout_minutes: float = 1440.0
+
+    def validate_sizes(self) -> None:
+        """The sizes and timeouts on their own (at config load, before any process starts)."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp < 1:
+            raise UsageError(f"parallel.virtual_pipeline_model_parallel_size must be null or >= 1, got {vpp}")
+        for name in ("timeout_minutes", "control_timeout_minutes"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise UsageError(f"parallel.{name} must be a finite number > 0, got {getattr(self, name)}")
 
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
@@ -43,9 +60,7 @@ class ParallelConfig:
         return world_size // self.model_parallel_size()
 
     def validate_world(self, world_size: int) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        self.validate_sizes()
         mp = self.model_parallel_size()
         if world_size % mp != 0:
             raise UsageError(
@@ -139,7 +154,9 @@ def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dic
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        distributed_timeout_minutes=cfg.timeout_minutes,  # megatron's own default (30) otherwise
     )
+    control.init_control_group(cfg.control_timeout_minutes)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     info["DATA_PARALLEL_SIZE"] = world // cfg.model_parallel_size()
     return info
@@ -150,5 +167,6 @@ def destroy_distributed() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    control.destroy_control_group()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
+from megatron_opsd.parallel import control
 from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout import vllm_plugin
 from megatron_opsd.rollout.auth import bearer, find_secret
@@ -305,10 +306,7 @@ class SidecarClient:
             error = f"{type(err).__name__}: {err}"
         for _ in drain or ():  # other ranks (and rank 0 after a failure) still take part in the gathers
             pass
-        if dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        error = control.broadcast_object(error)  # the control group: rank 0 may still be waiting on the sidecar
         if error:
             raise SidecarError(f"pushing weights version {version} failed on rank 0: {error}")
         return result

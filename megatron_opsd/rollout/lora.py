@@ -23,6 +23,7 @@ import torch
 from fastapi import Request  # module level: FastAPI resolves the handler's string annotation here
 
 from megatron_opsd.models.lora_peft import gather_lora_tensors, peft_adapter_config
+from megatron_opsd.parallel import control
 
 ADAPTER_ROUTE = "/adapter/update"
 VERSION_HEADER = "X-OPSD-Adapter-Version"
@@ -155,5 +156,4 @@ def push_adapter_from_model(client, model_chunks: list, settings, version: int, 
     if tensors is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         push_adapter(client, {PEFT_PREFIX + k: v for k, v in tensors.items()},
                      peft_adapter_config(settings, base_model), version)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    control.barrier()  # the others wait (gloo, long timeout) while rank 0 posts the adapter

@@ -33,6 +33,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_opsd.models.gpt import unwrap
+from megatron_opsd.parallel import control
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    torch.distributed.barrier()
+    """On the control group: between these barriers rank 0 alone renames and deletes checkpoint directories."""
+    control.barrier()
 
 
 def _rng_state() -> dict:

@@ -36,6 +36,7 @@ def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable) 
     from megatron_opsd.training.rundir import refuse_overwrite  # megatron-core: not at `train --help`
 
     refuse_overwrite(cfg)  # before any rank starts
+    check_data(cfg)
     if args.nproc:
         from megatron_opsd.parallel.launch import run_distributed
 
@@ -63,6 +64,63 @@ def check_inputs(cfg) -> None:
     par = cfg.parallel
     validate_layout(load_hf_config(model), par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                     par.virtual_pipeline_model_parallel_size)
+
+
+def _data_error(key: str, err: Exception):
+    from megatron_opsd.config import ConfigError
+
+    return ConfigError(f"{key}: {err}" if not str(err).startswith(key) else str(err))
+
+
+def check_data(cfg) -> None:
+    """The data files, read once before any rank or sidecar starts, through the loaders the ranks use: the file
+    exists, is not empty, every row parses and carries the configured fields (the prompt; for OPSD what each teacher
+    context needs; an answer in ``data.eval_path`` when ``train.eval_every`` grades it). ConfigError naming the key;
+    otherwise each rank would fail on it after the model loaded, each with its own traceback."""
+    from megatron_opsd.config import ConfigError
+    from megatron_opsd.data.contexts import teacher_context_names, teacher_messages
+    from megatron_opsd.data.datasets import _read_rows, load_prompt_dataset
+    from megatron_opsd.training.sft_data import SFTDataConfig, row_messages
+
+    d = cfg.data
+    if not d.train_path:
+        raise ConfigError("data.train_path: not set; give a JSONL or Parquet file (data.train_path=FILE)")
+    if isinstance(d, SFTDataConfig):  # conversations: parsed here, tokenized (and length-checked) by the ranks
+        path = Path(d.train_path)
+        try:
+            if not path.is_file():
+                raise FileNotFoundError(f"SFT dataset {str(path)!r} does not exist")
+            rows = _read_rows(path, d.format)[:d.limit]
+            if not rows:
+                raise ValueError(f"SFT dataset {str(path)!r} has no rows")
+            for i, row in enumerate(rows):
+                row_messages(row, d, f"{path}: row {i + 1}")
+        except (ValueError, OSError) as err:
+            raise _data_error("data.train_path", err) from err
+        return
+    try:
+        examples = load_prompt_dataset(d.train_path, d)
+    except (ValueError, OSError) as err:
+        raise _data_error("data.train_path", err) from err
+    teacher = getattr(cfg, "teacher", None)  # GRPO has none
+    for name in teacher_context_names(teacher) if teacher is not None else ():
+        for ex in examples:  # a placeholder rollout: demonstration contexts get theirs at the step
+            try:
+                teacher_messages(ex, d, teacher, context=name, rollout="(a correct rollout)")
+            except (ValueError, KeyError) as err:
+                raise _data_error("data.train_path", err) from err
+    if cfg.train.eval_every:
+        if not d.eval_path:
+            raise ConfigError("data.eval_path: not set, but train.eval_every > 0 evaluates it; give a held-out "
+                              "JSONL with problem/answer fields, or set train.eval_every=0")
+        try:
+            held_out = load_prompt_dataset(d.eval_path, d)
+        except (ValueError, OSError) as err:
+            raise _data_error("data.eval_path", err) from err
+        missing = next((ex.id for ex in held_out if ex.answer is None), None)
+        if missing is not None:
+            raise ConfigError(f"data.eval_path: example {missing!r} of {d.eval_path!r} has no {d.answer_field!r} "
+                              "(data.answer_field) to grade against")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -30,6 +30,8 @@ from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
 from megatron_opsd.parallel import init_distributed
+# the control group's object broadcast (other ranks wait there through rank 0's work); importable from here
+from megatron_opsd.parallel.control import broadcast_object  # noqa: F401
 from megatron_opsd.rollout.auth import find_secret
 from megatron_opsd.rollout.client import SidecarClient
 from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank
@@ -43,15 +45,6 @@ from megatron_opsd.training.schedule import copy_weights_
 # ``evaluate(client, tokenizer, cfg, step, out_dir) -> {"eval/...": float}``: injected by the CLI layer
 # (``evaluation.runner.evaluate_for_training``), so training never imports evaluation.
 EvaluateHook = Callable[..., dict]
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from global rank ``src`` on every rank (picklable objects; a no-op on one process)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class PhaseTimer:

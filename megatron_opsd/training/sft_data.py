@@ -16,6 +16,7 @@ import torch
 
 from megatron_opsd.data.contexts import render_template
 from megatron_opsd.data.datasets import _read_rows
+from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.device import to_device
 
 
@@ -127,10 +128,10 @@ def load_sft_dataset(d: SFTDataConfig, tokenizer, enable_thinking: Optional[bool
         where = f"{path}: row {i + 1}"
         ids, trainable = tokenize_conversation(tokenizer, row_messages(row, d, where), enable_thinking)
         if len(ids) > d.max_seq_len:
-            raise ValueError(f"{where}: {len(ids)} tokens > data.max_seq_len={d.max_seq_len}; raise data.max_seq_len "
+            raise UsageError(f"{where}: {len(ids)} tokens > data.max_seq_len={d.max_seq_len}; raise data.max_seq_len "
                              "or shorten the conversation")
         if sum(trainable) == 0:
-            raise ValueError(f"{where}: the assistant turns tokenize to no tokens (empty responses?)")
+            raise UsageError(f"{where}: the assistant turns tokenize to no tokens (empty responses?)")
         examples.append(SFTExample(str(row.get("id", i)), ids, trainable))
     return examples
 
