@@ -34,11 +34,30 @@ def test_world_not_divisible_names_the_sizes():
 
 def test_sequence_parallel_runs_on_cpu_and_pads_to_tp():
     ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate_world(2)  # no longer refused
-    with pytest.raises(ValueError, match="parallel.context_parallel_size > 1 needs Transformer Engine"):
-        ParallelConfig(context_parallel_size=2).validate_world(2)
     assert ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True).sequence_multiple(6) == 12
     assert ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).sequence_multiple(8) == 8
     assert ParallelConfig(tensor_model_parallel_size=4).sequence_multiple(6) == 6
+
+
+def test_context_parallel_refused_everywhere(monkeypatch, tmp_path, capsys):
+    """CP > 1 is refused with one line on every device (CUDA faked as available: the old check refused it only
+    without CUDA), at world validation and by the launcher before any rank starts (exit 2, no traceback)."""
+    import torch
+
+    from megatron_opsd.cli import main
+    from megatron_opsd.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UsageError, match=r"parallel.context_parallel_size=2: context parallelism is not supported "
+                                         r"yet; set it to 1 .*recompute_granularity.*sequence_parallel=true.*"
+                                         r"rollout.max_tokens"):
+        ParallelConfig(context_parallel_size=2).validate_world(4)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rc = main(["train", "--set", f"model.path={model}", "--set", "parallel.context_parallel_size=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "context parallelism is not supported yet" in err
 
 
 def test_launch_retries_when_the_rendezvous_port_was_taken(monkeypatch):

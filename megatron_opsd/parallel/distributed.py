@@ -15,6 +15,12 @@ from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel import cpu_compat
 
 
+CONTEXT_PARALLEL_UNSUPPORTED = (
+    "parallel.context_parallel_size={cp}: context parallelism is not supported yet; set it to 1 and fit long "
+    "sequences with model.recompute_granularity=selective|full, parallel.tensor_model_parallel_size > 1 with "
+    "parallel.sequence_parallel=true, or a shorter rollout.max_tokens")
+
+
 @dataclass
 class ParallelConfig:
     """How the world is split. Data parallel size is derived: world / (TP * PP * CP)."""
@@ -42,10 +48,18 @@ class ParallelConfig:
         self.validate_world(world_size)
         return world_size // self.model_parallel_size()
 
+    def refuse_unsupported(self) -> None:
+        """Layouts megatron could build but this trainer does not implement: context parallelism (nothing shards a
+        micro-batch's tokens per CP rank, as Megatron-LM's ``get_batch_on_this_cp_rank`` does, and the loss
+        scaling counts DP only), on every device."""
+        if self.context_parallel_size > 1:
+            raise UsageError(CONTEXT_PARALLEL_UNSUPPORTED.format(cp=self.context_parallel_size))
+
     def validate_world(self, world_size: int) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        self.refuse_unsupported()
         mp = self.model_parallel_size()
         if world_size % mp != 0:
             raise UsageError(
@@ -54,8 +68,6 @@ class ParallelConfig:
                 f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "
                 f"({self.context_parallel_size}) = {mp}; change the sizes or launch {mp}*k processes"
             )
-        if not torch.cuda.is_available() and self.context_parallel_size > 1:
-            raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine attention on GPU; set it to 1")
 
 
 def free_port() -> int:

@@ -67,7 +67,6 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         tensor_parallel=p.tensor_model_parallel_size,
         pipeline_parallel=p.pipeline_model_parallel_size,
         virtual_pipeline=p.virtual_pipeline_model_parallel_size,
-        context_parallel=p.context_parallel_size,
         data_parallel=data_parallel,
         sequence_parallel=p.sequence_parallel,
         micro_batch_size=mbs,
@@ -97,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        cfg.parallel.refuse_unsupported()  # context parallelism: not modelled, not offered
         model_path = args.model_config or cfg.model.path
         if not model_path:
             raise ConfigError("model.path is empty: set it in the config or pass --model-config")
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"megatron-opsd plan: {err}", file=sys.stderr)
         return 2
     p = cfg.parallel
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     dp = cluster.trainer_gpus // model_parallel if model_parallel > 0 else 0
     settings, global_batch = settings_from_config(cfg, dp, implementation=args.implementation,
                                                   teacher_logits=args.teacher_logits, logits_bytes=args.logits_bytes)
