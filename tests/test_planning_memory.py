@@ -2,6 +2,7 @@
 example configs, and the tiny model's estimate against a real megatron training step on CPU."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,23 @@ def test_plan_holds_what_the_trainer_holds(pp, held):
     assert settings.fp8 == "hybrid" and settings.teacher_fp8 is None
     cfg.teacher.fp8 = "student"
     assert settings_from_config(cfg, data_parallel=3)[0].teacher_fp8 == "hybrid"
+
+
+def test_plan_pads_sequences_as_the_trainer_does():
+    """The planned length is the trainer's padded one (models.gpt.sequence_multiple): with FP8 and sequence
+    parallelism at TP=4 a multiple of 32 (8 rows per rank), and validate_layout refuses a length that is not."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.planning.cli import settings_from_config
+
+    over = ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true", "data.max_prompt_tokens=1000",
+            "rollout.max_tokens=3004"]
+    path = str(ROOT / "examples" / "configs" / "qwen3-8b_opsdc.yaml")
+    assert settings_from_config(load_config(path, over + ["model.fp8=null"]), 2)[0].seq_length == 4008
+    fp8, _ = settings_from_config(load_config(path, over + ["model.fp8=hybrid"]), 2)
+    assert fp8.seq_length == 4032
+    validate_layout(shape("qwen3-8b"), fp8)
+    with pytest.raises(LayoutError, match=r"4004 x micro-batch 1 / TP=4 \(sequence parallel\) = 1001 rows per rank"):
+        validate_layout(shape("qwen3-8b"), replace(fp8, seq_length=4004))
 
 
 def test_korthikanti_formula_for_gpt3():

@@ -15,6 +15,9 @@ from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel import cpu_compat
 
 
+# TE 2.10 transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec: "FP8 execution requires the product of all
+# dimensions except the last to be divisible by 8 and the last dimension to be divisible by 16".
+FP8_ROW_MULTIPLE = 8
 CONTEXT_PARALLEL_UNSUPPORTED = (
     "parallel.context_parallel_size={cp}: context parallelism is not supported yet; set it to 1 and fit long "
     "sequences with model.recompute_granularity=selective|full, parallel.tensor_model_parallel_size > 1 with "
@@ -37,12 +40,19 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
-    def sequence_multiple(self, pad_to_multiple_of: int) -> int:
-        """What padded sequence lengths must be a multiple of: ``data.pad_to_multiple_of``, and with sequence
-        parallelism also TP (megatron splits the sequence into TP equal parts: embedding reduce-scatter)."""
-        if self.sequence_parallel:
-            return math.lcm(pad_to_multiple_of, self.tensor_model_parallel_size)
-        return pad_to_multiple_of
+    def sequence_multiple(self, pad_to_multiple_of: int, fp8: bool = False) -> int:
+        """What padded sequence lengths must be a multiple of: ``data.pad_to_multiple_of``; with sequence
+        parallelism also TP (megatron splits the sequence into TP equal parts: embedding reduce-scatter); with FP8
+        GEMMs (``fp8``: any model of the run) ``FP8_ROW_MULTIPLE`` rows per rank: TE asserts the product of an
+        input's leading dimensions divisible by 8, and under sequence parallelism a rank's GEMM input has s/TP x b
+        rows, so s must be a multiple of 8 x TP for every micro-batch size (docs/gpu.md)."""
+        split = self.tensor_model_parallel_size if self.sequence_parallel else 1
+        return math.lcm(pad_to_multiple_of, split, FP8_ROW_MULTIPLE * split if fp8 else 1)
+
+    def microbatch_multiple(self) -> int:
+        """What the number of micro-batches per step and DP rank must be a multiple of: PP with an interleaved
+        (virtual) pipeline, whose megatron schedule raises unless M % PP == 0 (docs/gpu.md); else 1."""
+        return self.pipeline_model_parallel_size if self.virtual_pipeline_model_parallel_size else 1
 
     def data_parallel_size(self, world_size: int) -> int:
         self.validate_world(world_size)

@@ -57,7 +57,7 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
 
     ``teacher_logits`` None: what the trainer holds (``opsd.teacher_signal_source``): the teacher runs per
     micro-batch inside the student's step at PP=1, and for the whole step first at PP > 1."""
-    from megatron_opsd.models.gpt import teacher_fp8
+    from megatron_opsd.models.gpt import sequence_multiple, teacher_fp8
 
     p, r = cfg.parallel, cfg.rollout
     global_batch = r.prompts_per_step * r.n
@@ -70,7 +70,8 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         data_parallel=data_parallel,
         sequence_parallel=p.sequence_parallel,
         micro_batch_size=mbs,
-        seq_length=cfg.data.max_prompt_tokens + r.max_tokens,
+        seq_length=padded(cfg.data.max_prompt_tokens + r.max_tokens,
+                          sequence_multiple(cfg, cfg.data.pad_to_multiple_of)),
         response_tokens=r.max_tokens,
         num_microbatches=max(1, math.ceil(global_batch / (mbs * max(data_parallel, 1)))),
         recompute=cfg.model.recompute_granularity,
@@ -89,6 +90,11 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         lora_rank=cfg.model.lora.rank,
     )
     return settings, global_batch
+
+
+def padded(length: int, multiple: int) -> int:
+    """``length`` rounded up to ``multiple``: the trainer pads every sequence so (``opsd.build_microbatches``)."""
+    return -(-length // multiple) * multiple
 
 
 def main(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ def lora_stage_components(shape, s, base_params: int, components: dict) -> dict:
             "student weights": (base_params + adapters) * s.param_bytes,
             "student grads": adapters * grad_bytes,
             "optimizer state": adapters * optim_bytes / shards,
-            "teacher weights": teacher_sets * adapters * s.param_bytes}
+            "teacher weights": teacher_sets * adapters * 4}  # the teacher set is fp32 (models.lora)
 
 
 def sync_bytes(shape, s) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
+from megatron_opsd.parallel.distributed import FP8_ROW_MULTIPLE
 from megatron_opsd.planning.lora import lora_stage_components
 
 GIB = 1 << 30
@@ -396,6 +397,13 @@ def validate_layout(shape: ModelShape, s: TrainSettings, cluster: Optional[Clust
                       "pad sequences to a multiple of TP")
     if s.fp8 and shape.hidden_size % 16:
         errors.append(f"model.fp8={s.fp8!r}: hidden size {shape.hidden_size} must be a multiple of 16 for FP8 GEMMs")
+    split = tp if s.sequence_parallel else 1
+    rows = s.seq_length * s.micro_batch_size / split  # a rank's GEMM input rows (TE: divisible by 8 in FP8)
+    if (s.fp8 or s.teacher_fp8) and (s.seq_length % split or rows % FP8_ROW_MULTIPLE):
+        errors.append(f"model.fp8 / teacher.fp8: sequence length {s.seq_length} x micro-batch {s.micro_batch_size}"
+                      f"{f' / TP={tp} (sequence parallel)' if split > 1 else ''} = {rows:g} rows per rank must be a "
+                      f"multiple of {FP8_ROW_MULTIPLE} for Transformer Engine's FP8 GEMMs; the trainer pads "
+                      f"sequences to a multiple of {FP8_ROW_MULTIPLE * split}")
     if pp > 1 and s.num_microbatches < pp:
         warnings.append(f"{s.num_microbatches} microbatches per step < PP={pp}: stages idle in the pipeline bubble; "
                         "raise the batch or lower optim.micro_batch_size")
