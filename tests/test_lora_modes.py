@@ -226,3 +226,39 @@ def test_planner_counts_the_adapters_peft_builds(tiny_checkpoints):
     assert lora.components["student grads"] == adapters * 4
     assert lora.components["optimizer state"] == adapters * 12
     assert lora.components["student weights"] == full["student weights"] + adapters * 2
+
+
+def test_bf16_adapter_ema_keeps_an_fp32_average():
+    """teacher.weights=ema with bf16 adapters at decay 0.999: the teacher set is an fp32 average that follows an
+    fp64 reference of the same bf16 student trajectory; the old in-dtype (bf16) average stalls at its start (each
+    update is below half a bf16 ulp). A unit test of models.lora (no process group: the forward is not run)."""
+    from megatron_opsd.models.lora import LoRAAdapter, update_teacher_adapters_
+
+    torch.manual_seed(0)
+    adapter = LoRAAdapter(torch.nn.Linear(64, 48, bias=False, dtype=torch.bfloat16), column=True, glu=False,
+                          settings=SETTINGS)
+    chunk = torch.nn.Sequential(adapter)
+    with torch.no_grad():
+        adapter.lora_A.normal_()
+        adapter.lora_B.normal_()
+    adapter.add_teacher_set()
+    student = (adapter.lora_A, adapter.lora_B)
+    start = [p.detach().double() for p in student]
+    reference = [p.clone() for p in start]
+    in_dtype = [p.detach().clone() for p in student]  # what update_teacher_adapters_ did before (bf16 average)
+    decay = 0.999
+    for _ in range(300):
+        with torch.no_grad():
+            for p in student:  # the optimizer moves the bf16 student a little each step
+                p.add_(0.02 * torch.randn_like(p))
+        update_teacher_adapters_([chunk], decay)
+        for ref, old, p in zip(reference, in_dtype, student):
+            ref.mul_(decay).add_(p.detach().double(), alpha=1 - decay)
+            old.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    assert adapter.teacher_A.dtype == adapter.teacher_B.dtype == torch.float32
+    assert adapter.lora_A.dtype == torch.bfloat16
+    for teacher, ref, old, s0 in zip((adapter.teacher_A, adapter.teacher_B), reference, in_dtype, start):
+        moved = (ref - s0).norm()
+        assert moved > 0.01 * s0.norm()  # the average did move
+        assert (teacher.double() - ref).norm() < 1e-3 * moved  # fp32 average: follows the reference (6e-5 seen)
+        assert (old.double() - ref).norm() > 0.5 * moved  # bf16 average: stalled (the bug this fixes)

@@ -1,5 +1,7 @@
 """One OPSD step (frozen teacher with a longer context, reverse KL) at TP=1, TP=2 and PP=2 from the same
 weights and rollouts: same loss, same updated parameters; the loss equals an unsharded transformers reference."""
+from typing import Optional
+
 import pytest
 import torch
 
@@ -19,9 +21,11 @@ def rollouts():
     return student, teacher, responses
 
 
-def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_parallel: bool = False):
+def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_parallel: bool = False, keep: int = 4,
+                layout: Optional[dict] = None):
     """(loss, grad norm, updated params by HF name, layer-norm grads after finalize_model_grads, the sequence
-    length the final norm saw)."""
+    length the final norm saw, the micro-batch count). ``keep``: the first ``keep`` rollouts are distilled on (what
+    a filter keeps); ``layout``: more ``build_microbatches`` keywords (pad_multiple, microbatch_multiple)."""
     from megatron.core import parallel_state as ps
 
     from megatron_opsd.models.gpt import build_model
@@ -34,10 +38,10 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_par
     teacher_chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(teacher_chunks, hf_dir)  # frozen teacher: the initial weights
     ddp, optimizer, scheduler = setup_training(student_chunks, OptimConfig(lr=1e-3, clip_grad=1.0), 1000)
-    student, teacher, responses = rollouts()
+    student, teacher, responses = (side[:keep] for side in rollouts())
     weights = token_weights([len(r) for r in responses], reduction)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    kw = dict(micro_batch_size=micro_batch_size, pad_id=0, dp_size=dp, dp_rank=dp_rank)
+    kw = dict(micro_batch_size=micro_batch_size, pad_id=0, dp_size=dp, dp_rank=dp_rank, **(layout or {}))
     student_mbs = build_microbatches(student, responses, weights, **kw)
     teacher_mbs = build_microbatches(teacher, responses, weights, **kw)
     teacher_rows = collect_teacher_rows(teacher_chunks, teacher_mbs)
@@ -52,7 +56,7 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_par
                   if "layernorm" in name}
     info = optimizer_step(optimizer, scheduler)
     params = {name: t for name, t in iter_hf_tensors(student_chunks) if t is not None}
-    return out.loss, info["grad_norm"], params, norm_grads, set(seen)
+    return out.loss, info["grad_norm"], params, norm_grads, set(seen), len(student_mbs)
 
 
 def reference_loss(hf_dir: str, reduction: str) -> float:
@@ -71,11 +75,13 @@ def reference_loss(hf_dir: str, reduction: str) -> float:
     return torch.stack([k.mean() for k in per_seq]).mean().item()
 
 
-def run(hf_dir, tp, pp, dp=1, reduction="token_mean", micro_batch_size=1, sequence_parallel=False):
+def run(hf_dir, tp, pp, dp=1, reduction="token_mean", micro_batch_size=1, sequence_parallel=False, vpp=None,
+        keep=4, **layout):
     """Rank 0's ``step_worker`` result (the loss and grad norm are reduced onto every rank)."""
     cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                         sequence_parallel=sequence_parallel)
-    return run_distributed(step_worker, tp * pp * dp, cfg, hf_dir, reduction, micro_batch_size, sequence_parallel)[0]
+                         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel)
+    return run_distributed(step_worker, tp * pp * dp, cfg, hf_dir, reduction, micro_batch_size, sequence_parallel,
+                           keep, layout)[0]
 
 
 def relative_errors(a: dict, b: dict) -> float:
@@ -92,18 +98,37 @@ def test_step_tp1_matches_reference(tiny_checkpoints, reduction):
 def test_step_same_across_tp_pp_dp(tiny_checkpoints):
     """TP=2 (with and without sequence parallelism), PP=2 and DP=2 against TP=1: loss, grad norm, updated
     parameters; at TP=2 also the norm weights' gradients (q/k norms see a rank's heads, and with sequence
-    parallelism every norm sees a rank's tokens: finalize_model_grads must sum them over TP)."""
+    parallelism every norm sees a rank's tokens: finalize_model_grads must sum them over TP). The reference is
+    unpadded (sequences cut at the longest, 13 tokens); the sequence-parallel step is padded as for FP8
+    (ParallelConfig.sequence_multiple(8, fp8=True) = 16 at TP=2: 8 rows per rank), so padding for TE's FP8 rows
+    leaves the real tokens' loss, gradients and update unchanged."""
     hf_dir = tiny_checkpoints["qwen3"]
-    base_loss, base_norm, base_params, base_norm_grads, _ = run(hf_dir, 1, 1)
+    base_loss, base_norm, base_params, base_norm_grads, *_ = run(hf_dir, 1, 1, pad_multiple=1)
+    fp8_pad = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).sequence_multiple(8, fp8=True)
     for tp, pp, dp, mbs, sp in ((2, 1, 1, 2, False), (2, 1, 1, 2, True), (1, 2, 1, 1, False), (1, 1, 2, 1, False)):
         layout = dict(tp=tp, pp=pp, dp=dp, sequence_parallel=sp)
-        loss, grad_norm, params, norm_grads, seen = run(hf_dir, tp, pp, dp, micro_batch_size=mbs, sequence_parallel=sp)
+        loss, grad_norm, params, norm_grads, seen, _ = run(hf_dir, tp, pp, dp, micro_batch_size=mbs,
+                                                           sequence_parallel=sp, pad_multiple=fp8_pad if sp else 8)
         assert loss == pytest.approx(base_loss, rel=REL_TOL), layout
         assert grad_norm == pytest.approx(base_norm, rel=REL_TOL), layout
         assert relative_errors(params, base_params) < REL_TOL, layout
         if tp > 1:
             assert relative_errors(norm_grads, base_norm_grads) < REL_TOL, layout
             assert seen == {16 // tp if sp else 16}, layout  # student rows: 13 tokens at most, padded to 16
+
+
+def test_interleaved_pipeline_pads_an_odd_kept_count(tiny_checkpoints):
+    """PP=2 x VPP=2 with 3 kept rollouts (micro-batch size 1): megatron's interleaved schedule refuses M=3
+    (not a multiple of PP); ParallelConfig.microbatch_multiple() pads to M=4 with a zero-weight dummy, and the step
+    equals the unpadded PP=1 step (M=3): loss, grad norm, updated parameters."""
+    hf_dir = tiny_checkpoints["qwen3_4l"]
+    vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    base_loss, base_norm, base_params, _, _, base_m = run(hf_dir, 1, 1, keep=3)
+    loss, grad_norm, params, _, _, m = run(hf_dir, 1, 2, vpp=2, keep=3, microbatch_multiple=vpp.microbatch_multiple())
+    assert (base_m, m) == (3, 4)
+    assert loss == pytest.approx(base_loss, rel=REL_TOL)
+    assert grad_norm == pytest.approx(base_norm, rel=REL_TOL)
+    assert relative_errors(params, base_params) < REL_TOL
 
 
 def test_token_weights_equal_reduction_weights():

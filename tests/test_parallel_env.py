@@ -1,5 +1,6 @@
 """Rendezvous from torchrun / slurm variables and the world-size divisibility check."""
 import pytest
+import torch
 
 from megatron_opsd.parallel.distributed import ParallelConfig, rendezvous_env
 
@@ -34,11 +35,52 @@ def test_world_not_divisible_names_the_sizes():
 
 def test_sequence_parallel_runs_on_cpu_and_pads_to_tp():
     ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate_world(2)  # no longer refused
-    with pytest.raises(ValueError, match="parallel.context_parallel_size > 1 needs Transformer Engine"):
-        ParallelConfig(context_parallel_size=2).validate_world(2)
     assert ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True).sequence_multiple(6) == 12
     assert ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).sequence_multiple(8) == 8
     assert ParallelConfig(tensor_model_parallel_size=4).sequence_multiple(6) == 6
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_padded_shapes_meet_sequence_parallel_and_fp8_rows(tp, sp, fp8):
+    """The padded sequence length for every TP x SP x FP8: a multiple of data.pad_to_multiple_of, of TP under SP
+    (megatron's split), and in FP8 each rank's GEMM input rows (s / TP under SP, times any micro-batch size) a
+    multiple of 8 (TE's assert_dim_for_fp8_exec). The old lcm(8, TP) padding gave 4612 rows at TP=2, s=9224."""
+    from megatron_opsd.training.opsd import build_microbatches
+
+    cfg = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
+    expected = {(False, False): 8, (True, False): max(8, tp), (False, True): 8, (True, True): 8 * tp}[(sp, fp8)]
+    assert cfg.sequence_multiple(8, fp8=fp8) == expected
+    assert cfg.sequence_multiple(1, fp8=fp8) == {(False, False): 1, (True, False): tp, (False, True): 8,
+                                                 (True, True): 8 * tp}[(sp, fp8)]
+    split = tp if sp else 1
+    for length in (9217, 9224, 13, 1):
+        tokens = build_microbatches([[1] * (length - 1)], [[2]], [torch.ones(1)], micro_batch_size=1, pad_id=0,
+                                    pad_multiple=cfg.sequence_multiple(8, fp8=fp8))[0]["tokens"]
+        s = tokens.shape[1]
+        assert s >= length and s % 8 == 0 and s % split == 0 and s - length < expected
+        if fp8:
+            assert all(s // split * b % 8 == 0 for b in (1, 2, 3))
+
+
+def test_context_parallel_refused_everywhere(monkeypatch, tmp_path, capsys):
+    """CP > 1 is refused with one line on every device (CUDA faked as available: the old check refused it only
+    without CUDA), at world validation and by the launcher before any rank starts (exit 2, no traceback)."""
+    from megatron_opsd.cli import main
+    from megatron_opsd.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UsageError, match=r"parallel.context_parallel_size=2: context parallelism is not supported "
+                                         r"yet; set it to 1 .*recompute_granularity.*sequence_parallel=true.*"
+                                         r"rollout.max_tokens"):
+        ParallelConfig(context_parallel_size=2).validate_world(4)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rc = main(["train", "--set", f"model.path={model}", "--set", "parallel.context_parallel_size=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "context parallelism is not supported yet" in err
 
 
 def test_launch_retries_when_the_rendezvous_port_was_taken(monkeypatch):

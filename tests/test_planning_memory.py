@@ -2,6 +2,7 @@
 example configs, and the tiny model's estimate against a real megatron training step on CPU."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,23 @@ def test_plan_holds_what_the_trainer_holds(pp, held):
     assert settings_from_config(cfg, data_parallel=3)[0].teacher_fp8 == "hybrid"
 
 
+def test_plan_pads_sequences_as_the_trainer_does():
+    """The planned length is the trainer's padded one (models.gpt.sequence_multiple): with FP8 and sequence
+    parallelism at TP=4 a multiple of 32 (8 rows per rank), and validate_layout refuses a length that is not."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.planning.cli import settings_from_config
+
+    over = ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true", "data.max_prompt_tokens=1000",
+            "rollout.max_tokens=3004"]
+    path = str(ROOT / "examples" / "configs" / "qwen3-8b_opsdc.yaml")
+    assert settings_from_config(load_config(path, over + ["model.fp8=null"]), 2)[0].seq_length == 4008
+    fp8, _ = settings_from_config(load_config(path, over + ["model.fp8=hybrid"]), 2)
+    assert fp8.seq_length == 4032
+    validate_layout(shape("qwen3-8b"), fp8)
+    with pytest.raises(LayoutError, match=r"4004 x micro-batch 1 / TP=4 \(sequence parallel\) = 1001 rows per rank"):
+        validate_layout(shape("qwen3-8b"), replace(fp8, seq_length=4004))
+
+
 def test_korthikanti_formula_for_gpt3():
     """GPT-3 175B (MHA, 4h GELU MLP, no RoPE, dropout): 34 h bytes per token and layer; TP splits 24 of them."""
     gpt3 = ModelShape(hidden_size=12288, num_layers=96, num_heads=96, num_kv_heads=96, head_dim=128,
@@ -162,11 +180,10 @@ def test_interleaved_and_bubble_in_flight():
     (dict(tensor_parallel=5), None, "8 KV heads"),
     (dict(pipeline_parallel=3), None, "40 layers cannot be split"),
     (dict(pipeline_parallel=1, virtual_pipeline=2), None, "virtual_pipeline_model_parallel_size needs"),
-    (dict(context_parallel=2, seq_length=4098), None, "multiple of 2 x CP"),
     (dict(tensor_parallel=4, sequence_parallel=True, seq_length=4098), None, "multiple of TP=4"),
     (dict(tensor_parallel=4, data_parallel=2), Cluster(num_nodes=1, sidecar_replicas=1, sidecar_tp=4), "give DP=1"),
     (dict(tensor_parallel=4, data_parallel=2), Cluster(num_nodes=1, sidecar_replicas=1, sidecar_tp=2),
-     "not divisible by TP x PP x CP"),
+     "not divisible by TP x PP = 4"),
     (dict(tensor_parallel=8), Cluster(num_nodes=2, sidecar_replicas=1, sidecar_tp=3, sidecar_shares_nodes=False)
      , "vLLM needs the 40 attention heads"),
     (dict(tensor_parallel=8), Cluster(num_nodes=1, sidecar_replicas=1, sidecar_tp=16, sidecar_shares_nodes=False),
@@ -237,6 +254,11 @@ def test_cli_refuses_and_advises(capsys):
     assert rc == 1 and "DOES NOT FIT" in out and "model.recompute_granularity=full" in out
     rc = main(["plan", "--model-config", str(MODELS / "qwen3-8b"), "--set", "parallel.tensor_model_parallel_size=3"])
     assert rc == 2 and "32 attention heads" in capsys.readouterr().err
+    # context parallelism is neither modelled nor offered: refused with the trainer's one line
+    rc = main(["plan", "--model-config", str(MODELS / "qwen3-8b"), "--set", "parallel.context_parallel_size=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "context parallelism is not supported yet" in err and len(err.strip().splitlines()) == 1
+    assert not hasattr(TrainSettings(), "context_parallel")
 
 
 # --------------------------------------------------------------------------------------------- measured on CPU

@@ -108,6 +108,11 @@ def test_microbatches_weight_every_trained_token_by_one_over_the_global_count(ti
     assert mb["tokens"].shape[1] % 8 == 0
     with pytest.raises(ValueError, match="data.global_batch_size=8 must be a multiple"):
         build_sft_microbatches(examples, micro_batch_size=3, pad_id=0)
+    # an interleaved pipeline at PP=3 needs 3 micro-batches per rank: a zero-weight one is added, the rest unchanged
+    padded = build_sft_microbatches(examples, micro_batch_size=2, pad_id=0, dp_size=2, dp_rank=0, microbatch_multiple=3)
+    assert len(padded) == 3 and not padded[2]["weights"].any()
+    assert all(torch.equal(p["weights"], q["weights"]) and torch.equal(p["tokens"], q["tokens"])
+               for p, q in zip(padded, per_rank[0]))
 
 
 def test_bad_input_names_the_field(tiny_checkpoints, tmp_path):

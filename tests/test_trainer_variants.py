@@ -261,3 +261,72 @@ def test_template_with_rollout_variable_gets_a_demonstration(tiny_checkpoints, t
 
     tok, responses = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen3"]), fixed_responses()
     assert f"A correct solution: {tok.decode(responses[0][2])}" in tok.decode(teachers[0][0])  # next correct one
+
+
+def recast_worker(cfg, steps: int):
+    """``trainer_worker`` recording, in order, the teacher updates, the FP8 re-cast requests on the teacher replica
+    and, at each teacher forward, the TE flag a stand-in TE linear sees.
+
+    TE cannot run on CPU, so the linears' QKV projections of the teacher carry the attribute megatron's TE linears
+    have (``is_first_microbatch``), and a forward pre-hook does what their forward does (read it: TE re-casts the
+    FP8 weight when it is True; then set it False). Megatron's own ``set_is_first_microbatch`` runs, with
+    ``config.fp8`` set for the duration of the call (it is a no-op without FP8; the forwards stay BF16/fp32)."""
+    from megatron_opsd.models.weights import unwrap
+
+    trainer = recording_trainer(cfg)
+    events = []
+    update = trainer.update_teacher
+
+    def recording_update():
+        update()
+        events.append("update")
+
+    trainer.update_teacher = recording_update
+    for chunk in trainer.teacher:
+        real = chunk.set_is_first_microbatch
+
+        def recording_recast(real=real, chunk=chunk):
+            config = unwrap(chunk).config
+            config.fp8 = "hybrid"
+            try:
+                real()
+            finally:
+                config.fp8 = None
+            events.append("recast")
+
+        chunk.set_is_first_microbatch = recording_recast
+        for layer in unwrap(chunk).decoder.layers:
+            te_linear = layer.self_attention.linear_qkv
+            te_linear.is_first_microbatch = True  # as TE linears start (megatron extensions/transformer_engine.py)
+
+            def forward_like_te(module, args):
+                if module is unwrap(chunk).decoder.layers[0].self_attention.linear_qkv:
+                    events.append(("forward", module.is_first_microbatch))
+                module.is_first_microbatch = False
+
+            te_linear.register_forward_pre_hook(forward_like_te)
+    history = [trainer.train_step() for _ in range(steps)]
+    if trainer.run.logger is not None:
+        trainer.run.logger.close()
+    return history, events
+
+
+def test_fp8_teacher_weights_recast_after_each_update(tiny_checkpoints, tmp_path):
+    """Finding 1 of issue 31: at PP=1 the teacher forwards run outside megatron's schedules, the only place that
+    tells TE to re-cast its cached FP8 weights, so an EMA / refreshed teacher scored with its step-1 FP8 weights.
+    Now every step re-casts every teacher model before its first forward, after the previous step's update: per
+    step, exactly the first teacher forward sees TE's flag set. The mechanism and its order only (no TE on CPU)."""
+    cfg = make_config(tmp_path, tiny_checkpoints["qwen3"], teacher={"weights": "ema"})
+    history, events = run_distributed(recast_worker, 1, cfg.parallel, cfg, 3)[0]
+    assert len(history) == 3
+    steps = [[]]
+    for event in events:  # split at the updates: a step's events end with its teacher update
+        steps[-1].append(event)
+        if event == "update":
+            steps.append([])
+    assert steps.pop() == [] and len(steps) == 3
+    for i, step in enumerate(steps):
+        forwards = [e for e in step if isinstance(e, tuple)]
+        assert len(forwards) >= 2 and forwards[0] == ("forward", True), (i, step)  # re-cast after the last update
+        assert all(flag is False for _, flag in forwards[1:]), (i, step)  # the cached cast serves the rest
+        assert step.count("recast") == 1 and step.index("recast") < step.index(forwards[0]), (i, step)

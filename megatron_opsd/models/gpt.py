@@ -131,6 +131,13 @@ def teacher_fp8(cfg) -> Optional[str]:
     return cfg.model.fp8 if cfg.teacher.fp8 == "student" else cfg.teacher.fp8
 
 
+def sequence_multiple(cfg, pad_to_multiple_of: int) -> int:
+    """What a trainer config's padded sequence lengths must be a multiple of (``ParallelConfig.sequence_multiple``),
+    with FP8 when any model it builds runs FP8 GEMMs: the student, or the teacher / reference replica."""
+    fp8 = bool(cfg.model.fp8 or (getattr(cfg, "teacher", None) is not None and teacher_fp8(cfg)))
+    return cfg.parallel.sequence_multiple(pad_to_multiple_of, fp8=fp8)
+
+
 def build_model_from_config(cfg, *, teacher: bool = False) -> list:
     """``build_model`` for a trainer config: its ``model`` section (path, dtype, FP8, recompute, vocabulary
     padding) and ``parallel.sequence_parallel``, so every trainer and replica is built the same way.

@@ -78,9 +78,11 @@ class LoRAAdapter(torch.nn.Module):
         self.teacher_A = self.teacher_B = None
 
     def add_teacher_set(self) -> None:
-        """A frozen copy of the adapters for an EMA / refreshed teacher (no gradient, no optimizer state)."""
-        self.teacher_A = torch.nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
-        self.teacher_B = torch.nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
+        """A frozen copy of the adapters for an EMA / refreshed teacher (no gradient, no optimizer state), kept in
+        fp32 whatever the adapters' dtype: a bf16 EMA at decay 0.999 rounds almost every update away (the stall
+        ``schedule.FP32EMA`` fixes for full replicas); the forward casts it to the input's dtype."""
+        self.teacher_A = torch.nn.Parameter(self.lora_A.detach().float().clone(), requires_grad=False)
+        self.teacher_B = torch.nn.Parameter(self.lora_B.detach().float().clone(), requires_grad=False)
 
     def factors(self, mode: Optional[str] = None) -> tuple:
         mode = mode or self.mode
@@ -91,7 +93,7 @@ class LoRAAdapter(torch.nn.Module):
         from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region, get_cuda_rng_tracker,
                                                    reduce_from_tensor_model_parallel_region)
 
-        a, b = self.factors()
+        a, b = (f.to(x.dtype) for f in self.factors())  # the teacher set is fp32 (add_teacher_set)
         if self.dropout is not None and self.training:
             if self.column:  # x is replicated over TP: the default generator draws the same mask on every rank
                 x = self.dropout(x)
@@ -193,12 +195,13 @@ def use_adapters(model_chunks: list, mode: str) -> Iterator[None]:
 
 @torch.no_grad()
 def update_teacher_adapters_(model_chunks: list, decay: float) -> None:
-    """``teacher <- decay * teacher + (1 - decay) * student`` for every adapter (decay 0: a hard refresh)."""
+    """``teacher <- decay * teacher + (1 - decay) * student`` for every adapter (decay 0: a hard refresh), in the
+    teacher set's fp32."""
     for a in adapters_of(model_chunks):
         if a.teacher_A is None:
             a.add_teacher_set()
-        a.teacher_A.mul_(decay).add_(a.lora_A, alpha=1.0 - decay)
-        a.teacher_B.mul_(decay).add_(a.lora_B, alpha=1.0 - decay)
+        a.teacher_A.mul_(decay).add_(a.lora_A.float(), alpha=1.0 - decay)
+        a.teacher_B.mul_(decay).add_(a.lora_B.float(), alpha=1.0 - decay)
 
 
 # ------------------------------------------------------------------------------------ HF / PEFT names

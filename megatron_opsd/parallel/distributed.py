@@ -15,6 +15,15 @@ from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel import control, cpu_compat
 
 
+# TE 2.10 transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec: "FP8 execution requires the product of all
+# dimensions except the last to be divisible by 8 and the last dimension to be divisible by 16".
+FP8_ROW_MULTIPLE = 8
+CONTEXT_PARALLEL_UNSUPPORTED = (
+    "parallel.context_parallel_size={cp}: context parallelism is not supported yet; set it to 1 and fit long "
+    "sequences with model.recompute_granularity=selective|full, parallel.tensor_model_parallel_size > 1 with "
+    "parallel.sequence_parallel=true, or a shorter rollout.max_tokens")
+
+
 @dataclass
 class ParallelConfig:
     """How the world is split. Data parallel size is derived: world / (TP * PP * CP)."""
@@ -48,19 +57,34 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
-    def sequence_multiple(self, pad_to_multiple_of: int) -> int:
-        """What padded sequence lengths must be a multiple of: ``data.pad_to_multiple_of``, and with sequence
-        parallelism also TP (megatron splits the sequence into TP equal parts: embedding reduce-scatter)."""
-        if self.sequence_parallel:
-            return math.lcm(pad_to_multiple_of, self.tensor_model_parallel_size)
-        return pad_to_multiple_of
+    def sequence_multiple(self, pad_to_multiple_of: int, fp8: bool = False) -> int:
+        """What padded sequence lengths must be a multiple of: ``data.pad_to_multiple_of``; with sequence
+        parallelism also TP (megatron splits the sequence into TP equal parts: embedding reduce-scatter); with FP8
+        GEMMs (``fp8``: any model of the run) ``FP8_ROW_MULTIPLE`` rows per rank: TE asserts the product of an
+        input's leading dimensions divisible by 8, and under sequence parallelism a rank's GEMM input has s/TP x b
+        rows, so s must be a multiple of 8 x TP for every micro-batch size (docs/gpu.md)."""
+        split = self.tensor_model_parallel_size if self.sequence_parallel else 1
+        return math.lcm(pad_to_multiple_of, split, FP8_ROW_MULTIPLE * split if fp8 else 1)
+
+    def microbatch_multiple(self) -> int:
+        """What the number of micro-batches per step and DP rank must be a multiple of: PP with an interleaved
+        (virtual) pipeline, whose megatron schedule raises unless M % PP == 0 (docs/gpu.md); else 1."""
+        return self.pipeline_model_parallel_size if self.virtual_pipeline_model_parallel_size else 1
 
     def data_parallel_size(self, world_size: int) -> int:
         self.validate_world(world_size)
         return world_size // self.model_parallel_size()
 
+    def refuse_unsupported(self) -> None:
+        """Layouts megatron could build but this trainer does not implement: context parallelism (nothing shards a
+        micro-batch's tokens per CP rank, as Megatron-LM's ``get_batch_on_this_cp_rank`` does, and the loss
+        scaling counts DP only), on every device."""
+        if self.context_parallel_size > 1:
+            raise UsageError(CONTEXT_PARALLEL_UNSUPPORTED.format(cp=self.context_parallel_size))
+
     def validate_world(self, world_size: int) -> None:
         self.validate_sizes()
+        self.refuse_unsupported()
         mp = self.model_parallel_size()
         if world_size % mp != 0:
             raise UsageError(
@@ -69,8 +93,6 @@ class ParallelConfig:
                 f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "
                 f"({self.context_parallel_size}) = {mp}; change the sizes or launch {mp}*k processes"
             )
-        if not torch.cuda.is_available() and self.context_parallel_size > 1:
-            raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine attention on GPU; set it to 1")
 
 
 def free_port() -> int:

@@ -62,7 +62,7 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
 
     ``teacher_logits`` None: what the trainer holds (``opsd.teacher_signal_source``): the teacher runs per
     micro-batch inside the student's step at PP=1, and for the whole step first at PP > 1."""
-    from megatron_opsd.models.gpt import teacher_fp8
+    from megatron_opsd.models.gpt import sequence_multiple, teacher_fp8
 
     p, r = cfg.parallel, cfg.rollout
     global_batch = r.prompts_per_step * r.n
@@ -72,11 +72,11 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
         tensor_parallel=p.tensor_model_parallel_size,
         pipeline_parallel=p.pipeline_model_parallel_size,
         virtual_pipeline=p.virtual_pipeline_model_parallel_size,
-        context_parallel=p.context_parallel_size,
         data_parallel=data_parallel,
         sequence_parallel=p.sequence_parallel,
         micro_batch_size=mbs,
-        seq_length=cfg.data.max_prompt_tokens + r.max_tokens,
+        seq_length=padded(cfg.data.max_prompt_tokens + r.max_tokens,
+                          sequence_multiple(cfg, cfg.data.pad_to_multiple_of)),
         response_tokens=r.max_tokens,
         num_microbatches=max(1, math.ceil(global_batch / (mbs * max(data_parallel, 1)))),
         recompute=cfg.model.recompute_granularity,
@@ -98,11 +98,17 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
     return settings, global_batch
 
 
+def padded(length: int, multiple: int) -> int:
+    """``length`` rounded up to ``multiple``: the trainer pads every sequence so (``opsd.build_microbatches``)."""
+    return -(-length // multiple) * multiple
+
+
 def main(args: argparse.Namespace) -> int:
     from megatron_opsd.config import ConfigError, config_from_args
 
     try:
         cfg = config_from_args(args)
+        cfg.parallel.refuse_unsupported()  # context parallelism: not modelled, not offered
         model_path = args.model_config or cfg.model.path
         if not model_path:
             raise ConfigError("model.path is empty: set it in the config or pass --model-config")
@@ -119,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"megatron-opsd plan: {err}", file=sys.stderr)
         return 2
     p = cfg.parallel
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     dp = cluster.trainer_gpus // model_parallel if model_parallel > 0 else 0
     settings, global_batch = settings_from_config(cfg, dp, implementation=args.implementation,
                                                   teacher_logits=args.teacher_logits, logits_bytes=args.logits_bytes)

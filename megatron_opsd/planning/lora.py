@@ -35,13 +35,13 @@ def lora_stage_components(shape, s, base_params: int, components: dict) -> dict:
     adapters = shape.num_layers // s.pipeline_parallel * lora_layer_params(shape, s.lora_rank, s.tensor_parallel)
     grad_bytes = 4 if s.grad_reduce_in_fp32 else s.param_bytes
     optim_bytes = (4 if s.param_bytes < 4 else 0) + 8
-    shards = s.data_parallel * s.context_parallel if s.use_distributed_optimizer else 1
+    shards = s.data_parallel if s.use_distributed_optimizer else 1
     teacher_sets = 1 if s.teacher_weights in ("ema", "refresh") else 0
     return {**components,
             "student weights": (base_params + adapters) * s.param_bytes,
             "student grads": adapters * grad_bytes,
             "optimizer state": adapters * optim_bytes / shards,
-            "teacher weights": teacher_sets * adapters * s.param_bytes}
+            "teacher weights": teacher_sets * adapters * 4}  # the teacher set is fp32 (models.lora)
 
 
 def sync_bytes(shape, s) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
+from megatron_opsd.parallel.distributed import FP8_ROW_MULTIPLE
 from megatron_opsd.planning.lora import lora_stage_components
 
 GIB = 1 << 30
@@ -116,8 +117,7 @@ class TrainSettings:
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    virtual_pipeline: Optional[int] = None
-    context_parallel: int = 1
+    virtual_pipeline: Optional[int] = None  # no context parallelism: the trainer refuses it (ParallelConfig)
     data_parallel: int = 1
     sequence_parallel: bool = False
     micro_batch_size: int = 1
@@ -146,7 +146,7 @@ class TrainSettings:
 
     @property
     def model_parallel(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        return self.tensor_parallel * self.pipeline_parallel
 
     @property
     def world_size(self) -> int:
@@ -237,8 +237,7 @@ def activation_bytes_per_token_per_layer(shape: ModelShape, s: TrainSettings, re
         if shape.qk_layernorm:
             attn += 8 * (q + kv) + 4 * (shape.num_heads + shape.num_kv_heads)
         if recompute != "selective":  # fp32 softmax output + 16-bit probabilities (+ dropout mask and output)
-            seq_kv = s.seq_length / s.context_parallel
-            attn += shape.num_heads * seq_kv * (4 + e + ((1 + e) if s.attention_dropout else 0))
+            attn += shape.num_heads * s.seq_length * (4 + e + ((1 + e) if s.attention_dropout else 0))
     else:
         attn = e * (q + 2 * kv) + e * q  # QKV output (Q, K, V), attention output; fused attention: no s x s
         if shape.rope:
@@ -306,14 +305,14 @@ def stage_params(shape: ModelShape, s: TrainSettings, stage: int) -> int:
 
 
 def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
-    """Per-GPU bytes for every pipeline stage (one TP/DP/CP rank of each)."""
+    """Per-GPU bytes for every pipeline stage (one TP/DP rank of each)."""
     _check_choices(s)
-    tp, cp = s.tensor_parallel, s.context_parallel
+    tp = s.tensor_parallel
     vocab_shard = shape.padded_vocab(tp, s.make_vocab_size_divisible_by) // tp
-    tokens = s.micro_batch_size * s.seq_length / cp  # tokens of one microbatch on this rank
+    tokens = s.micro_batch_size * s.seq_length  # tokens of one microbatch on this rank
     grad_bytes = 4 if s.grad_reduce_in_fp32 else s.param_bytes
     optim_bytes = (4 if s.param_bytes < 4 else 0) + 8  # fp32 master copy (if params are 16-bit) + Adam m, v
-    optim_shards = s.data_parallel * cp if s.use_distributed_optimizer else 1
+    optim_shards = s.data_parallel if s.use_distributed_optimizer else 1
     per_layer = activation_bytes_per_token_per_layer(shape, s)
     layers = shape.num_layers // s.pipeline_parallel
     stages = []
@@ -342,7 +341,7 @@ def estimate_memory(shape: ModelShape, s: TrainSettings) -> MemoryPlan:
             c["recompute working set"] = activation_bytes_per_token_per_layer(shape, s, recompute=None) * tokens
         if stage == s.pipeline_parallel - 1:
             logits = tokens * vocab_shard * s.logits_bytes
-            response = (s.response_tokens or s.seq_length) * s.micro_batch_size / cp
+            response = (s.response_tokens or s.seq_length) * s.micro_batch_size
             held = s.num_microbatches if s.teacher_logits_held == "step" else 1
             c["student logits"] = logits
             c["student logits grad"] = logits
@@ -393,9 +392,9 @@ def validate_layout(shape: ModelShape, s: TrainSettings, cluster: Optional[Clust
                     global_batch: Optional[int] = None) -> list:
     """Raise ``LayoutError`` listing every invalid choice with its fix; return non-fatal warnings."""
     errors, warnings = [], []
-    tp, pp, cp, vpp = s.tensor_parallel, s.pipeline_parallel, s.context_parallel, s.virtual_pipeline
+    tp, pp, vpp = s.tensor_parallel, s.pipeline_parallel, s.virtual_pipeline
     for key, value in (("parallel.tensor_model_parallel_size", tp), ("parallel.pipeline_model_parallel_size", pp),
-                       ("parallel.context_parallel_size", cp), ("data parallel size", s.data_parallel),
+                       ("data parallel size", s.data_parallel),
                        ("optim.micro_batch_size", s.micro_batch_size)):
         if value < 1:
             errors.append(f"{key}={value} must be >= 1")
@@ -424,15 +423,15 @@ def validate_layout(shape: ModelShape, s: TrainSettings, cluster: Optional[Clust
     if s.sequence_parallel and s.seq_length % tp:
         errors.append(f"parallel.sequence_parallel: sequence length {s.seq_length} must be a multiple of TP={tp}; "
                       "pad sequences to a multiple of TP")
-    if cp > 1:
-        if s.seq_length % (2 * cp):
-            errors.append(f"parallel.context_parallel_size={cp}: sequence length {s.seq_length} must be a multiple "
-                          f"of 2 x CP = {2 * cp} (megatron's load-balanced split)")
-        if s.implementation != "te":
-            errors.append("parallel.context_parallel_size > 1 needs Transformer Engine fused attention (GPU); set it "
-                          "to 1 on CPU")
     if s.fp8 and shape.hidden_size % 16:
         errors.append(f"model.fp8={s.fp8!r}: hidden size {shape.hidden_size} must be a multiple of 16 for FP8 GEMMs")
+    split = tp if s.sequence_parallel else 1
+    rows = s.seq_length * s.micro_batch_size / split  # a rank's GEMM input rows (TE: divisible by 8 in FP8)
+    if (s.fp8 or s.teacher_fp8) and (s.seq_length % split or rows % FP8_ROW_MULTIPLE):
+        errors.append(f"model.fp8 / teacher.fp8: sequence length {s.seq_length} x micro-batch {s.micro_batch_size}"
+                      f"{f' / TP={tp} (sequence parallel)' if split > 1 else ''} = {rows:g} rows per rank must be a "
+                      f"multiple of {FP8_ROW_MULTIPLE} for Transformer Engine's FP8 GEMMs; the trainer pads "
+                      f"sequences to a multiple of {FP8_ROW_MULTIPLE * split}")
     if pp > 1 and s.num_microbatches < pp:
         warnings.append(f"{s.num_microbatches} microbatches per step < PP={pp}: stages idle in the pipeline bubble; "
                         "raise the batch or lower optim.micro_batch_size")
@@ -455,7 +454,7 @@ def _validate_cluster(shape: ModelShape, s: TrainSettings, cluster: Cluster, err
     elif trainer != s.world_size:
         if trainer % s.model_parallel:
             errors.append(f"{trainer} trainer GPUs (nodes x gpus-per-node - shared sidecar GPUs) are not divisible by "
-                          f"TP x PP x CP = {s.model_parallel}; change the sizes or the sidecar GPU count")
+                          f"TP x PP = {s.model_parallel}; change the sizes or the sidecar GPU count")
         else:
             errors.append(f"{trainer} trainer GPUs give DP={trainer // s.model_parallel}, not "
                           f"DP={s.data_parallel}")
@@ -574,7 +573,7 @@ def format_plan(plan: MemoryPlan, cluster: Optional[Cluster] = None) -> str:
         f"model {plan.shape.name or '?'}: {plan.shape.total_params() / 1e9:.2f} B params; "
         f"TP={s.tensor_parallel} PP={s.pipeline_parallel}"
         + (f" VPP={s.virtual_pipeline}" if s.virtual_pipeline else "")
-        + f" CP={s.context_parallel} DP={s.data_parallel} SP={'on' if s.sequence_parallel else 'off'}; "
+        + f" DP={s.data_parallel} SP={'on' if s.sequence_parallel else 'off'}; "
         f"micro-batch {s.micro_batch_size} x {s.seq_length} tokens, {s.num_microbatches} microbatches/step; "
         f"recompute={s.recompute or 'none'}; teacher={s.teacher_weights}; implementation={s.implementation}"
         + (f"; fp8={s.fp8}" if s.fp8 else "") + (f"; lora r={s.lora_rank}" if s.lora_rank else ""),

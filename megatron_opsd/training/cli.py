@@ -62,6 +62,7 @@ def check_inputs(cfg) -> None:
     from megatron_opsd.models.gpt import load_hf_config
 
     par = cfg.parallel
+    par.refuse_unsupported()
     validate_layout(load_hf_config(model), par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                     par.virtual_pipeline_model_parallel_size)
 

@@ -30,28 +30,31 @@ from megatron.core import parallel_state as ps
 from megatron_opsd.config import LossConfig
 from megatron_opsd.losses import Objective, TeacherSignal, token_weights
 from megatron_opsd.parallel.device import sum_over_ranks, to_device
-from megatron_opsd.training.schedule import collect_logits, forward_backward, model_forward, select_positions
+from megatron_opsd.training.schedule import (collect_logits, forward_backward, model_forward, recast_fp8_weights,
+                                             select_positions)
 
 __all__ = ["build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics", "response_token_ids",
            "student_forward_backward", "teacher_signal_source", "teacher_signals", "token_weights", "tp_group"]
 
 
 def build_microbatches(prompts: list[list[int]], responses: list[list[int]], weights: list[torch.Tensor], *,
-                       micro_batch_size: int, pad_id: int, pad_multiple: int = 8, dp_size: int = 1,
-                       dp_rank: int = 0) -> list[dict]:
+                       micro_batch_size: int, pad_id: int, pad_multiple: int = 8, microbatch_multiple: int = 1,
+                       dp_size: int = 1, dp_rank: int = 0) -> list[dict]:
     """This DP rank's micro-batches for one side (student or teacher) of the step.
 
     Sequence i is ``prompts[i] + responses[i]``; the logit at position p predicts token p+1, so response token
     t is predicted by row ``len(prompts[i]) - 1 + t``. All micro-batches are padded to one length (megatron's
     schedules need fixed shapes), and the sequence count is padded with zero-weight dummies to a multiple of
-    ``micro_batch_size * dp_size`` so every DP rank runs the same number of micro-batches. Built on the host,
+    ``micro_batch_size * dp_size * microbatch_multiple`` so every DP rank runs the same number of micro-batches,
+    a multiple of ``microbatch_multiple`` (``ParallelConfig.microbatch_multiple``: PP for an interleaved
+    pipeline, whose schedule refuses other counts; how many rollouts a filter keeps varies). Built on the host,
     returned on the current device (``parallel.device.to_device``: the one place OPSD and GRPO batches move).
     """
     if not (len(prompts) == len(responses) == len(weights)):
         raise ValueError("prompts, responses and weights must have one entry per sequence")
     prompts, responses, weights = list(prompts), list(responses), list(weights)
     group = micro_batch_size * dp_size
-    while len(prompts) % group:
+    while len(prompts) % (group * microbatch_multiple):
         prompts.append([pad_id])
         responses.append([pad_id])
         weights.append(torch.zeros(1))
@@ -104,7 +107,13 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
     so one micro-batch's teacher rows are alive at a time, as ``megatron-opsd plan`` assumes. At PP > 1 the
     teacher's forward is itself a pipeline and cannot run inside the student's 1F1B schedule: every micro-batch's
     teacher rows are collected first (a list), which the planner counts for PP > 1.
+
+    Called once per step, after the previous step's teacher update (EMA, refresh, LoRA adapters, a resume): every
+    teacher model first has TE re-cast its FP8 weights (``schedule.recast_fp8_weights``), since the PP=1 forwards
+    below run outside megatron's schedules, which alone do that (at PP > 1 the schedule does it too).
     """
+    for ctx in teacher_mbs:
+        recast_fp8_weights(teacher_model(ctx))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         rows = {}
         for ctx, mbs in teacher_mbs.items():

@@ -25,7 +25,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_opsd.config import ConfigError, config_to_dict, save_config
-from megatron_opsd.models.gpt import PARAMS_DTYPES, build_model_from_config
+from megatron_opsd.models.gpt import PARAMS_DTYPES, build_model_from_config, sequence_multiple
 from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
@@ -138,7 +138,8 @@ class Run:
     def batch_layout(self, pad_to_multiple_of: int) -> dict:
         """This rank's micro-batch layout keywords (``build_microbatches``)."""
         return dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
-                    pad_multiple=self.cfg.parallel.sequence_multiple(pad_to_multiple_of),
+                    pad_multiple=sequence_multiple(self.cfg, pad_to_multiple_of),
+                    microbatch_multiple=self.cfg.parallel.microbatch_multiple(),
                     dp_size=self.dp_size, dp_rank=self.dp_rank)
 
     # ------------------------------------------------------------------------------------------ sidecar

@@ -50,6 +50,19 @@ def model_forward(model, microbatch: dict) -> torch.Tensor:
     return model(microbatch["tokens"], _position_ids(microbatch), attention_mask=microbatch.get("attention_mask"))
 
 
+def recast_fp8_weights(model_chunks: list) -> None:
+    """Make Transformer Engine re-cast each chunk's cached FP8 weights from its current weights at the chunk's next
+    forward: megatron's ``MegatronModule.set_is_first_microbatch()`` (a no-op unless ``config.fp8``), the call
+    megatron's schedules make before a step's first micro-batch (schedules.py ``forward_step``: ``if
+    is_first_microbatch and hasattr(model, 'set_is_first_microbatch'): model.set_is_first_microbatch()``). TE
+    otherwise keeps its first cast: megatron's TE linears pass ``is_first_microbatch`` to TE and then set it False,
+    and TE casts only when ``update_workspace = is_first_microbatch is None or is_first_microbatch``
+    (docs/gpu.md). A teacher forward outside the schedules (PP=1) must call this after each teacher update."""
+    for chunk in model_chunks:
+        if hasattr(chunk, "set_is_first_microbatch"):
+            chunk.set_is_first_microbatch()
+
+
 def _validate(microbatches: list, seq_length: int, micro_batch_size: int, one_length: bool) -> None:
     if not microbatches:
         raise ValueError("microbatches is empty: pass at least one microbatch dict")
@@ -71,7 +84,14 @@ def _run_schedule(model_chunks: list, microbatches: list, on_logits: Callable, *
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    _validate(microbatches, seq_length, micro_batch_size, one_length=ps.get_pipeline_model_parallel_world_size() > 1)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    _validate(microbatches, seq_length, micro_batch_size, one_length=pp > 1)
+    if len(model_chunks) > 1 and len(microbatches) % pp:
+        # megatron 0.16.1 schedules.py forward_backward_pipelining_with_interleaving: "The remainder of M (the
+        # total micro-batches) divided by N (number of contiguous micro-batches in a virtual pipeline stage)
+        # should be 0, or larger than or equal to the pipeline-parallel size" (N defaults to PP)
+        raise ValueError(f"{len(microbatches)} micro-batches for an interleaved pipeline at PP={pp}: pad them to a "
+                         "multiple of PP (build_microbatches' microbatch_multiple=ParallelConfig.microbatch_multiple())")
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)

@@ -19,6 +19,7 @@ from megatron_opsd.config import (CheckpointConfig, ConfigError, ExportConfig, L
                                   TrainConfig, load_config)
 from megatron_opsd.data.datasets import PromptSampler
 from megatron_opsd.models.families import have_transformer_engine
+from megatron_opsd.models.gpt import sequence_multiple
 from megatron_opsd.parallel.device import sum_over_ranks
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.training.engine import mask_padded_vocab, optimizer_step, zero_grads
@@ -83,7 +84,8 @@ def sft_step(t: "SFTTrainer") -> dict:
     timer = PhaseTimer(SFT_PHASES)
     mbs = build_sft_microbatches(t.sampler.next_batch(), micro_batch_size=cfg.optim.micro_batch_size,
                                  pad_id=run.tokenizer.pad_token_id,
-                                 pad_multiple=cfg.parallel.sequence_multiple(cfg.data.pad_to_multiple_of),
+                                 pad_multiple=sequence_multiple(cfg, cfg.data.pad_to_multiple_of),
+                                 microbatch_multiple=cfg.parallel.microbatch_multiple(),
                                  dp_size=run.dp_size, dp_rank=run.dp_rank,
                                  pack_to=cfg.data.max_seq_len if cfg.data.packing else None,
                                  group_by_length=cfg.data.group_by_length,

@@ -153,7 +153,8 @@ def pack_examples(examples: list[SFTExample], capacity: int) -> list[list[SFTExa
 
 
 def build_sft_microbatches(examples: list[SFTExample], *, micro_batch_size: int, pad_id: int, pad_multiple: int = 8,
-                           dp_size: int = 1, dp_rank: int = 0, pack_to: Optional[int] = None,
+                           microbatch_multiple: int = 1, dp_size: int = 1, dp_rank: int = 0,
+                           pack_to: Optional[int] = None,
                            group_by_length: bool = False, one_length: bool = True) -> list[dict]:
     """This DP rank's micro-batches of one step (``examples`` is the whole global batch, the same on every rank).
 
@@ -161,7 +162,9 @@ def build_sft_microbatches(examples: list[SFTExample], *, micro_batch_size: int,
     global batch), so summing ``weights * cross_entropy`` over every micro-batch and DP rank is the token mean.
     With ``pack_to`` several conversations share a row: positions restart at 0 for each, and an
     ``attention_mask`` [b, 1, L, L] (True = masked) keeps attention causal within each conversation, so the loss
-    equals the unpacked one; rows are padded with empty ones to a multiple of micro_batch_size x DP.
+    equals the unpacked one; rows are padded with empty ones to a multiple of micro_batch_size x DP, and to
+    ``microbatch_multiple`` micro-batches per rank (an interleaved pipeline needs a multiple of PP); empty rows
+    carry zero weight, so the step's loss is unchanged.
 
     ``group_by_length`` (unpacked rows) orders the step's conversations by length (ties in data order) before
     they are dealt to micro-batches and ranks, so each micro-batch holds similar lengths; with ``one_length=False``
@@ -178,7 +181,7 @@ def build_sft_microbatches(examples: list[SFTExample], *, micro_batch_size: int,
             rows.sort(key=lambda row: len(row[0].ids))
     else:
         rows = pack_examples(examples, pack_to)
-        rows += [[] for _ in range(-len(rows) % group)]
+    rows += [[] for _ in range(-len(rows) % (group * microbatch_multiple))]
     total = sum(sum(ex.trainable[1:]) for ex in examples)
 
     def padded_length(some_rows: list) -> int:
