@@ -761,7 +761,7 @@ def probe_sidecar_push(ctx: dict, layout: dict, box: dict) -> dict:
         for prompt, generated in zip(SIDECAR_PROMPTS, after):
             seq = torch.tensor([prompt + generated], device=current_device())
             logits = chunk(seq, torch.arange(seq.shape[1], device=seq.device).unsqueeze(0), attention_mask=None)
-            logits = gather_from_tensor_model_parallel_region(logits)[0, :, :chunk.real_vocab_size].float()
+            logits = gather_from_tensor_model_parallel_region(logits)[0, :, :trainer.run.real_vocab].float()
             rows = logits[len(prompt) - 1: len(prompt) - 1 + len(generated)]
             top2 = rows.topk(2, dim=-1)
             for pos, token in enumerate(generated):
