@@ -437,7 +437,7 @@ def probe_fp8(ctx: dict) -> dict:
     from megatron_opsd.models.families import have_transformer_engine
 
     if not ctx["cuda"] or not have_transformer_engine():
-        return {"status": "skip", "reason": "Transformer Engine is not usable here (needs CUDA and TE)"}
+        return {"status": "skip", "reason": "TE absent: Transformer Engine is not usable here (needs CUDA and TE)"}
     from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
 
     from megatron_opsd.models.gpt import build_model
