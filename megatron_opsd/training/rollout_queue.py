@@ -169,15 +169,12 @@ class RolloutQueue:
         saved = (state or {}).get("pending", [])
         if not saved:
             return
-        oldest = min(s.weight_version for b in saved for g in (b["samples"] or []) for s in map(_sample, g))
-        if step - oldest > self.staleness or any(b["samples"] is None for b in saved):
-            self.sampler.load_state_dict(saved[0]["sampler_state"])
+        complete = all(b["samples"] is not None for b in saved)
+        if not complete or step - min(s["weight_version"] for b in saved for g in b["samples"] for s in g) \
+                > self.staleness:
+            self.sampler.load_state_dict(saved[0]["sampler_state"])  # redraw them: generated again from here
             return
         for b in saved:
             self.pending[b["step"]] = RolloutBatch(
                 b["step"], [PromptExample(**ex) for ex in b["examples"]], b["max_tokens"], b["sampler_state"],
-                student=b["student"], samples=[[_sample(s) for s in g] for g in b["samples"]])
-
-
-def _sample(s) -> Sample:
-    return s if isinstance(s, Sample) else Sample(**s)
+                student=b["student"], samples=[[Sample(**s) for s in g] for g in b["samples"]])
