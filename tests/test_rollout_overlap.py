@@ -10,10 +10,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from megatron_opsd.parallel.launch import DistributedError, run_distributed
 from megatron_opsd.training.trainer import OPSD_PHASES
 from tests._workers_grpo import hf_logprobs
+from tests.test_grpo_e2e import grpo_config
 from tests.test_trainer_variants import FakeClient, fixed_responses, make_config, trainer_worker
 
 # trainer_worker(make_config(...), 3) at commit 986ed59 (before the rollout queue), this machine, fp32:
@@ -123,3 +125,26 @@ def test_truncated_importance_ratio_on_the_sampled_token_loss(tiny_checkpoints, 
     (first,) = run_distributed(behaviour_worker, 1, cfg.parallel, cfg, 1)[0]
     assert first["rollout/importance_ratio"] == pytest.approx(2.0, rel=1e-6)
     assert first["loss"] == pytest.approx(2 * BEFORE_PG, rel=1e-5)
+
+
+def grpo_overlap_worker(cfg, steps: int):
+    from megatron_opsd.training.rl_trainer import GRPOTrainer
+
+    torch.manual_seed(0)
+    trainer = GRPOTrainer(cfg)
+    trainer.run.client = client = RecordingClient()
+    history = [trainer.train_step() for _ in range(steps)]
+    trainer.run.logger.close()
+    return history, client.events
+
+
+def test_grpo_staleness_1_trains_on_the_previous_version(tiny_checkpoints, tmp_path):
+    """The pipeline's RLVR stage on the same queue: GRPO's batch k from version max(0, k - 1), pushes between
+    requests, and the sidecar's log-probs (the behaviour policy) carried into the PPO ratio."""
+    cfg = grpo_config(tmp_path, tiny_checkpoints["qwen3"], steps=3, parallel={"tensor_model_parallel_size": 1},
+                      rollout={"n": 3, "max_staleness": 1})
+    history, events = run_distributed(grpo_overlap_worker, 1, cfg.parallel, cfg, 3)[0]
+    assert [v for kind, v, _ in events if kind == "generate"] == [0, 0, 1]
+    assert [(v, in_flight) for kind, v, in_flight in events if kind == "push"] == [(1, 0), (2, 0), (3, 0)]
+    assert [m["rollout/staleness"] for m in history] == [0.0, 1.0, 1.0]
+    assert all("time/rollout_wait" in m and m["overlap/generate_s"] >= 0.3 for m in history)
