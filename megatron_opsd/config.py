@@ -117,7 +117,15 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 1024
-    max_staleness: int = 0  # how many optimizer steps a rollout's weights may lag behind
+    # overlapped rollouts (training/rollout_queue.py): 0 = synchronous (each step generates its own rollouts);
+    # s >= 1: the sidecar generates step k + s's rollouts while step k trains, so step k trains on rollouts of
+    # weights version max(0, k - s); a batch older than the bound is never trained on
+    max_staleness: int = 0
+    # per-token correction of stale samples (docs/losses.md, "Stale samples"): none = the divergence at the
+    # visited prefixes under the current student; truncated = min(pi_theta(y_t) / pi_behaviour(y_t), clip) on
+    # the sampled-token losses (loss.coverage=sampled) and GRPO
+    importance_ratio: Literal["none", "truncated"] = "none"
+    importance_ratio_clip: float = 2.0
     prompts_per_step: int = 8
     filter: Literal["all", "correct", "incorrect"] = "all"  # which rollouts are distilled on (by reward)
     horizon: Optional[int] = None  # truncated OPD: distil on the first `horizon` response tokens
@@ -631,6 +639,9 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(r.push_bucket_mb >= 1, f"rollout.push_bucket_mb must be >= 1, got {r.push_bucket_mb}")
     need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
     need(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {r.max_tokens}")
+    need(r.max_staleness >= 0, f"rollout.max_staleness must be >= 0 (0: synchronous), got {r.max_staleness}")
+    need(r.importance_ratio_clip >= 1.0,
+         f"rollout.importance_ratio_clip must be >= 1 (the ratio's cap), got {r.importance_ratio_clip}")
     need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")
     if r.horizon_growth is not None:
         need(None not in (r.horizon_start, r.horizon_end, r.horizon_steps),
@@ -651,6 +662,10 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
 def distillation_warnings(cfg: OPSDConfig) -> list[str]:
     """Settings that are allowed but probably not meant (the trainer prints them at start)."""
     out = []
+    if cfg.rollout.importance_ratio != "none" and cfg.loss.coverage != "sampled":
+        out.append(f"rollout.importance_ratio={cfg.rollout.importance_ratio} has no effect with loss.coverage="
+                   f"{cfg.loss.coverage}: the divergence is computed under the current student at every visited "
+                   "prefix; the ratio weights sampled-token losses (loss.coverage=sampled) and GRPO (docs/losses.md)")
     if cfg.loss.coverage != "sampled" and cfg.loss.temperature != cfg.rollout.temperature:
         out.append(f"loss.temperature={cfg.loss.temperature} differs from rollout.temperature="
                    f"{cfg.rollout.temperature} with loss.coverage={cfg.loss.coverage}: the rollouts are sampled from "

@@ -41,19 +41,23 @@ class SkipWeightPush:
 class FixedRolloutsGRPO(GRPOTrainer):
     """Test double for the sidecar's rollouts: fixed token ids, rewards, and transformers' log-probs."""
 
+    logprob_shift = 0.0  # added to the behaviour log-probs (a stale or mismatched sampler)
+
     def rollouts(self, timer):
         result = None
         if self.run.rank == 0:
             responses = fixed_responses()
-            logprobs = hf_logprobs(self.cfg.model.path, PROMPTS, responses)
+            logprobs = [[[x + self.logprob_shift for x in row] for row in group]
+                        for group in hf_logprobs(self.cfg.model.path, PROMPTS, responses)]
             correct = [[r > 0.5 for r in g] for g in REWARDS]
             result = StepRollouts(PROMPTS, responses, correct, REWARDS, logprobs)
         return broadcast_object(result)
 
 
-def grpo_steps(cfg, steps: int) -> list:
+def grpo_steps(cfg, steps: int, logprob_shift: float = 0.0) -> list:
     torch.manual_seed(0)
     trainer = FixedRolloutsGRPO(cfg)
+    trainer.logprob_shift = logprob_shift
     trainer.run.client = SkipWeightPush()
     history = [trainer.train_step() for _ in range(steps)]
     trainer.run.logger and trainer.run.logger.close()

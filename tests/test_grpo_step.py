@@ -1,5 +1,7 @@
 """One GRPO step through megatron on fixed rollouts (transformers' log-probs as the behaviour policy):
 on-policy loss equals the hand formula, TP=2 equals TP=1, the reference KL, and recomputed old log-probs."""
+import math
+
 import pytest
 
 from megatron_opsd.parallel.launch import run_distributed
@@ -52,3 +54,18 @@ def test_grpo_recomputed_old_logprobs_and_k3(tiny_checkpoints, tmp_path):
     adv = group_advantages(REWARDS, std_normalize=False)
     assert first["loss"] == pytest.approx(-sum(map(sum, adv)) / 6, abs=1e-5)
     assert abs(first["divergence"]) < 1e-6 and second["divergence"] > 0
+
+
+def test_grpo_truncated_importance_ratio(tiny_checkpoints, tmp_path):
+    """rollout.importance_ratio=truncated (decoupled PPO): the ratio is taken to megatron's recomputed log-probs and
+    each token weighted by min(recomputed / behaviour, clip). Behaviour log-probs 4x too low (log 4 below
+    transformers'): every weight is capped at 2, so step 1's on-policy hand loss doubles."""
+    cfg = _cfg(tmp_path, tiny_checkpoints["qwen3"], 1, kl_coef=0.0)
+    cfg.rollout.importance_ratio, cfg.rollout.importance_ratio_clip = "truncated", 2.0
+    (first,) = run_distributed(grpo_steps, 1, cfg.parallel, cfg, 1, -math.log(4.0))[0]
+    adv = group_advantages(REWARDS)
+    expected = -sum(n * a for lg, ag in zip(LENGTHS, adv) for n, a in zip(lg, ag)) / sum(map(sum, LENGTHS))
+    assert first["rollout/importance_ratio"] == pytest.approx(2.0, rel=1e-6)
+    assert first["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # to the recomputed log-probs, not the sidecar's
+    assert first["rl/sidecar_logprob_abs_diff"] == pytest.approx(math.log(4.0), abs=1e-4)
+    assert first["loss"] == pytest.approx(2 * expected, abs=2e-5)

@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="replace this tool's section in FILE")
     args = parser.parse_args()
 
-    from bench_sidecar import write_section
+    from bench_sidecar import write_results
 
     from megatron_opsd.config import load_config
     from megatron_opsd.demo.prepare import prepare
@@ -97,11 +97,7 @@ def main() -> int:
         runs = run_distributed(bench_worker, 1, cfg.parallel, cfg, args.horizon, args.pairs)[0]
     summary = summarise(runs)
     print(json.dumps(summary, indent=1))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
-    if args.markdown is not None:
-        name = "the demo's random initial tiny Qwen3" if args.model is None else f"`{args.model}`"
-        write_section(args.markdown, to_markdown(summary, args, name), BEGIN, END)
+    write_results(args, runs, summary, lambda name: to_markdown(summary, args, name), BEGIN, END)
     return 0
 
 

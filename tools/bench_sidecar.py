@@ -239,6 +239,16 @@ def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) 
     path.write_text(text)
 
 
+def write_results(args, raw, summary, markdown, begin: str, end: str) -> None:
+    """A model-bench tool's outputs: ``--json`` (raw and summary numbers) and ``--markdown`` (``markdown(name)``,
+    ``name`` the model benchmarked: ``--model`` or the demo's random initial one, replacing the tool's section)."""
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": raw, "summary": summary}, indent=1))
+    if args.markdown is not None:
+        name = "the demo's random initial tiny Qwen3" if args.model is None else f"`{args.model}`"
+        write_section(args.markdown, markdown(name), begin, end)
+
+
 def command_line() -> str:
     """How this tool was run, for the section it writes."""
     return " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python", f"tools/{Path(sys.argv[0]).name}", *sys.argv[1:]])

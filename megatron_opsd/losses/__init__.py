@@ -7,7 +7,8 @@ tensor-parallel ``group`` (None = single process) and works in fp32 token chunks
 """
 from megatron_opsd.losses.divergence import vocab_parallel_divergence
 from megatron_opsd.losses.objective import Objective, Target, TeacherSignal
-from megatron_opsd.losses.sampled import sampled_token_loss, vocab_parallel_logprobs_at, vocab_parallel_token_logprobs
+from megatron_opsd.losses.sampled import (sampled_token_loss, truncated_importance_ratio, vocab_parallel_logprobs_at,
+                                         vocab_parallel_token_logprobs)
 from megatron_opsd.losses.targets import demopsd_target_logprobs, pmi_target_logprobs
 from megatron_opsd.losses.topk import TeacherTopK, topk_divergence, vocab_parallel_bucket_logprobs, vocab_parallel_topk
 from megatron_opsd.losses.vocab_parallel import vocab_parallel_entropy
@@ -21,6 +22,7 @@ __all__ = [
     "token_weights",
     "vocab_parallel_divergence",
     "sampled_token_loss",
+    "truncated_importance_ratio",
     "vocab_parallel_logprobs_at",
     "vocab_parallel_token_logprobs",
     "vocab_parallel_entropy",

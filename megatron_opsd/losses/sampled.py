@@ -115,3 +115,12 @@ def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
     weights = loss_weights(mask, reduction, sequence_ids, token_weights).to(term.dtype)
     per_token = torch.where(mask, (-r if estimator != "k3" else term).detach(), zero)
     return (term * weights).sum(), per_token
+
+
+@torch.no_grad()
+def truncated_importance_ratio(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per sampled token, ``min(pi(y) / pi_behaviour(y), clip)`` from the two log-probs (no gradient: a weight on
+    the per-token loss, docs/losses.md "Stale samples"). The difference is clamped before ``exp`` so a token the
+    behaviour policy found very unlikely cannot overflow."""
+    log_clip = torch.log(torch.tensor(float(clip), dtype=torch.float32))
+    return torch.exp(torch.clamp(logprobs.float() - behaviour_logprobs.float(), max=log_clip))

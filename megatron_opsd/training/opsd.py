@@ -28,12 +28,13 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_opsd.config import LossConfig
-from megatron_opsd.losses import Objective, TeacherSignal, token_weights
+from megatron_opsd.losses import (Objective, TeacherSignal, token_weights, truncated_importance_ratio,
+                                  vocab_parallel_token_logprobs)
 from megatron_opsd.parallel.device import sum_over_ranks, to_device
 from megatron_opsd.training.schedule import (collect_logits, forward_backward, model_forward, recast_fp8_weights,
                                              select_positions)
 
-__all__ = ["build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics", "response_token_ids",
+__all__ = ["add_per_token", "build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics", "response_token_ids",
            "student_forward_backward", "teacher_signal_source", "teacher_signals", "token_weights", "tp_group"]
 
 
@@ -82,6 +83,14 @@ def build_microbatches(prompts: list[list[int]], responses: list[list[int]], wei
             "weights": torch.cat(mb_weights).float(),
         }))
     return microbatches
+
+
+def add_per_token(microbatches: list[dict], key: str, prompts: list, responses: list, values: list,
+                  **layout) -> None:
+    """Store ``values`` (one tensor per response, one value per token) as ``mb[key]`` in the micro-batches'
+    response-row layout (the same padding and DP split as ``build_microbatches``' weights)."""
+    for mb, other in zip(microbatches, build_microbatches(prompts, responses, values, **layout)):
+        mb[key] = other["weights"]
 
 
 def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Optional[list]:
@@ -178,8 +187,12 @@ SignalSource = Union[Callable[[int], TeacherSignal], list, None]
 
 
 def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals: SignalSource, *,
-                             loss: LossConfig, real_vocab_size: int):
+                             loss: LossConfig, real_vocab_size: int, importance_clip: Optional[float] = None):
     """Forward + backward of the loss to the teacher signals (``schedule.ForwardBackwardOutput``).
+
+    ``importance_clip`` (``rollout.importance_ratio: truncated``, sampled coverage): each token's weight times
+    ``min(pi_S(y) / pi_behaviour(y), clip)``, the student's untempered log-prob against the sidecar's
+    (``mb["behaviour_logprobs"]``); docs/losses.md, "Stale samples".
 
     ``signals``: ``teacher_signals``' output, (plain OPSD) the list of teacher rows from ``collect_teacher_rows``
     itself, or a callable ``index -> signal`` run in micro-batch ``index``'s loss (``teacher_signal_source``).
@@ -196,9 +209,14 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
 
     def loss_fn(logits: torch.Tensor, mb: dict):
         student, signal, weights = logits[mb["row_mask"]], signal_at(mb["index"]), mb["weights"]
-        mask = weights > 0
+        mask, metrics = weights > 0, {}
+        if importance_clip is not None:
+            current = vocab_parallel_token_logprobs(student.detach(), response_token_ids(mb), group=objective.group,
+                                                    vocab_range=objective.vocab_range)
+            ratio = truncated_importance_ratio(current, mb["behaviour_logprobs"], importance_clip)
+            weights, metrics["importance_ratio_sum"] = weights * ratio, (ratio * mask).sum()
         weighted, per_token = objective.loss(student, signal, response_token_ids(mb), weights)
-        metrics = {"divergence_sum": (per_token * mask).sum(), "tokens": mask.sum().float()}
+        metrics.update(divergence_sum=(per_token * mask).sum(), tokens=mask.sum().float())
         if objective.logs_entropy:
             metrics["student_entropy_sum"] = objective.entropy_sum(student, weights)
             metrics["teacher_entropy_sum"] = signal.teacher_entropy_sum
@@ -211,15 +229,19 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
                             micro_batch_size=tokens.shape[0], loss_reduction="sum")
 
 
-def opsd_metrics(per_microbatch: list, loss: LossConfig) -> dict:
+def opsd_metrics(per_microbatch: list, loss: LossConfig, weighted: bool = False) -> dict:
     """The step's divergence and (when logged) entropies per token, summed over micro-batches and DP ranks from
-    the last stage's TP rank 0 (the other ranks hold copies or nothing), valid on every rank."""
+    the last stage's TP rank 0 (the other ranks hold copies or nothing), valid on every rank. ``weighted``: the
+    step's tokens carried importance ratios (``student_forward_backward``'s ``importance_clip``); their mean is logged."""
     logs_entropy = Objective(loss).logs_entropy
     keys = ["divergence_sum", "tokens"] + (["student_entropy_sum", "teacher_entropy_sum"] if logs_entropy else [])
+    keys += ["importance_ratio_sum"] if weighted else []
     owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     sums = sum_over_ranks(per_microbatch, keys, owner=owner)
     n = max(sums["tokens"], 1.0)
     metrics = {"divergence": sums["divergence_sum"] / n, "tokens": sums["tokens"]}
+    if weighted:
+        metrics["rollout/importance_ratio"] = sums["importance_ratio_sum"] / n
     if logs_entropy:
         metrics.update({"entropy/student": sums["student_entropy_sum"] / n,
                         "entropy/teacher": sums["teacher_entropy_sum"] / n})

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_entropy, vocab_parallel_token_logprobs
+from megatron_opsd.losses import (truncated_importance_ratio, vocab_parallel_divergence, vocab_parallel_entropy,
+                                  vocab_parallel_token_logprobs)
 from megatron_opsd.parallel.device import sum_over_ranks
 from megatron_opsd.rewards import build_reward
 from megatron_opsd.rewards.filters import group_filter
@@ -20,13 +21,14 @@ from megatron_opsd.training.engine import optimizer_step, zero_grads
 from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy_loss, k3_kl, reference_model,
                                          rollout_weights, step_rewards, validate_rl_config)
 from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, response_token_ids, tp_group
-from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress, sample_rollouts
+from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
+                                             importance_clip, rollout_queue, sample_rollouts)
 from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
 from megatron_opsd.training.schedule import forward_backward
 
 GRPO_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/old_and_ref", "time/policy", "time/optimizer",
                "time/sync", "time/eval")
-POLICY_SUMS = ("tokens", "clipped", "ratio_sum", "kl_sum", "entropy_sum")
+POLICY_SUMS = ("tokens", "clipped", "ratio_sum", "kl_sum", "entropy_sum", "importance_sum")
 
 
 def grpo_step(t: "GRPOTrainer") -> dict:
@@ -41,15 +43,20 @@ def grpo_step(t: "GRPOTrainer") -> dict:
     stats = {f"rollout/{k}": v for k, v in group_filter(rollouts.responses, rollouts.correct, "all").stats.items()}
     stats.update({"reward/mean": fmean(r for g in rollouts.rewards for r in g),
                   "reward/shaped_mean": fmean(r for g in grouped.shaped for r in g),
-                  "rl/groups_kept": sum(grouped.used) / len(grouped.used), "rl/num_trained": float(len(keep))})
+                  "rl/groups_kept": sum(grouped.used) / len(grouped.used), "rl/num_trained": float(len(keep)),
+                  **rollouts.stats})
     timer.lap("time/filter")
     metrics = {"loss": 0.0, "divergence": 0.0, "tokens": 0.0}
     if keep:
         mbs = grpo_microbatches(rollouts, keep, grouped.advantages, rl, run.batch_layout(cfg.data.pad_to_multiple_of))
         timer.lap("time/batch")
-        behaviour = {"logprob_diff_sum": 0.0}
-        if rl.recompute_old_logprobs:  # megatron's log-probs under the weights that sampled (pre-update)
-            behaviour["logprob_diff_sum"] = replace_old_logprobs(mbs, token_logprobs(run.ddp, mbs, run.real_vocab))
+        behaviour, clip = {"logprob_diff_sum": 0.0}, importance_clip(cfg.rollout)
+        if rl.recompute_old_logprobs or clip is not None:  # megatron's log-probs under the current (pre-update)
+            recomputed = token_logprobs(run.ddp, mbs, run.real_vocab)  # weights: the sampling ones when on-policy
+            if clip is not None:  # decoupled PPO: the ratio to them, weighted by min(their / the sidecar's, clip)
+                for mb, lp in zip(mbs, recomputed or []):
+                    mb["importance_weights"] = truncated_importance_ratio(lp, mb["old_logprobs"], clip)
+            behaviour["logprob_diff_sum"] = replace_old_logprobs(mbs, recomputed)
         ref_rows = reference_signal(t.reference, mbs, rl, run.real_vocab)
         timer.lap("time/old_and_ref")
         for chunk in run.ddp:
@@ -58,7 +65,7 @@ def grpo_step(t: "GRPOTrainer") -> dict:
         tokens = mbs[0]["tokens"]
         out = forward_backward(run.ddp, mbs, policy_loss_fn(rl, run.real_vocab, ref_rows), seq_length=tokens.shape[1],
                                micro_batch_size=tokens.shape[0], loss_reduction="sum")
-        metrics.update(policy_metrics(out, behaviour, rl))
+        metrics.update(policy_metrics(out, behaviour, rl, clip is not None))
         timer.lap("time/policy")
         metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
         timer.lap("time/optimizer")
@@ -131,6 +138,8 @@ def policy_loss_fn(rl: RLConfig, real_vocab: int, ref_rows: Optional[dict]):
 
     def loss_fn(logits: torch.Tensor, mb: dict):
         rows, mask, weights = logits[mb["row_mask"]], mb["weights"] > 0, mb["weights"]
+        importance = mb.get("importance_weights", torch.ones_like(weights))
+        weights = weights * importance
         logp = vocab_parallel_token_logprobs(rows, mb["targets"], group=group, vocab_range=vocab_range)
         loss, clipped = clipped_policy_loss(logp, mb["old_logprobs"], mb["advantages"], weights,
                                             eps_low=rl.clip_eps_low, eps_high=rl.clip_eps_high)
@@ -151,12 +160,12 @@ def policy_loss_fn(rl: RLConfig, real_vocab: int, ref_rows: Optional[dict]):
             m = mask.float()
             return loss, {"tokens": m.sum(), "clipped": (clipped.float() * m).sum(),
                           "ratio_sum": (ratio * m).sum(), "kl_sum": (kl.detach().float() * m).sum(),
-                          "entropy_sum": (entropy.float() * m).sum()}
+                          "entropy_sum": (entropy.float() * m).sum(), "importance_sum": (importance * m).sum()}
 
     return loss_fn
 
 
-def policy_metrics(out, behaviour: dict, rl: RLConfig) -> dict:
+def policy_metrics(out, behaviour: dict, rl: RLConfig, weighted: bool = False) -> dict:
     """The step's policy numbers, summed over every rank (zeros where a rank does not own them) and averaged per
     trained token."""
     local = {k: 0.0 for k in POLICY_SUMS}
@@ -170,8 +179,10 @@ def policy_metrics(out, behaviour: dict, rl: RLConfig) -> dict:
     metrics = {"loss": out.loss, "tokens": sums["tokens"], "divergence": sums["kl_sum"] / n,
                "rl/clip_fraction": sums["clipped"] / n, "rl/ratio_mean": sums["ratio_sum"] / n,
                "entropy/student": sums["entropy_sum"] / n}
-    if rl.recompute_old_logprobs:
+    if rl.recompute_old_logprobs or weighted:
         metrics["rl/sidecar_logprob_abs_diff"] = sums["logprob_diff_sum"] / n
+    if weighted:
+        metrics["rollout/importance_ratio"] = sums["importance_sum"] / n
     return metrics
 
 
@@ -183,6 +194,7 @@ class GRPOTrainer:
         self.cfg = cfg = validate_rl_config(cfg)
         self.run = run = Run(cfg, desc="grpo", uses_sidecar=True, evaluate=evaluate)
         self.sampler, self.reward = prompt_sampler(cfg), build_reward(cfg.reward)
+        self.queue = rollout_queue(run, self.sampler, lambda step: cfg.rollout.max_tokens)
         self.reference = run.replica() if reference_model(cfg.rl) == "frozen" else None
         run.build_optimizer()
 
@@ -191,8 +203,7 @@ class GRPOTrainer:
 
     def rollouts(self, timer: PhaseTimer) -> StepRollouts:
         """COLLECTIVE: this step's whole rollouts with their rewards and sidecar log-probs (no teacher prompts)."""
-        return sample_rollouts(self.run, self.sampler.next_batch(), self.reward, max_tokens=self.cfg.rollout.max_tokens,
-                               timer=timer)
+        return sample_rollouts(self.run, self.queue.take(self.run.step), self.reward, timer=timer)
 
     def extra_models(self) -> Optional[dict]:
         """The reference replica, checkpointed under ``teacher`` (the checkpoint layout GRPO runs always had)."""

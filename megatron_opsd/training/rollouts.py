@@ -1,4 +1,5 @@
-"""One step's rollouts, shared by OPSD and GRPO: rank 0 samples the prompts on the sidecar, verifies the
+"""One step's rollouts, shared by OPSD and GRPO: rank 0 takes the step's samples from the rollout queue (generated
+now, or ahead of time with ``rollout.max_staleness`` >= 1: ``training/rollout_queue.py``), verifies the
 responses (the reward), encodes the teacher prompts the method needs, and broadcasts the lot, so every rank
 builds the same step. Each phase is charged to the step's ``PhaseTimer``.
 """
@@ -8,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
-from megatron_opsd.data.sequences import student_prompt_ids
 from megatron_opsd.rollout.client import check_on_policy
+from megatron_opsd.training.rollout_queue import RolloutBatch, RolloutQueue
 from megatron_opsd.training.run import PhaseTimer, Run, broadcast_object
 
 ROLLOUT_PHASES = ("time/rollout", "time/verify", "time/teacher_prompts", "time/broadcast")
@@ -31,6 +32,7 @@ class StepRollouts:
     # no teacher (a demonstration context and no other correct rollout in its group). One context, or three for
     # Purified OPSD (teacher.context, reference_only, base), in that order. Empty for GRPO.
     teachers: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # overlapped rollouts: staleness and timings (``overlap_stats``)
 
 
 def prompt_sampler(cfg) -> PromptSampler:
@@ -39,20 +41,24 @@ def prompt_sampler(cfg) -> PromptSampler:
                          cfg.data.shuffle, cfg.data.seed)
 
 
-def sample_rollouts(run: Run, examples: list, reward, *, max_tokens: int, timer: PhaseTimer,
+def rollout_queue(run: Run, sampler: PromptSampler, max_tokens_at: Callable[[int], int]) -> RolloutQueue:
+    """The run's rollout source (``training/rollout_queue.py``: synchronous at ``rollout.max_staleness: 0``,
+    overlapped above), attached to ``run`` so its weight push waits for the generation in flight and its
+    checkpoints hold the batches generated ahead."""
+    run.rollout_queue = RolloutQueue(run, sampler, max_tokens_at)
+    return run.rollout_queue
+
+
+def sample_rollouts(run: Run, batch: RolloutBatch, reward, *, timer: PhaseTimer,
                     teacher_prompts: Optional[TeacherPrompts] = None) -> StepRollouts:
-    """COLLECTIVE: ``rollout.n`` samples per example from the sidecar (rank 0), graded by ``reward`` (one
-    batched call: math-verify grades in a pool), with ``teacher_prompts``' encodings; broadcast to every rank."""
-    cfg, tokenizer, result = run.cfg, run.tokenizer, None
+    """COLLECTIVE: the step's ``batch`` (``RolloutQueue.take``: ``rollout.n`` samples per example from the sidecar
+    on rank 0) checked against the staleness bound, graded by ``reward`` (one batched call: math-verify grades
+    in a pool), with ``teacher_prompts``' encodings; broadcast to every rank."""
+    result, examples, samples = None, batch.examples, batch.samples
     if run.rank == 0:
-        r = cfg.rollout
-        student = [student_prompt_ids(tokenizer, ex, cfg.data, cfg.model.enable_thinking) for ex in examples]
-        samples = run.client.generate(
-            student, n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k if r.top_k > 0 else None,
-            max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id], seed=r.seed + 100_003 * run.step)
-        check_on_policy(samples, run.step, r.max_staleness)
+        check_on_policy(samples, run.step, run.cfg.rollout.max_staleness)  # never trains on a batch too old
         timer.lap("time/rollout")
-        texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
+        texts = [run.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
         owners = [ex for ex, g in zip(examples, samples) for _ in g]
         scores = iter(reward(texts, owners))
         rewards = [[float(next(scores)) for _ in g] for g in samples]
@@ -62,11 +68,29 @@ def sample_rollouts(run: Run, examples: list, reward, *, max_tokens: int, timer:
         grouped_texts = [[next(per_group) for _ in g] for g in samples]
         teachers = teacher_prompts(examples, grouped_texts, correct) if teacher_prompts is not None else {}
         timer.lap("time/teacher_prompts")
-        result = StepRollouts(student, [[s.token_ids for s in g] for g in samples], correct, rewards,
-                              [[s.logprobs for s in g] for g in samples], teachers)
+        result = StepRollouts(batch.student, [[s.token_ids for s in g] for g in samples], correct, rewards,
+                              [[s.logprobs for s in g] for g in samples], teachers, overlap_stats(run, batch))
     result = broadcast_object(result)
     timer.lap("time/broadcast")
     return result
+
+
+def overlap_stats(run: Run, batch: RolloutBatch) -> dict:
+    """With overlapped rollouts (rank 0): the batch's staleness (optimizer steps its weights lag behind), its
+    generation time and the sidecar's idle gap before generating it, waiting for weights (nothing at
+    ``max_staleness: 0``: the metrics stay as they were)."""
+    if run.cfg.rollout.max_staleness == 0:
+        return {}
+    versions = [s.weight_version for g in batch.samples for s in g]
+    return {"rollout/staleness": float(run.step - min(versions)), "overlap/generate_s": batch.generate_s,
+            "overlap/sidecar_idle_s": batch.sidecar_idle_s}
+
+
+def importance_clip(rollout, applies: bool = True) -> Optional[float]:
+    """The cap of the per-token truncated importance ratio min(pi(y) / pi_behaviour(y), cap) when
+    ``rollout.importance_ratio: truncated`` and the loss has a sampled-token term (``applies``), else None
+    (docs/losses.md, "Stale samples")."""
+    return rollout.importance_ratio_clip if rollout.importance_ratio == "truncated" and applies else None
 
 
 def rollout_progress(m: dict) -> dict:

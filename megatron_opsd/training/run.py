@@ -122,6 +122,7 @@ class Run:
         self.saved_step = -1  # the step of the newest checkpoint on disk (the end-of-run save rule)
         self.sidecar = None  # the local sidecar process, when this rank started one
         self.client: Optional[SidecarClient] = None
+        self.rollout_queue = None  # the trainer's training.rollout_queue.RolloutQueue (rollouts.rollout_queue)
 
     def replica(self, *, teacher: bool = False) -> list:
         """A second model sharded like the student, holding the student's current (initial) weights: a teacher
@@ -183,6 +184,9 @@ class Run:
         """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
         every ``train.eval_every`` steps evaluate on the sidecar (rank 0). Returns the step's metrics."""
         if self.uses_sidecar:
+            if self.rollout_queue is not None and self.rollout_queue.staleness > 0:
+                self.rollout_queue.wait_idle()  # push between generation requests (rollout_queue.py)
+                timer.lap("time/rollout_wait")
             self.push_weights(self.step + 1)
             timer.lap("time/sync")
         self.step += 1
@@ -197,8 +201,12 @@ class Run:
     def save(self, trainer) -> None:
         """COLLECTIVE: checkpoint the student, optimizer, scheduler, sampler position and the trainer's extra models."""
         self.saved_step = self.step
+        extra_state = None
+        if self.rollout_queue is not None and self.rollout_queue.staleness > 0:  # batches generated ahead
+            extra_state = {"rollout_queue": broadcast_object(self.rollout_queue.state_dict())}
         save_checkpoint(self.ckpt_dir, self.step, self.ddp, self.optimizer, self.scheduler,
-                        data_state=trainer.sampler.state_dict(), extra_models=trainer.extra_models(),
+                        data_state=trainer.sampler.state_dict(), extra_state=extra_state,
+                        extra_models=trainer.extra_models(),
                         config_dict=config_to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
 
     def resume(self, trainer) -> Optional[LoadedCheckpoint]:
@@ -213,6 +221,8 @@ class Run:
         if loaded is not None:
             self.step = self.saved_step = loaded.step
             trainer.sampler.load_state_dict(loaded.data_state)
+            if self.rollout_queue is not None:
+                self.rollout_queue.load_state_dict(loaded.extra_state.get("rollout_queue"), self.step)
             if self.rank == 0:
                 print(f"resumed from {loaded.path} at step {self.step}")
         if self.rank == 0 and (dropped := drop_metrics_after(self.run_dir, self.step)):
@@ -255,5 +265,7 @@ class Run:
         """Close the metrics files and stop the local sidecar (if this rank started one)."""
         if self.logger is not None:
             self.logger.close()
+        if self.rollout_queue is not None:
+            self.rollout_queue.close()
         if self.sidecar is not None:
             self.sidecar.stop()

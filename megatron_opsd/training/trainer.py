@@ -7,6 +7,8 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+import torch
+
 from megatron_opsd.config import OPSDConfig, distillation_warnings
 from megatron_opsd.data.contexts import (PURIFIED_BASE_CONTEXTS, needs_demonstration, teacher_context_names,
                                          teacher_messages)
@@ -15,9 +17,10 @@ from megatron_opsd.rewards import build_reward
 from megatron_opsd.rewards.filters import correct_demonstrations, group_filter
 from megatron_opsd.training.engine import optimizer_step, zero_grads
 from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teacher_adapters, teacher_adapters
-from megatron_opsd.training.opsd import (build_microbatches, opsd_metrics, student_forward_backward,
+from megatron_opsd.training.opsd import (add_per_token, build_microbatches, opsd_metrics, student_forward_backward,
                                          teacher_signal_source, token_weights)
-from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress, sample_rollouts
+from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
+                                             importance_clip, rollout_queue, sample_rollouts)
 from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
 from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
@@ -36,6 +39,7 @@ def opsd_step(t: "OPSDTrainer") -> dict:
     rollouts = t.rollouts(timer)
     horizon = horizon_at_step(run.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
     keep, stats = distillation_rows(rollouts, cfg.rollout.filter, horizon)
+    stats.update(rollouts.stats)  # overlapped rollouts: staleness and timings
     timer.lap("time/filter")
     metrics = {"loss": 0.0, "divergence": 0.0}  # + entropy/* when logged (loss.log_entropy)
     if keep:
@@ -44,7 +48,13 @@ def opsd_step(t: "OPSDTrainer") -> dict:
         responses = [rollouts.responses[i][j][:horizon] for i, j in keep]
         weights = token_weights([len(r) for r in responses], cfg.loss.reduction)
         layout = run.batch_layout(cfg.data.pad_to_multiple_of)
-        student_mbs = build_microbatches([rollouts.student_prompts[i] for i, _ in keep], responses, weights, **layout)
+        prompts = [rollouts.student_prompts[i] for i, _ in keep]
+        student_mbs = build_microbatches(prompts, responses, weights, **layout)
+        # a full or top-k divergence is exact at each visited prefix: the ratio is for sampled-token losses
+        clip = importance_clip(cfg.rollout, applies=cfg.loss.coverage == "sampled")
+        if clip is not None:  # stale samples: the sidecar's log-probs of the (cut) responses
+            behaviour = [torch.tensor(rollouts.logprobs[i][j][:horizon]) for i, j in keep]
+            add_per_token(student_mbs, "behaviour_logprobs", prompts, responses, behaviour, **layout)
         teacher_mbs = {context: build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **layout)
                        for context, prompts in rollouts.teachers.items()}  # three contexts for Purified OPSD
         timer.lap("time/batch")
@@ -55,8 +65,9 @@ def opsd_step(t: "OPSDTrainer") -> dict:
                                         real_vocab_size=run.real_vocab, teacher_scope=t.teacher_scope)
         timer.lap("time/teacher")
         zero_grads(run.ddp, run.optimizer)
-        out = student_forward_backward(run.ddp, student_mbs, signals, loss=loss, real_vocab_size=run.real_vocab)
-        metrics.update(opsd_metrics(out.metrics, cfg.loss), loss=out.loss)
+        out = student_forward_backward(run.ddp, student_mbs, signals, loss=loss, real_vocab_size=run.real_vocab,
+                                       importance_clip=clip)
+        metrics.update(opsd_metrics(out.metrics, cfg.loss, weighted=clip is not None), loss=out.loss)
         timer.lap("time/student")
         metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
         timer.lap("time/optimizer")
@@ -91,6 +102,7 @@ class OPSDTrainer:
         self.cfg = cfg
         self.run = run = Run(cfg, desc="opsd", uses_sidecar=True, evaluate=evaluate)
         self.sampler, self.reward = prompt_sampler(cfg), build_reward(cfg.reward)
+        self.queue = rollout_queue(run, self.sampler, self.generation_limit)
         self.teacher = None
         if cfg.model.lora.rank > 0:  # LoRA: the teacher is the student with its adapters switched
             add_teacher_adapters(run.student, cfg.teacher)
@@ -117,8 +129,8 @@ class OPSDTrainer:
     # ------------------------------------------------------------------------------------------ rollouts
     def rollouts(self, timer: PhaseTimer) -> StepRollouts:
         """COLLECTIVE: this step's rollouts with their rewards and teacher prompts (``rollouts.sample_rollouts``)."""
-        return sample_rollouts(self.run, self.sampler.next_batch(), self.reward, max_tokens=self.generation_limit(),
-                               timer=timer, teacher_prompts=self.teacher_prompts)
+        return sample_rollouts(self.run, self.queue.take(self.run.step), self.reward, timer=timer,
+                               teacher_prompts=self.teacher_prompts)
 
     def teacher_prompts(self, examples: list, texts: list, correct: list) -> dict:
         """``StepRollouts.teachers``: each teacher context's prompt ids per rollout (``texts``/``correct`` per
@@ -143,15 +155,15 @@ class OPSDTrainer:
                 teachers[ctx].append([None if k is None else encode(ex, ctx, group[k]) for k in demos])
         return teachers
 
-    def generation_limit(self) -> int:
-        """Tokens to generate per rollout: ``rollout.max_tokens``, or only the step's horizon (truncated /
+    def generation_limit(self, step: int) -> int:
+        """Tokens to generate per rollout for ``step``: ``rollout.max_tokens``, or only the step's horizon (truncated /
         progressive OPD) when nothing needs whole responses. Whole responses are needed to grade them for
         ``rollout.filter: correct | incorrect`` and to show a correct one to a demonstration teacher (DemoPSD);
         then they are generated in full and cut at the horizon for the forwards. With ``rollout.filter: all``
         the grading only feeds the logs, and ``rollout/accuracy`` then grades the first h tokens (near 0):
         measure accuracy with ``train.eval_every``, whose generation is not truncated."""
         cfg = self.cfg
-        horizon = horizon_at_step(self.run.step, cfg.rollout)
+        horizon = horizon_at_step(step, cfg.rollout)
         whole = cfg.rollout.filter != "all" or any(needs_demonstration(c, cfg.teacher)
                                                    for c in teacher_context_names(cfg.teacher))
         return cfg.rollout.max_tokens if horizon is None or whole else min(cfg.rollout.max_tokens, horizon)
