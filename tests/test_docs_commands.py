@@ -211,6 +211,10 @@ def test_documented_command(where, command, scratch, monkeypatch):
             check_megatron_opsd(argv[inner + 1:])
         out = run_process(["bash", *argv[argv.index(script):]], {**env, "DRY_RUN": "1"}, scratch)
         assert "DRY_RUN" in out or "megatron-opsd" in out, out
+    elif head == "torchrun":  # torchrun [its flags] SCRIPT [the script's flags]: the script is ours and exists
+        script = next(a for a in argv[1:] if a.endswith(".py"))
+        assert (REPO / script).is_file(), f"{script} does not exist"
+        run_process([sys.executable, script, "--help"], {}, scratch)
     elif head == "export":  # an environment variable of ours: the package or a launch script must read it
         for name in (w.split("=", 1)[0] for w in argv[1:] if "=" in w):
             readers = [f for f in [*(REPO / "megatron_opsd").rglob("*.py"), *(REPO / "examples/launch").iterdir()]

@@ -36,7 +36,7 @@ def plan(argv: list[str]) -> dict:
         main(["plan", *argv])
     text = out.getvalue()
     stage, peak = re.search(r"peak stage (\d+): ([\d.]+) GiB", text).groups()
-    header = re.search(r"TP=(\d+) PP=(\d+) CP=\d+ DP=(\d+) SP=(\w+);.*recompute=(\w+); teacher=(\w+)", text).groups()
+    header = re.search(r"TP=(\d+) PP=(\d+) (?:CP=\d+ )?DP=(\d+) SP=(\w+);.*recompute=(\w+); teacher=(\w+)", text).groups()
     stages = [s.strip() for s in re.search(r"^per GPU \(GiB\)\s+(.+)$", text, re.M).group(1).split("stage") if s.strip()]
     values = {}
     for name in CATEGORIES:
