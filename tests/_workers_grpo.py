@@ -3,7 +3,7 @@ import torch
 
 from megatron_opsd.training.rl_trainer import GRPOTrainer
 from megatron_opsd.training.rollouts import StepRollouts
-from megatron_opsd.training.run import broadcast_object
+from megatron_opsd.parallel.control import broadcast_object
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
 REWARDS = [[1.0, 0.0, 0.0], [0.2, 0.9, 0.5]]

@@ -13,7 +13,7 @@ def rank0_phase_longer_than_tensor_timeout(tensor_timeout_s: float, phase_s: flo
 
     from megatron_opsd.parallel.control import control_group
     from megatron_opsd.training.checkpoint import _barrier
-    from megatron_opsd.training.run import broadcast_object
+    from megatron_opsd.parallel.control import broadcast_object
 
     rank = torch.distributed.get_rank()
     _set_pg_timeout(datetime.timedelta(seconds=tensor_timeout_s))

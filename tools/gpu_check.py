@@ -730,7 +730,7 @@ def probe_sidecar_push(ctx: dict, layout: dict, box: dict) -> dict:
 
     from megatron_opsd.parallel.device import current_device
     from megatron_opsd.rollout import SidecarClient
-    from megatron_opsd.training.run import broadcast_object
+    from megatron_opsd.parallel.control import broadcast_object
 
     if box.get("thread") is not None:
         box["thread"].join(timeout=900)
@@ -956,7 +956,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megatron_opsd.demo.task import write_jsonl
     from megatron_opsd.parallel import ParallelConfig, destroy_distributed, init_distributed
-    from megatron_opsd.training.run import broadcast_object
+    from megatron_opsd.parallel.control import broadcast_object
 
     init_distributed(ParallelConfig(timeout_minutes=args.timeout_minutes))
     rank, n = world()

@@ -36,7 +36,7 @@ def _answer_text(value: Any) -> Optional[str]:
     return str(value)
 
 
-def _read_rows(path: Path, fmt: str) -> list[dict]:
+def read_rows(path: Path, fmt: str) -> list[dict]:
     if fmt == "auto":
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
@@ -104,7 +104,7 @@ def load_prompt_dataset(path: str | Path, data_cfg: Optional[DataConfig] = None)
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"dataset file {str(p)!r} does not exist (data.train_path / data.eval_path)")
-    examples = rows_to_examples(_read_rows(p, data_cfg.format), data_cfg, source=str(p))
+    examples = rows_to_examples(read_rows(p, data_cfg.format), data_cfg, source=str(p))
     if data_cfg.limit is not None:
         examples = examples[: data_cfg.limit]
     return examples

@@ -80,22 +80,15 @@ def check_data(cfg) -> None:
     otherwise each rank would fail on it after the model loaded, each with its own traceback."""
     from megatron_opsd.config import ConfigError
     from megatron_opsd.data.contexts import teacher_context_names, teacher_messages
-    from megatron_opsd.data.datasets import _read_rows, load_prompt_dataset
-    from megatron_opsd.training.sft_data import SFTDataConfig, row_messages
+    from megatron_opsd.data.datasets import load_prompt_dataset
+    from megatron_opsd.training.sft_data import SFTDataConfig, read_sft_conversations
 
     d = cfg.data
     if not d.train_path:
         raise ConfigError("data.train_path: not set; give a JSONL or Parquet file (data.train_path=FILE)")
     if isinstance(d, SFTDataConfig):  # conversations: parsed here, tokenized (and length-checked) by the ranks
-        path = Path(d.train_path)
         try:
-            if not path.is_file():
-                raise FileNotFoundError(f"SFT dataset {str(path)!r} does not exist")
-            rows = _read_rows(path, d.format)[:d.limit]
-            if not rows:
-                raise ValueError(f"SFT dataset {str(path)!r} has no rows")
-            for i, row in enumerate(rows):
-                row_messages(row, d, f"{path}: row {i + 1}")
+            read_sft_conversations(d)
         except (ValueError, OSError) as err:
             raise _data_error("data.train_path", err) from err
         return

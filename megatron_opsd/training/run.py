@@ -30,8 +30,7 @@ from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
 from megatron_opsd.parallel import init_distributed
-# the control group's object broadcast (other ranks wait there through rank 0's work); importable from here
-from megatron_opsd.parallel.control import broadcast_object  # noqa: F401
+from megatron_opsd.parallel.control import broadcast_object  # on the control group: others wait out rank 0's work
 from megatron_opsd.rollout.auth import find_secret
 from megatron_opsd.rollout.client import SidecarClient
 from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch
 
 from megatron_opsd.data.contexts import render_template
-from megatron_opsd.data.datasets import _read_rows
+from megatron_opsd.data.datasets import read_rows
 from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.device import to_device
 
@@ -112,27 +112,34 @@ def tokenize_conversation(tokenizer, messages: list[dict], enable_thinking: Opti
     return ids, trainable
 
 
-def load_sft_dataset(d: SFTDataConfig, tokenizer, enable_thinking: Optional[bool] = None) -> list[SFTExample]:
-    """Read and tokenize ``data.train_path``; bad rows fail with the file, row number and field named."""
+def read_sft_conversations(d: SFTDataConfig) -> list[tuple[str, str, list[dict]]]:
+    """Read ``data.train_path`` (after ``data.limit``): ``(id, where, messages)`` per row, every row's conversation
+    checked; the file, row number and field are named on a bad row. Used by the loader and, before any rank
+    starts, by the launcher's data check."""
     path = Path(d.train_path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT dataset {str(path)!r} does not exist (data.train_path)")
-    rows = _read_rows(path, d.format)
+    rows = read_rows(path, d.format)
     if d.limit is not None:
         rows = rows[: d.limit]
     if not rows:
         raise ValueError(f"SFT dataset {str(path)!r} (data.train_path) has no rows: it is empty"
                          + (f" after data.limit={d.limit}" if d.limit is not None else ""))
+    return [(str(row.get("id", i)), f"{path}: row {i + 1}", row_messages(row, d, f"{path}: row {i + 1}"))
+            for i, row in enumerate(rows)]
+
+
+def load_sft_dataset(d: SFTDataConfig, tokenizer, enable_thinking: Optional[bool] = None) -> list[SFTExample]:
+    """Read and tokenize ``data.train_path``; bad rows fail with the file, row number and field named."""
     examples = []
-    for i, row in enumerate(rows):
-        where = f"{path}: row {i + 1}"
-        ids, trainable = tokenize_conversation(tokenizer, row_messages(row, d, where), enable_thinking)
+    for example_id, where, messages in read_sft_conversations(d):
+        ids, trainable = tokenize_conversation(tokenizer, messages, enable_thinking)
         if len(ids) > d.max_seq_len:
             raise UsageError(f"{where}: {len(ids)} tokens > data.max_seq_len={d.max_seq_len}; raise data.max_seq_len "
                              "or shorten the conversation")
         if sum(trainable) == 0:
             raise UsageError(f"{where}: the assistant turns tokenize to no tokens (empty responses?)")
-        examples.append(SFTExample(str(row.get("id", i)), ids, trainable))
+        examples.append(SFTExample(example_id, ids, trainable))
     return examples
 
 
