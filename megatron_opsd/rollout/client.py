@@ -343,10 +343,7 @@ class SidecarClient:
                 failed = {r: why for r, why in failed.items() if r in refused or not self._serves(r, version)}
             for _ in stream:  # every rank finishes the gather, whatever happened on rank 0
                 pass
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                box = [(failed, refused)]
-                dist.broadcast_object_list(box, src=0)
-                failed, refused = box[0]
+            failed, refused = control.broadcast_object((failed, refused))  # the control group, as _on_all_ranks
             pending = sorted(failed)
             if not pending or refused:  # a refusal (4xx) names a bad update: pushing it again cannot help
                 break
