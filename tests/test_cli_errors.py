@@ -36,8 +36,8 @@ CASES = {
     "rollout.n=0": "rollout.n must be >= 1, got 0",
     "optim.lr=abc": "optim.lr: expected a number, got 'abc'",
     "model.path=missing-dir": "model.path: 'missing-dir' does not exist; give an HF checkpoint directory",
-    "parallel.tensor_model_parallel_size=3": "parallel.tensor_model_parallel_size: num_attention_heads (4) is not "
-                                             "divisible by tensor_model_parallel_size (3)",
+    "parallel.tensor_model_parallel_size=3": "parallel.tensor_model_parallel_size=3: 4 attention heads cannot be "
+                                             "split evenly; use a TP that divides 4 (1, 2, 4)",
     # issue 31 item 10: what the sidecar or a rank refused only after the ranks (and the sidecar) had started
     "rollout.top_p=nan": "rollout.top_p must be a finite number, got nan",
     "parallel.pipeline_model_parallel_size=0": "parallel.pipeline_model_parallel_size must be >= 1, got 0",

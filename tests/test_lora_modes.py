@@ -207,8 +207,8 @@ def test_planner_counts_the_adapters_peft_builds(tiny_checkpoints):
     from transformers import AutoModelForCausalLM
 
     from megatron_opsd.models.lora import peft_target_modules
+    from megatron_opsd.planning import ModelShape, TrainSettings, estimate_memory
     from megatron_opsd.planning.lora import lora_layer_params, lora_total_params
-    from megatron_opsd.planning.memory import ModelShape, TrainSettings, estimate_memory
 
     hf_dir = tiny_checkpoints["qwen3"]
     shape = ModelShape.from_hf_config(hf_dir)

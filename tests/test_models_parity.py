@@ -124,7 +124,7 @@ def test_bad_input_errors_name_the_field(tiny_checkpoints, tmp_path):
         "no_config": ("build", dict(path=str(tmp_path))),
     }
     expected = {
-        "kv_heads": r"num_key_value_heads \(1\) is not divisible by tensor_model_parallel_size \(2\)",
+        "kv_heads": r"tensor_model_parallel_size=2: 1 KV heads \(query groups\) cannot be split evenly",
         "missing": r"missing tensor 'model.layers.1.mlp.up_proj.weight'",
         "fp8": r"model.fp8='hybrid' \(or teacher.fp8\) needs Transformer Engine .* set model.fp8=null",
         "fp8_recipe": r"model.fp8_recipe must be one of",
@@ -138,14 +138,17 @@ def test_bad_input_errors_name_the_field(tiny_checkpoints, tmp_path):
 
 
 def test_layout_validation():
-    from megatron_opsd.models.families import validate_layout
+    from megatron_opsd.errors import UsageError
+    from megatron_opsd.models.layout import validate_layout
+    from megatron_opsd.models.shape import ModelShape
 
-    cfg = SimpleNamespace(num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=6)
-    validate_layout(cfg, tp=2, pp=3)
-    with pytest.raises(ValueError, match=r"num_attention_heads \(6\) is not divisible by tensor_model_parallel_size"):
-        validate_layout(cfg, tp=4, pp=1)
-    with pytest.raises(ValueError, match=r"num_hidden_layers \(6\) .* virtual_pipeline_model_parallel_size \(4\)"):
-        validate_layout(cfg, tp=1, pp=2, vpp=2)
+    shape = ModelShape(hidden_size=192, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=32, intermediate_size=384,
+                       vocab_size=379)
+    validate_layout(shape, tp=2, pp=3)
+    with pytest.raises(UsageError, match=r"tensor_model_parallel_size=4: 6 attention heads cannot be split evenly"):
+        validate_layout(shape, tp=4, pp=1)
+    with pytest.raises(UsageError, match=r"6 layers cannot be split into PP x VPP = 4 equal stages"):
+        validate_layout(shape, tp=1, pp=2, vpp=2)
 
 
 @pytest.mark.parametrize("change,pattern", [
@@ -166,14 +169,14 @@ def test_unsupported_options_are_refused(change, pattern):
 
 
 def test_unknown_architecture():
-    from megatron_opsd.models.families import detect_family
+    from megatron_opsd.models.shape import detect_family
 
     with pytest.raises(ValueError, match="architectures=.*GPTNeoXForCausalLM.*supported architectures"):
         detect_family(SimpleNamespace(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"))
 
 
 def test_padded_vocab_size():
-    from megatron_opsd.models.gpt import padded_vocab_size
+    from megatron_opsd.models.shape import padded_vocab_size
 
     assert padded_vocab_size(379, 1) == 384
     assert padded_vocab_size(379, 2) == 512

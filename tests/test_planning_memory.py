@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opsd.planning.memory import (
-    GIB,
+from megatron_opsd.planning import (
     Cluster,
     LayoutError,
     ModelShape,
@@ -20,6 +19,7 @@ from megatron_opsd.planning.memory import (
     suggest_changes,
     validate_layout,
 )
+from megatron_opsd.planning.settings import GIB
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "model_configs"
@@ -313,7 +313,7 @@ def test_tiny_model_measured_tp2(tiny_dir):
 
 
 def test_teacher_weight_bytes_count_the_fp32_ema_and_purified_initial_copy():
-    from megatron_opsd.planning.memory import TrainSettings, teacher_weight_bytes
+    from megatron_opsd.planning.memory import teacher_weight_bytes
 
     p = 1000
     assert teacher_weight_bytes(TrainSettings(teacher_weights="live"), p) == 0

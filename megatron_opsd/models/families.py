@@ -1,59 +1,25 @@
-"""Hugging Face config -> megatron-core ``TransformerConfig``, one entry per supported family.
+"""Hugging Face config -> megatron-core ``TransformerConfig`` for the supported families, and which kernels run.
 
-A family says how its HF config maps onto megatron's knobs (qk-norm, qkv bias, RoPE scaling) and which HF
-tensor names make up a layer. The weight mapping itself (fusions, TP slicing) is in ``weights.py``.
+The config's shape and family (qk-norm, qkv bias) are read by ``shape.ModelShape``, the layout is checked by
+``layout.validate_layout``; here the options megatron cannot reproduce are refused (RoPE scaling, biases, sliding
+windows) and the layer spec's Transformer Engine is detected. The weight mapping (fusions, TP slicing) is in
+``weights.py``.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_opsd.errors import UsageError
+from megatron_opsd.models.layout import validate_layout
+from megatron_opsd.models.shape import ModelShape, detect_family
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    qk_layernorm: bool
-    qkv_bias: bool
-
-
-FAMILIES = {
-    "qwen3": Family("qwen3", qk_layernorm=True, qkv_bias=False),
-    "qwen2": Family("qwen2", qk_layernorm=False, qkv_bias=True),
-    "llama": Family("llama", qk_layernorm=False, qkv_bias=False),
-}
-_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "current")
-
-
-def detect_family(hf_config) -> str:
-    """Family name from ``architectures`` (or ``model_type``); a clear error for anything else."""
-    for arch in getattr(hf_config, "architectures", None) or []:
-        if arch in _ARCHITECTURES:
-            return _ARCHITECTURES[arch]
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type in FAMILIES:
-        return model_type
-    raise ValueError(
-        f"unsupported model: architectures={getattr(hf_config, 'architectures', None)!r}, "
-        f"model_type={model_type!r}; supported architectures are {sorted(_ARCHITECTURES)}"
-    )
-
-
-def head_dim(hf_config) -> int:
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-
-
-def num_kv_heads(hf_config) -> int:
-    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
 
 def rope_parameters(hf_config) -> dict:
@@ -165,22 +131,6 @@ def require_te_for_fp8(fp8: Optional[str]) -> None:
         )
 
 
-def validate_layout(hf_config, tp: int, pp: int, vpp: Optional[int] = None) -> None:
-    """Refuse parallel layouts megatron cannot shard this model into, naming the field and the fix."""
-    heads, kv_heads = hf_config.num_attention_heads, num_kv_heads(hf_config)
-    if heads % tp:
-        raise UsageError(f"parallel.tensor_model_parallel_size: num_attention_heads ({heads}) is not divisible by "
-                         f"tensor_model_parallel_size ({tp}); choose a TP size that divides {heads}")
-    if kv_heads % tp:
-        raise UsageError(f"parallel.tensor_model_parallel_size: num_key_value_heads ({kv_heads}) is not divisible by "
-                         f"tensor_model_parallel_size ({tp}); choose a TP size that divides {kv_heads}")
-    stages = pp * (vpp or 1)
-    if hf_config.num_hidden_layers % stages:
-        raise UsageError(f"parallel.pipeline_model_parallel_size: num_hidden_layers ({hf_config.num_hidden_layers}) "
-                         f"is not divisible by pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
-                         f"({stages})")
-
-
 def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                                fp8_recipe: str = "delayed", recompute_granularity: Optional[str] = None,
                                **overrides):
@@ -188,11 +138,11 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
-    family = FAMILIES[detect_family(hf_config)]
+    shape = ModelShape.from_hf_config(hf_config)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    validate_layout(hf_config, tp, pp, vpp)
+    validate_layout(shape, tp, pp, vpp)
     if fp8 not in FP8_FORMATS:
         raise ValueError(f"model.fp8 must be one of {FP8_FORMATS}, got {fp8!r}")
     if fp8_recipe not in FP8_RECIPES:
@@ -204,19 +154,19 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     use_te = have_transformer_engine()
     check_supported(hf_config)
     kwargs = dict(
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_query_groups=num_kv_heads(hf_config),
-        kv_channels=head_dim(hf_config),
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads,
+        kv_channels=shape.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=hf_config.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias,
-        qk_layernorm=family.qk_layernorm,
+        add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=getattr(hf_config, "initializer_range", 0.02),

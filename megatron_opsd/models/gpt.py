@@ -1,7 +1,6 @@
 """Build this rank's megatron-core ``GPTModel`` chunks from a Hugging Face config."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -10,15 +9,10 @@ import torch
 from megatron_opsd.models.families import (have_transformer_engine, require_te_for_fp8, rope_parameters,
                                           transformer_config_from_hf)
 from megatron_opsd.models.local_spec import local_block_spec
+from megatron_opsd.models.shape import padded_vocab_size
 from megatron_opsd.models.lora import LoRASettings, add_lora
 from megatron_opsd.models.lora_peft import init_lora_
 from megatron_opsd.models.weights import unwrap  # noqa: F401 - defined with the weight recipes; its old import path
-
-
-def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
-    """Megatron's padding: the vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * TP``."""
-    multiple = make_vocab_size_divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def load_hf_config(hf_config_or_dir):

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_opsd.models.families import FAMILIES, detect_family, head_dim, num_kv_heads
+from megatron_opsd.models.shape import ModelShape
 from megatron_opsd.parallel import control
 
 
@@ -66,21 +66,21 @@ class Recipe:
 
 def hf_tensor_shapes(hf_config) -> dict:
     """Every tensor name of the HF checkpoint with its shape, in checkpoint order."""
-    family = FAMILIES[detect_family(hf_config)]
-    h, hd, ffn = hf_config.hidden_size, head_dim(hf_config), hf_config.intermediate_size
-    nq, nkv, v = hf_config.num_attention_heads, num_kv_heads(hf_config), hf_config.vocab_size
+    shape = ModelShape.from_hf_config(hf_config)
+    h, hd, ffn = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    nq, nkv, v = shape.num_heads, shape.num_kv_heads, shape.vocab_size
     shapes = {"model.embed_tokens.weight": (v, h)}
-    for i in range(hf_config.num_hidden_layers):
+    for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "self_attn.q_proj.weight"] = (nq * hd, h)
         shapes[p + "self_attn.k_proj.weight"] = (nkv * hd, h)
         shapes[p + "self_attn.v_proj.weight"] = (nkv * hd, h)
-        if family.qkv_bias:
+        if shape.qkv_bias:
             shapes[p + "self_attn.q_proj.bias"] = (nq * hd,)
             shapes[p + "self_attn.k_proj.bias"] = (nkv * hd,)
             shapes[p + "self_attn.v_proj.bias"] = (nkv * hd,)
-        if family.qk_layernorm:
+        if shape.qk_layernorm:
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "self_attn.o_proj.weight"] = (h, nq * hd)
@@ -89,7 +89,7 @@ def hf_tensor_shapes(hf_config) -> dict:
         shapes[p + "mlp.up_proj.weight"] = (ffn, h)
         shapes[p + "mlp.down_proj.weight"] = (h, ffn)
     shapes["model.norm.weight"] = (h,)
-    if not getattr(hf_config, "tie_word_embeddings", False):
+    if not shape.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
     return shapes
 
@@ -176,8 +176,9 @@ def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int,
         n = reader.shape(names[0])[0] // tp
         return torch.cat([_rows(reader, nm, rank * n, (rank + 1) * n) for nm in names], dim=0)
     if sharding == "qkv":
-        hd, ng = head_dim(hf_config), num_kv_heads(hf_config)
-        q_per_group = hf_config.num_attention_heads // ng
+        shape = ModelShape.from_hf_config(hf_config)
+        hd, ng = shape.head_dim, shape.num_kv_heads
+        q_per_group = shape.num_heads // ng
         g0, g1 = rank * ng // tp, (rank + 1) * ng // tp
         q = _rows(reader, names[0], g0 * q_per_group * hd, g1 * q_per_group * hd)
         k = _rows(reader, names[1], g0 * hd, g1 * hd)
@@ -228,8 +229,9 @@ def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
         halves = [s.chunk(2, dim=0) for s in shards]
         return {names[0]: torch.cat([h[0] for h in halves], 0), names[1]: torch.cat([h[1] for h in halves], 0)}
     if sharding == "qkv":
-        hd, ng = head_dim(hf_config), num_kv_heads(hf_config)
-        qpg = hf_config.num_attention_heads // ng
+        shape = ModelShape.from_hf_config(hf_config)
+        hd, ng = shape.head_dim, shape.num_kv_heads
+        qpg = shape.num_heads // ng
         full = torch.cat(shards, 0)
         tail = full.shape[1:]
         grouped = full.reshape(ng, qpg + 2, hd, *tail)

@@ -10,22 +10,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_opsd.models.shape import ModelShape
+from megatron_opsd.planning.advice import combined_fix, suggest_changes
+from megatron_opsd.planning.layout import LayoutError, validate_layout
 from megatron_opsd.planning.lora import sync_bytes
-from megatron_opsd.planning.memory import (
-    GIB,
-    Cluster,
-    LayoutError,
-    ModelShape,
-    TrainSettings,
-    combined_fix,
-    estimate_memory,
-    format_plan,
-    parse_memory_size,
-    sidecar_kv_tokens,
-    sidecar_weight_bytes,
-    suggest_changes,
-    validate_layout,
-)
+from megatron_opsd.planning.memory import estimate_memory, sidecar_kv_tokens, sidecar_weight_bytes
+from megatron_opsd.planning.settings import GIB, Cluster, TrainSettings, parse_memory_size
+from megatron_opsd.planning.table import format_plan
 
 # examples/model_configs/ of the checkout (not package data): named in the error for a config whose model.path
 # is not on this machine

@@ -58,13 +58,13 @@ def check_inputs(cfg) -> None:
         what = "does not exist" if not model.exists() else "has no config.json"
         raise ConfigError(f"model.path: {str(model)!r} {what}; give an HF checkpoint directory (config.json, "
                           "safetensors, tokenizer)")
-    from megatron_opsd.models.families import validate_layout
-    from megatron_opsd.models.gpt import load_hf_config
+    from megatron_opsd.models.layout import validate_layout
+    from megatron_opsd.models.shape import ModelShape
 
     par = cfg.parallel
     par.refuse_unsupported()
-    validate_layout(load_hf_config(model), par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                    par.virtual_pipeline_model_parallel_size)
+    validate_layout(ModelShape.from_hf_config(model), par.tensor_model_parallel_size,
+                    par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size)
 
 
 def _data_error(key: str, err: Exception):
