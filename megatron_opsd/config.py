@@ -432,20 +432,6 @@ def _override_items(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return items
 
 
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """Overrides -> nested dict of raw value strings (coerced later against the dataclasses)."""
-    nested: dict = {}
-    for key, value in _override_items(overrides):
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}={value}: {part} is set as a value and used as a section")
-        node[parts[-1]] = value
-    return nested
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Keys renamed by the loss split (target / coverage / divergence): accepted for one release, with a warning
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The package's layers (docs/architecture.md), checked statically: no module imports a higher layer, no import
 cycle between modules or between packages, and no function-local import of our own modules in the packages that
-keep their imports at the top. Pure AST over the source files: nothing is imported, it runs in well under a second.
+keep their imports at the top, and no module imports another module's private (``_``) names. Pure AST over the
+source files: nothing is imported, it runs in well under a second.
 
 Every ``import`` counts as an arrow, at module level and inside functions alike (a function-local import is a
 dependency too, only a hidden one); imports under ``if TYPE_CHECKING:`` do not (they never run). The CLI boundary
@@ -239,6 +240,34 @@ def test_own_imports_at_module_top():
                        "docs/architecture.md, 'Imports'):\n" + "\n".join(local))
 
 
+def _private_imports(module: str, tree: ast.AST) -> list[str]:
+    """One line per ``from megatron_opsd.x import _name`` in ``module`` whose ``_name`` lives in another module: a
+    private name is its module's own business; a name two modules share is public (drop the underscore) or moves
+    to the module that owns it. Dunders (``__version__``) are public."""
+    package = module if _modules()[module].name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+        if base.split(".")[0] != "megatron_opsd":
+            continue
+        for alias in node.names:
+            private = alias.name.startswith("_") and not alias.name.startswith("__")
+            if private and _resolve(f"{base}.{alias.name}") != module:
+                out.append(f"{_modules()[module].relative_to(PACKAGE_DIR.parent)}:{node.lineno}: {module} imports "
+                           f"the private {alias.name} of {base}")
+    return out
+
+
+def test_no_private_names_imported_across_modules():
+    found = [line for m in _modules() for line in _private_imports(m, ast.parse(_modules()[m].read_text()))]
+    assert not found, "private names imported from another module (make them public or move them):\n" + \
+        "\n".join(found)
+
+
 def test_checks_find_planted_violations():
     """The checks can fail: an upward arrow, a module cycle and a package cycle planted in the real graph."""
     imports = {m: _imports(m) for m in _modules()}
@@ -251,6 +280,13 @@ def test_checks_find_planted_violations():
     arrows["megatron_opsd.data.contexts"].add("megatron_opsd.rollout.client")
     arrows["megatron_opsd.rollout.client"].add("megatron_opsd.data.datasets")
     assert ["data", "rollout"] in _cycles(_package_graph(arrows))
+    planted = ast.parse("from megatron_opsd.models.weights import Recipe, _SafetensorsReader\n"
+                        "from .weights import _export_view\nfrom megatron_opsd import __version__\n")
+    assert [line.split(": ", 1)[1] for line in _private_imports("megatron_opsd.models.lora_peft", planted)] == [
+        "megatron_opsd.models.lora_peft imports the private _SafetensorsReader of megatron_opsd.models.weights",
+        "megatron_opsd.models.lora_peft imports the private _export_view of megatron_opsd.models.weights"]
+    own = ast.parse("from megatron_opsd.models.weights import _SafetensorsReader\n")
+    assert _private_imports("megatron_opsd.models.weights", own) == []  # a module's own private name
 
 
 if __name__ == "__main__":

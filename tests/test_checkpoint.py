@@ -54,7 +54,7 @@ def train_worker(hf_dir: str, root: str, resume: bool, last_step: int, save_at: 
     from megatron_opsd.models.weights import load_hf_checkpoint
     from megatron_opsd.training.checkpoint import load_latest, save_checkpoint
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.schedule import copy_weights_, ema_update_, forward_backward
+    from megatron_opsd.training.schedule import FP32EMA, copy_weights_, forward_backward
     from megatron_opsd.training.sft import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
@@ -75,7 +75,7 @@ def train_worker(hf_dir: str, root: str, resume: bool, last_step: int, save_at: 
         zero_grads(ddp_chunks, optimizer)
         result = forward_backward(ddp_chunks, microbatches, loss_fn, seq_length=SEQ, micro_batch_size=MBS)
         stats = optimizer_step(optimizer, scheduler)
-        ema_update_(ema, chunks, EMA_DECAY)
+        FP32EMA(ema).update_(chunks, EMA_DECAY)  # fp32 replica: its own average
         step += 1
         out["losses"][step] = (result.loss, float(stats["grad_norm"]), stats["lr"])
         if step in save_at:

@@ -7,7 +7,7 @@ import yaml
 
 from megatron_opsd.config import (
     ConfigError, OPSDConfig, add_config_arguments, apply_overrides, config_from_args, config_to_dict,
-    load_config, parse_overrides, save_config,
+    load_config, save_config,
 )
 from megatron_opsd.parallel.distributed import ParallelConfig
 
@@ -102,8 +102,10 @@ def test_bad_yaml_values_name_the_full_key(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-def test_parse_overrides_and_cli_arguments():
-    assert parse_overrides(["a.b=1", "--set", "a.c=x=y", "d=2"]) == {"a": {"b": "1", "c": "x=y"}, "d": "2"}
+def test_overrides_and_cli_arguments():
+    """``--set`` separators are skipped and a value keeps every ``=`` after the key's."""
+    cfg = load_config(None, ["rollout.n=3", "--set", "model.path=/models/a=b", "--set=loss.beta=0.25"])
+    assert (cfg.rollout.n, cfg.model.path, cfg.loss.beta) == (3, "/models/a=b", 0.25)
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     args = parser.parse_args(["--set", "loss.divergence=jsd", "rollout.n=3", "--set", "loss.beta=0.1"])

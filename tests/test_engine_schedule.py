@@ -91,18 +91,19 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool, replicas: bool
 
 
 def replica_checks(hf_dir: str, student: list) -> dict:
-    """copy_weights_ / ema_update_ between the loaded model and a differently initialised replica."""
+    """copy_weights_ / FP32EMA.update_ between the loaded model and a differently initialised replica."""
     from megatron_opsd.models.gpt import build_model
-    from megatron_opsd.training.schedule import copy_weights_, ema_update_
+    from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
     ema = build_model(hf_dir)  # megatron's random init, not the HF weights
     pairs = lambda: list(zip(ema[0].parameters(), student[0].parameters()))  # noqa: E731
     before = [(e.detach().clone(), s.detach().clone()) for e, s in pairs()]
     assert any(not torch.equal(e, s) for e, s in before)
-    ema_update_(ema, student, 0.9)
+    average = FP32EMA(ema)  # fp32 replica: its own shadow
+    average.update_(student, 0.9)
     ema_err = max((e - (0.9 * e0 + 0.1 * s0)).abs().max().item() for (e, _), (e0, s0) in zip(pairs(), before))
     snapshot = [e.detach().clone() for e, _ in pairs()]
-    ema_update_(ema, student, 1.0)  # decay 1: a frozen teacher
+    average.update_(student, 1.0)  # decay 1: a frozen teacher
     unchanged = all(torch.equal(e, e1) for (e, _), e1 in zip(pairs(), snapshot))
     copy_weights_(ema, student)
     copied = all(torch.equal(e, s) for e, s in pairs())

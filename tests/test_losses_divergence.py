@@ -279,3 +279,15 @@ def test_chunk_loop_has_no_host_syncs_and_chunking_is_exact(kind, monkeypatch):
     assert conversions == []
     assert torch.equal(whole[1], chunked[1]) and torch.equal(grad_whole, grad_chunked)
     assert torch.equal(grad_chunked[~mask], torch.zeros_like(grad_chunked[~mask]))
+
+
+def test_mask_padded_vocab_hides_only_the_padded_columns():
+    """megatron's cross-entropy (SFT's loss) takes no vocabulary range: the padded columns go to -inf first, and a
+    padded column's logit then has no effect on the CE of the real vocabulary's softmax."""
+    from megatron_opsd.losses.vocab_parallel import mask_padded_vocab
+
+    logits = torch.randn(3, 8, dtype=torch.float64)
+    masked = mask_padded_vocab(logits, 6, group=None)
+    torch.testing.assert_close(masked.log_softmax(-1)[:, :6], logits[:, :6].log_softmax(-1), rtol=0, atol=1e-12)
+    assert torch.isneginf(masked[:, 6:]).all() and not torch.isneginf(logits).any()  # out of place
+    assert mask_padded_vocab(logits, 8, group=None) is logits  # nothing padded: no copy

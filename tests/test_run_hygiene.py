@@ -15,7 +15,7 @@ import pytest
 from megatron_opsd.cli import main as cli_main
 from megatron_opsd.config import load_config
 from megatron_opsd.errors import UsageError
-from megatron_opsd.models.weights import _replace_dir
+from megatron_opsd.models.weights import replace_dir
 from megatron_opsd.rollout.leftovers import SHM_BUCKET_PREFIX, STAGING_DIR_PREFIX, clean_dead_leftovers, owner_pid
 from megatron_opsd.training.export_cli import refuse_peft_without_lora
 from megatron_opsd.training.rundir import drop_metrics_after, refuse_overwrite
@@ -55,14 +55,14 @@ def test_metrics_keep_one_row_per_step(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_exports_get_the_users_umask(tmp_path, umask):
-    """The HF and PEFT writers finish through ``_replace_dir``: mkdtemp's 0700 and a copied 0600 file become what
+    """The HF and PEFT writers finish through ``replace_dir``: mkdtemp's 0700 and a copied 0600 file become what
     mkdir/open give under the umask."""
     tmp = Path(tempfile.mkdtemp(dir=tmp_path))
     (tmp / "model.safetensors").write_bytes(b"x")
     (tmp / "model.safetensors").chmod(0o600)
     old = os.umask(umask)
     try:
-        _replace_dir(tmp, tmp_path / "hf")
+        replace_dir(tmp, tmp_path / "hf")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~umask

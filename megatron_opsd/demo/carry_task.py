@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from megatron_opsd.config import DataConfig, TeacherConfig
 from megatron_opsd.data import contexts
 from megatron_opsd.data.datasets import PromptExample
-from megatron_opsd.demo.task import (_CONFIRMS, _FINAL_OPENERS, _VERIFY_OPENERS, _apply, _expr, _step, _wrong_value,
-                                     concise_trace, parse_problem, student_messages,
-                                     validate_trace_config)
+from megatron_opsd.demo.task import (CONFIRMS, FINAL_OPENERS, VERIFY_OPENERS, apply_op, concise_trace, expression,
+                                     parse_problem, step_text, student_messages, validate_trace_config, wrong_value)
 
 
 @dataclass
@@ -55,14 +54,14 @@ def long_trace(example: dict, rng: random.Random, cfg: CarryTraceConfig = CarryT
     start, ops = parse_problem(example["problem"])
     parts, value, done = [], start, []
     for i, (op, operand) in enumerate(ops):
-        lhs, value = value, _apply(value, op, operand)
+        lhs, value = value, apply_op(value, op, operand)
         rest = ops[i + 1:]
         if rng.random() < cfg.slip_prob:
-            wrong = _wrong_value(rng, value)
-            text = (_step(lhs, op, operand, wrong, rest) + f" {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = "
+            wrong = wrong_value(rng, value)
+            text = (step_text(lhs, op, operand, wrong, rest) + f" {rng.choice(VERIFY_OPENERS)} {lhs} {op} {operand} = "
                     f"{value}, not {wrong}.")
         else:
-            text = _step(lhs, op, operand, value, rest)
+            text = step_text(lhs, op, operand, value, rest)
             if rng.random() >= cfg.check_prob:
                 parts.append(text)
                 done.append(f"{lhs} {op} {operand} = {value}.")
@@ -70,11 +69,11 @@ def long_trace(example: dict, rng: random.Random, cfg: CarryTraceConfig = CarryT
             for loop in range(cfg.max_loops):
                 if loop and rng.random() >= cfg.repeat_prob:
                     break
-                text += f" {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {value}. {rng.choice(_CONFIRMS)}"
-        parts.append(text + f" So we have {_expr(value, rest)}.")
+                text += f" {rng.choice(VERIFY_OPENERS)} {lhs} {op} {operand} = {value}. {rng.choice(CONFIRMS)}"
+        parts.append(text + f" So we have {expression(value, rest)}.")
         done.append(f"{lhs} {op} {operand} = {value}.")
     if rng.random() < cfg.final_check_prob:
-        parts.append(f"{rng.choice(_FINAL_OPENERS)} {' '.join(done)} {rng.choice(_CONFIRMS)}")
+        parts.append(f"{rng.choice(FINAL_OPENERS)} {' '.join(done)} {rng.choice(CONFIRMS)}")
     return " ".join(parts) + f" The answer is \\boxed{{{value}}}."
 
 

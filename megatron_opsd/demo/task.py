@@ -40,9 +40,9 @@ Messages = list[dict[str, str]]
 
 _PROBLEM_RE = re.compile(r"^Compute (\d+)((?: [+-] \d+)+)\.$")
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-_VERIFY_OPENERS = ("Wait, let me verify:", "Wait, let me double-check:", "Hmm, let me check that again:")
-_CONFIRMS = ("Yes.", "Correct.", "That is right.")
-_FINAL_OPENERS = ("Wait, let me verify the whole computation again:", "Let me double-check everything from the start:")
+VERIFY_OPENERS = ("Wait, let me verify:", "Wait, let me double-check:", "Hmm, let me check that again:")
+CONFIRMS = ("Yes.", "Correct.", "That is right.")
+FINAL_OPENERS = ("Wait, let me verify the whole computation again:", "Let me double-check everything from the start:")
 
 
 @dataclass
@@ -95,7 +95,7 @@ def validate_trace_config(cfg, probabilities: tuple[str, ...]) -> None:
 
 # ----------------------------------------------------------------------------------------------- problems
 
-def _apply(value: int, op: str, operand: int) -> int:
+def apply_op(value: int, op: str, operand: int) -> int:
     return value + operand if op == "+" else value - operand
 
 
@@ -113,7 +113,7 @@ def solve_steps(problem: str) -> list[tuple[int, str, int, int]]:
     value, ops = parse_problem(problem)
     steps = []
     for op, operand in ops:
-        result = _apply(value, op, operand)
+        result = apply_op(value, op, operand)
         steps.append((value, op, operand, result))
         value = result
     return steps
@@ -123,14 +123,14 @@ def _sample_problem(rng: random.Random, cfg: TaskConfig) -> str:
     value = rng.randint(1, cfg.max_operand)
     parts = [str(value)]
     for _ in range(rng.randint(cfg.min_steps, cfg.max_steps)):
-        ops = [op for op in "+-" if 0 <= _apply(value, op, 1)]
+        ops = [op for op in "+-" if 0 <= apply_op(value, op, 1)]
         op = rng.choice(ops)
         hi = min(cfg.max_operand, cfg.max_value - value) if op == "+" else min(cfg.max_operand, value)
         if hi < 1:  # at the edge of the range only the other operation fits
             op = "-" if op == "+" else "+"
             hi = min(cfg.max_operand, cfg.max_value - value) if op == "+" else min(cfg.max_operand, value)
         operand = rng.randint(1, hi)
-        value = _apply(value, op, operand)
+        value = apply_op(value, op, operand)
         parts += [op, str(operand)]
     return "Compute " + " ".join(parts) + "."
 
@@ -191,13 +191,13 @@ def boxed_answer(text: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------------- traces
 
-def _expr(value: int, ops: list[tuple[str, int]]) -> str:
+def expression(value: int, ops: list[tuple[str, int]]) -> str:
     return " ".join([str(value)] + [f"{op} {operand}" for op, operand in ops])
 
 
-def _step(lhs: int, op: str, operand: int, result: int, rest: list[tuple[str, int]]) -> str:
+def step_text(lhs: int, op: str, operand: int, result: int, rest: list[tuple[str, int]]) -> str:
     """``8 + 7 = 15, so 15 + 3 - 2.``: the step, then what is left of the problem (nothing after the last)."""
-    return f"{lhs} {op} {operand} = {result}" + (f", so {_expr(result, rest)}." if rest else ".")
+    return f"{lhs} {op} {operand} = {result}" + (f", so {expression(result, rest)}." if rest else ".")
 
 
 def concise_trace(example: dict, rng: random.Random) -> str:
@@ -205,16 +205,16 @@ def concise_trace(example: dict, rng: random.Random) -> str:
     concise teacher should reproduce); it is accepted so both generators share one signature."""
     del rng
     start, ops = parse_problem(example["problem"])
-    steps = [_step(lhs, op, operand, res, ops[i + 1:])
+    steps = [step_text(lhs, op, operand, res, ops[i + 1:])
              for i, (lhs, op, operand, res) in enumerate(solve_steps(example["problem"]))]
     return " ".join(steps) + f" The answer is \\boxed{{{solve_steps(example['problem'])[-1][3]}}}."
 
 
 def _verify_loop(rng: random.Random, lhs: int, op: str, operand: int, result: int) -> str:
-    return f" {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {result}. {rng.choice(_CONFIRMS)}"
+    return f" {rng.choice(VERIFY_OPENERS)} {lhs} {op} {operand} = {result}. {rng.choice(CONFIRMS)}"
 
 
-def _wrong_value(rng: random.Random, true_value: int) -> int:
+def wrong_value(rng: random.Random, true_value: int) -> int:
     return rng.choice([v for v in (true_value - 2, true_value - 1, true_value + 1, true_value + 2) if v >= 0])
 
 
@@ -226,12 +226,12 @@ def verbose_trace(example: dict, rng: random.Random, cfg: TraceConfig = TraceCon
     error_at = rng.randrange(len(ops)) if rng.random() < cfg.error_prob else None
     parts, value, done = [], start, []
     for i, (op, operand) in enumerate(ops):
-        lhs, value = value, _apply(value, op, operand)
-        text = _step(lhs, op, operand, value, ops[i + 1:])
+        lhs, value = value, apply_op(value, op, operand)
+        text = step_text(lhs, op, operand, value, ops[i + 1:])
         if i == error_at:
-            wrong = _wrong_value(rng, value)
-            text += (f" {rng.choice(_VERIFY_OPENERS)} {lhs} {op} {operand} = {wrong}, not {value}. "
-                     f"So we have {_expr(wrong, ops[i + 1:])}.")
+            wrong = wrong_value(rng, value)
+            text += (f" {rng.choice(VERIFY_OPENERS)} {lhs} {op} {operand} = {wrong}, not {value}. "
+                     f"So we have {expression(wrong, ops[i + 1:])}.")
             value = wrong
         elif rng.random() < cfg.check_prob:
             text += _verify_loop(rng, lhs, op, operand, value)
@@ -239,11 +239,11 @@ def verbose_trace(example: dict, rng: random.Random, cfg: TraceConfig = TraceCon
                 if rng.random() >= cfg.repeat_prob:
                     break
                 text += _verify_loop(rng, lhs, op, operand, value)
-            text += f" So we have {_expr(value, ops[i + 1:])}."
+            text += f" So we have {expression(value, ops[i + 1:])}."
         parts.append(text)
         done.append(f"{lhs} {op} {operand} = {value}.")
     if error_at is None and rng.random() < cfg.final_check_prob:
-        parts.append(f"{rng.choice(_FINAL_OPENERS)} {' '.join(done)} {rng.choice(_CONFIRMS)}")
+        parts.append(f"{rng.choice(FINAL_OPENERS)} {' '.join(done)} {rng.choice(CONFIRMS)}")
     return " ".join(parts) + f" The answer is \\boxed{{{value}}}."
 
 

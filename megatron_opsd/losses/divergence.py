@@ -31,7 +31,7 @@ def _xlogy_term(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, w * a, torch.zeros_like(w))
 
 
-def _terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
+def divergence_terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
     """(pointwise divergence f [rows, shard], p * df/dp [rows, shard], p)."""
     p, q = torch.exp(logp), torch.exp(logq)
     if kind == "reverse_kl":
@@ -44,7 +44,7 @@ def _terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor):
 
 
 def _chunk_terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor, scratch: torch.Tensor):
-    """(f, p * df/dp, p) of one chunk as ``_terms``; the KLs overwrite logp, logq and scratch (no allocation).
+    """(f, p * df/dp, p) of one chunk as ``divergence_terms``; the KLs overwrite logp, logq and scratch (no allocation).
 
     nan_to_num maps the 0 * -inf entries (zero probability) to 0 and keeps +inf (support mismatch)."""
     if kind == "reverse_kl":
@@ -56,7 +56,7 @@ def _chunk_terms(kind: str, beta: float, logp: torch.Tensor, logq: torch.Tensor,
         q = torch.exp(logq, out=scratch)
         f = torch.sub(logq, logp, out=logq).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0).mul_(q)
         return f, q.neg_(), logp.exp_()
-    return _terms(kind, beta, logp, logq)
+    return divergence_terms(kind, beta, logp, logq)
 
 
 def _chunks_with_tokens(mask: torch.Tensor, chunk: int) -> list[bool]:

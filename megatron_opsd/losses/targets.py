@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.divergence import _terms
+from megatron_opsd.losses.divergence import divergence_terms
 from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, group_rank_and_size, log_softmax_stats,
                                                  to_fp32_masked, valid_columns, working_dtype)
 
@@ -121,7 +121,7 @@ def demopsd_target_logprobs(student_logits: torch.Tensor, teacher_logits: torch.
         t = to_fp32_masked(flat_t[rows], cols, temperature, dtype)
         lse_s, lse_t = log_softmax_stats(s, t, group=group)
         log_s, log_t = s.sub_(lse_s[:, None]), t.sub_(lse_t[:, None])
-        jsd = all_reduce(_terms("jsd", 0.5, log_s, log_t)[0].sum(dim=-1), dist.ReduceOp.SUM, group)
+        jsd = all_reduce(divergence_terms("jsd", 0.5, log_s, log_t)[0].sum(dim=-1), dist.ReduceOp.SUM, group)
         a = (torch.sigmoid(beta * jsd) - 0.5) * (2.0 * alpha_max)
         finite = torch.isfinite(log_s) & torch.isfinite(log_t)  # both -inf exactly on padded columns
         mixed = torch.where(finite, (1.0 - a[:, None]) * log_t + a[:, None] * log_s,

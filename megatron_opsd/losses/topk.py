@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.losses.divergence import KINDS, _terms
+from megatron_opsd.losses.divergence import KINDS, divergence_terms
 from megatron_opsd.losses.vocab_parallel import (VocabRange, all_reduce, group_rank_and_size, ids_layout,
                                                  log_softmax_stats, to_fp32_masked, valid_columns, working_dtype)
 from megatron_opsd.losses.weights import loss_weights
@@ -150,13 +150,13 @@ def vocab_parallel_topk(teacher_logits: torch.Tensor, k: int, *, group=None, voc
 class _BucketDivergence(torch.autograd.Function):
     """sum over the last dim of the pointwise divergence terms of normalised bucket log-probs [n, m].
 
-    d/d logp_i sum_v f_v(exp(logp_v)) = p_i f_i'(p_i) = the ``pa`` of divergence._terms (zero-probability
+    d/d logp_i sum_v f_v(exp(logp_v)) = p_i f_i'(p_i) = the ``pa`` of divergence.divergence_terms (zero-probability
     buckets give 0, not NaN); clamped terms (token_clip) give 0.
     """
 
     @staticmethod
     def forward(ctx, logp, logq, kind, beta, token_clip):
-        f, pa, _ = _terms(kind, beta, logp, logq)
+        f, pa, _ = divergence_terms(kind, beta, logp, logq)
         if token_clip is not None:
             pa = pa.masked_fill(f > token_clip, 0.0)
             f = f.clamp(max=token_clip)

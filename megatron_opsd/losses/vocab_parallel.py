@@ -41,6 +41,17 @@ def valid_columns(shard_width: int, group, vocab_range: VocabRange, device) -> O
     return (ids >= lo) & (ids < hi)
 
 
+def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int, group) -> torch.Tensor:
+    """This rank's padded vocabulary columns set to -inf (out of place), for a loss that takes no vocabulary range
+    (megatron's ``vocab_parallel_cross_entropy``); unchanged when the shard has no padded column."""
+    rank, _ = group_rank_and_size(group)
+    width = logits.shape[-1]
+    if (rank + 1) * width <= real_vocab_size:
+        return logits
+    cols = valid_columns(width, group, (0, real_vocab_size), logits.device)
+    return logits.masked_fill(~cols, float("-inf"))
+
+
 def ids_layout(logits: torch.Tensor, ids: torch.Tensor, temperature: float, group,
                vocab_range: VocabRange) -> tuple[torch.Size, int, Optional[torch.Tensor]]:
     """(leading shape, shard width, ``valid_columns``) of a log-probs-at-global-``ids`` call, after checking that

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_opsd.models.lora import LoRASettings, lora_recipes, peft_target_modules
-from megatron_opsd.models.weights import _full_tensors, _gather_tp, _local_shard, _replace_dir, hf_tensor_shapes, unwrap
+from megatron_opsd.models.weights import full_tensors, gather_tp, hf_tensor_shapes, local_shard, replace_dir, unwrap
 from megatron_opsd.parallel import control
 
 PEFT_PREFIX = "base_model.model."
@@ -54,7 +54,7 @@ def load_lora_tensors(model_chunks: list, tensors: dict, source: str = "adapter"
                                                for n in recipe.hf_names[1:]):
                 raise ValueError(f"{source}: {', '.join(recipe.hf_names)} differ, but megatron's fused layer has one "
                                  "A for them; train the adapter here or with one shared A")
-            shard = _local_shard(recipe, reader, unwrap(chunk).hf_config, tp, rank)
+            shard = local_shard(recipe, reader, unwrap(chunk).hf_config, tp, rank)
             if tuple(shard.shape) != tuple(recipe.param.shape):
                 raise ValueError(f"{source}: {recipe.hf_names[0]} gives a shard of shape {tuple(shard.shape)}, the "
                                  f"adapter has {tuple(recipe.param.shape)}: does model.lora.rank match its r?")
@@ -108,8 +108,8 @@ def gather_lora_tensors(model_chunks: list, *, grads: bool = False, dst_rank: in
             if grads:
                 t = getattr(recipe.param, "main_grad", None)
                 t = recipe.param.grad if t is None else t
-            shards = [t] if recipe.sharding in ("copy", "shared") else _gather_tp(t.contiguous())
-            full = _full_tensors(recipe, shards, unwrap(chunk).hf_config)
+            shards = [t] if recipe.sharding in ("copy", "shared") else gather_tp(t.contiguous())
+            full = full_tensors(recipe, shards, unwrap(chunk).hf_config)
             local.update({k: v.float().cpu().clone() for k, v in full.items()})
     if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
         local = {}
@@ -144,22 +144,8 @@ def save_peft_adapter(model_chunks: list, out_dir, settings: LoRASettings, base_
             save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                       metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(settings, base_model), indent=2))
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     control.barrier()  # the others wait (gloo, long timeout) while rank 0 writes
-
-
-def load_peft_adapter(model_chunks: list, adapter_dir, settings: LoRASettings) -> None:
-    """Load a PEFT LoRA adapter directory into the adapters built with ``settings`` (same r and alpha)."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    if config.get("r") != settings.rank or float(config.get("lora_alpha", 0)) != float(settings.alpha):
-        raise ValueError(f"{adapter_dir}: r={config.get('r')}, lora_alpha={config.get('lora_alpha')} but "
-                         f"model.lora has rank={settings.rank}, alpha={settings.alpha}; set them to the adapter's")
-    raw = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
-    load_lora_tensors(model_chunks, tensors, str(adapter_dir))

@@ -156,7 +156,7 @@ def _rows(reader, name, lo, hi) -> torch.Tensor:
     return reader.slice(name)[lo:hi]
 
 
-def _local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int, rank: int) -> torch.Tensor:
+def local_shard(recipe: Recipe, reader: _SafetensorsReader, hf_config, tp: int, rank: int) -> torch.Tensor:
     """Build this TP rank's shard of ``recipe.param`` from the checkpoint, reading only what it owns."""
     names, sharding = recipe.hf_names, recipe.sharding
     if sharding in ("copy", "shared"):  # shared: one replicated tensor stored under several HF names (LoRA's A)
@@ -205,7 +205,7 @@ def load_hf_checkpoint(model_chunks, hf_dir) -> None:
                 if got != tuple(expected[name]):
                     raise ValueError(f"tensor {name!r} in {hf_dir} has shape {got}, config.json implies "
                                      f"{tuple(expected[name])}")
-            shard = _local_shard(recipe, reader, hf_config, tp, rank)
+            shard = local_shard(recipe, reader, hf_config, tp, rank)
             if tuple(shard.shape) != tuple(recipe.param.shape):
                 raise ValueError(f"{recipe.megatron_name}: built shard {tuple(shard.shape)} != parameter "
                                  f"{tuple(recipe.param.shape)}")
@@ -214,7 +214,7 @@ def load_hf_checkpoint(model_chunks, hf_dir) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- export
-def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
+def full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
     """HF tensors rebuilt from the TP shards of one megatron parameter."""
     names, sharding = recipe.hf_names, recipe.sharding
     if sharding == "copy":
@@ -241,7 +241,7 @@ def _full_tensors(recipe: Recipe, shards: list, hf_config) -> dict:
     raise ValueError(sharding)
 
 
-def _gather_tp(tensor: torch.Tensor) -> list:
+def gather_tp(tensor: torch.Tensor) -> list:
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -291,7 +291,7 @@ def iter_hf_tensors(model_chunks, *, dst_rank: int = 0, dtype: Optional[torch.dt
         recipe = local.get(first_name)
         full = {}
         if recipe is not None:  # this rank's stage owns it: gather over TP
-            full = _full_tensors(recipe, _gather_tp(_export_view(recipe.param)), hf_config)
+            full = full_tensors(recipe, gather_tp(_export_view(recipe.param)), hf_config)
             hf_names = list(full)
         else:
             hf_names = [first_name] + _siblings(first_name, shapes)
@@ -387,7 +387,7 @@ def _finish_hf_dir(tmp: Path, out_dir: Path, files: list, total: int, hf_config,
                 "chat_template.jinja", "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
             if f.is_file() and tokenizer_file:
                 shutil.copy2(f, tmp / f.name)
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
 
 
 def _user_umask() -> int:
@@ -405,7 +405,7 @@ def _apply_umask(tmp: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Rename the finished ``tmp`` onto ``out_dir`` (with the user's umask), replacing an older one without a
     moment with neither."""
     _apply_umask(tmp)

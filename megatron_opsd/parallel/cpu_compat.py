@@ -158,6 +158,3 @@ def apply(force: bool = False) -> bool:
     _APPLIED = True
     return True
 
-
-def is_applied() -> bool:
-    return _APPLIED

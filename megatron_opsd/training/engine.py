@@ -9,7 +9,6 @@ pipeline schedules expect. ``zero_grads`` / ``optimizer_step`` bracket each step
 """
 from __future__ import annotations
 
-import torch
 
 from megatron_opsd.config import OptimConfig
 
@@ -61,15 +60,3 @@ def optimizer_step(optimizer, scheduler) -> dict:
         scheduler.step(increment=1)
     return {"grad_norm": grad_norm, "update_successful": update_successful,
             "lr": optimizer.param_groups[0]["lr"]}
-
-
-def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
-    """Set this TP rank's padded vocabulary columns to -inf (out of place), so no softmax sees them."""
-    from megatron.core import parallel_state as ps
-
-    shard = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * shard
-    if start + shard <= real_vocab_size:
-        return logits
-    ids = torch.arange(start, start + shard, device=logits.device)
-    return logits.masked_fill(ids >= real_vocab_size, float("-inf"))

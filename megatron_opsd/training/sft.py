@@ -18,11 +18,12 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron_opsd.config import (CheckpointConfig, ConfigError, ExportConfig, LoggingConfig, ModelConfig, OptimConfig,
                                   TrainConfig, load_config)
 from megatron_opsd.data.datasets import PromptSampler
+from megatron_opsd.losses.vocab_parallel import mask_padded_vocab
 from megatron_opsd.models.families import have_transformer_engine
 from megatron_opsd.models.gpt import sequence_multiple
 from megatron_opsd.parallel.device import sum_over_ranks
 from megatron_opsd.parallel.distributed import ParallelConfig
-from megatron_opsd.training.engine import mask_padded_vocab, optimizer_step, zero_grads
+from megatron_opsd.training.engine import optimizer_step, zero_grads
 from megatron_opsd.training.run import PhaseTimer, Run
 from megatron_opsd.training.schedule import forward_backward
 from megatron_opsd.training.sft_data import SFTDataConfig, build_sft_microbatches, load_sft_dataset
@@ -70,7 +71,8 @@ def make_weighted_ce_loss_fn(real_vocab_size: int):
     """``loss_fn(logits, mb)`` for ``forward_backward(loss_reduction="sum")``: ``sum(weights * CE)``, vocab-parallel
     (megatron's kernel), padded vocabulary rows excluded."""
     def loss_fn(logits: torch.Tensor, mb: dict):
-        per_token = vocab_parallel_cross_entropy(mask_padded_vocab(logits.float(), real_vocab_size), mb["labels"])
+        logits = mask_padded_vocab(logits.float(), real_vocab_size, ps.get_tensor_model_parallel_group())
+        per_token = vocab_parallel_cross_entropy(logits, mb["labels"])
         mask = mb["weights"] > 0
         return (per_token * mb["weights"]).sum(), {"tokens": mask.sum().float(),
                                                    "ce_sum": (per_token.detach() * mask).sum()}
