@@ -22,13 +22,12 @@ from typing import Optional
 import torch
 from fastapi import Request  # module level: FastAPI resolves the handler's string annotation here
 
-from megatron_opsd.models.lora_peft import gather_lora_tensors, peft_adapter_config
+from megatron_opsd.models.lora_peft import PEFT_PREFIX, gather_lora_tensors, peft_adapter_config
 from megatron_opsd.parallel import control
 
 ADAPTER_ROUTE = "/adapter/update"
 VERSION_HEADER = "X-OPSD-Adapter-Version"
 CONFIG_HEADER = "X-OPSD-Adapter-Config"
-PEFT_PREFIX = "base_model.model."
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
