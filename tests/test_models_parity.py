@@ -185,15 +185,15 @@ def test_padded_vocab_size():
 
 
 def test_llama3_rope_frequencies_match_transformers(tiny_checkpoints):
-    """megatron hard-codes llama3's low/high frequency factors and original context; we use HF's inv_freq."""
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    """megatron hard-codes llama3's low/high frequency factors and original context; we use HF's inv_freq: the
+    frequencies equal those of the transformers model's own rotary embedding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_opsd.models.gpt import _hf_inv_freq
+    from megatron_opsd.models.gpt import hf_inv_freq
 
     cfg = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
-    ours = _hf_inv_freq(cfg)
-    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    ours = hf_inv_freq(cfg)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).model.rotary_emb.inv_freq
     plain = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))
     assert torch.equal(ours, ref.float())
     assert not torch.allclose(ours, plain)  # the scaling changes some frequencies: the parity test exercises it

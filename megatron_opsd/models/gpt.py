@@ -42,7 +42,7 @@ def layer_spec(config, fp8: Optional[str], vp_stage: Optional[int] = None, lora:
     return local_block_spec(config, vp_stage)
 
 
-def _hf_inv_freq(hf_config) -> Optional[torch.Tensor]:
+def hf_inv_freq(hf_config) -> Optional[torch.Tensor]:
     """HF's inverse RoPE frequencies when they differ from plain theta RoPE (Llama 3 or linear scaling).
 
     megatron's own llama3 option hard-codes low/high frequency factors 1/4 and an 8192 original context.
@@ -87,7 +87,7 @@ def build_model(hf_config_or_dir, *, params_dtype: torch.dtype = torch.float32, 
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
     rope = rope_parameters(hf_config)
-    inv_freq = _hf_inv_freq(hf_config)
+    inv_freq = hf_inv_freq(hf_config)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
