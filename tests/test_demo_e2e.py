@@ -9,6 +9,7 @@ import json
 import pytest
 
 from megatron_opsd.demo import cli
+from megatron_opsd.demo.evaluate import DemoEvaluator
 from megatron_opsd.demo.recipe import QUICK, stage_config_dir
 
 
@@ -139,9 +140,7 @@ STALE_MAX_ACCURACY_GAP = 0.02
 def test_quick_demo_quality_holds_with_max_staleness_1(quick_demo, tmp_path):
     """The quick demo's OPSDC stage with one-step off-policy rollouts (max_staleness 1) from the quick demo's SFT
     model: the only test that training on rollouts one weight version old still compresses as the synchronous
-    run does (test_rollout_queue / test_overlap check the mechanics, not the quality)."""
-    from megatron_opsd.demo.evaluate import DemoEvaluator
-
+    run does (tests/test_rollout_overlap.py checks the mechanics, not the quality)."""
     out, _ = quick_demo
     logs = tmp_path / "stale"
     metrics = run_from_sft(out, "train", "opsdc.yaml", logs, f"data.eval_path={out / 'data' / 'curve.jsonl'}",
