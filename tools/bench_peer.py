@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 BEGIN, END = "<!-- bench_peer:begin -->", "<!-- bench_peer:end -->"
+# TRL's SDFT teacher prompt (``SDFTConfig.teacher_prompt_template``) that rebuilds our teacher.context=concise user
+# turn (the instruction, a blank line, the student's user turn) from the student prompt
+TEACHER_TEMPLATE = "{privileged_context}\n\n{prompt}"
 CONFIG = "megatron_opsd/demo/configs/opsdc.yaml"
 # fp32 on both sides; megatron's fused softmax / vocab-parallel KL against HF's eager attention and torch kl_div
 PARITY_RTOL = 1e-4
@@ -96,13 +99,33 @@ def median_step(times: list) -> float:
     return statistics.median(times[WARMUP_STEPS:])
 
 
+# ------------------------------------------------------------------------------------------- the prompts
+def prompt_texts(examples: list, cfg) -> list[dict]:
+    """Our student and teacher user turns for ``examples`` (what the peer is given and must reproduce)."""
+    from megatron_opsd.data.contexts import student_messages, teacher_messages
+
+    return [{"student": student_messages(ex, cfg.data)[-1]["content"],
+             "teacher": teacher_messages(ex, cfg.data, cfg.teacher)[-1]["content"]} for ex in examples]
+
+
+def peer_rows(steps: list, instruction: str) -> list[dict]:
+    """TRL's dataset rows (conversational prompt + privileged context) for our per-step ``prompt_texts``, in
+    order; refuses a teacher turn that TEACHER_TEMPLATE does not rebuild exactly."""
+    rows = []
+    for step in steps:
+        for p in step:
+            if TEACHER_TEMPLATE.format(prompt=p["student"], privileged_context=instruction) != p["teacher"]:
+                raise ValueError(f"the peer's teacher prompt would differ from ours: {p['teacher']!r}")
+            rows.append({"prompt": [{"role": "user", "content": p["student"]}], "privileged_context": instruction})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- our side
 def ours_worker(cfg) -> dict:
     """Our OPSD trainer for ``cfg.train.steps`` steps: per-step seconds and loss, and step 0's prompts and
     response tokens (what the peer recomputes its loss on)."""
     import resource
 
-    from megatron_opsd.data.contexts import student_messages, teacher_messages
     from megatron_opsd.training.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(cfg)
@@ -112,9 +135,7 @@ def ours_worker(cfg) -> dict:
 
     def recording_take(step):
         batch = take(step)
-        drawn.append([{"student": student_messages(ex, cfg.data)[-1]["content"],
-                       "teacher": teacher_messages(ex, cfg.data, cfg.teacher)[-1]["content"]}
-                      for ex in batch.examples])
+        drawn.append(prompt_texts(batch.examples, cfg))
         return batch
 
     trainer.queue.take = recording_take
@@ -172,19 +193,14 @@ def run_peer(model: str, ours_json: Path, out: Path, workdir: str) -> None:
 
     ours = json.loads(ours_json.read_text())
     s = ours["settings"]
-    template = "{privileged_context}\n\n{prompt}"  # our teacher.context=concise: instruction, blank line, problem
-    rows = [{"prompt": [{"role": "user", "content": p["student"]}], "privileged_context": s["concise_instruction"]}
-            for step in ours["prompts"] for p in step]
-    for step in ours["prompts"]:
-        for p in step:
-            assert template.format(prompt=p["student"], privileged_context=s["concise_instruction"]) == p["teacher"], \
-                "the peer's teacher prompt differs from ours"
+    rows = peer_rows(ours["prompts"], s["concise_instruction"])
     args = SDFTConfig(
         output_dir=workdir, per_device_train_batch_size=s["prompts_per_step"], gradient_accumulation_steps=1,
         num_generations=s["n"], max_completion_length=s["max_tokens"], temperature=s["temperature"], top_p=1.0,
         top_k=0, learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=s["clip_grad"], max_steps=len(ours["prompts"]), distillation_mode="full_logits",
-        distillation_alpha=1.0, teacher_model_kind="base", distillation_is_clip=None, teacher_prompt_template=template,
+        distillation_alpha=1.0, teacher_model_kind="base", distillation_is_clip=None,
+        teacher_prompt_template=TEACHER_TEMPLATE,
         shuffle_dataset=False, use_vllm=False, use_cpu=True, bf16=False, logging_steps=1, save_strategy="no",
         report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0)
     tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
