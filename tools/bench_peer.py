@@ -51,8 +51,8 @@ WARMUP_STEPS = 2  # not counted in the step time median
 
 # ------------------------------------------------------------------------------------------- measurement
 def peak_tree_rss(proc: subprocess.Popen, every_s: float = 0.1) -> tuple:
-    """A thread sampling the summed RSS of ``proc`` and its descendants until it exits: ({"peak_rss_mb": ...},
-    the thread)."""
+    """A thread sampling the summed RSS of ``proc``'s descendants (``proc`` is the lifecycle guard: not counted)
+    until it exits: ({"peak_rss_mb": ...}, the thread)."""
     import psutil
 
     out = {"peak_rss_mb": 0.0}
@@ -60,17 +60,16 @@ def peak_tree_rss(proc: subprocess.Popen, every_s: float = 0.1) -> tuple:
 
     def sample():
         while proc.poll() is None:
+            rss = 0
             try:
-                procs = [root, *root.children(recursive=True)]
-                rss = 0
-                for p in procs:
+                for p in root.children(recursive=True):
                     try:
                         rss += p.memory_info().rss
                     except psutil.Error:
                         pass
-                out["peak_rss_mb"] = max(out["peak_rss_mb"], rss / 2**20)
             except psutil.Error:
                 pass
+            out["peak_rss_mb"] = max(out["peak_rss_mb"], rss / 2**20)
             time.sleep(every_s)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -79,16 +78,18 @@ def peak_tree_rss(proc: subprocess.Popen, every_s: float = 0.1) -> tuple:
 
 
 def run_side(cmd: list, log: Path, timeout_s: int) -> dict:
-    """Run one side's subprocess (dies with us: its own process group is killed on timeout); its peak tree RSS."""
+    """Run one side's subprocess under a lifecycle guard (its process group dies with us, and on a timeout); its
+    peak tree RSS."""
+    from megatron_opsd.lifecycle import start_process, stop_process
+
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_process(cmd, stdout=f, stderr=subprocess.STDOUT)
         mem, thread = peak_tree_rss(proc)
         try:
             rc = proc.wait(timeout=timeout_s)
-        except BaseException:
-            os.killpg(proc.pid, 9)
-            raise
-        thread.join()
+        finally:
+            stop_process(proc)
+            thread.join()
     if rc != 0:
         raise SystemExit(f"{' '.join(map(str, cmd[:3]))} ... failed (exit {rc}); see {log}:\n"
                          + log.read_text()[-3000:])
