@@ -32,10 +32,15 @@ EXPECTED = (
     "the push waits for it), so the ratio is (g + w + p) / (max(g, w) + p): largest when g = w, and only where "
     "generation and training have their own hardware. The issue's demo split (a 0.41 s step: g = 0.18, w = "
     "0.13 + 0.04, p = 0.06) bounds it at 0.41 / 0.24 = 1.7x with separate cores; on these 2 shared cores the "
-    "sidecar and the trainer compete, which is what bounds the measured ratio. At 8B with 4-8k-token reasoning "
-    "rollouts on separate sidecar GPUs generation is most of the step (g ~ 0.7, w ~ 0.25, p ~ 0.05 of a "
-    "synchronous step gives 1.33x); NeMo-RL's one-step-off GRPO measured 1.57x (Llama-3.1-8B, 16 H100), verl +40% "
-    "(Megatron backend).")
+    "sidecar and the trainer compete, which is what bounds the measured ratio. At 8B (an estimate, not a "
+    "measurement): the layout `megatron-opsd plan` fits for examples/configs/qwen3-8b_opsdc.yaml (trainer TP=2 x "
+    "DP=3 on 6 H100, one TP=2 sidecar on 2) with 33 rollouts of up to 8,192 tokens: g ~ 60-80 s (8k decode "
+    "steps at batch 33, ~8-10 ms each: weights plus KV cache read per step), w ~ 7-10 s (~200k tokens at ~5k "
+    "tokens/s/GPU for fwd + bwd + full recompute + teacher forward in BF16, from Megatron-Bridge's 14.5k FP8 "
+    "pre-training figure), p ~ 1 s (16 GB collective push): (g + w + p) / (g + p) ~ 1.1x, since overlap hides "
+    "only w. Balancing the GPUs (4 trainer + 2 x TP=2 sidecars: g ~ 30-40 s, w ~ 11-15 s) gives ~1.3-1.5x, "
+    "the range of the anchors, which are GRPO runs with generation and training closer to balanced: NeMo-RL's "
+    "one-step-off GRPO 1.57x (Llama-3.1-8B, 16 H100), verl +40% (Megatron backend).")
 CONFIGS = {"opsdc": "megatron_opsd/demo/configs/opsdc.yaml", "grpo": "megatron_opsd/demo/configs/grpo.yaml"}
 
 
