@@ -5,12 +5,15 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +165,27 @@ def test_data_files_are_checked_before_any_rank(tmp_path):
         "data.train_path: dataset file 'nowhere.jsonl' does not exist (data.train_path / data.eval_path)")
     assert _check_data(tmp_path, '{"prompt": "hi"}\n', name="sft.jsonl", sft=True).startswith(
         "data.train_path: TMP/sft.jsonl: row 1: row has neither a 'messages' list")
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_error_found_inside_one_rank_of_a_torchrun_job_is_said_once(failing_rank):
+    """Issue 31 item 10: a UsageError that only one rank of a torchrun job finds (after the process group is up) is
+    printed once, as one line, by that rank; the rank it leaves waiting in a collective stops with exit 2 and no
+    traceback; torchrun's own failure summary names that line as its root cause instead of a traceback hint.
+    (torchrun itself exits 1 and prints its ChildFailedError report: its own output, not ours.)"""
+    from tests._cli_rank_failure import MESSAGE
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "tests._cli_rank_failure", str(failing_rank)]
+    env = {**os.environ, "OPSD_DEBUG": "", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    line = f"megatron-opsd: error: {MESSAGE}"
+    said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("megatron-opsd: error:")]
+    assert said == [line], out.stderr
+    assert out.returncode == 1 and f"traceback : {line}" in out.stderr, out.stderr  # torchrun's root cause
+    assert f"rank      : {failing_rank} " in out.stderr.split("Root Cause")[1], out.stderr
+    for noise in ("RuntimeError", "DistBackendError", "Connection closed", "[rank", "File \"" + str(REPO)):
+        assert noise not in out.stderr, (noise, out.stderr)
+    debug = subprocess.run(argv[:-1] + ["--debug", str(failing_rank)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert "megatron_opsd.errors.UsageError: " + MESSAGE in debug.stderr, debug.stderr
