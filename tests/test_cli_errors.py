@@ -189,3 +189,23 @@ def test_an_error_found_inside_one_rank_of_a_torchrun_job_is_said_once(failing_r
     debug = subprocess.run(argv[:-1] + ["--debug", str(failing_rank)], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert "megatron_opsd.errors.UsageError: " + MESSAGE in debug.stderr, debug.stderr
+
+
+def test_an_error_found_inside_rank_0_of_an_srun_style_job_is_said_once():
+    """The same without torchrun (srun's or a plain launch: every process started with RANK / WORLD_SIZE /
+    MASTER_ADDR): rank 0 serves the job's store itself, so it leaves its process groups and stays until the rank
+    it left waiting has read the error; that rank exits 2 without a traceback, rank 0 prints the line."""
+    from megatron_opsd.parallel.distributed import free_port
+    from tests._cli_rank_failure import MESSAGE
+
+    env = {**os.environ, "OPSD_DEBUG": "", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests._cli_rank_failure", "0"], cwd=REPO, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for r in range(2)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=300) for p in ranks)
+    assert [p.returncode for p in ranks] == [2, 2], (err0, err1)
+    said = [[ln for ln in err.splitlines() if ln.startswith("megatron-opsd: error:")] for err in (err0, err1)]
+    assert said == [[f"megatron-opsd: error: {MESSAGE}"], []], (err0, err1)
+    assert "Traceback" not in err0 + err1 and "Error" not in err1, (err0, err1)

@@ -24,15 +24,19 @@ _CONTROL_GROUP = None
 # store (TORCHELASTIC_USE_AGENT_STORE), which outlives every rank, so a rank that stops on a UsageError leaves its
 # message there for the ranks it leaves waiting (``report_usage_error`` / ``peer_usage_error``).
 _JOB_STORE = None
+_JOB_RANK, _JOB_WORLD = 0, 1
 _USAGE_KEY, _USAGE_COUNT_KEY = "megatron_opsd/usage_error", "megatron_opsd/usage_error_reports"
+_USAGE_DONE_KEY = "megatron_opsd/usage_error_done"
+STORE_HOST_WAIT_S = 10.0  # how long the rank serving the store waits for the others to read a reported error
 
 
 def init_control_group(timeout_minutes: float) -> None:
     """COLLECTIVE (every rank, in the same order as any other ``new_group``): create the control group."""
-    global _CONTROL_GROUP, _JOB_STORE
+    global _CONTROL_GROUP, _JOB_STORE, _JOB_RANK, _JOB_WORLD
     _CONTROL_GROUP = torch.distributed.new_group(backend="gloo",
                                                  timeout=datetime.timedelta(minutes=timeout_minutes))
-    if torch.distributed.get_world_size() > 1:
+    _JOB_RANK, _JOB_WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if _JOB_WORLD > 1:
         _JOB_STORE = torch.distributed.distributed_c10d._get_default_store()
 
 
@@ -81,6 +85,7 @@ def report_usage_error(message: str) -> Optional[bool]:
         first = _JOB_STORE.add(_USAGE_COUNT_KEY, 1) == 1
         if first:
             _JOB_STORE.set(_USAGE_KEY, message)
+        _stopped(_JOB_STORE)
     except Exception:  # noqa: BLE001 - the store went away with its host rank: fall back to the rank-0 rule
         return None
     return first
@@ -95,10 +100,26 @@ def peer_usage_error(wait_s: float = 5.0) -> Optional[str]:
     try:
         _JOB_STORE.wait([_USAGE_KEY], datetime.timedelta(seconds=wait_s))
         message = _JOB_STORE.get(_USAGE_KEY).decode()
+        _stopped(_JOB_STORE)
     except Exception:  # noqa: BLE001 - nothing reported in time, or the store is gone
         return None
     _write_launcher_error_file(f"stopped by another rank's error: {message}")
     return message
+
+
+def _stopped(store) -> None:
+    """Count this rank as stopped on the reported error. The rank that serves the store (rank 0 when the process
+    group made its own TCPStore: srun or a plain launch; under torchrun the agent serves it) must outlive the
+    others' reading of it: it leaves its process groups first (ranks still waiting in a collective with it see the
+    break now, not when it exits), then waits up to ``STORE_HOST_WAIT_S`` for every rank to have stopped."""
+    store.add(_USAGE_DONE_KEY, 1)
+    if _JOB_RANK != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    deadline = time.monotonic() + STORE_HOST_WAIT_S
+    while store.add(_USAGE_DONE_KEY, 0) < _JOB_WORLD and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _write_launcher_error_file(message: str) -> None:
