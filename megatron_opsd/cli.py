@@ -121,9 +121,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         if debug or args.debug:
             raise
-        if _rank() == 0:  # every rank of a distributed run hits the same error: say it once
-            print(f"megatron-opsd: error: {err}", file=sys.stderr)
-        return 2
+        return _report(err)
+    except Exception:
+        if debug or args.debug or _peer_usage_error() is None:
+            raise
+        return 2  # another rank stopped on a UsageError (it printed the line) and this rank's collective broke
+
+
+def _report(err: UsageError) -> int:
+    """Print the error once per job: by the job's first rank to report it when a rank found it inside a
+    distributed run (the store decides), else by rank 0 (every rank hits a config error alike)."""
+    line = f"megatron-opsd: error: {err}"
+    first = None
+    if "torch" in sys.modules:  # no process group can exist before torch is imported
+        from megatron_opsd.parallel.control import report_usage_error
+
+        first = report_usage_error(line)
+    if first or (first is None and _rank() == 0):
+        print(line, file=sys.stderr)
+    return 2
+
+
+def _peer_usage_error():
+    if "torch" not in sys.modules:
+        return None
+    from megatron_opsd.parallel.control import peer_usage_error
+
+    return peer_usage_error()
 
 
 if __name__ == "__main__":

@@ -62,3 +62,29 @@ def grpo_steps(cfg, steps: int, logprob_shift: float = 0.0) -> list:
     history = [trainer.train_step() for _ in range(steps)]
     trainer.run.logger and trainer.run.logger.close()
     return history
+
+
+def grpo_steps_counting_rows(cfg, steps: int, up_front: bool) -> tuple:
+    """``grpo_steps`` that also returns the most full-vocabulary row tensors (reference rows, recomputed
+    log-probs' rows) alive at once, counted through weak references as each new one is made. ``up_front``: every
+    micro-batch's rows are collected before the loss (what PP > 1 does, and what PP=1 did before issue 31 9d)."""
+    import functools
+    import weakref
+
+    from megatron_opsd.training import opsd, rl_trainer
+
+    alive, peak = [], [0]
+
+    def counted(make):
+        def wrapper(*args, **kwargs):
+            out = make(*args, **kwargs)
+            alive.extend(weakref.ref(t) for t in (out if isinstance(out, list) else [out]))
+            alive[:] = [ref for ref in alive if ref() is not None]
+            peak[0] = max(peak[0], len(alive))
+            return out
+        return wrapper
+
+    opsd._teacher_rows, opsd.collect_teacher_rows = counted(opsd._teacher_rows), counted(opsd.collect_teacher_rows)
+    if up_front:
+        rl_trainer.rows_by_index = functools.partial(opsd.rows_by_index, per_microbatch=False)
+    return grpo_steps(cfg, steps), peak[0]

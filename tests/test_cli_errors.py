@@ -5,12 +5,15 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +165,47 @@ def test_data_files_are_checked_before_any_rank(tmp_path):
         "data.train_path: dataset file 'nowhere.jsonl' does not exist (data.train_path / data.eval_path)")
     assert _check_data(tmp_path, '{"prompt": "hi"}\n', name="sft.jsonl", sft=True).startswith(
         "data.train_path: TMP/sft.jsonl: row 1: row has neither a 'messages' list")
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_error_found_inside_one_rank_of_a_torchrun_job_is_said_once(failing_rank):
+    """Issue 31 item 10: a UsageError that only one rank of a torchrun job finds (after the process group is up) is
+    printed once, as one line, by that rank; the rank it leaves waiting in a collective stops with exit 2 and no
+    traceback; torchrun's own failure summary names that line as its root cause instead of a traceback hint.
+    (torchrun itself exits 1 and prints its ChildFailedError report: its own output, not ours.)"""
+    from tests._cli_rank_failure import MESSAGE
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "tests._cli_rank_failure", str(failing_rank)]
+    env = {**os.environ, "OPSD_DEBUG": "", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    line = f"megatron-opsd: error: {MESSAGE}"
+    said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("megatron-opsd: error:")]
+    assert said == [line], out.stderr
+    assert out.returncode == 1 and f"traceback : {line}" in out.stderr, out.stderr  # torchrun's root cause
+    assert f"rank      : {failing_rank} " in out.stderr.split("Root Cause")[1], out.stderr
+    for noise in ("RuntimeError", "DistBackendError", "Connection closed", "[rank", "File \"" + str(REPO)):
+        assert noise not in out.stderr, (noise, out.stderr)
+    debug = subprocess.run(argv[:-1] + ["--debug", str(failing_rank)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert "megatron_opsd.errors.UsageError: " + MESSAGE in debug.stderr, debug.stderr
+
+
+def test_an_error_found_inside_rank_0_of_an_srun_style_job_is_said_once():
+    """The same without torchrun (srun's or a plain launch: every process started with RANK / WORLD_SIZE /
+    MASTER_ADDR): rank 0 serves the job's store itself, so it leaves its process groups and stays until the rank
+    it left waiting has read the error; that rank exits 2 without a traceback, rank 0 prints the line."""
+    from megatron_opsd.parallel.distributed import free_port
+    from tests._cli_rank_failure import MESSAGE
+
+    env = {**os.environ, "OPSD_DEBUG": "", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests._cli_rank_failure", "0"], cwd=REPO, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for r in range(2)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=300) for p in ranks)
+    assert [p.returncode for p in ranks] == [2, 2], (err0, err1)
+    said = [[ln for ln in err.splitlines() if ln.startswith("megatron-opsd: error:")] for err in (err0, err1)]
+    assert said == [[f"megatron-opsd: error: {MESSAGE}"], []], (err0, err1)
+    assert "Traceback" not in err0 + err1 and "Error" not in err1, (err0, err1)

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.training.grpo import group_advantages
-from tests._workers_grpo import LENGTHS, REWARDS, grpo_steps
+from tests._workers_grpo import LENGTHS, REWARDS, grpo_steps, grpo_steps_counting_rows
 from tests.test_grpo_e2e import grpo_config
 
 
@@ -69,3 +69,22 @@ def test_grpo_truncated_importance_ratio(tiny_checkpoints, tmp_path):
     assert first["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # to the recomputed log-probs, not the sidecar's
     assert first["rl/sidecar_logprob_abs_diff"] == pytest.approx(math.log(4.0), abs=1e-4)
     assert first["loss"] == pytest.approx(2 * expected, abs=2e-5)
+
+
+def test_grpo_holds_one_micro_batch_of_rows_at_pp1(tiny_checkpoints, tmp_path):
+    """Issue 31 9d: at PP=1 the reference's full-vocabulary rows (kl_estimator=full) are computed inside each
+    micro-batch's loss and the recomputed log-probs' rows one micro-batch at a time, so at most one micro-batch's
+    rows are alive at once (counted through weak references); collecting them all up front, as PP > 1 must, holds
+    all six. Loss, KL, ratio and gradient norm are the same either way over two steps."""
+    rl = {"kl_coef": 0.1, "kl_estimator": "full", "recompute_old_logprobs": True}
+    runs = {}
+    for up_front in (False, True):
+        cfg = _cfg(tmp_path / str(up_front), tiny_checkpoints["qwen3"], 1, **rl)
+        runs[up_front] = run_distributed(grpo_steps_counting_rows, 1, cfg.parallel, cfg, 2, up_front)[0]
+    (per_mb, peak), (collected, peak_up_front) = runs[False], runs[True]
+    micro_batches = sum(map(len, LENGTHS))  # micro_batch_size 1, every rollout kept
+    assert peak == 1 and peak_up_front == micro_batches
+    assert per_mb[1]["divergence"] > 1e-4  # step 2: the policy moved away from the reference
+    for a, b in zip(per_mb, collected):
+        for key in ("loss", "divergence", "grad_norm", "rl/ratio_mean", "rl/sidecar_logprob_abs_diff"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key

@@ -12,18 +12,32 @@ early: gloo sees the closed connection, and torchrun / srun stop the other ranks
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import time
 from typing import Any, Optional
 
 import torch
 
 _CONTROL_GROUP = None
+# The job's rendezvous store (init_process_group's), kept past the groups' teardown: under torchrun it is the agent's
+# store (TORCHELASTIC_USE_AGENT_STORE), which outlives every rank, so a rank that stops on a UsageError leaves its
+# message there for the ranks it leaves waiting (``report_usage_error`` / ``peer_usage_error``).
+_JOB_STORE = None
+_JOB_RANK, _JOB_WORLD = 0, 1
+_USAGE_KEY, _USAGE_COUNT_KEY = "megatron_opsd/usage_error", "megatron_opsd/usage_error_reports"
+_USAGE_DONE_KEY = "megatron_opsd/usage_error_done"
+STORE_HOST_WAIT_S = 10.0  # how long the rank serving the store waits for the others to read a reported error
 
 
 def init_control_group(timeout_minutes: float) -> None:
     """COLLECTIVE (every rank, in the same order as any other ``new_group``): create the control group."""
-    global _CONTROL_GROUP
+    global _CONTROL_GROUP, _JOB_STORE, _JOB_RANK, _JOB_WORLD
     _CONTROL_GROUP = torch.distributed.new_group(backend="gloo",
                                                  timeout=datetime.timedelta(minutes=timeout_minutes))
+    _JOB_RANK, _JOB_WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if _JOB_WORLD > 1:
+        _JOB_STORE = torch.distributed.distributed_c10d._get_default_store()
 
 
 def destroy_control_group() -> None:
@@ -55,3 +69,61 @@ def barrier() -> None:
     """Every rank waits for the others on the control group (a no-op on one process)."""
     if not _single_process():
         torch.distributed.barrier(group=_CONTROL_GROUP)
+
+
+def report_usage_error(message: str) -> Optional[bool]:
+    """Record this rank's UsageError for the job (a mistake only a rank could find). The peers it leaves waiting
+    find it when their collective breaks (``peer_usage_error``) and stop without a traceback; torchrun's summary
+    shows the line as the root cause (its per-rank error file, ``TORCHELASTIC_ERROR_FILE``, read by
+    torch/distributed/elastic/multiprocessing/errors: ``{"message": {"message": ..., "extraInfo": {"timestamp":
+    ...}}}``). True when this rank is the job's first to report (it prints the line), False for a later one, None
+    outside a distributed job (the caller's rank-0 rule applies)."""
+    if _JOB_STORE is None:
+        return None
+    _write_launcher_error_file(message)
+    try:
+        first = _JOB_STORE.add(_USAGE_COUNT_KEY, 1) == 1
+        if first:
+            _JOB_STORE.set(_USAGE_KEY, message)
+        _stopped(_JOB_STORE)
+    except Exception:  # noqa: BLE001 - the store went away with its host rank: fall back to the rank-0 rule
+        return None
+    return first
+
+
+def peer_usage_error(wait_s: float = 5.0) -> Optional[str]:
+    """The UsageError another rank of this job reported (``report_usage_error``), waiting up to ``wait_s`` for it;
+    asked by a rank whose own run failed, typically in a collective that the reporting rank left. None when no
+    rank reported one (then the failure is this rank's own and keeps its traceback)."""
+    if _JOB_STORE is None:
+        return None
+    try:
+        _JOB_STORE.wait([_USAGE_KEY], datetime.timedelta(seconds=wait_s))
+        message = _JOB_STORE.get(_USAGE_KEY).decode()
+        _stopped(_JOB_STORE)
+    except Exception:  # noqa: BLE001 - nothing reported in time, or the store is gone
+        return None
+    _write_launcher_error_file(f"stopped by another rank's error: {message}")
+    return message
+
+
+def _stopped(store) -> None:
+    """Count this rank as stopped on the reported error. The rank that serves the store (rank 0 when the process
+    group made its own TCPStore: srun or a plain launch; under torchrun the agent serves it) must outlive the
+    others' reading of it: it leaves its process groups first (ranks still waiting in a collective with it see the
+    break now, not when it exits), then waits up to ``STORE_HOST_WAIT_S`` for every rank to have stopped."""
+    store.add(_USAGE_DONE_KEY, 1)
+    if _JOB_RANK != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    deadline = time.monotonic() + STORE_HOST_WAIT_S
+    while store.add(_USAGE_DONE_KEY, 0) < _JOB_WORLD and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _write_launcher_error_file(message: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)

@@ -34,8 +34,9 @@ from megatron_opsd.parallel.device import sum_over_ranks, to_device
 from megatron_opsd.training.schedule import (collect_logits, forward_backward, model_forward, recast_fp8_weights,
                                              select_positions)
 
-__all__ = ["add_per_token", "build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics", "response_token_ids",
-           "student_forward_backward", "teacher_signal_source", "teacher_signals", "token_weights", "tp_group"]
+__all__ = ["add_per_token", "build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics",
+           "response_token_ids", "rows_by_index", "student_forward_backward", "teacher_signal_source", "teacher_signals",
+           "token_weights", "tp_group"]
 
 
 def build_microbatches(prompts: list[list[int]], responses: list[list[int]], weights: list[torch.Tensor], *,
@@ -150,6 +151,23 @@ def _teacher_rows(chunk, mb: dict) -> torch.Tensor:
         return select_positions(model_forward(chunk, mb), mb["row_mask"])
     finally:
         chunk.train(was_training)
+
+
+def rows_by_index(chunks: list, mbs: list, per_microbatch: Optional[bool] = None
+                  ) -> Callable[[int], Optional[torch.Tensor]]:
+    """``index -> `` the response rows (local vocabulary shard) of micro-batch ``index`` under ``chunks`` (GRPO's
+    reference and recomputed log-probs), on the last stage. ``per_microbatch`` (default: PP=1) computes each when
+    asked, one no-grad forward: asked inside a micro-batch's loss, one micro-batch's rows are alive at a time, as
+    for the OPSD teacher (``teacher_signal_source``). Otherwise (PP > 1: the forward is itself a pipeline) every
+    micro-batch's rows are collected here first, a collective on every stage; None off the last stage."""
+    if per_microbatch is None:
+        per_microbatch = ps.get_pipeline_model_parallel_world_size() == 1
+    if not per_microbatch:
+        rows = collect_teacher_rows(chunks, mbs) or [None] * len(mbs)
+        return dict(zip((mb["index"] for mb in mbs), rows)).__getitem__
+    recast_fp8_weights(chunks)  # the forwards below run outside megatron's schedules (see recast_fp8_weights)
+    by_index = {mb["index"]: mb for mb in mbs}
+    return lambda index: _teacher_rows(chunks[0], by_index[index])
 
 
 def tp_group():

@@ -7,7 +7,7 @@ Log-probs are the raw model's (temperature 1), as the sidecar returns them, on b
 from __future__ import annotations
 
 from statistics import fmean
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -20,7 +20,7 @@ from megatron_opsd.rewards.filters import group_filter
 from megatron_opsd.training.engine import optimizer_step, zero_grads
 from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy_loss, k3_kl, reference_model,
                                          rollout_weights, step_rewards, validate_rl_config)
-from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, response_token_ids, tp_group
+from megatron_opsd.training.opsd import build_microbatches, response_token_ids, rows_by_index, tp_group
 from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
                                              importance_clip, rollout_queue, sample_rollouts)
 from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
@@ -101,12 +101,13 @@ def grpo_microbatches(rollouts: StepRollouts, keep: list, advantages: list, rl: 
 
 
 def token_logprobs(chunks: list, mbs: list, real_vocab: int) -> Optional[list]:
-    """Forward-only log-probs of each micro-batch's response tokens (last PP stage; None elsewhere)."""
-    rows = collect_teacher_rows(chunks, mbs)
-    if rows is None:
+    """Forward-only log-probs of each micro-batch's response tokens (last PP stage; None elsewhere). At PP=1 one
+    micro-batch's full-vocabulary rows exist at a time (``rows_by_index``)."""
+    rows = rows_by_index(chunks, mbs)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return [vocab_parallel_token_logprobs(r, mb["targets"], group=tp_group(), vocab_range=(0, real_vocab))
-            for r, mb in zip(rows, mbs)]
+    return [vocab_parallel_token_logprobs(rows(mb["index"]), mb["targets"], group=tp_group(),
+                                          vocab_range=(0, real_vocab)) for mb in mbs]
 
 
 def replace_old_logprobs(mbs: list, recomputed: Optional[list]) -> float:
@@ -120,19 +121,20 @@ def replace_old_logprobs(mbs: list, recomputed: Optional[list]) -> float:
     return diff
 
 
-def reference_signal(reference: Optional[list], mbs: list, rl: RLConfig, real_vocab: int) -> Optional[dict]:
-    """The KL's reference side: full rows per micro-batch (``kl_estimator=full``, keyed by the micro-batch's ``index``), or token
+def reference_signal(reference: Optional[list], mbs: list, rl: RLConfig, real_vocab: int) -> Optional[Callable]:
+    """The KL's reference side: ``index -> `` the full rows of that micro-batch (``kl_estimator=full``; at PP=1
+    computed inside its loss, so one micro-batch's reference rows are alive at a time, as OPSD's teacher), or token
     log-probs stored as ``mb["ref_logprobs"]`` (k3 / k1); nothing without ``rl.kl_coef``."""
     if rl.kl_coef <= 0:
         return None
     if rl.kl_estimator == "full":
-        return {mb["index"]: rows for mb, rows in zip(mbs, collect_teacher_rows(reference, mbs) or [])}
+        return rows_by_index(reference, mbs)
     for mb, lp in zip(mbs, token_logprobs(reference, mbs, real_vocab) or []):
         mb["ref_logprobs"] = lp
     return None
 
 
-def policy_loss_fn(rl: RLConfig, real_vocab: int, ref_rows: Optional[dict]):
+def policy_loss_fn(rl: RLConfig, real_vocab: int, ref_rows: Optional[Callable]):
     """``loss_fn(logits, mb)`` for the schedule: clipped policy loss [+ kl_coef * KL], and the sums it logs."""
     group, vocab_range = tp_group(), (0, real_vocab)
 
@@ -146,8 +148,8 @@ def policy_loss_fn(rl: RLConfig, real_vocab: int, ref_rows: Optional[dict]):
         kl = torch.zeros_like(logp, dtype=torch.float32)
         if rl.kl_coef > 0 and rl.kl_estimator == "full":
             weighted, kl = vocab_parallel_divergence(
-                rows, ref_rows[mb["index"]], kind="reverse_kl", group=group, loss_mask=mask, chunk_tokens=rl.chunk_tokens,
-                vocab_range=vocab_range, reduction="sum", token_weights=weights)
+                rows, ref_rows(mb["index"]), kind="reverse_kl", group=group, loss_mask=mask,
+                chunk_tokens=rl.chunk_tokens, vocab_range=vocab_range, reduction="sum", token_weights=weights)
             loss = loss + rl.kl_coef * weighted
         elif rl.kl_coef > 0:
             ref = mb["ref_logprobs"]
