@@ -254,3 +254,44 @@ def test_quick_hindsight_end_to_end(tmp_path):
     assert all(c["outcome"] in ("reproduced", "refuted", "inconclusive") and c["reason"] for c in claims.values())
     if results["curves_png"]:
         assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_summary_table_and_verdict_from_planted_runs():
+    """summarize -> results_table on planted per-chain arrays: per-chain values, the paired change, the budget and
+    mechanism rows and a verdict per loss (correct-only halves the tokens at equal accuracy: reproduced)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(0)
+    recipe = replace(ablation2.FULL, chains=(0, 1), losses=("jsd",), filters=("correct", "incorrect"), n_boot=200)
+
+    def run(p, tokens, samples=2):
+        correct = (rng.random((50, samples)) < p).astype(float)
+        return correct, np.full((50, samples), float(tokens))
+
+    arrays, budgets, mech = {}, {}, {}
+    for c in ("c0", "c1"):
+        base = run(0.6, 100)
+        arrays.update({f"{c}-sft": {"greedy": run(0.5, 120, 1), "sampled": run(0.5, 120)},
+                       f"{c}-rlvr": {"greedy": run(0.6, 100, 1), "sampled": base},
+                       f"{c}-rlvr_reference_prompt": {"greedy": run(0.9, 100, 1)},
+                       f"{c}-opsd-jsd-correct": {"greedy": run(0.6, 50, 1), "sampled": (base[0], base[1] / 2)},
+                       f"{c}-opsd-jsd-incorrect": {"greedy": run(0.3, 100, 1), "sampled": run(0.3, 100)}})
+        budgets[c] = {a: {"trained": 480.0, "budget_share": 1.0, "short_steps": 0, "empty_steps": 0,
+                          "groups_mixed": 0.6, "kept_by_filter": 500.0, "generated": 900.0, "prompts_per_step": 8}
+                      for a in ("opsd-jsd-correct", "opsd-jsd-incorrect")}
+        check = {"rollouts": 100, "incorrect": 40, "incorrect_located": 30, "peak_at_first_wrong": 0.1,
+                 "peak_at_first_wrong_chance": 0.02, "peak_in_answer": 0.7,
+                 "mean_by_type": {"jsd": {k: dict.fromkeys(path_task.TOKEN_TYPES, 0.01) for k in ("correct",
+                                                                                                   "incorrect")}}}
+        mech[c] = {"rlvr": check, "opsd-jsd-correct": check, "opsd-jsd-incorrect": check}
+    summary = ablation2.summarize(recipe, arrays, budgets, mech, {"c0": 0.6, "c1": 0.6})
+    row = summary["rows"]["opsd-jsd-correct"]
+    assert row["change_vs_rlvr"]["tokens_relative"]["per_chain"] == pytest.approx([-0.5, -0.5])
+    assert row["change_vs_rlvr"]["accuracy"]["value"] == 0.0 and len(row["sampled"]["accuracy"]["per_chain"]) == 2
+    claims = summary["verdict"]["jsd"]["claims"]
+    assert claims["correct_only"]["outcome"] == "reproduced" and claims["ordering"]["outcome"] == "reproduced"
+    assert summary["verdict"]["jsd"]["evidence"]["peak_at_first_wrong"] == pytest.approx(0.1)
+    table = ablation2.results_table(summary)
+    assert "| opsd-jsd-correct |" in table and "c1 opsd-jsd-incorrect" in table
+    assert "0.0 pts [0.0, 0.0] (chains 0.0, 0.0), -50.0% [-50.0, -50.0] (chains -50.0, -50.0)" in table
+    assert "jsd (primary) correct_only: **reproduced**" in table and "10% (2%)" in table

@@ -310,8 +310,8 @@ def summarize(recipe: HindsightRecipe, arrays: dict, budgets: dict, mech: dict, 
             "verdict": verdicts, "primary_loss": recipe.losses[0]}
 
 
-def _cell(m: dict, pct: bool) -> str:
-    scale, unit = (100.0, "%") if pct else (1.0, "")
+def _cell(m: dict, pct: bool, unit: str = "%") -> str:
+    scale, unit = (100.0, unit) if pct else (1.0, "")
     v, (lo, hi) = m["value"], m["ci"]
     chains = ", ".join(f"{scale * x:.1f}" for x in m["per_chain"])
     return f"{scale * v:.1f}{unit} [{scale * lo:.1f}, {scale * hi:.1f}] (chains {chains})"
@@ -320,14 +320,14 @@ def _cell(m: dict, pct: bool) -> str:
 def results_table(summary: dict) -> str:
     """Markdown: the models (hierarchical CIs, per-chain values), the arms' budgets, the mechanism check and the
     verdicts."""
-    lines = ["| model | greedy accuracy | sampled accuracy | sampled mean tokens | sampled change vs RLVR: accuracy "
-             "(pts), tokens (%) |", "|---|---|---|---|---|"]
+    lines = ["| model | greedy accuracy | sampled accuracy | sampled mean tokens | sampled change vs RLVR: accuracy, "
+             "tokens |", "|---|---|---|---|---|"]
     for name, row in summary["rows"].items():
         s = row.get("sampled")
         cells = [_cell(row["greedy"]["accuracy"], True), _cell(s["accuracy"], True) if s else "n/a",
                  _cell(s["mean_tokens"], False) if s else "n/a"]
         ch = row.get("change_vs_rlvr")
-        cells.append(f"{_cell(ch['accuracy'], True)}, {_cell(ch['tokens_relative'], True)}" if ch else "")
+        cells.append(f"{_cell(ch['accuracy'], True, ' pts')}, {_cell(ch['tokens_relative'], True)}" if ch else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| chain / arm | prompts per step | trained / K x steps | steps short of K | empty steps | mixed "
                   "groups | kept by filter / generated |", "|---|---|---|---|---|---|---|"]
