@@ -258,7 +258,7 @@ def mechanism(recipe: HindsightRecipe, run_dir: Path) -> dict:
     eval_dir = run_dir / "eval"
     out = {}
     for c in recipe.chains:
-        examples = {r["id"]: r for r in read_jsonl(DemoInputs.under(chain_dir(run_dir, c)).test)}
+        examples = read_jsonl(DemoInputs.under(chain_dir(run_dir, c)).test)
         teacher = models[f"c{c}-rlvr"]
         out[f"c{c}"] = {}
         for name in ["rlvr"] + [arm_name(loss, f) for loss in recipe.losses for f in recipe.filters]:

@@ -75,14 +75,18 @@ def per_token_divergences(student, teacher, student_prompts: list[list[int]], te
     return {name: np.split(vocab_parallel_divergence(s, t, **kw)[1].numpy(), cuts) for name, kw in KINDS.items()}
 
 
-def rollout_records(eval_files: list[Path], examples: dict) -> list[dict]:
-    """(example, text, correct) of every sample in the evaluation runner's saved results."""
+def rollout_records(eval_files: list[Path], examples: list[dict]) -> list[dict]:
+    """(example, text, correct) of every sample in the evaluation runner's saved results of the JSONL whose rows
+    are ``examples`` (the runner keeps the file's order; its ids are row numbers)."""
     out = []
     for path in eval_files:
         bench = next(iter(json.loads(Path(path).read_text())["benchmarks"].values()))
-        for rec in bench["prompts"]:
-            out += [{"example": examples[rec["id"]], "text": s["text"], "correct": bool(s["correct"])}
-                    for s in rec["samples"]]
+        if len(bench["prompts"]) != len(examples):
+            raise ValueError(f"{path}: {len(bench['prompts'])} problems, the held-out file has {len(examples)}")
+        for ex, rec in zip(examples, bench["prompts"]):
+            if str(rec["gold"]) != str(ex["answer"]):
+                raise ValueError(f"{path}: problem {rec['id']} has answer {rec['gold']!r}, the file {ex['answer']!r}")
+            out += [{"example": ex, "text": s["text"], "correct": bool(s["correct"])} for s in rec["samples"]]
     return out
 
 
