@@ -248,7 +248,7 @@ def test_quick_hindsight_end_to_end(tmp_path):
         assert m["rollouts"] in (q.n_test, q.n_test * q.sampled_n)
         values = [x for by in m["mean_by_type"].values() for kinds in by.values() for x in kinds.values()
                   if x is not None]
-        assert values and all(np.isfinite(values)) and min(values) >= 0
+        assert values and all(np.isfinite(values)) and min(values) >= -1e-6  # divergences (float rounding)
     claims = summary["verdict"]["jsd"]["claims"]
     assert set(claims) == {"correct_only", "incorrect_only", "ordering"}
     assert all(c["outcome"] in ("reproduced", "refuted", "inconclusive") and c["reason"] for c in claims.values())
