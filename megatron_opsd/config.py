@@ -128,6 +128,9 @@ class RolloutConfig:
     importance_ratio_clip: float = 2.0
     prompts_per_step: int = 8
     filter: Literal["all", "correct", "incorrect"] = "all"  # which rollouts are distilled on (by reward)
+    # at most this many of the filter's rollouts per step (a seeded uniform subset): filter arms with equal budgets
+    # (oversample prompts_per_step for the rarer kind; docs/ablation2.md); null: every kept rollout
+    max_kept: Optional[int] = None
     horizon: Optional[int] = None  # truncated OPD: distil on the first `horizon` response tokens
     horizon_growth: Optional[Literal["linear"]] = None  # progressive OPD: horizon_start -> horizon_end
     horizon_start: Optional[int] = None
@@ -629,6 +632,7 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
     need(r.importance_ratio_clip >= 1.0,
          f"rollout.importance_ratio_clip must be >= 1 (the ratio's cap), got {r.importance_ratio_clip}")
     need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")
+    need(r.max_kept is None or r.max_kept >= 1, f"rollout.max_kept must be null or >= 1, got {r.max_kept}")
     if r.horizon_growth is not None:
         need(None not in (r.horizon_start, r.horizon_end, r.horizon_steps),
              "rollout.horizon_growth=linear needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps")

@@ -77,6 +77,7 @@ def test_save_and_reload_identical(tmp_path):
     ("loss.beta=1.5", "loss.beta must be in [0, 1]"),
     ("rollout.horizon_growth=linear", "needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps"),
     ("loss.target=pmi", "loss.target=pmi needs teacher.purified=true"),
+    ("rollout.max_kept=0", "rollout.max_kept must be null or >= 1"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

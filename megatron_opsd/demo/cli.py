@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from megatron_opsd.config import ConfigError
 from megatron_opsd.demo.ablation import resolve_ablation, run_ablation
+from megatron_opsd.demo.ablation2 import resolve_hindsight, run_hindsight
 from megatron_opsd.demo.recipe import FILTERS, FULL, LORA_FILTERS, LORA_OVERRIDES, QUICK
 # the demo's run machinery (demo/run.py); tests and tools also reach these names through this module
 from megatron_opsd.demo.run import (DemoArgumentError, clear_run_dir, demo_pipeline,  # noqa: F401
@@ -42,9 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--quick: all); the first one is the before/after verdict")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes per training stage = tensor-parallel size (default 1)")
-    parser.add_argument("--ablation", choices=("compression",), default=None,
+    parser.add_argument("--ablation", choices=("compression", "hindsight"), default=None,
                         help="run an ablation instead of the demo: 'compression' = SFT -> RLVR -> OPSD with the "
-                             "reference teacher per rollout filter and seed (issue 19, megatron_opsd/demo/ablation.py)")
+                             "reference teacher per rollout filter and seed (issue 19, megatron_opsd/demo/ablation.py); "
+                             "'hindsight' = its second protocol: 3 chains, a teacher not taught to be concise, "
+                             "matched budgets, JSD and reverse KL arms (issue 28, docs/ablation2.md)")
     parser.add_argument("--config-dir", default=None, help="folder with the stage configs sft.yaml and opsdc.yaml "
                                                            "(default: the ones shipped in megatron_opsd/demo/configs)")
 
@@ -62,7 +65,9 @@ def resolve(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.ablation is not None:
+        if args.ablation == "hindsight":
+            recipe, run_dir, config_dir = resolve_hindsight(args)
+        elif args.ablation is not None:
             recipe, run_dir, config_dir = resolve_ablation(args)
         else:
             recipe, run_dir, config_dir = resolve(args)
@@ -73,7 +78,9 @@ def main(args: argparse.Namespace) -> int:
     if quiet:  # the stage processes inherit it: no screens of megatron/torch warnings between progress bars
         os.environ["PYTHONWARNINGS"] = "ignore"
     try:
-        if args.ablation is not None:
+        if args.ablation == "hindsight":
+            run_hindsight(recipe, run_dir, config_dir, quick=args.quick)
+        elif args.ablation is not None:
             run_ablation(recipe, run_dir, config_dir, quick=args.quick)
         else:
             run_demo(recipe, run_dir, config_dir, args.seed, args.quick)

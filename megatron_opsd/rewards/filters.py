@@ -38,7 +38,7 @@ def group_filter(rollout_groups: Sequence[Sequence[Any]], correctness: Sequence[
     kept, kept_idx, accs, mean_lens = [], [], [], []
     all_len, correct_len, incorrect_len = [], [], []
     n_total = n_kept = n_correct = 0
-    all_correct = all_wrong = 0
+    all_correct = all_wrong = mixed = 0
     for g, (group, corr) in enumerate(zip(rollout_groups, correctness)):
         if len(group) != len(corr):
             raise ValueError(f"group {g}: {len(group)} rollouts but {len(corr)} correctness values")
@@ -57,6 +57,7 @@ def group_filter(rollout_groups: Sequence[Sequence[Any]], correctness: Sequence[
         n_correct += sum(ok)
         all_correct += bool(ok) and all(ok)
         all_wrong += bool(ok) and not any(ok)
+        mixed += any(ok) and not all(ok)
     n_groups = max(len(rollout_groups), 1)
     stats = {
         "accuracy": n_correct / n_total if n_total else 0.0,
@@ -69,6 +70,8 @@ def group_filter(rollout_groups: Sequence[Sequence[Any]], correctness: Sequence[
         "groups_all_correct": all_correct / n_groups,
         "groups_all_incorrect": all_wrong / n_groups,
         "groups_empty_after_filter": sum(1 for k in kept if not k) / n_groups,
+        # groups holding both correct and incorrect rollouts (n > 1): there correctness is not only difficulty
+        "groups_mixed": mixed / n_groups,
     }
     return FilterResult(kept=kept, kept_indices=kept_idx, stats=stats, group_accuracy=accs, group_mean_length=mean_lens)
 

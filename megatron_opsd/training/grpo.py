@@ -55,8 +55,9 @@ def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
                              "(set rollout.n=4 or more)"),
         (cfg.rollout.filter == "all", f"rollout.filter={cfg.rollout.filter!r}: GRPO trains on every rollout "
                                       "(use rl.dynamic_sampling to drop uninformative groups); set rollout.filter=all"),
-        (cfg.rollout.horizon is None and cfg.rollout.horizon_growth is None,
-         "rollout.horizon/horizon_growth are OPSD options; GRPO trains on whole responses: leave them null"),
+        (cfg.rollout.horizon is None and cfg.rollout.horizon_growth is None and cfg.rollout.max_kept is None,
+         "rollout.horizon/horizon_growth/max_kept are OPSD options; GRPO trains on whole responses of every "
+         "rollout: leave them null"),
         (rl.kl_coef <= 0 or reference_model(rl) == "frozen",
          f"rl.kl_coef={rl.kl_coef} needs a reference model: set rl.reference=frozen (or auto), or rl.kl_coef=0"),
         (cfg.model.lora.rank == 0 or reference_model(rl) == "none",  # LoRA hook: the reference = adapters off

@@ -4,6 +4,7 @@ teacher replica (frozen / EMA / refreshed) or LoRA teacher adapters, and Purifie
 """
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Optional
 
@@ -38,7 +39,8 @@ def opsd_step(t: "OPSDTrainer") -> dict:
     # rank 0: sample on the sidecar, verify (reward), encode the teacher prompts; broadcast to every rank
     rollouts = t.rollouts(timer)
     horizon = horizon_at_step(run.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
-    keep, stats = distillation_rows(rollouts, cfg.rollout.filter, horizon)
+    keep, stats = distillation_rows(rollouts, cfg.rollout.filter, horizon, cfg.rollout.max_kept,
+                                    seed=cfg.rollout.seed * 1_000_003 + run.step)
     stats.update(rollouts.stats)  # overlapped rollouts: staleness and timings
     timer.lap("time/filter")
     metrics = {"loss": 0.0, "divergence": 0.0}  # + entropy/* when logged (loss.log_entropy)
@@ -76,15 +78,21 @@ def opsd_step(t: "OPSDTrainer") -> dict:
     return run.finish_step(metrics, stats, timer)  # weight push, step count, evaluation
 
 
-def distillation_rows(rollouts: StepRollouts, rollout_filter: str, horizon: Optional[int]) -> tuple[list, dict]:
+def distillation_rows(rollouts: StepRollouts, rollout_filter: str, horizon: Optional[int],
+                      max_kept: Optional[int] = None, seed: int = 0) -> tuple[list, dict]:
     """The (prompt, rollout) pairs distilled on, and the step's rollout statistics: a rollout is kept if the
-    filter keeps it and every teacher context exists for it (DemoPSD needs another correct rollout)."""
+    filter keeps it and every teacher context exists for it (DemoPSD needs another correct rollout); with
+    ``max_kept`` at most that many, a uniform subset drawn with ``seed`` (the same on every rank: the rollouts
+    are broadcast first), so arms with different filters can train on equal budgets (``rollout/num_trained``)."""
     filtered = group_filter(rollouts.responses, rollouts.correct, rollout_filter)
     has_teacher = [[all(t[i][j] is not None for t in rollouts.teachers.values()) for j in range(len(g))]
                    for i, g in enumerate(rollouts.responses)]
     keep = [(i, j) for i, idx in enumerate(filtered.kept_indices) for j in idx if has_teacher[i][j]]
     stats = {f"rollout/{k}": v for k, v in filtered.stats.items()}
     stats["rollout/no_teacher"] = float(sum(len(idx) for idx in filtered.kept_indices) - len(keep))
+    if max_kept is not None and len(keep) > max_kept:
+        keep = sorted(random.Random(seed).sample(keep, max_kept))
+    stats["rollout/num_trained"] = float(len(keep))
     lengths = sorted(len(r) for g in rollouts.responses for r in g)
     stats["rollout/length_p50"] = float(lengths[len(lengths) // 2])
     stats["rollout/length_p90"] = float(lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))])
