@@ -26,6 +26,12 @@ def init_control_group(timeout_minutes: float) -> None:
                                                  timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def use_control_group(group) -> None:
+    """Make ``group`` (made by an earlier ``init_control_group`` of this world) the control group again."""
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = group
+
+
 def destroy_control_group() -> None:
     """Forget the group (``torch.distributed.destroy_process_group`` frees it with every other group)."""
     global _CONTROL_GROUP

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.distributed import distributed_c10d
 
 from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel import control, cpu_compat
@@ -146,45 +145,62 @@ def rendezvous_env(environ: Optional[dict] = None) -> dict:
     return out
 
 
-# The process groups the last init_distributed created (megatron's and the control group), in creation order.
-_OWN_GROUPS: list = []
+# Megatron's parallel state per layout this process has set up, and as it was before any (see _set_up_layout).
+_LAYOUTS: dict = {}
+_PRISTINE: dict = {}
 
 
-def _registered_groups() -> list:
-    """Every process group torch.distributed knows in this process, in creation order (torch keeps them in
-    ``distributed_c10d._world.pg_map``, the map ``destroy_process_group`` checks and clears)."""
-    return list(distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []
+def _megatron_state() -> dict:
+    """megatron.core.parallel_state's module-level state: its ``_UPPER_CASE`` globals (groups, ranks, sizes)."""
+    from megatron.core import parallel_state
+
+    return {k: v for k, v in vars(parallel_state).items() if re.fullmatch(r"_[A-Z][A-Z0-9_]*", k)}
 
 
-def _destroy_own_groups() -> None:
-    """COLLECTIVE: free the groups the previous init_distributed created before a new layout's are built.
+def _set_up_layout(cfg: ParallelConfig) -> None:
+    """COLLECTIVE: megatron's parallel state (and the control group) for ``cfg``'s layout, each layout's groups
+    created once per process and reused when a layout comes back.
 
-    megatron's ``destroy_model_parallel`` only sets its globals to None ("Set the groups to none.",
-    parallel_state.py): the groups stay registered in torch.distributed and keep their backends, and a gloo group
-    keeps its worker threads and TCP connections. A process that re-initialises per layout (tools/gpu_check.py,
-    the layout tests) otherwise gains ~18 groups and ~54 threads per call (measured at N=2: 121 -> 499 threads
-    after 8 calls; >2,000 threads per rank over the preflight). ``destroy_process_group(group)`` shuts the
-    backend down (``pg.shutdown()``) whoever still references the group object. Every rank destroys in creation
-    order, after a barrier on the old control group so no rank is still finishing a collective on them."""
-    alive = set(_registered_groups())
-    own = [group for group in _OWN_GROUPS if group in alive]
-    _OWN_GROUPS.clear()
-    control_group = control.control_group()
-    if control_group is not None and control_group in own:
-        torch.distributed.barrier(group=control_group)
-    control.destroy_control_group()
-    for group in own:
-        torch.distributed.destroy_process_group(group)
+    A process that switches layouts (tools/gpu_check.py; ``launch.run_layouts``) used to re-create every group
+    per switch: megatron's ``destroy_model_parallel`` only forgets its groups ("Set the groups to none.",
+    parallel_state.py), and the previous layout's models, DDP and optimizers still reference them (megatron DDP's
+    gradient hooks keep a finished run's models alive through the autograd graph), so each gloo group's worker
+    and TCP-loop threads lived on: ~18 groups and ~54 threads per rank per switch, over 2,000 threads per rank
+    in the N=2 preflight. Now a layout seen before gets back the state ``initialize_model_parallel`` left (the
+    module's globals as they were right after it); a new one starts from the state before any layout."""
+    from megatron.core import parallel_state
+
+    key = (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size,
+           cfg.context_parallel_size, cfg.timeout_minutes, cfg.control_timeout_minutes)
+    if not _PRISTINE:
+        if parallel_state.model_parallel_is_initialized():  # (by someone else, e.g. a test harness)
+            parallel_state.destroy_model_parallel()
+        _PRISTINE.update(_megatron_state())
+    if key in _LAYOUTS:
+        state, group = _LAYOUTS[key]
+        vars(parallel_state).update(state)
+        control.use_control_group(group)
+        return
+    vars(parallel_state).update(_PRISTINE)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        distributed_timeout_minutes=cfg.timeout_minutes,  # megatron's own default (30) otherwise
+    )
+    control.init_control_group(cfg.control_timeout_minutes)
+    _LAYOUTS[key] = (_megatron_state(), control.control_group())
 
 
 def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dict:
     """Initialise torch.distributed and megatron's parallel state; returns the rendezvous info.
 
     Safe to call when torch.distributed is already initialised (for example by a test harness): only the
-    megatron part then runs. Called again (another layout), it first frees the groups of the previous call:
-    models, optimizers and trainers built under the previous layout cannot run collectives afterwards.
+    megatron part then runs. Called again in the same process it switches to ``cfg``'s layout, reusing that
+    layout's groups when the process had it before (``_set_up_layout``).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
     cpu_compat.apply()
     info = rendezvous_env(environ)
@@ -202,19 +218,7 @@ def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dic
         )
     world = torch.distributed.get_world_size()
     cfg.validate_world(world)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    _destroy_own_groups()
-    before = set(_registered_groups())
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        context_parallel_size=cfg.context_parallel_size,
-        distributed_timeout_minutes=cfg.timeout_minutes,  # megatron's own default (30) otherwise
-    )
-    control.init_control_group(cfg.control_timeout_minutes)
-    _OWN_GROUPS.extend(group for group in _registered_groups() if group not in before)
+    _set_up_layout(cfg)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     info["DATA_PARALLEL_SIZE"] = world // cfg.model_parallel_size()
     return info
@@ -226,6 +230,7 @@ def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     control.destroy_control_group()
-    _OWN_GROUPS.clear()  # destroying the default group frees every group
+    _LAYOUTS.clear()  # destroying the default group frees every group
+    _PRISTINE.clear()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
