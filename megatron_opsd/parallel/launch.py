@@ -100,7 +100,7 @@ def run_distributed(fn: Callable, world_size: int, cfg: Optional[ParallelConfig]
 def _each_layout(fn: Callable, layouts: list) -> list:
     results = []
     for cfg, args in layouts:
-        init_distributed(cfg)  # frees the previous layout's groups (distributed.py _destroy_own_groups)
+        init_distributed(cfg)  # each layout's groups are created once (distributed.py _set_up_layout)
         results.append(fn(*args))
     return results
 
