@@ -48,3 +48,17 @@ def smoke_checksums_with_gpu_initialisation() -> dict:
         return {"seeded": smoke.logits_checksum(0), "megatron_init": smoke.logits_checksum(0, seeded_weights=False)}
     finally:
         gpt.transformer_config_from_hf = real
+
+
+def group_census() -> dict:
+    """After init_distributed at the current layout: the process groups torch.distributed holds, this process's
+    threads (a gloo group keeps worker and TCP-loop threads), and whether megatron's TP group works."""
+    import os
+
+    from megatron.core import parallel_state as ps
+    from torch.distributed.distributed_c10d import _world
+
+    ones = torch.ones(1)
+    torch.distributed.all_reduce(ones, group=ps.get_tensor_model_parallel_group())
+    return {"groups": len(_world.pg_map), "threads": len(os.listdir("/proc/self/task")),
+            "tp_sum": ones.item(), "tp": ps.get_tensor_model_parallel_world_size()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_opsd.parallel import ParallelConfig
-from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.parallel.launch import run_distributed, run_layouts
 
 NUM_MB, MBS, SEQ = 4, 2, 12
 LOSS_TOL = 1e-5
@@ -137,9 +137,14 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def runs(hf_dir):
+    """The single-process run, then every two-rank layout in one world of two ranks (``run_layouts``)."""
     mbs = make_microbatches()
-    return {name: run_distributed(layout_worker, world, cfg, hf_dir, mbs, name in ("single", "dp2"), name == "tp2")
-            for name, (world, cfg) in LAYOUTS.items()}
+    args = {name: (hf_dir, mbs, name in ("single", "dp2"), name == "tp2") for name in LAYOUTS}
+    out = {"single": run_distributed(layout_worker, 1, LAYOUTS["single"][1], *args["single"])}
+    pairs = [name for name, (world, _) in LAYOUTS.items() if world == 2]
+    assert len(pairs) + 1 == len(LAYOUTS)
+    out.update(zip(pairs, run_layouts(layout_worker, 2, [(LAYOUTS[name][1], args[name]) for name in pairs])))
+    return out
 
 
 def merged(results: list, key: str) -> dict:

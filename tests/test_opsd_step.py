@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_opsd.parallel import ParallelConfig
-from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.parallel.launch import run_distributed, run_layouts
 from megatron_opsd.config import LossConfig, OptimConfig
 from megatron_opsd.training.opsd import token_weights
 
@@ -105,10 +105,15 @@ def test_step_same_across_tp_pp_dp(tiny_checkpoints):
     hf_dir = tiny_checkpoints["qwen3"]
     base_loss, base_norm, base_params, base_norm_grads, *_ = run(hf_dir, 1, 1, pad_multiple=1)
     fp8_pad = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).sequence_multiple(8, fp8=True)
-    for tp, pp, dp, mbs, sp in ((2, 1, 1, 2, False), (2, 1, 1, 2, True), (1, 2, 1, 1, False), (1, 1, 2, 1, False)):
+    layouts = ((2, 1, 1, 2, False), (2, 1, 1, 2, True), (1, 2, 1, 1, False), (1, 1, 2, 1, False))
+    assert all(tp * pp * dp == 2 for tp, pp, dp, _, _ in layouts)  # one world of two ranks runs them all
+    results = run_layouts(step_worker, 2, [
+        (ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp),
+         (hf_dir, "token_mean", mbs, sp, 4, {"pad_multiple": fp8_pad if sp else 8}))
+        for tp, pp, dp, mbs, sp in layouts])
+    for (tp, pp, dp, mbs, sp), per_rank in zip(layouts, results, strict=True):
         layout = dict(tp=tp, pp=pp, dp=dp, sequence_parallel=sp)
-        loss, grad_norm, params, norm_grads, seen, _ = run(hf_dir, tp, pp, dp, micro_batch_size=mbs,
-                                                           sequence_parallel=sp, pad_multiple=fp8_pad if sp else 8)
+        loss, grad_norm, params, norm_grads, seen, _ = per_rank[0]  # rank 0's (loss and grad norm: reduced)
         assert loss == pytest.approx(base_loss, rel=REL_TOL), layout
         assert grad_norm == pytest.approx(base_norm, rel=REL_TOL), layout
         assert relative_errors(params, base_params) < REL_TOL, layout

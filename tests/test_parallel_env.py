@@ -119,6 +119,25 @@ def test_rank0_work_longer_than_the_tensor_timeout_waits_on_the_control_group():
     assert "timed out" in results[1]["world_wait"].lower() or "timeout" in results[1]["world_wait"].lower(), results
 
 
+def test_switching_layouts_reuses_each_layouts_groups():
+    """One world switching layouts (tools/gpu_check.py, ``run_layouts``): each switch used to create megatron's
+    groups anew while the old ones lived on (~18 gloo groups and ~54 threads per rank per switch; over 2,000
+    threads per rank in the N=2 preflight). Now a layout seen before reuses its groups: the group and thread
+    counts stop growing after the first TP=2 and DP=2 set-ups, and each layout's groups still work."""
+    from megatron_opsd.parallel.launch import run_layouts
+    from tests._workers_parallel import group_census
+
+    tp2, dp2 = ParallelConfig(tensor_model_parallel_size=2), ParallelConfig()
+    census = run_layouts(group_census, 2, [(tp2, ()), (dp2, ()), (tp2, ()), (dp2, ()), (tp2, ())])
+    for rank in range(2):
+        first_tp, first_dp, *again = [per_rank[rank] for per_rank in census]
+        assert [c["tp"] for c in (first_tp, first_dp, *again)] == [2, 1, 2, 1, 2]
+        assert [c["tp_sum"] for c in (first_tp, first_dp, *again)] == [2.0, 1.0, 2.0, 1.0, 2.0]
+        assert first_dp["groups"] > first_tp["groups"]  # DP=2's own groups were created once
+        assert [c["groups"] for c in again] == [first_dp["groups"]] * 3, census
+        assert again[-1]["threads"] <= first_dp["threads"] + 8, census  # a re-creation adds ~54 per switch
+
+
 def test_timeouts_and_sizes_are_checked():
     for bad in (dict(timeout_minutes=0), dict(control_timeout_minutes=float("inf")),
                 dict(virtual_pipeline_model_parallel_size=0), dict(pipeline_model_parallel_size=-1)):

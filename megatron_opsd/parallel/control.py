@@ -40,6 +40,12 @@ def init_control_group(timeout_minutes: float) -> None:
         _JOB_STORE = torch.distributed.distributed_c10d._get_default_store()
 
 
+def use_control_group(group) -> None:
+    """Make ``group`` (made by an earlier ``init_control_group`` of this world) the control group again."""
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = group
+
+
 def destroy_control_group() -> None:
     """Forget the group (``torch.distributed.destroy_process_group`` frees it with every other group)."""
     global _CONTROL_GROUP

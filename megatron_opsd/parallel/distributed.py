@@ -145,13 +145,62 @@ def rendezvous_env(environ: Optional[dict] = None) -> dict:
     return out
 
 
+# Megatron's parallel state per layout this process has set up, and as it was before any (see _set_up_layout).
+_LAYOUTS: dict = {}
+_PRISTINE: dict = {}
+
+
+def _megatron_state() -> dict:
+    """megatron.core.parallel_state's module-level state: its ``_UPPER_CASE`` globals (groups, ranks, sizes)."""
+    from megatron.core import parallel_state
+
+    return {k: v for k, v in vars(parallel_state).items() if re.fullmatch(r"_[A-Z][A-Z0-9_]*", k)}
+
+
+def _set_up_layout(cfg: ParallelConfig) -> None:
+    """COLLECTIVE: megatron's parallel state (and the control group) for ``cfg``'s layout, each layout's groups
+    created once per process and reused when a layout comes back.
+
+    A process that switches layouts (tools/gpu_check.py; ``launch.run_layouts``) used to re-create every group
+    per switch: megatron's ``destroy_model_parallel`` only forgets its groups ("Set the groups to none.",
+    parallel_state.py), and the previous layout's models, DDP and optimizers still reference them (megatron DDP's
+    gradient hooks keep a finished run's models alive through the autograd graph), so each gloo group's worker
+    and TCP-loop threads lived on: ~18 groups and ~54 threads per rank per switch, over 2,000 threads per rank
+    in the N=2 preflight. Now a layout seen before gets back the state ``initialize_model_parallel`` left (the
+    module's globals as they were right after it); a new one starts from the state before any layout."""
+    from megatron.core import parallel_state
+
+    key = (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size,
+           cfg.context_parallel_size, cfg.timeout_minutes, cfg.control_timeout_minutes)
+    if not _PRISTINE:
+        if parallel_state.model_parallel_is_initialized():  # (by someone else, e.g. a test harness)
+            parallel_state.destroy_model_parallel()
+        _PRISTINE.update(_megatron_state())
+    if key in _LAYOUTS:
+        state, group = _LAYOUTS[key]
+        vars(parallel_state).update(state)
+        control.use_control_group(group)
+        return
+    vars(parallel_state).update(_PRISTINE)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        distributed_timeout_minutes=cfg.timeout_minutes,  # megatron's own default (30) otherwise
+    )
+    control.init_control_group(cfg.control_timeout_minutes)
+    _LAYOUTS[key] = (_megatron_state(), control.control_group())
+
+
 def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dict:
     """Initialise torch.distributed and megatron's parallel state; returns the rendezvous info.
 
     Safe to call when torch.distributed is already initialised (for example by a test harness): only the
-    megatron part then runs.
+    megatron part then runs. Called again in the same process it switches to ``cfg``'s layout, reusing that
+    layout's groups when the process had it before (``_set_up_layout``).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
     cpu_compat.apply()
     info = rendezvous_env(environ)
@@ -169,16 +218,7 @@ def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dic
         )
     world = torch.distributed.get_world_size()
     cfg.validate_world(world)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        context_parallel_size=cfg.context_parallel_size,
-        distributed_timeout_minutes=cfg.timeout_minutes,  # megatron's own default (30) otherwise
-    )
-    control.init_control_group(cfg.control_timeout_minutes)
+    _set_up_layout(cfg)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     info["DATA_PARALLEL_SIZE"] = world // cfg.model_parallel_size()
     return info
@@ -190,5 +230,7 @@ def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     control.destroy_control_group()
+    _LAYOUTS.clear()  # destroying the default group frees every group
+    _PRISTINE.clear()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
