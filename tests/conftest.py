@@ -33,7 +33,7 @@ def tiny_checkpoints(tmp_path_factory):
 LONGEST_FIRST = ("test_demo_e2e", "test_demo_ablation", "test_rollout_sidecar", "test_rollout_collective",
                  "test_lifecycle", "test_trainer_resume", "test_packaging", "test_pipeline", "test_sft",
                  "test_trainer_e2e", "test_trainer_variants", "test_launch_scripts", "test_gpu_check",
-                 "test_checkpoint", "test_opsd_step", "test_models_parity", "test_lora_sidecar", "test_eval_e2e",
+                 "test_checkpoint", "test_models_parity", "test_lora_sidecar", "test_eval_e2e", "test_opsd_step",
                  "test_grpo_e2e", "test_lora", "test_lora_modes")
 
 

@@ -27,10 +27,11 @@ def _gpu_check():
 def test_preflight_two_ranks_on_cpu(tmp_path):
     """The script a cluster user runs first, run as they run it (torchrun, N=2): the only test of its driver, the
     layout-vs-single-rank comparisons over one world, and its table. Replaces the one-process check (2.5-3.5 min).
-    232 s and 330 s measured on the shared 2-core machine while other jobs ran: two gloo ranks run 15
-    single-layout probes, 5 layout steps against a single-rank step, the TP=2 divergence, a checkpoint resume at
-    PP=2 x VPP=2, and one TP=2 vLLM sidecar receiving the trainer's push through the collective transport (its
-    start overlaps the rest)."""
+    232 s and 330 s measured on the shared 2-core machine while other jobs ran, 160 s alone once init_distributed
+    created each layout's groups once (300 s alone before: every layout switch added ~54 gloo threads per rank): two gloo ranks
+    run 15 single-layout probes, 5 layout steps against a single-rank step, the TP=2 divergence, a checkpoint
+    resume at PP=2 x VPP=2, and one TP=2 vLLM sidecar receiving the trainer's push through the collective transport
+    (its start overlaps the rest)."""
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
