@@ -3,7 +3,7 @@ built from our student prompt and the concise instruction by ``TEACHER_TEMPLATE`
 ``teacher.context: concise`` user turn, or the step-0 loss parity and the step-time comparison are of different
 prompts. The bench checks the token ids again in the peer's process; this catches a change to our contexts
 without TRL installed."""
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -15,17 +15,9 @@ from megatron_opsd.demo import task
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_peer():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import bench_peer
-    finally:
-        sys.path.pop(0)
-    return bench_peer
-
-
-def test_the_peers_teacher_prompt_is_our_concise_teacher_prompt():
-    bench_peer = _bench_peer()
+def test_the_peers_teacher_prompt_is_our_concise_teacher_prompt(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    bench_peer = importlib.import_module("bench_peer")
     cfg = load_config(str(ROOT / bench_peer.CONFIG), ["model.path=unused", "data.train_path=unused.jsonl"])
     train, _ = task.generate_splits(task.TaskConfig(n_train=4, n_test=1, seed=0))
     texts = bench_peer.prompt_texts(rows_to_examples(train, cfg.data), cfg)
