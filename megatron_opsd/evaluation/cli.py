@@ -130,5 +130,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"megatron-opsd eval: error: {err}", file=sys.stderr)
         return 2
     print(out["paths"]["markdown"].read_text())
-    print("wrote " + ", ".join(str(p) for p in out["paths"].values()))
+    print("wrote " + ", ".join(str(p) for p in out["paths"].values() if p is not None))
     return 0

@@ -7,6 +7,7 @@ make the OPSDC claim "easy problems are compressed more" checkable.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -146,9 +147,14 @@ def markdown_report(results: dict, comparison: Optional[dict] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_tokens(results: dict, path: Union[str, Path], baseline: Optional[dict] = None) -> Path:
+def plot_accuracy_vs_tokens(results: dict, path: Union[str, Path], baseline: Optional[dict] = None
+                            ) -> Optional[Path]:
     """One point per benchmark (and small ones per MATH level): mean response tokens vs accuracy; the
-    baseline's points are hollow, joined to the model's by an arrow."""
+    baseline's points are hollow, joined to the model's by an arrow. None without matplotlib (an optional
+    dependency: the `logging` extra), with a note: the numbers are in results.json and report.md."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed (pip install matplotlib): no accuracy_vs_tokens.png")
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,7 +190,8 @@ def plot_accuracy_vs_tokens(results: dict, path: Union[str, Path], baseline: Opt
 
 def write_report(results: dict, out_dir: Union[str, Path], baseline: Optional[dict] = None,
                  n_boot: int = 2000, seed: int = 0) -> dict[str, Path]:
-    """results.json (with the comparison under "baseline_comparison"), report.md and accuracy_vs_tokens.png."""
+    """results.json (with the comparison under "baseline_comparison"), report.md and accuracy_vs_tokens.png (when
+    matplotlib is installed; else ``paths["png"]`` is None)."""
     out_dir = Path(out_dir)
     if baseline is not None:
         results["baseline_comparison"] = compare_to_baseline(results, baseline, n_boot=n_boot, seed=seed)
