@@ -30,11 +30,12 @@ def tiny_checkpoints(tmp_path_factory):
 # left running alone at the end; the order of tests inside a file is kept. Files not named here start after these,
 # in collection order. Order from the last whole-suite profiles (issue 25: the quick demo ~460 s, the ablation
 # ~350 s, the rest ~150-260 s each); the table printed at the end of every run (below) is what to update it from.
-LONGEST_FIRST = ("test_demo_e2e", "test_demo_ablation", "test_rollout_sidecar", "test_rollout_collective",
-                 "test_lifecycle", "test_trainer_resume", "test_packaging", "test_pipeline", "test_sft",
-                 "test_trainer_e2e", "test_trainer_variants", "test_launch_scripts", "test_gpu_check",
-                 "test_checkpoint", "test_models_parity", "test_lora_sidecar", "test_eval_e2e", "test_opsd_step",
-                 "test_grpo_e2e", "test_lora", "test_lora_modes")
+LONGEST_FIRST = ("test_demo_e2e", "test_trainer_resume", "test_demo_ablation", "test_packaging",
+                 "test_demo_ablation2", "test_lifecycle", "test_multihost", "test_pipeline", "test_gpu_check",
+                 "test_sft", "test_rollout_sidecar", "test_launch_scripts", "test_models_parity",
+                 "test_rollout_collective", "test_eval_e2e", "test_trainer_e2e", "test_lora_sidecar",
+                 "test_checkpoint", "test_engine_schedule", "test_grpo_e2e", "test_grpo_step", "test_trainer_variants",
+                 "test_cli_errors", "test_opsd_step", "test_rollout_overlap", "test_lora_modes", "test_lora")
 
 
 def longest_first(items) -> None:
