@@ -31,6 +31,7 @@ def tiny_checkpoints(tmp_path_factory):
 # in collection order. Order from the last whole-suite profiles (issue 25: the quick demo ~460 s, the ablation
 # ~350 s, the rest ~150-260 s each); the table printed at the end of every run (below) is what to update it from.
 LONGEST_FIRST = ("test_demo_e2e", "test_demo_ablation", "test_rollout_sidecar", "test_rollout_collective",
+                 "test_multihost",
                  "test_lifecycle", "test_trainer_resume", "test_packaging", "test_pipeline", "test_sft",
                  "test_trainer_e2e", "test_trainer_variants", "test_launch_scripts", "test_gpu_check",
                  "test_checkpoint", "test_opsd_step", "test_models_parity", "test_lora_sidecar", "test_eval_e2e",
