@@ -102,7 +102,8 @@ class RolloutConfig:
     kv_cache_memory_bytes: Optional[int] = None  # vLLM KV cache size; needed on CPU (e.g. 268435456)
     local_sidecar_tensor_parallel_size: int = 1  # TP of the local sidecar (CPU: set VLLM_CPU_OMP_THREADS_BIND)
     transport: Literal["http", "shm", "collective"] = "http"  # weight push; collective: any sidecar TP
-    collective_host: Optional[str] = None  # trainer rank 0's address for the sidecars' workers; None: automatic
+    # trainer rank 0's address for the sidecars' workers; None: its address on the route to the first remote sidecar
+    collective_host: Optional[str] = None
     # collective push: fixed part of every wait (+ one bucket at a quarter of the measured rate, >= 50 MB/s);
     # keep sync_timeout_s + push_bucket_mb / 50 MB/s well below the trainer's NCCL timeout
     sync_timeout_s: float = 60.0

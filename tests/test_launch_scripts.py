@@ -324,3 +324,18 @@ def test_smoke_checksum_is_tp_independent_with_gpu_initialisation():
             assert rank["seeded"][key] == pytest.approx(one["seeded"][key], rel=1e-6, abs=1e-6)
     # the control: megatron's GPU-style initialisation alone gives a different model at TP=2
     assert two[0]["megatron_init"]["abs_sum"] != pytest.approx(one["megatron_init"]["abs_sum"], rel=1e-3)
+
+
+def test_torchrun_script_tells_the_other_nodes_a_routable_address():
+    """torchrun's MASTER_ADDR is rendezvous rank 0's --local-addr, else its host name (127.x in many containers):
+    the script passes this node's address on its route to RDZV_HOST, or LOCAL_ADDR when given, and nothing when
+    RDZV_HOST does not resolve (torchrun's own default then)."""
+    def rendered(**extra):
+        proc = subprocess.run(["bash", str(TORCHRUN), "true"], env=_env(DRY_RUN=1, NNODES=2, **extra),
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return shlex.split(proc.stdout)
+
+    assert option(rendered(RDZV_HOST="127.0.0.1"), "--local-addr") == "127.0.0.1"
+    assert option(rendered(RDZV_HOST="127.0.0.1", LOCAL_ADDR="10.1.2.3"), "--local-addr") == "10.1.2.3"
+    assert "--local-addr" not in rendered(RDZV_HOST="no-such-node-x1")

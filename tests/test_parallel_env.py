@@ -144,3 +144,14 @@ def test_timeouts_and_sizes_are_checked():
         key = next(iter(bad))
         with pytest.raises(ValueError, match=f"parallel.{key}"):
             ParallelConfig(**bad).validate_sizes()
+
+
+def test_gloo_interface_is_left_alone_for_a_local_master():
+    """init_distributed sets GLOO_SOCKET_IFNAME (when unset) to the interface on the route to MASTER_ADDR, so that
+    a host whose name resolves to 127.x does not tell the other hosts to connect to 127.0.0.1 (tests/
+    test_multihost.py across network namespaces); a local or unresolvable master changes nothing."""
+    from megatron_opsd.parallel.distributed import gloo_interface_towards, route_source_address
+
+    assert route_source_address("127.0.0.1") == "127.0.0.1"
+    assert gloo_interface_towards("127.0.0.1") is None
+    assert gloo_interface_towards("no-such-node-x1") is None

@@ -215,3 +215,25 @@ def test_removed_rollback_key_is_a_one_line_error_naming_what_replaced_it(tmp_pa
         assert "\n" not in message and "rollout.keep_previous_weights" in message
         assert "rollout.push_retries" in message and "delete the key" in message
     assert load_config(overrides=["rollout.push_retries=0", "rollout.push_bucket_mb=64"]).rollout.push_retries == 0
+
+
+def test_collective_host_is_the_address_on_the_route_to_the_sidecars(monkeypatch):
+    """rollout.collective_host unset: loopback for local sidecars; else this host's address on its route to the
+    first remote sidecar (tests/test_multihost.py runs it across network namespaces), never a 127.x address that
+    a remote sidecar would connect to itself with, and a one-line error naming the key when there is no route."""
+    from megatron_opsd.rollout import client as client_module
+
+    assert client_module._reachable_address(["http://127.0.0.1:8000", "http://localhost:8001"]) == "127.0.0.1"
+    routes = {"node2": "10.0.0.5", "self-by-name": "127.0.1.1"}
+
+    def route(peer):
+        if peer not in routes:
+            raise OSError("Name or service not known")
+        return routes[peer]
+
+    monkeypatch.setattr(client_module, "route_source_address", route)
+    assert client_module._reachable_address(["http://127.0.0.1:8000", "http://node2:8000"]) == "10.0.0.5"
+    for url, said in [("http://self-by-name:8000", "is this host (127.0.1.1)"), ("http://nowhere:8000", "no route")]:
+        with pytest.raises(SidecarError, match="rollout.collective_host") as err:
+            client_module._reachable_address([url])
+        assert said in str(err.value) and "\n" not in str(err.value)

@@ -7,6 +7,9 @@
 #
 # Rendezvous: c10d on RDZV_HOST:RDZV_PORT; node 0 hosts the store (is_host, so two "nodes" on one machine
 # work too). init_distributed reads the RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT that torchrun sets.
+# Address: each node tells the others LOCAL_ADDR (torchrun --local-addr; default this node's address on its route to
+# RDZV_HOST), not what its host name resolves to (torchrun's default: 127.x in many containers, any interface on a
+# multi-homed node), so MASTER_ADDR is reachable from every node whichever agent gets rendezvous rank 0.
 # Logs: one stdout/stderr file per rank under LOG_DIR/node<NODE_RANK>/ (also tee'd to this terminal).
 # DRY_RUN=1 prints the command instead of running it.
 #
@@ -23,7 +26,15 @@ RDZV_HOST=${RDZV_HOST:-127.0.0.1}
 RDZV_PORT=${RDZV_PORT:-29400}
 RDZV_ID=${RDZV_ID:-opsd-${USER:-user}}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-900}
+# After a failure each agent closes the rendezvous in node 0's store: a node that lost its link to node 0 waits
+# there up to RDZV_CLOSE_TIMEOUT, each store call up to RDZV_READ_TIMEOUT (torchrun's defaults, 30 / 60 s)
+RDZV_READ_TIMEOUT=${RDZV_READ_TIMEOUT:-60}
+RDZV_CLOSE_TIMEOUT=${RDZV_CLOSE_TIMEOUT:-30}
 LOG_DIR=${LOG_DIR:-logs/torchrun}
+LOCAL_ADDR=${LOCAL_ADDR:-$(python3 -c 'import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((socket.gethostbyname(sys.argv[1]), 9))  # a route lookup: no packet is sent
+print(s.getsockname()[0])' "$RDZV_HOST" 2>/dev/null || true)}
 
 if [ "$#" -eq 0 ]; then
     echo "usage: [NNODES=.. NODE_RANK=.. RDZV_HOST=..] $0 COMMAND [ARGS...]" >&2
@@ -55,7 +66,8 @@ is_host=0
 cmd=(torchrun
      --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE"
      --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RDZV_ID"
-     --rdzv-conf "is_host=$is_host,join_timeout=$RDZV_TIMEOUT"
+     --rdzv-conf "is_host=$is_host,join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_READ_TIMEOUT,close_timeout=$RDZV_CLOSE_TIMEOUT"
+     ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"}
      --max-restarts 0 --log-dir "$LOG_DIR/node$NODE_RANK" --redirects 3 --tee 3
      --no-python "$@")
 

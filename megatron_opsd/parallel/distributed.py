@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass
 from typing import Optional
 
+import psutil
 import torch
 
 from megatron_opsd.errors import UsageError
@@ -93,6 +94,29 @@ class ParallelConfig:
                 f"({self.pipeline_model_parallel_size}) x parallel.context_parallel_size "
                 f"({self.context_parallel_size}) = {mp}; change the sizes or launch {mp}*k processes"
             )
+
+
+def route_source_address(peer: str) -> str:
+    """This host's address on its route to ``peer`` (a name or an address): where ``peer`` can reach this host back.
+    A UDP ``connect`` only looks the route up; no packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((socket.gethostbyname(peer), 9))
+        return sock.getsockname()[0]
+
+
+def gloo_interface_towards(peer: str) -> Optional[str]:
+    """The network interface holding this host's address on its route to ``peer``; None for loopback or when none
+    holds it. Gloo binds to what the host's *name* resolves to (torch's ``ProcessGroupGloo::createDefaultDevice``),
+    falling back to loopback: on a host whose name resolves to 127.x (common in containers) ranks on other hosts
+    would be told to connect to 127.0.0.1."""
+    try:
+        address = route_source_address(peer)
+    except OSError:  # unresolvable or unroutable: the rendezvous itself reports it
+        return None
+    if address.startswith("127."):
+        return None
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.family == socket.AF_INET and a.address == address for a in addrs)), None)
 
 
 def free_port() -> int:
@@ -209,6 +233,10 @@ def init_distributed(cfg: ParallelConfig, environ: Optional[dict] = None) -> dic
         backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(info["LOCAL_RANK"] % torch.cuda.device_count())
+        # gloo groups (the world group on CPU, the control group and megatron's gloo groups everywhere) bind to the
+        # interface that reaches the master unless GLOO_SOCKET_IFNAME says otherwise (gloo_interface_towards)
+        if "GLOO_SOCKET_IFNAME" not in os.environ and (interface := gloo_interface_towards(info["MASTER_ADDR"])):
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
         torch.distributed.init_process_group(
             backend=backend,
             init_method=f"tcp://{info['MASTER_ADDR']}:{info['MASTER_PORT']}",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
 from megatron_opsd.parallel import control
-from megatron_opsd.parallel.distributed import free_port
+from megatron_opsd.parallel.distributed import free_port, route_source_address
 from megatron_opsd.rollout import vllm_plugin
 from megatron_opsd.rollout.auth import bearer, find_secret
 from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
@@ -416,13 +415,20 @@ class _ReplicaWeightSync:
 
 
 def _reachable_address(urls: list[str]) -> str:
-    """Loopback when every sidecar is on this host, else this host's address (where its workers connect to)."""
-    if all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
+    """Where the sidecars' workers connect back to: loopback when every sidecar is on this host, else this host's
+    address on its route to the first remote sidecar (not what this host's name resolves to, which is 127.x in
+    many containers and any interface on a multi-homed node)."""
+    remote = [host for host in (urlparse(u).hostname for u in urls) if host not in ("127.0.0.1", "localhost", "::1")]
+    if not remote:
         return "127.0.0.1"
-    address = socket.gethostbyname(socket.gethostname())
+    try:
+        address = route_source_address(remote[0])
+    except OSError as err:
+        raise SidecarError(f"rollout.collective_host: no route to the sidecar host {remote[0]} ({err}); set "
+                           "rollout.collective_host to this node's network address") from None
     if address.startswith("127."):
-        raise SidecarError(f"rollout.collective_host: this host's name resolves to {address}, which the remote "
-                           "sidecars cannot reach; set rollout.collective_host to this node's network address")
+        raise SidecarError(f"rollout.collective_host: the sidecar host {remote[0]} is this host ({address}), which "
+                           "remote sidecars cannot reach; set rollout.collective_host to this node's network address")
     return address
 
 

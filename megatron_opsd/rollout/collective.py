@@ -49,7 +49,7 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
 from vllm.distributed.weight_transfer.packed_tensor import unpack_tensor
 from vllm.logger import init_logger
 
-from megatron_opsd.parallel.distributed import free_port
+from megatron_opsd.parallel.distributed import free_port, route_source_address
 from megatron_opsd.rollout.auth import rendezvous_key, store_prefix, verify_members
 
 
@@ -103,8 +103,12 @@ def open_group(comm: str, host: str, port: int, rank: int, world_size: int, time
         options._timeout = 2 * timeout
         with _nccl_errors_clean_up_only():
             group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    else:
-        group = dist.ProcessGroupGloo(prefixed, rank, world_size, 2 * timeout)
+    else:  # bound to this host's address on its route to the store's host: gloo's default is what the host's name
+        # resolves to (127.x in many containers), which the other host would be told to connect to
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = 2 * timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=route_source_address(host))]
+        group = dist.ProcessGroupGloo(prefixed, rank, world_size, options)
     verify_members(group, key, rank, world_size, timeout_s, device="cuda" if comm == "nccl" else "cpu")
     return prefixed, group
 
