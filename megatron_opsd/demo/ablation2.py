@@ -54,8 +54,15 @@ class HindsightRecipe:
     n_boot: int = 2000
     nproc: int = 1
 
-    # the demo recipe with this task size, and the JSON form: as the first protocol's recipe
-    demo_recipe = ablation.AblationRecipe.demo_recipe
+    # the model's context: the reference prompt (data.max_prompt_tokens 192) + a 384-token rollout, and the
+    # evaluation's max_tokens + 256, exceed the demo model's 512 positions (the first full run stopped there)
+    max_position_embeddings: int = 1024
+
+    def demo_recipe(self):
+        """The demo recipe with this task size (as the first protocol's) and this protocol's model context."""
+        return replace(ablation.AblationRecipe.demo_recipe(self), max_position_embeddings=self.max_position_embeddings)
+
+    # the JSON form: as the first protocol's recipe
     to_dict = ablation.AblationRecipe.to_dict
 
 

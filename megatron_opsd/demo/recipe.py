@@ -36,6 +36,7 @@ class DemoRecipe:
     num_kv_heads: int = 2
     head_dim: int = 32  # vLLM's CPU attention needs head_dim >= 32
     intermediate_size: int = 384
+    max_position_embeddings: int = 512  # the model's context: every sidecar's max_model_len stays within it
     # stages
     sft_steps: int = 450  # at 300 steps the student prompt reached 87% (seed 0) but 23% (seed 1); 450: 91%
     opsdc_steps: int = 40
@@ -54,7 +55,8 @@ class DemoRecipe:
 
     def model_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
-                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, intermediate_size=self.intermediate_size)
+                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                    max_position_embeddings=self.max_position_embeddings)
 
     def to_dict(self) -> dict:
         d = asdict(self)
