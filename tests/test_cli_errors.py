@@ -200,7 +200,8 @@ def test_an_error_found_inside_one_rank_of_a_torchrun_job_is_said_once(failing_r
     assert said == [line], out.stderr
     assert out.returncode == 1 and f"traceback : {line}" in out.stderr, out.stderr  # torchrun's root cause
     assert f"rank      : {failing_rank} " in out.stderr.split("Root Cause")[1], out.stderr
-    for noise in ("RuntimeError", "DistBackendError", "Connection closed", "[rank", "File \"" + str(REPO)):
+    ours = [f'File "{REPO / folder}' for folder in ("megatron_opsd", "tests")]  # torchrun's own traceback may
+    for noise in ("RuntimeError", "DistBackendError", "Connection closed", "[rank", *ours):  # name the repo's .venv
         assert noise not in out.stderr, (noise, out.stderr)
     debug = subprocess.run(argv[:-1] + ["--debug", str(failing_rank)], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
@@ -225,3 +226,40 @@ def test_an_error_found_inside_rank_0_of_an_srun_style_job_is_said_once():
     said = [[ln for ln in err.splitlines() if ln.startswith("megatron-opsd: error:")] for err in (err0, err1)]
     assert said == [[f"megatron-opsd: error: {MESSAGE}"], []], (err0, err1)
     assert "Traceback" not in err0 + err1 and "Error" not in err1, (err0, err1)
+
+
+def test_a_rank_cut_off_from_the_jobs_store_still_stops_in_bounded_time(monkeypatch):
+    """The failure test_multihost's link-down fault found: a rank whose collective broke asks the job's store
+    whether a peer reported a UsageError; with the store's host cut off, torch's TCPStore wait sends CANCEL_WAIT
+    after its own timeout and then reads the reply under the store's whole timeout (here 120 s), so the rank never
+    printed its own error. Here the store's process is frozen (SIGSTOP, its socket still open, as across a downed
+    link): asking and reporting each give up within their bound, and the rank's own error stands."""
+    import signal
+    import time
+
+    import torch
+
+    from megatron_opsd.parallel import control
+
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, torch\n"
+        "store = torch.distributed.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+        "print(store.port, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=__import__("datetime")
+                                            .timedelta(seconds=120))
+        monkeypatch.setattr(control, "_JOB_STORE", client)
+        monkeypatch.setattr(control, "STORE_CALL_BOUND_S", 2.0)
+        monkeypatch.setattr(control, "STORE_HOST_WAIT_S", 0.0)
+        os.kill(server.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        assert control.peer_usage_error(wait_s=1.0) is None
+        asked = time.monotonic() - start
+        assert control.report_usage_error("megatron-opsd: error: x") is None
+        reported = time.monotonic() - start - asked
+        assert asked < 1.0 + 2.0 + 1.0 and reported < 2.0 + 1.0, (asked, reported)
+    finally:
+        server.kill()
+        server.wait()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import threading
 import time
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ _JOB_RANK, _JOB_WORLD = 0, 1
 _USAGE_KEY, _USAGE_COUNT_KEY = "megatron_opsd/usage_error", "megatron_opsd/usage_error_reports"
 _USAGE_DONE_KEY = "megatron_opsd/usage_error_done"
 STORE_HOST_WAIT_S = 10.0  # how long the rank serving the store waits for the others to read a reported error
+STORE_CALL_BOUND_S = 10.0  # the longest a rank on its way out talks to the job's store
 
 
 def init_control_group(timeout_minutes: float) -> None:
@@ -87,14 +89,18 @@ def report_usage_error(message: str) -> Optional[bool]:
     if _JOB_STORE is None:
         return None
     _write_launcher_error_file(message)
-    try:
+
+    def claim() -> bool:
         first = _JOB_STORE.add(_USAGE_COUNT_KEY, 1) == 1
         if first:
             _JOB_STORE.set(_USAGE_KEY, message)
         _stopped(_JOB_STORE)
-    except Exception:  # noqa: BLE001 - the store went away with its host rank: fall back to the rank-0 rule
+        return first
+
+    try:
+        return _bounded(claim, STORE_CALL_BOUND_S + STORE_HOST_WAIT_S)
+    except Exception:  # noqa: BLE001 - the store went away with its host: fall back to the rank-0 rule
         return None
-    return first
 
 
 def peer_usage_error(wait_s: float = 5.0) -> Optional[str]:
@@ -103,14 +109,44 @@ def peer_usage_error(wait_s: float = 5.0) -> Optional[str]:
     rank reported one (then the failure is this rank's own and keeps its traceback)."""
     if _JOB_STORE is None:
         return None
-    try:
+
+    def read() -> str:
         _JOB_STORE.wait([_USAGE_KEY], datetime.timedelta(seconds=wait_s))
         message = _JOB_STORE.get(_USAGE_KEY).decode()
         _stopped(_JOB_STORE)
-    except Exception:  # noqa: BLE001 - nothing reported in time, or the store is gone
+        return message
+
+    try:
+        message = _bounded(read, wait_s + STORE_CALL_BOUND_S)
+    except Exception:  # noqa: BLE001 - nothing reported in time, or the store is gone or cut off
         return None
     _write_launcher_error_file(f"stopped by another rank's error: {message}")
     return message
+
+
+def _bounded(call, seconds: float):
+    """``call()``, given up after ``seconds`` (TimeoutError) and left to finish on a daemon thread. A store call
+    can block far past its own timeout when the store's host is cut off (link down, host frozen): torch's
+    TCPStore::doWait, after ``receiveValueWithTimeout`` gives up, sends CANCEL_WAIT and then reads the reply with
+    ``client_->receiveValue<detail::WaitResponseType>()``, under the store's whole timeout ("this is the cancel
+    wait timeout, once here we expect the server to respond in a timely fashion"). A rank that is already failing
+    must still print its own error and exit, whatever the store does."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name="opsd-store-call", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"the job's store did not answer within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _stopped(store) -> None:
