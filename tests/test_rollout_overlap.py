@@ -55,8 +55,22 @@ class RecordingClient(FakeClient):
             super().push_weights(model_chunks, version)
 
 
+class AdapterRecordingClient(RecordingClient):
+    """RecordingClient for LoRA's ``sync: adapter``: ``rollout/lora.push_adapter`` POSTs the adapter to each of
+    ``urls`` through ``_call``; the double records that POST as the step's push and takes the next version."""
+
+    urls = ["http://adapter-double"]
+
+    def _call(self, method, route, index, **_):
+        with self.lock:
+            self.events.append(("push", self.version + 1, self.in_flight))
+            self.version += 1
+        return {}
+
+
 def overlap_worker(cfg, steps: int, push_versions: bool = True):
-    client = RecordingClient(push_versions)
+    adapter = cfg.model.lora.rank > 0 and cfg.model.lora.sync == "adapter"
+    client = AdapterRecordingClient(push_versions) if adapter else RecordingClient(push_versions)
     history, _ = trainer_worker(cfg, steps, client)
     return history, client.events
 
@@ -148,3 +162,39 @@ def test_grpo_staleness_1_trains_on_the_previous_version(tiny_checkpoints, tmp_p
     assert [(v, in_flight) for kind, v, in_flight in events if kind == "push"] == [(1, 0), (2, 0), (3, 0)]
     assert [m["rollout/staleness"] for m in history] == [0.0, 1.0, 1.0]
     assert all("time/rollout_wait" in m and m["overlap/generate_s"] >= 0.3 for m in history)
+
+
+def staleness_pair_worker(synchronous_cfg, overlapped_cfg, steps: int):
+    return overlap_worker(synchronous_cfg, steps)[0], overlap_worker(overlapped_cfg, steps)
+
+
+LAYOUTS = {  # name: the config sections both runs share (the queue lives on rank 0 whatever the layout)
+    "TP=2": {"parallel": {"tensor_model_parallel_size": 2}},
+    "PP=2": {"parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}},
+    "DP=2, filter=correct, truncated OPD": {"parallel": {"tensor_model_parallel_size": 1},
+                                            "rollout": {"filter": "correct", "horizon": 4}},
+    "TP=2, LoRA adapter push": {"parallel": {"tensor_model_parallel_size": 2},
+                                "model": {"lora": {"rank": 4, "sync": "adapter"}}},
+}
+
+
+def test_staleness_1_on_tp_pp_dp_lora_filters_and_truncated_opd(tiny_checkpoints, tmp_path):
+    """Issue 26's "works with": on two ranks as TP=2, PP=2, DP=2 (with the correct-only filter and truncated OPD)
+    and TP=2 with LoRA pushing its adapter, staleness 1 trains step k on version max(0, k - 1) with every push between requests, and,
+    since the double's responses do not depend on the weights, each step's loss, divergence and grad norm equal
+    the synchronous run's at the same layout exactly. One world for every layout (``run_layouts``)."""
+    from megatron_opsd.parallel.launch import run_layouts
+
+    layouts = []
+    for i, sections in enumerate(LAYOUTS.values()):
+        pair = [make_config(tmp_path / f"{i}-{staleness}", tiny_checkpoints["qwen3"], train={"steps": 3},
+                            **{**sections, "rollout": {**sections.get("rollout", {}), "max_staleness": staleness}})
+                for staleness in (0, 1)]
+        layouts.append((pair[0].parallel, (*pair, 3)))
+    for name, per_rank in zip(LAYOUTS, run_layouts(staleness_pair_worker, 2, layouts)):
+        synchronous, (overlapped, events) = per_rank[0]
+        assert [v for kind, v, _ in events if kind == "generate"] == [0, 0, 1], name
+        assert [(v, in_flight) for kind, v, in_flight in events if kind == "push"] == [(1, 0), (2, 0), (3, 0)], name
+        assert [m["rollout/staleness"] for m in overlapped] == [0.0, 1.0, 1.0], name
+        numbers = [[(m["loss"], m["divergence"], m["grad_norm"]) for m in run] for run in (synchronous, overlapped)]
+        assert numbers[0] == numbers[1] and all(math.isfinite(x) for step in numbers[0] for x in step), name
