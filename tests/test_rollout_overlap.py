@@ -68,9 +68,13 @@ class AdapterRecordingClient(RecordingClient):
         return {}
 
 
-def overlap_worker(cfg, steps: int, push_versions: bool = True):
+def recording_client(cfg, push_versions: bool = True) -> RecordingClient:
     adapter = cfg.model.lora.rank > 0 and cfg.model.lora.sync == "adapter"
-    client = AdapterRecordingClient(push_versions) if adapter else RecordingClient(push_versions)
+    return AdapterRecordingClient(push_versions) if adapter else RecordingClient(push_versions)
+
+
+def overlap_worker(cfg, steps: int, push_versions: bool = True):
+    client = recording_client(cfg, push_versions)
     history, _ = trainer_worker(cfg, steps, client)
     return history, client.events
 
@@ -164,13 +168,20 @@ def test_grpo_staleness_1_trains_on_the_previous_version(tiny_checkpoints, tmp_p
     assert all("time/rollout_wait" in m and m["overlap/generate_s"] >= 0.3 for m in history)
 
 
-def staleness_pair_worker(synchronous_cfg, overlapped_cfg, steps: int):
-    return overlap_worker(synchronous_cfg, steps)[0], overlap_worker(overlapped_cfg, steps)
+def staleness_pair_worker(synchronous_cfg, overlapped_cfg, steps: int) -> list:
+    """Per run: the step metrics, the client's events and the max_tokens of each generation request."""
+    runs = []
+    for cfg in (synchronous_cfg, overlapped_cfg):
+        client = recording_client(cfg)
+        runs.append((trainer_worker(cfg, steps, client)[0], client.events, client.max_tokens))
+    return runs
 
 
 LAYOUTS = {  # name: the config sections both runs share (the queue lives on rank 0 whatever the layout)
     "TP=2": {"parallel": {"tensor_model_parallel_size": 2}},
-    "PP=2": {"parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}},
+    "PP=2, progressive OPD": {"parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2},
+                              "rollout": {"horizon_growth": "linear", "horizon_start": 2, "horizon_end": 6,
+                                          "horizon_steps": 2}},
     "DP=2, filter=correct, truncated OPD": {"parallel": {"tensor_model_parallel_size": 1},
                                             "rollout": {"filter": "correct", "horizon": 4}},
     "TP=2, LoRA adapter push": {"parallel": {"tensor_model_parallel_size": 2},
@@ -179,10 +190,11 @@ LAYOUTS = {  # name: the config sections both runs share (the queue lives on ran
 
 
 def test_staleness_1_on_tp_pp_dp_lora_filters_and_truncated_opd(tiny_checkpoints, tmp_path):
-    """Issue 26's "works with": on two ranks as TP=2, PP=2, DP=2 (with the correct-only filter and truncated OPD)
-    and TP=2 with LoRA pushing its adapter, staleness 1 trains step k on version max(0, k - 1) with every push between requests, and,
-    since the double's responses do not depend on the weights, each step's loss, divergence and grad norm equal
-    the synchronous run's at the same layout exactly. One world for every layout (``run_layouts``)."""
+    """Issue 26's "works with": on two ranks as TP=2, PP=2 (progressive OPD), DP=2 (correct-only filter, truncated
+    OPD) and TP=2 with LoRA pushing its adapter, staleness 1 trains step k on version max(0, k - 1) with every push
+    between requests, each batch asks for its own step's horizon though generated a step early, and, since the
+    double's responses do not depend on the weights, each step's loss, divergence and grad norm equal the
+    synchronous run's at the same layout exactly. One world for every layout (``run_layouts``)."""
     from megatron_opsd.parallel.launch import run_layouts
 
     layouts = []
@@ -192,7 +204,9 @@ def test_staleness_1_on_tp_pp_dp_lora_filters_and_truncated_opd(tiny_checkpoints
                 for staleness in (0, 1)]
         layouts.append((pair[0].parallel, (*pair, 3)))
     for name, per_rank in zip(LAYOUTS, run_layouts(staleness_pair_worker, 2, layouts)):
-        synchronous, (overlapped, events) = per_rank[0]
+        (synchronous, _, asked_synchronous), (overlapped, events, asked) = per_rank[0]
+        assert asked == asked_synchronous, (name, asked, asked_synchronous)  # batch k asks for step k's horizon
+        assert "progressive" not in name or asked == [2, 4, 6], asked  # generated a step early, at its own horizon
         assert [v for kind, v, _ in events if kind == "generate"] == [0, 0, 1], name
         assert [(v, in_flight) for kind, v, in_flight in events if kind == "push"] == [(1, 0), (2, 0), (3, 0)], name
         assert [m["rollout/staleness"] for m in overlapped] == [0.0, 1.0, 1.0], name
