@@ -234,6 +234,7 @@ def test_a_rank_cut_off_from_the_jobs_store_still_stops_in_bounded_time(monkeypa
     after its own timeout and then reads the reply under the store's whole timeout (here 120 s), so the rank never
     printed its own error. Here the store's process is frozen (SIGSTOP, its socket still open, as across a downed
     link): asking and reporting each give up within their bound, and the rank's own error stands."""
+    import datetime
     import signal
     import time
 
@@ -248,8 +249,8 @@ def test_a_rank_cut_off_from_the_jobs_store_still_stops_in_bounded_time(monkeypa
         "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
-        client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=__import__("datetime")
-                                            .timedelta(seconds=120))
+        client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
+                                            timeout=datetime.timedelta(seconds=120))
         monkeypatch.setattr(control, "_JOB_STORE", client)
         monkeypatch.setattr(control, "STORE_CALL_BOUND_S", 2.0)
         monkeypatch.setattr(control, "STORE_HOST_WAIT_S", 0.0)
