@@ -1,6 +1,7 @@
 """Shared fixtures (tiny HF checkpoints built once per session), the files' order, the vLLM policy, and the
 per-file durations printed at the end of every run."""
 import os
+import resource
 from collections import defaultdict
 
 import pytest
@@ -77,9 +78,33 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Seconds per test file (setup + call + teardown of its tests, module fixtures included) and per xdist worker,
-# printed at the end of every run: the budget (CI ~30 min on 2 cores) is watched file by file.
+# printed at the end of every run: the budget (CI ~30 min on 2 cores) is watched file by file. Beside the wall
+# seconds, the CPU seconds the file used (its worker process and every child process it reaped: trainers,
+# sidecars, torchrun): a file whose CPU is far below its wall time mostly waits, one near or above it computes.
 _file_seconds: dict = defaultdict(float)
+_file_cpu: dict = defaultdict(float)
 _file_worker: dict = {}
+_cpu_mark = [0.0]
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its reaped descendants."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pytest_runtestloop(session):
+    _cpu_mark[0] = _cpu_seconds()  # after collection: a file's CPU is its tests' own
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report carries the CPU seconds since the previous phase ended (xdist sends user_properties
+    to the controller, which prints the table)."""
+    report = (yield).get_result()
+    now = _cpu_seconds()
+    report.user_properties.append(("cpu_s", now - _cpu_mark[0]))
+    _cpu_mark[0] = now
 
 
 def _worker_of(report) -> str:
@@ -91,27 +116,32 @@ def _worker_of(report) -> str:
 def pytest_runtest_logreport(report):
     path = report.nodeid.split("::", 1)[0]
     _file_seconds[path] += report.duration
+    _file_cpu[path] += sum(value for key, value in report.user_properties if key == "cpu_s")
     _file_worker.setdefault(path, _worker_of(report))
 
 
-def duration_summary(seconds: dict, workers: dict) -> list[str]:
-    """Lines of the per-file table, longest first, then the sum per worker."""
-    lines = [f"{s:8.1f} s  {workers.get(path, 'main'):>4}  {path}"
+def duration_summary(seconds: dict, workers: dict, cpu: dict) -> list[str]:
+    """Lines of the per-file table (wall seconds, CPU seconds), longest first, then the sums per worker."""
+    lines = [f"{s:8.1f} s  {cpu.get(path, 0.0):8.1f} CPU-s  {workers.get(path, 'main'):>4}  {path}"
              for path, s in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))]
     per_worker: dict = defaultdict(float)
+    cpu_per_worker: dict = defaultdict(float)
     files: dict = defaultdict(int)
     for path, s in seconds.items():
-        per_worker[workers.get(path, "main")] += s
-        files[workers.get(path, "main")] += 1
-    lines += [f"{s:8.1f} s  {worker:>4}  (sum of {files[worker]} files)" for worker, s in sorted(per_worker.items())]
+        worker = workers.get(path, "main")
+        per_worker[worker] += s
+        cpu_per_worker[worker] += cpu.get(path, 0.0)
+        files[worker] += 1
+    lines += [f"{s:8.1f} s  {cpu_per_worker[worker]:8.1f} CPU-s  {worker:>4}  (sum of {files[worker]} files)"
+              for worker, s in sorted(per_worker.items())]
     return lines
 
 
 @pytest.hookimpl(trylast=True)  # after --durations: the last table of the run
 def pytest_terminal_summary(terminalreporter):
     if _file_seconds and not hasattr(terminalreporter.config, "workerinput"):
-        terminalreporter.write_sep("=", "seconds per test file (setup + call + teardown)")
-        for line in duration_summary(_file_seconds, _file_worker):
+        terminalreporter.write_sep("=", "seconds per test file (setup + call + teardown; wall, then CPU)")
+        for line in duration_summary(_file_seconds, _file_worker, _file_cpu):
             terminalreporter.write_line(line)
     for count, err in _vllm_skipped:
         terminalreporter.write_line(f"SKIPPED {count} tests marked vllm: `import vllm` fails ({type(err).__name__}: "

@@ -95,18 +95,20 @@ def test_unmarked():
 
 
 def test_duration_summary_sorts_files_and_sums_each_worker():
-    """The table conftest.py prints at the end of every run: longest file first, then one total per worker."""
+    """The table conftest.py prints at the end of every run: longest file first with its CPU seconds, then one
+    total per worker."""
     seconds = {"tests/test_a.py": 12.0, "tests/test_b.py": 300.5, "tests/test_c.py": 40.3}
+    cpu = {"tests/test_a.py": 11.5, "tests/test_b.py": 90.25, "tests/test_c.py": 70.0}
     workers = {"tests/test_a.py": "gw0", "tests/test_b.py": "gw1", "tests/test_c.py": "gw0"}
-    assert duration_summary(seconds, workers) == [
-        "   300.5 s   gw1  tests/test_b.py",
-        "    40.3 s   gw0  tests/test_c.py",
-        "    12.0 s   gw0  tests/test_a.py",
-        "    52.3 s   gw0  (sum of 2 files)",
-        "   300.5 s   gw1  (sum of 1 files)",
+    assert duration_summary(seconds, workers, cpu) == [
+        "   300.5 s      90.2 CPU-s   gw1  tests/test_b.py",
+        "    40.3 s      70.0 CPU-s   gw0  tests/test_c.py",
+        "    12.0 s      11.5 CPU-s   gw0  tests/test_a.py",
+        "    52.3 s      81.5 CPU-s   gw0  (sum of 2 files)",
+        "   300.5 s      90.2 CPU-s   gw1  (sum of 1 files)",
     ]
-    assert duration_summary({"tests/test_a.py": 1.0}, {}) == ["     1.0 s  main  tests/test_a.py",
-                                                                "     1.0 s  main  (sum of 1 files)"]
+    assert duration_summary({"tests/test_a.py": 1.0}, {}, {}) == ["     1.0 s       0.0 CPU-s  main  tests/test_a.py",
+                                                                    "     1.0 s       0.0 CPU-s  main  (sum of 1 files)"]
 
 
 def test_longest_first_names_existing_files():
