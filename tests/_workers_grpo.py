@@ -84,7 +84,7 @@ def grpo_steps_counting_rows(cfg, steps: int, up_front: bool) -> tuple:
             return out
         return wrapper
 
-    opsd._teacher_rows, opsd.collect_teacher_rows = counted(opsd._teacher_rows), counted(opsd.collect_teacher_rows)
+    opsd.response_rows, opsd.collect_teacher_rows = counted(opsd.response_rows), counted(opsd.collect_teacher_rows)
     if up_front:
         rl_trainer.rows_by_index = functools.partial(opsd.rows_by_index, per_microbatch=False)
     return grpo_steps(cfg, steps), peak[0]

@@ -57,11 +57,11 @@ class RecordingClient(FakeClient):
 
 class AdapterRecordingClient(RecordingClient):
     """RecordingClient for LoRA's ``sync: adapter``: ``rollout/lora.push_adapter`` POSTs the adapter to each of
-    ``urls`` through ``_call``; the double records that POST as the step's push and takes the next version."""
+    ``urls`` through ``request``; the double records that POST as the step's push and takes the next version."""
 
     urls = ["http://adapter-double"]
 
-    def _call(self, method, route, index, **_):
+    def request(self, method, route, index, **_):
         with self.lock:
             self.events.append(("push", self.version + 1, self.in_flight))
             self.version += 1

@@ -194,7 +194,7 @@ def spying_worker(cfg, steps: int):
     from megatron_opsd.training import trainer as opsd_trainer  # opsd_step's module holds build_microbatches
 
     seen = {"lengths": [], "teacher_weights": []}
-    build, teacher_rows = opsd_trainer.build_microbatches, opsd._teacher_rows
+    build, teacher_rows = opsd_trainer.build_microbatches, opsd.response_rows
 
     def recording_build(*args, **kwargs):
         mbs = build(*args, **kwargs)
@@ -205,12 +205,12 @@ def spying_worker(cfg, steps: int):
         seen["teacher_weights"].append(sum(p.detach().double().sum().item() for p in chunk.parameters()))
         return teacher_rows(chunk, mb)
 
-    opsd_trainer.build_microbatches, opsd._teacher_rows = recording_build, recording_teacher_rows
+    opsd_trainer.build_microbatches, opsd.response_rows = recording_build, recording_teacher_rows
     client = FakeClient()
     try:
         history, recorded = trainer_worker(cfg, steps, client)
     finally:
-        opsd_trainer.build_microbatches, opsd._teacher_rows = build, teacher_rows
+        opsd_trainer.build_microbatches, opsd.response_rows = build, teacher_rows
     return history, recorded, seen, client.max_tokens
 
 
