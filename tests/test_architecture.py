@@ -105,6 +105,15 @@ def _is_type_checking(node: ast.If) -> bool:
     return getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
 
 
+def _from_base(package: str, node: ast.ImportFrom) -> str:
+    """The absolute module a ``from ... import`` reads (a relative one resolved against ``package``)."""
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+    return base
+
+
 @lru_cache(maxsize=None)
 def _imports(module: str) -> tuple[tuple[str, int, bool], ...]:
     """(imported module, line, at module level) for each import of megatron_opsd in ``module``."""
@@ -120,10 +129,7 @@ def _imports(module: str) -> tuple[tuple[str, int, bool], ...]:
                 out.extend((_resolve(a.name), child.lineno, top) for a in child.names
                            if a.name.split(".")[0] == "megatron_opsd")
             elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    anchor = package.split(".")[:len(package.split(".")) - child.level + 1]
-                    base = ".".join(anchor + ([base] if base else []))
+                base = _from_base(package, child)
                 if base.split(".")[0] == "megatron_opsd":
                     out.extend((_resolve(f"{base}.{a.name}"), child.lineno, top) for a in child.names)
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
@@ -305,9 +311,7 @@ def _private_uses(module: str, tree: ast.AST) -> list[tuple[int, str, str]]:
                     bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
                         alias.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            base = _from_base(package, node)
             if base.split(".")[0] not in SOURCE_TREES:
                 continue
             for alias in node.names:
