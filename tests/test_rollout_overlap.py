@@ -69,8 +69,7 @@ class AdapterRecordingClient(RecordingClient):
 
 
 def recording_client(cfg, push_versions: bool = True) -> RecordingClient:
-    adapter = cfg.model.lora.rank > 0 and cfg.model.lora.sync == "adapter"
-    return AdapterRecordingClient(push_versions) if adapter else RecordingClient(push_versions)
+    return AdapterRecordingClient(push_versions) if cfg.model.lora.adapter_sync() else RecordingClient(push_versions)
 
 
 def overlap_worker(cfg, steps: int, push_versions: bool = True):

@@ -143,10 +143,6 @@ class Run:
                     dp_size=self.dp_size, dp_rank=self.dp_rank)
 
     # ------------------------------------------------------------------------------------------ sidecar
-    def adapter_sync(self) -> bool:
-        """LoRA with ``model.lora.sync=adapter``: the sidecar serves base + adapter and each step pushes the adapter."""
-        return self.cfg.model.lora.rank > 0 and self.cfg.model.lora.sync == "adapter"
-
     def connect_sidecar(self) -> None:
         """Start a local sidecar on rank 0 (no ``rollout.sidecar_urls``) or connect to the given ones; every rank
         gets a client (weight pushes are collective)."""
@@ -160,7 +156,7 @@ class Run:
             self.sidecar = start_sidecar_process(
                 cfg.model.path, port=cfg.rollout.local_sidecar_port, log_path=self.run_dir / "sidecar.log",
                 dtype=cfg.rollout.local_sidecar_dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
-                max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if self.adapter_sync() else None,
+                max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if cfg.model.lora.adapter_sync() else None,
                 tensor_parallel_size=cfg.rollout.local_sidecar_tensor_parallel_size, secret=secret)
             urls, secret = [self.sidecar.url], self.sidecar.secret
         urls = broadcast_object(urls)
@@ -173,7 +169,7 @@ class Run:
 
     def push_weights(self, version: int) -> None:
         """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter."""
-        if self.adapter_sync():
+        if self.cfg.model.lora.adapter_sync():
             push_adapter_from_model(self.client, self.student, LoRASettings.from_config(self.cfg.model.lora),
                                     version, self.cfg.model.path)
         else:
