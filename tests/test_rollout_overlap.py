@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_opsd.parallel.launch import DistributedError, run_distributed
+from megatron_opsd.training.loop import train_one_step
 from megatron_opsd.training.trainer import OPSD_PHASES
 from tests._workers_grpo import hf_logprobs
 from tests.test_grpo_e2e import grpo_config
@@ -150,7 +151,7 @@ def grpo_overlap_worker(cfg, steps: int):
     torch.manual_seed(0)
     trainer = GRPOTrainer(cfg)
     trainer.run.client = client = RecordingClient()
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     trainer.run.logger.close()
     return history, client.events
 

@@ -13,6 +13,7 @@ import torch
 
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.training.loop import train_one_step
 from tests._run_configs import write_run_config
 
 PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3")]
@@ -62,7 +63,7 @@ def recording_trainer(cfg, client=None):
 
 def trainer_worker(cfg, steps: int, client=None):
     trainer = recording_trainer(cfg, client)
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     if trainer.run.logger is not None:
         trainer.run.logger.close()
     return history, trainer.recorded
@@ -305,7 +306,7 @@ def recast_worker(cfg, steps: int):
                 module.is_first_microbatch = False
 
             te_linear.register_forward_pre_hook(forward_like_te)
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     if trainer.run.logger is not None:
         trainer.run.logger.close()
     return history, events

@@ -192,8 +192,10 @@ def _opsd_trainer(ctx: dict, name: str, overrides: list, prompts: int = 0, model
 
 
 def _step_numbers(trainer, close: bool = True) -> dict:
+    from megatron_opsd.training.loop import train_one_step
+
     try:
-        metrics = trainer.train_step()
+        metrics = train_one_step(trainer.run, trainer)
     finally:
         if close and trainer.run.logger is not None:
             trainer.run.logger.close()
