@@ -47,6 +47,11 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
     sync: Literal["adapter", "merged"] = "adapter"  # what each step pushes to the sidecar (rollout/lora.py)
 
+    def adapter_sync(self) -> bool:
+        """The sidecar serves base + adapter and each step pushes the adapter only (rank 0 is full fine-tuning:
+        merged weights whatever ``sync`` says)."""
+        return self.rank > 0 and self.sync == "adapter"
+
 
 @dataclass
 class ModelConfig:

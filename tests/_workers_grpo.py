@@ -1,6 +1,7 @@
 """Multi-process workers for tests/test_grpo_step.py (top-level so run_distributed can pickle them)."""
 import torch
 
+from megatron_opsd.training.loop import train_one_step
 from megatron_opsd.training.rl_trainer import GRPOTrainer
 from megatron_opsd.training.rollouts import StepRollouts
 from megatron_opsd.parallel.control import broadcast_object
@@ -59,7 +60,7 @@ def grpo_steps(cfg, steps: int, logprob_shift: float = 0.0) -> list:
     trainer = FixedRolloutsGRPO(cfg)
     trainer.logprob_shift = logprob_shift
     trainer.run.client = SkipWeightPush()
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     trainer.run.logger and trainer.run.logger.close()
     return history
 
@@ -84,7 +85,7 @@ def grpo_steps_counting_rows(cfg, steps: int, up_front: bool) -> tuple:
             return out
         return wrapper
 
-    opsd._teacher_rows, opsd.collect_teacher_rows = counted(opsd._teacher_rows), counted(opsd.collect_teacher_rows)
+    opsd.response_rows, opsd.collect_teacher_rows = counted(opsd.response_rows), counted(opsd.collect_teacher_rows)
     if up_front:
         rl_trainer.rows_by_index = functools.partial(opsd.rows_by_index, per_microbatch=False)
     return grpo_steps(cfg, steps), peak[0]

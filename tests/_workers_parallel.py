@@ -11,9 +11,7 @@ def rank0_phase_longer_than_tensor_timeout(tensor_timeout_s: float, phase_s: flo
     URLs) and the checkpoint barrier. Last, as a control, the same wait on the world group must time out."""
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
-    from megatron_opsd.parallel.control import control_group
-    from megatron_opsd.training.checkpoint import _barrier
-    from megatron_opsd.parallel.control import broadcast_object
+    from megatron_opsd.parallel.control import barrier, broadcast_object, control_group
 
     rank = torch.distributed.get_rank()
     _set_pg_timeout(datetime.timedelta(seconds=tensor_timeout_s))
@@ -25,7 +23,7 @@ def rank0_phase_longer_than_tensor_timeout(tensor_timeout_s: float, phase_s: flo
     out["waited_s"] = time.monotonic() - start
     if rank == 0:
         time.sleep(phase_s)  # "rank 0 renames the checkpoint"
-    _barrier()
+    barrier()  # the checkpoint's barrier (training/checkpoint.py waits on this one)
     if rank == 0:
         time.sleep(phase_s)
     try:  # the control: the same wait on the world group

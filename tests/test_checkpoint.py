@@ -172,7 +172,7 @@ def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path):
 
 
 def test_bad_arguments_name_the_field(tmp_path):
-    from megatron_opsd.training.checkpoint import _sharded_state_dict, save_checkpoint
+    from megatron_opsd.training.checkpoint import load_checkpoint, save_checkpoint
 
     with pytest.raises(ValueError, match="optimizer_sharding must be one of"):
         save_checkpoint(tmp_path, 1, [], optimizer_sharding="fully_sharded_model_space")
@@ -180,4 +180,6 @@ def test_bad_arguments_name_the_field(tmp_path):
         save_checkpoint(tmp_path, 1, [], keep_last=0)
     for name in ("step", "model0", "optimizer"):
         with pytest.raises(ValueError, match=f"extra_models name '{name}' is reserved"):
-            _sharded_state_dict([], None, {name: []}, False, "dp_reshardable")
+            save_checkpoint(tmp_path, 1, [], extra_models={name: []})  # refused before any collective
+        with pytest.raises(ValueError, match=f"extra_models name '{name}' is reserved"):
+            load_checkpoint(tmp_path, [], extra_models={name: []})

@@ -251,7 +251,7 @@ def test_a_rank_cut_off_from_the_jobs_store_still_stops_in_bounded_time(monkeypa
         port = int(server.stdout.readline())
         client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
                                             timeout=datetime.timedelta(seconds=120))
-        monkeypatch.setattr(control, "_JOB_STORE", client)
+        monkeypatch.setattr(control, "JOB_STORE", client)
         monkeypatch.setattr(control, "STORE_CALL_BOUND_S", 2.0)
         monkeypatch.setattr(control, "STORE_HOST_WAIT_S", 0.0)
         os.kill(server.pid, signal.SIGSTOP)

@@ -101,7 +101,7 @@ def fake_cuda(monkeypatch):
     from megatron_opsd.models import families
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(families, "_WARNED_LOCAL_SPEC", False)
+    monkeypatch.setattr(families, "WARNED_LOCAL_SPEC", False)
     return families
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.training.loop import train_one_step
 from tests.test_trainer_variants import fixed_responses, hf_rows, make_config, recording_trainer
 
 
@@ -13,9 +14,9 @@ def lora_trainer_worker(cfg, adapter_dir: str):
     from megatron_opsd.models.lora_peft import save_peft_adapter
 
     trainer = recording_trainer(cfg)
-    history = [trainer.train_step()]
+    history = [train_one_step(trainer.run, trainer)]
     save_peft_adapter(trainer.run.student, adapter_dir, LoRASettings.from_config(cfg.model.lora), cfg.model.path)
-    history.append(trainer.train_step())
+    history.append(train_one_step(trainer.run, trainer))
     if trainer.run.logger is not None:
         trainer.run.logger.close()
     return history, trainer.recorded, trainer.teacher is None

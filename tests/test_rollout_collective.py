@@ -164,7 +164,7 @@ def test_trainer_abort_before_the_first_bucket_changes_nothing(client, model_dir
     before, version = sidecar_greedy(client), next_version(client)
     from vllm.distributed.weight_transfer.base import ParamMeta
 
-    sender = client._sender(0)
+    sender = client.sender(0)
     meta = [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
     bad_stream = iter([("model.embed_tokens.weight", torch.zeros(3, 3))])
     with pytest.raises(RuntimeError, match="was not announced"):
@@ -222,7 +222,7 @@ def test_transfer_broken_after_some_buckets_refuses_generation_until_the_re_push
             yield ("model.never_announced.weight", torch.zeros(4)) if i == 3 * len(names) // 4 \
                 else (name, changed[name])
 
-    sender = client._sender(0)
+    sender = client.sender(0)
     with pytest.raises(RuntimeError, match="was not announced"):
         sender.send_weights(stream(), [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in changed.items()], version)
     assert sender.group is None  # torn down on the trainer's side
@@ -241,7 +241,7 @@ def test_worker_failing_at_bucket_k_is_torn_down_and_pushed_again(server, client
     state, version = changed_weights(model_dir, 4), next_version(client)
     client.push_retries = 0
     try:
-        client._sender(0).fail_at_bucket = 3
+        client.sender(0).fail_at_bucket = 3
         start = time.monotonic()
         with pytest.raises(SidecarError) as err:
             client.push_weights_from_iterator(state.items(), version=version)
@@ -252,7 +252,7 @@ def test_worker_failing_at_bucket_k_is_torn_down_and_pushed_again(server, client
     assert "\n" not in message and server.url in message and "injected fault before bucket 3" in message, message
     wait_for_partial(client, 30)
     assert_refuses_generation(server, "injected fault")
-    client._sender(0).fail_at_bucket = 3  # the first attempt fails the same way; the re-push completes
+    client.sender(0).fail_at_bucket = 3  # the first attempt fails the same way; the re-push completes
     stats = client.push_weights_from_iterator(state.items(), version=version)
     assert stats["attempts"] == 2
     assert client.health()["weight_version"] == version and not client.health()["partial_weights"]
@@ -285,7 +285,7 @@ def test_worker_that_stops_mid_push_is_a_dead_peer_within_the_bound(server, clie
                 threading.Timer(14.0, worker.send_signal, (signal.SIGCONT,)).start()
             yield item
 
-    sender = client._sender(0)
+    sender = client.sender(0)
     sender.init_info.timeout_s, client.push_retries = 3.0, 0
     try:
         start = time.monotonic()
@@ -389,7 +389,7 @@ def test_worker_killed_mid_push_gives_a_clear_error_within_the_bound(server, cli
             yield item
 
     version = next_version(client)
-    sender = client._sender(0)  # a 5 s fixed part (and ready wait) keeps the test short
+    sender = client.sender(0)  # a 5 s fixed part (and ready wait) keeps the test short
     sender.init_info.timeout_s, sender.init_info.ready_timeout_s, client.push_retries = 5.0, 5.0, 1
     start = time.monotonic()
     with pytest.raises(SidecarError) as err:

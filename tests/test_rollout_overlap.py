@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_opsd.parallel.launch import DistributedError, run_distributed
+from megatron_opsd.training.loop import train_one_step
 from megatron_opsd.training.trainer import OPSD_PHASES
 from tests._workers_grpo import hf_logprobs
 from tests.test_grpo_e2e import grpo_config
@@ -57,11 +58,11 @@ class RecordingClient(FakeClient):
 
 class AdapterRecordingClient(RecordingClient):
     """RecordingClient for LoRA's ``sync: adapter``: ``rollout/lora.push_adapter`` POSTs the adapter to each of
-    ``urls`` through ``_call``; the double records that POST as the step's push and takes the next version."""
+    ``urls`` through ``request``; the double records that POST as the step's push and takes the next version."""
 
     urls = ["http://adapter-double"]
 
-    def _call(self, method, route, index, **_):
+    def request(self, method, route, index, **_):
         with self.lock:
             self.events.append(("push", self.version + 1, self.in_flight))
             self.version += 1
@@ -69,8 +70,7 @@ class AdapterRecordingClient(RecordingClient):
 
 
 def recording_client(cfg, push_versions: bool = True) -> RecordingClient:
-    adapter = cfg.model.lora.rank > 0 and cfg.model.lora.sync == "adapter"
-    return AdapterRecordingClient(push_versions) if adapter else RecordingClient(push_versions)
+    return AdapterRecordingClient(push_versions) if cfg.model.lora.adapter_sync() else RecordingClient(push_versions)
 
 
 def overlap_worker(cfg, steps: int, push_versions: bool = True):
@@ -151,7 +151,7 @@ def grpo_overlap_worker(cfg, steps: int):
     torch.manual_seed(0)
     trainer = GRPOTrainer(cfg)
     trainer.run.client = client = RecordingClient()
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     trainer.run.logger.close()
     return history, client.events
 

@@ -298,7 +298,7 @@ def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, se
             ("POST", "/weights/commit"), ("POST", "/adapter/update"), ("POST", "/init_weight_transfer_engine"),
             ("POST", "/start_weight_update"), ("POST", "/update_weights"), ("POST", "/sleep"), ("POST", "/wake_up"),
             ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")} <= routes
-    update_id = client._call("POST", "/weights/begin", 0, idempotent=False, json={"version": version + 1})["update_id"]
+    update_id = client.request("POST", "/weights/begin", 0, idempotent=False, json={"version": version + 1})["update_id"]
     names = sorted(original)
     announced = dict(round_id="stranger", names=names, shapes=[list(original[n].shape) for n in names],
                      dtype_names=["float32"] * len(names), timeout_s=30.0)
@@ -330,11 +330,11 @@ def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, se
             counter(client, "opsd_sidecar_weight_updates_total")] == before
     health = client.health()
     assert health["weight_version"] == version and not health["sleeping"] and health["update_in_progress"] == update_id
-    expected = len(client._call("GET", "/weights/spec", 0)["tensors"])  # every tensor of the stranger's bucket
+    expected = len(client.request("GET", "/weights/spec", 0)["tensors"])  # every tensor of the stranger's bucket
     with pytest.raises(SidecarRequestError, match=f"{expected} tensors not received"):
-        client._call("POST", "/weights/commit", 0, idempotent=False, json={"update_id": update_id})
+        client.request("POST", "/weights/commit", 0, idempotent=False, json={"update_id": update_id})
     with pytest.raises(SidecarRequestError, match="HTTP 409: update_info.round_id: not the update accepted"):
-        client._call("POST", "/update_weights", 0, idempotent=False, json={"update_info": announced})
+        client.request("POST", "/update_weights", 0, idempotent=False, json={"update_info": announced})
     assert greedy(client)[0] == before_ids and client.health()["weight_version"] == version
 
 

@@ -1,5 +1,7 @@
 """Sidecar pieces that need no engine: weight staging (all or nothing), bucketing, on-policy checks, client errors."""
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ from safetensors.torch import load
 from megatron_opsd.parallel.launch import free_port
 from megatron_opsd.rollout.buckets import iter_buckets
 from megatron_opsd.rollout.client import (Sample, SidecarClient, SidecarError, StaleRolloutError, check_on_policy)
-from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError
+from megatron_opsd.rollout.leftovers import STAGING_DIR_PREFIX
+from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError, staging_root
 
 SPECS = {"a.weight": ((4, 3), "F32"), "b.weight": ((5,), "F32"), "c.weight": ((2, 2), "F32")}
 
@@ -65,12 +68,18 @@ def test_stager_version_and_duplicates():
     with pytest.raises(WeightUpdateError, match="already received in bucket 0"):
         stager.add_bucket(uid, 1, {"a.weight": t["a.weight"]})
     uid = stager.begin(version=3, current_version=2)
-    abandoned = stager._update.directory
+    assert len(_staged_dirs(stager, uid)) == 1
     newer = stager.begin(version=4, current_version=2)  # a restarted trainer replaces the abandoned update
-    assert not abandoned.exists()  # its staged files are gone
-    newer_dir = stager._update.directory
+    assert not _staged_dirs(stager, uid)  # its staged files are gone
+    assert len(_staged_dirs(stager, newer)) == 1
     assert stager.in_progress == newer and not stager.abort(uid) and stager.abort(newer)
-    assert not newer_dir.exists()
+    assert not _staged_dirs(stager, newer)
+
+
+def _staged_dirs(stager: WeightStager, update_id: str) -> list[Path]:
+    """The staging directories of ``update_id`` on disk (rollout/leftovers.py names them)."""
+    root = Path(staging_root(stager.update_bytes()))
+    return list(root.glob(f"{STAGING_DIR_PREFIX}{os.getpid()}-{update_id}-*"))
 
 
 def test_stager_casts_to_engine_dtype():
@@ -223,7 +232,7 @@ def test_collective_host_is_the_address_on_the_route_to_the_sidecars(monkeypatch
     a remote sidecar would connect to itself with, and a one-line error naming the key when there is no route."""
     from megatron_opsd.rollout import client as client_module
 
-    assert client_module._reachable_address(["http://127.0.0.1:8000", "http://localhost:8001"]) == "127.0.0.1"
+    assert client_module.reachable_address(["http://127.0.0.1:8000", "http://localhost:8001"]) == "127.0.0.1"
     routes = {"node2": "10.0.0.5", "self-by-name": "127.0.1.1"}
 
     def route(peer):
@@ -232,8 +241,8 @@ def test_collective_host_is_the_address_on_the_route_to_the_sidecars(monkeypatch
         return routes[peer]
 
     monkeypatch.setattr(client_module, "route_source_address", route)
-    assert client_module._reachable_address(["http://127.0.0.1:8000", "http://node2:8000"]) == "10.0.0.5"
+    assert client_module.reachable_address(["http://127.0.0.1:8000", "http://node2:8000"]) == "10.0.0.5"
     for url, said in [("http://self-by-name:8000", "is this host (127.0.1.1)"), ("http://nowhere:8000", "no route")]:
         with pytest.raises(SidecarError, match="rollout.collective_host") as err:
-            client_module._reachable_address([url])
+            client_module.reachable_address([url])
         assert said in str(err.value) and "\n" not in str(err.value)

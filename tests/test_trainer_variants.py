@@ -13,6 +13,7 @@ import torch
 
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.training.loop import train_one_step
 from tests._run_configs import write_run_config
 
 PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3")]
@@ -62,7 +63,7 @@ def recording_trainer(cfg, client=None):
 
 def trainer_worker(cfg, steps: int, client=None):
     trainer = recording_trainer(cfg, client)
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     if trainer.run.logger is not None:
         trainer.run.logger.close()
     return history, trainer.recorded
@@ -194,7 +195,7 @@ def spying_worker(cfg, steps: int):
     from megatron_opsd.training import trainer as opsd_trainer  # opsd_step's module holds build_microbatches
 
     seen = {"lengths": [], "teacher_weights": []}
-    build, teacher_rows = opsd_trainer.build_microbatches, opsd._teacher_rows
+    build, teacher_rows = opsd_trainer.build_microbatches, opsd.response_rows
 
     def recording_build(*args, **kwargs):
         mbs = build(*args, **kwargs)
@@ -205,12 +206,12 @@ def spying_worker(cfg, steps: int):
         seen["teacher_weights"].append(sum(p.detach().double().sum().item() for p in chunk.parameters()))
         return teacher_rows(chunk, mb)
 
-    opsd_trainer.build_microbatches, opsd._teacher_rows = recording_build, recording_teacher_rows
+    opsd_trainer.build_microbatches, opsd.response_rows = recording_build, recording_teacher_rows
     client = FakeClient()
     try:
         history, recorded = trainer_worker(cfg, steps, client)
     finally:
-        opsd_trainer.build_microbatches, opsd._teacher_rows = build, teacher_rows
+        opsd_trainer.build_microbatches, opsd.response_rows = build, teacher_rows
     return history, recorded, seen, client.max_tokens
 
 
@@ -305,7 +306,7 @@ def recast_worker(cfg, steps: int):
                 module.is_first_microbatch = False
 
             te_linear.register_forward_pre_hook(forward_like_te)
-    history = [trainer.train_step() for _ in range(steps)]
+    history = [train_one_step(trainer.run, trainer) for _ in range(steps)]
     if trainer.run.logger is not None:
         trainer.run.logger.close()
     return history, events

@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 BEGIN, END = "<!-- bench_horizon:begin -->", "<!-- bench_horizon:end -->"
@@ -26,6 +25,7 @@ PHASES = ("time/rollout", "time/teacher", "time/student", "time/sync")
 
 def bench_worker(cfg, horizon: int, pairs: int) -> dict:
     """Alternating full / horizon steps on one trainer; per setting, the per-step times of the counted pairs."""
+    from megatron_opsd.training.loop import train_one_step
     from megatron_opsd.training.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(cfg)
@@ -36,9 +36,7 @@ def bench_worker(cfg, horizon: int, pairs: int) -> dict:
         for pair in range(pairs + 1):
             for name, h in settings[::-1] if pair % 2 else settings:  # alternate which setting goes first
                 trainer.cfg.rollout.horizon = h
-                t0 = time.perf_counter()
-                metrics = trainer.train_step()
-                metrics["time/step"] = time.perf_counter() - t0
+                metrics = train_one_step(trainer.run, trainer)
                 if pair > 0:  # the first pair warms up (vLLM graph capture, allocator)
                     runs[name].append({k: metrics[k] for k in ("time/step", *PHASES, "tokens")})
     finally:

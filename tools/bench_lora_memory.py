@@ -92,14 +92,14 @@ def measure(config_path: str, overrides: list) -> dict:
     from megatron_opsd.config import load_config
     from megatron_opsd.planning.cli import settings_from_config
     from megatron_opsd.planning.memory import ModelShape, estimate_memory
+    from megatron_opsd.training.loop import PhaseTimer
     from megatron_opsd.training.trainer import OPSDTrainer
 
     cfg = load_config(config_path, overrides)
     trainer = OPSDTrainer(cfg)
     rollouts = fixed_rollouts(trainer)
     trainer.rollouts = lambda timer: rollouts  # the sidecar's part of the step
-    trainer.run.finish_step = lambda metrics, stats, timer: metrics  # no weight push, no evaluation
-    metrics = trainer.train_step()
+    metrics = trainer.train_step(PhaseTimer(trainer.phases))  # the method's step alone: no weight push, no evaluation
     measured = held_bytes(trainer)
     settings, _ = settings_from_config(cfg, data_parallel=1, implementation="local")
     planned = estimate_memory(ModelShape.from_hf_config(cfg.model.path), settings).stages[0].components

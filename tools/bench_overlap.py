@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 BEGIN, END = "<!-- bench_overlap:begin -->", "<!-- bench_overlap:end -->"
@@ -50,6 +49,7 @@ def bench_worker(cfg, stage: str, blocks: int, block_steps: int) -> dict:
         from megatron_opsd.training.rl_trainer import GRPOTrainer as Trainer
     else:
         from megatron_opsd.training.trainer import OPSDTrainer as Trainer
+    from megatron_opsd.training.loop import train_one_step
 
     trainer = Trainer(cfg)
     run = trainer.run
@@ -62,9 +62,7 @@ def bench_worker(cfg, stage: str, blocks: int, block_steps: int) -> dict:
                 cfg.train.steps = run.step + block_steps  # the queue submits nothing past the block
                 first = True
                 while run.step < cfg.train.steps:
-                    t0 = time.perf_counter()
-                    metrics = trainer.train_step()
-                    metrics["time/step"] = time.perf_counter() - t0
+                    metrics = train_one_step(run, trainer)
                     if block > 0 and not first:
                         runs[staleness].append({k: float(metrics.get(k, 0.0)) for k in (
                             *KEYS, *(k for k in metrics if k.startswith("time/")))})

@@ -127,6 +127,7 @@ def ours_worker(cfg) -> dict:
     response tokens (what the peer recomputes its loss on)."""
     import resource
 
+    from megatron_opsd.training.loop import train_one_step
     from megatron_opsd.training.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(cfg)
@@ -154,9 +155,8 @@ def ours_worker(cfg) -> dict:
     run.connect_sidecar()
     try:
         while run.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            metrics = trainer.train_step()
-            steps.append({"step_s": time.perf_counter() - t0, "loss": float(metrics["loss"]),
+            metrics = train_one_step(run, trainer)
+            steps.append({"step_s": metrics["time/step"], "loss": float(metrics["loss"]),
                           "response_tokens": float(metrics.get("rollout/mean_length", 0.0)),
                           **{k: float(v) for k, v in metrics.items() if k.startswith("time/")}})
     finally:

@@ -192,8 +192,10 @@ def _opsd_trainer(ctx: dict, name: str, overrides: list, prompts: int = 0, model
 
 
 def _step_numbers(trainer, close: bool = True) -> dict:
+    from megatron_opsd.training.loop import train_one_step
+
     try:
-        metrics = trainer.train_step()
+        metrics = train_one_step(trainer.run, trainer)
     finally:
         if close and trainer.run.logger is not None:
             trainer.run.logger.close()
@@ -443,7 +445,7 @@ def probe_fp8(ctx: dict) -> dict:
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint
     from megatron_opsd.parallel.device import to_device
-    from megatron_opsd.training.opsd import _teacher_rows
+    from megatron_opsd.training.opsd import response_rows
 
     models = {}
     for name, fp8 in (("bf16", None), ("fp8", "hybrid")):
@@ -461,7 +463,7 @@ def probe_fp8(ctx: dict) -> dict:
             logits[name] = chunks[0](batch["tokens"], batch["position_ids"], attention_mask=None)[..., :REAL_VOCAB]
     student_active = bool(seen and all(seen))
     seen.clear()
-    _teacher_rows(models["fp8"][0], batch)  # the trainer's no-grad teacher forward
+    response_rows(models["fp8"][0], batch)  # the trainer's no-grad teacher forward
     out = compare_logits(logits["fp8"].float(), logits["bf16"].float(), max_abs=float("inf"))
     out.update(fp8_active_student=student_active, fp8_active_teacher=bool(seen and all(seen)))
     out["status"] = "pass" if out["fp8_active_student"] and out["fp8_active_teacher"] else "fail"

@@ -85,14 +85,14 @@ def kernel_report() -> dict:
             "layer_spec (norm, attention)": spec}
 
 
-_WARNED_LOCAL_SPEC = False
+WARNED_LOCAL_SPEC = False  # public: a test resets it to see the warning again
 
 
 def warn_local_spec_on_gpu() -> None:
     """Once per process: the GPU run uses megatron's local spec, which has no fused attention."""
-    global _WARNED_LOCAL_SPEC
-    if not _WARNED_LOCAL_SPEC:
-        _WARNED_LOCAL_SPEC = True
+    global WARNED_LOCAL_SPEC
+    if not WARNED_LOCAL_SPEC:
+        WARNED_LOCAL_SPEC = True
         warnings.warn(f"CUDA without Transformer Engine: megatron's LOCAL layer spec is used (unfused attention "
                       "materialises [heads, seq, seq] scores, no FP8, no fused norms): long sequences will not fit "
                       f"and steps are slower; install pip install 'megatron-opsd[te]' ({TE_REQUIREMENT})",

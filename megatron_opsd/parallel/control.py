@@ -23,8 +23,9 @@ import torch
 _CONTROL_GROUP = None
 # The job's rendezvous store (init_process_group's), kept past the groups' teardown: under torchrun it is the agent's
 # store (TORCHELASTIC_USE_AGENT_STORE), which outlives every rank, so a rank that stops on a UsageError leaves its
-# message there for the ranks it leaves waiting (``report_usage_error`` / ``peer_usage_error``).
-_JOB_STORE = None
+# message there for the ranks it leaves waiting (``report_usage_error`` / ``peer_usage_error``). Public: a test puts a
+# store of its own here.
+JOB_STORE = None
 _JOB_RANK, _JOB_WORLD = 0, 1
 _USAGE_KEY, _USAGE_COUNT_KEY = "megatron_opsd/usage_error", "megatron_opsd/usage_error_reports"
 _USAGE_DONE_KEY = "megatron_opsd/usage_error_done"
@@ -34,12 +35,12 @@ STORE_CALL_BOUND_S = 10.0  # the longest a rank on its way out talks to the job'
 
 def init_control_group(timeout_minutes: float) -> None:
     """COLLECTIVE (every rank, in the same order as any other ``new_group``): create the control group."""
-    global _CONTROL_GROUP, _JOB_STORE, _JOB_RANK, _JOB_WORLD
+    global _CONTROL_GROUP, JOB_STORE, _JOB_RANK, _JOB_WORLD
     _CONTROL_GROUP = torch.distributed.new_group(backend="gloo",
                                                  timeout=datetime.timedelta(minutes=timeout_minutes))
     _JOB_RANK, _JOB_WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if _JOB_WORLD > 1:
-        _JOB_STORE = torch.distributed.distributed_c10d._get_default_store()
+        JOB_STORE = torch.distributed.distributed_c10d._get_default_store()
 
 
 def use_control_group(group) -> None:
@@ -86,15 +87,15 @@ def report_usage_error(message: str) -> Optional[bool]:
     torch/distributed/elastic/multiprocessing/errors: ``{"message": {"message": ..., "extraInfo": {"timestamp":
     ...}}}``). True when this rank is the job's first to report (it prints the line), False for a later one, None
     outside a distributed job (the caller's rank-0 rule applies)."""
-    if _JOB_STORE is None:
+    if JOB_STORE is None:
         return None
     _write_launcher_error_file(message)
 
     def claim() -> bool:
-        first = _JOB_STORE.add(_USAGE_COUNT_KEY, 1) == 1
+        first = JOB_STORE.add(_USAGE_COUNT_KEY, 1) == 1
         if first:
-            _JOB_STORE.set(_USAGE_KEY, message)
-        _stopped(_JOB_STORE)
+            JOB_STORE.set(_USAGE_KEY, message)
+        _stopped(JOB_STORE)
         return first
 
     try:
@@ -107,13 +108,13 @@ def peer_usage_error(wait_s: float = 5.0) -> Optional[str]:
     """The UsageError another rank of this job reported (``report_usage_error``), waiting up to ``wait_s`` for it;
     asked by a rank whose own run failed, typically in a collective that the reporting rank left. None when no
     rank reported one (then the failure is this rank's own and keeps its traceback)."""
-    if _JOB_STORE is None:
+    if JOB_STORE is None:
         return None
 
     def read() -> str:
-        _JOB_STORE.wait([_USAGE_KEY], datetime.timedelta(seconds=wait_s))
-        message = _JOB_STORE.get(_USAGE_KEY).decode()
-        _stopped(_JOB_STORE)
+        JOB_STORE.wait([_USAGE_KEY], datetime.timedelta(seconds=wait_s))
+        message = JOB_STORE.get(_USAGE_KEY).decode()
+        _stopped(JOB_STORE)
         return message
 
     try:

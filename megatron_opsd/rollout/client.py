@@ -131,7 +131,7 @@ class SidecarClient:
                 return min(order, key=lambda i: self._load[i])
             return next(self._rr) % len(self.urls)
 
-    def _call(self, method: str, path: str, replica: Optional[int] = None, *, idempotent: bool = True,
+    def request(self, method: str, path: str, replica: Optional[int] = None, *, idempotent: bool = True,
               **kwargs) -> dict | str:
         """One HTTP call with retries; ``replica=None`` lets the dispatch policy choose (and re-choose on retry)."""
         import httpx
@@ -167,10 +167,10 @@ class SidecarClient:
 
     # -- status -------------------------------------------------------------------------------------
     def health(self, replica: int = 0) -> dict:
-        return self._call("GET", "/health", replica)
+        return self.request("GET", "/health", replica)
 
     def metrics(self, replica: int = 0) -> str:
-        return self._call("GET", "/metrics", replica)
+        return self.request("GET", "/metrics", replica)
 
     def weight_versions(self) -> list[int]:
         return [self.health(i)["weight_version"] for i in range(len(self.urls))]
@@ -209,7 +209,7 @@ class SidecarClient:
         def run(k: int) -> list[list[Sample]]:
             lo, hi = bounds[k], bounds[k + 1]
             body = dict(params, prompts=list(prompts[lo:hi]), seed=None if seed is None else seed + lo)
-            out = self._call("POST", "/generate", json=body)
+            out = self.request("POST", "/generate", json=body)
             return [[Sample(**s) for s in samples] for samples in out["results"]]
 
         if parts == 1:
@@ -230,9 +230,9 @@ class SidecarClient:
             metadata = [(n, tuple(t.shape)) for n, t in named]  # push_weights, which announces from the config)
             return self.push_collective(lambda: iter(named), metadata, version)
         start = time.perf_counter()
-        dtype = _torch_dtype(self._call("GET", "/weights/spec", 0)["dtype"])
+        dtype = _torch_dtype(self.request("GET", "/weights/spec", 0)["dtype"])
         begin = dict(version=version, num_tensors=num_tensors)
-        ids = [self._call("POST", "/weights/begin", i, idempotent=False, json=begin)["update_id"]
+        ids = [self.request("POST", "/weights/begin", i, idempotent=False, json=begin)["update_id"]
                for i in range(len(self.urls))]
         stats = dict(buckets=0, tensors=0, bytes=0)
         try:
@@ -248,7 +248,7 @@ class SidecarClient:
         except BaseException:
             for i, update_id in enumerate(ids):
                 try:
-                    self._call("POST", "/weights/abort", i, json={"update_id": update_id})
+                    self.request("POST", "/weights/abort", i, json={"update_id": update_id})
                 except SidecarError:
                     pass
             raise
@@ -258,7 +258,7 @@ class SidecarClient:
     def _send_bucket(self, pool: ThreadPoolExecutor, bucket: Bucket, ids: list[str]) -> None:
         def send(i: int, **kwargs):
             headers = {UPDATE_ID_HEADER: ids[i], BUCKET_INDEX_HEADER: str(bucket.index), **kwargs.pop("headers", {})}
-            return self._call("POST", "/weights/bucket", i, headers=headers, **kwargs)
+            return self.request("POST", "/weights/bucket", i, headers=headers, **kwargs)
 
         if self.transport == "shm":
             from safetensors.torch import save_file
@@ -276,7 +276,7 @@ class SidecarClient:
 
     def _commit(self, replica: int, update_id: str, version: int) -> dict:
         try:
-            return self._call("POST", "/weights/commit", replica, idempotent=False, json={"update_id": update_id})
+            return self.request("POST", "/weights/commit", replica, idempotent=False, json={"update_id": update_id})
         except SidecarRequestError:
             raise
         except SidecarError:  # the reply may have been lost after the weights were applied
@@ -321,7 +321,7 @@ class SidecarClient:
 
         from megatron_opsd.rollout.collective import broadcast_update  # imports vLLM: collective transport only
 
-        dtype = _torch_dtype(self._call("GET", "/weights/spec", 0)["dtype"]) if rank == 0 else torch.float32
+        dtype = _torch_dtype(self.request("GET", "/weights/spec", 0)["dtype"]) if rank == 0 else torch.float32
         params = [ParamMeta(name, dtype, tuple(shape)) for name, shape in metadata]
         pending, failed, refused, stats = list(range(len(self.urls))), {}, [], None
         for attempt in range(1 + self.push_retries):
@@ -331,7 +331,7 @@ class SidecarClient:
                 senders = {}
                 for replica in pending:
                     try:
-                        senders[replica] = self._sender(replica)
+                        senders[replica] = self.sender(replica)
                     except Exception as err:  # noqa: BLE001 - this replica is retried, the others go on
                         failed[replica] = f"{type(err).__name__}: {err}"
                 result, errors = broadcast_update(list(senders.values()), stream, params, version)
@@ -363,7 +363,7 @@ class SidecarClient:
         except SidecarError:
             return False
 
-    def _sender(self, replica: int):
+    def sender(self, replica: int):
         """The trainer-side engine for ``replica``, rendezvoused on first use (and again after a broken group)."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
@@ -374,7 +374,7 @@ class SidecarClient:
             health = self.health(replica)
             info_cls = collective.CollectiveNcclTrainerInitInfo if health["weight_transfer_backend"] == "opsd_nccl" \
                 else collective.CollectiveTrainerInitInfo
-            info = info_cls(master_address=self.collective_host or _reachable_address(self.urls),
+            info = info_cls(master_address=self.collective_host or reachable_address(self.urls),
                             master_port=free_port(), world_size=1 + int(health["world_size"]),
                             timeout_s=self.sync_timeout_s,
                             bucket_bytes=self.bucket_bytes or collective.DEFAULT_PUSH_BUCKET_BYTES,
@@ -385,10 +385,10 @@ class SidecarClient:
 
     # -- colocated use ------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> list[dict]:
-        return [self._call("POST", "/sleep", i, json={"level": level}) for i in range(len(self.urls))]
+        return [self.request("POST", "/sleep", i, json={"level": level}) for i in range(len(self.urls))]
 
     def wake_up(self) -> list[dict]:
-        return [self._call("POST", "/wake_up", i) for i in range(len(self.urls))]
+        return [self.request("POST", "/wake_up", i) for i in range(len(self.urls))]
 
 
 class _ReplicaWeightSync:
@@ -399,7 +399,7 @@ class _ReplicaWeightSync:
 
     def _post(self, path: str, body: dict, timeout_s: Optional[float] = None) -> dict:
         extra = {} if timeout_s is None else {"timeout": timeout_s}
-        return self.client._call("POST", path, self.replica, idempotent=False, json=body, **extra)
+        return self.client.request("POST", path, self.replica, idempotent=False, json=body, **extra)
 
     def init_weight_transfer_engine(self, init_info: dict) -> dict:
         return self._post("/init_weight_transfer_engine", {"init_info": init_info}, init_info.get("timeout_s"))
@@ -414,7 +414,7 @@ class _ReplicaWeightSync:
         return self._post("/finish_weight_update", {"weight_version": weight_version})
 
 
-def _reachable_address(urls: list[str]) -> str:
+def reachable_address(urls: list[str]) -> str:
     """Where the sidecars' workers connect back to: loopback when every sidecar is on this host, else this host's
     address on its route to the first remote sidecar (not what this host's name resolves to, which is 127.x in
     many containers and any interface on a multi-homed node)."""

@@ -145,7 +145,7 @@ def push_adapter(client, tensors: dict, config: dict, version: int) -> list:
 
     body = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
     headers = {VERSION_HEADER: str(version), CONFIG_HEADER: json.dumps(config)}
-    return [client._call("POST", ADAPTER_ROUTE, i, idempotent=False, content=body, headers=headers)
+    return [client.request("POST", ADAPTER_ROUTE, i, idempotent=False, content=body, headers=headers)
             for i in range(len(client.urls))]
 
 

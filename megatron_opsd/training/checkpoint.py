@@ -90,6 +90,13 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _check_extra_models(extra_models: Optional[dict]) -> None:
+    """Before any collective: an extra model's name must not clash with the checkpoint's own keys."""
+    for name in extra_models or {}:
+        if name in _RESERVED or re.fullmatch(r"model\d*", name) or name.startswith("opsd"):
+            raise ValueError(f"extra_models name {name!r} is reserved: pick another (e.g. 'teacher', 'ema')")
+
+
 def _sharded_state_dict(model_chunks: list, optimizer, extra_models: Optional[dict], is_loading: bool,
                         optimizer_sharding: str) -> dict:
     """Model chunks under ``model`` (``model0..`` with virtual stages), the optimizer, and each extra model's
@@ -101,8 +108,6 @@ def _sharded_state_dict(model_chunks: list, optimizer, extra_models: Optional[di
         metadata = {"distrib_optim_sharding_type": optimizer_sharding, "chained_optim_avoid_prefix": True}
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     for name, chunks in (extra_models or {}).items():
-        if name in _RESERVED or re.fullmatch(r"model\d*", name) or name.startswith("opsd"):
-            raise ValueError(f"extra_models name {name!r} is reserved: pick another (e.g. 'teacher', 'ema')")
         for i, chunk in enumerate(chunks):
             state[_chunk_key(name, i, len(chunks))] = unwrap(chunk).sharded_state_dict(prefix=f"{name}.")
     return state
@@ -223,6 +228,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer=N
         raise ValueError(f"optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"checkpoint.keep_last must be >= 1 (or None to keep all), got {keep_last}")
+    _check_extra_models(extra_models)
     root = Path(root)
     final, tmp = root / f"{STEP_PREFIX}{step}", root / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
     if _rank() == 0:
@@ -266,6 +272,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
     """Collective: restore the model chunks, optimizer, scheduler, extra models and (same world size only) the
     per-rank RNG states from the checkpoint directory ``path``; returns step, data and extra state."""
     path = Path(path)
+    _check_extra_models(extra_models)
     if not _is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER_FILE}): pass a step-N directory "
                                 "or use load_latest(root)")

@@ -35,8 +35,8 @@ from megatron_opsd.training.schedule import (collect_logits, forward_backward, m
                                              select_positions)
 
 __all__ = ["add_per_token", "build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics",
-           "response_token_ids", "rows_by_index", "student_forward_backward", "teacher_signal_source", "teacher_signals",
-           "token_weights", "tp_group"]
+           "response_rows", "response_token_ids", "rows_by_index", "student_forward_backward", "teacher_signal_source",
+           "teacher_signals", "token_weights", "tp_group"]
 
 
 def build_microbatches(prompts: list[list[int]], responses: list[list[int]], weights: list[torch.Tensor], *,
@@ -135,16 +135,16 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
         rows = {}
         for ctx, mbs in teacher_mbs.items():
             with teacher_scope(ctx):
-                rows[ctx] = [_teacher_rows(teacher_model(ctx)[0], mbs[index])]
+                rows[ctx] = [response_rows(teacher_model(ctx)[0], mbs[index])]
         return teacher_signals(rows, [student_mbs[index]], loss=loss, real_vocab_size=real_vocab_size)[0]
 
     return signal_for
 
 
 @torch.no_grad()
-def _teacher_rows(chunk, mb: dict) -> torch.Tensor:
-    """A no-grad forward of one teacher micro-batch (PP=1) in eval mode, kept at its response rows only. The
-    chunk may be the student itself (teacher.weights=live): its training mode is restored."""
+def response_rows(chunk, mb: dict) -> torch.Tensor:
+    """A no-grad forward of one micro-batch (PP=1: the OPSD teacher, GRPO's reference) in eval mode, kept at its
+    response rows only. The chunk may be the student itself (teacher.weights=live): its training mode is restored."""
     was_training = chunk.training
     chunk.eval()
     try:
@@ -167,7 +167,7 @@ def rows_by_index(chunks: list, mbs: list, per_microbatch: Optional[bool] = None
         return dict(zip((mb["index"] for mb in mbs), rows)).__getitem__
     recast_fp8_weights(chunks)  # the forwards below run outside megatron's schedules (see recast_fp8_weights)
     by_index = {mb["index"]: mb for mb in mbs}
-    return lambda index: _teacher_rows(chunks[0], by_index[index])
+    return lambda index: response_rows(chunks[0], by_index[index])
 
 
 def tp_group():

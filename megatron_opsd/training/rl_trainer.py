@@ -23,7 +23,8 @@ from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy
 from megatron_opsd.training.opsd import build_microbatches, response_token_ids, rows_by_index, tp_group
 from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
                                              importance_clip, rollout_queue, sample_rollouts)
-from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
+from megatron_opsd.training.loop import PhaseTimer
+from megatron_opsd.training.run import EvaluateHook, Run
 from megatron_opsd.training.schedule import forward_backward
 
 GRPO_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/old_and_ref", "time/policy", "time/optimizer",
@@ -31,11 +32,11 @@ GRPO_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/old_and_ref",
 POLICY_SUMS = ("tokens", "clipped", "ratio_sum", "kl_sum", "entropy_sum", "importance_sum")
 
 
-def grpo_step(t: "GRPOTrainer") -> dict:
+def grpo_step(t: "GRPOTrainer", timer: PhaseTimer) -> dict:
     """One GRPO step: rollouts -> rewards, (overlong shaping), group advantages, (dynamic sampling) -> behaviour
-    and reference log-probs -> clipped policy loss [+ KL to the reference] -> optimizer -> weight push."""
+    and reference log-probs -> clipped policy loss [+ KL to the reference] -> optimizer. Returns the step's
+    metrics (the loop pushes the new weights)."""
     cfg, rl, run = t.cfg, t.cfg.rl, t.run
-    timer = PhaseTimer(GRPO_PHASES)
     rollouts = t.rollouts(timer)  # rank 0: sample on the sidecar, verify (reward); broadcast to every rank
     lengths = [[len(y) for y in ys] for ys in rollouts.responses]
     grouped = step_rewards(rollouts.rewards, rollouts.correct, lengths, rl, cfg.rollout.max_tokens)
@@ -69,7 +70,7 @@ def grpo_step(t: "GRPOTrainer") -> dict:
         timer.lap("time/policy")
         metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
         timer.lap("time/optimizer")
-    return run.finish_step(metrics, stats, timer)  # weight push, step count, evaluation
+    return {**metrics, **stats}  # the loop pushes the weights, counts the step and evaluates
 
 
 def _last_stage_owner() -> bool:
@@ -200,6 +201,7 @@ class GRPOTrainer:
         self.reference = run.replica() if reference_model(cfg.rl) == "frozen" else None
         run.build_optimizer()
 
+    phases = GRPO_PHASES
     train_step = grpo_step
     progress = staticmethod(rollout_progress)
 

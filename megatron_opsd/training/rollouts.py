@@ -12,7 +12,8 @@ from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
 from megatron_opsd.parallel.control import broadcast_object
 from megatron_opsd.rollout.client import check_on_policy
 from megatron_opsd.training.rollout_queue import RolloutBatch, RolloutQueue
-from megatron_opsd.training.run import PhaseTimer, Run
+from megatron_opsd.training.loop import PhaseTimer
+from megatron_opsd.training.run import Run
 
 ROLLOUT_PHASES = ("time/rollout", "time/verify", "time/teacher_prompts", "time/broadcast")
 

@@ -4,10 +4,12 @@ logger, the sidecar connection and weight push, and ``fit`` (resume -> sidecar -
 export).
 
 A trainer is a small object holding what its method needs on top (teacher replicas, a reward, a reference model)
-and a ``train_step()``; it never subclasses another trainer. ``Run.fit(trainer)`` drives it:
+and a ``train_step(timer)``; it never subclasses another trainer. ``Run.fit(trainer)`` drives it:
 
     trainer.sampler        the PromptSampler whose position is checkpointed
-    trainer.train_step()   one optimizer step; ends with ``run.finish_step`` (push, count, evaluate)
+    trainer.phases         the step's ``time/*`` keys
+    trainer.train_step(t)  one optimizer step (the method), its phases charged to the ``PhaseTimer`` t; the
+                           loop (``training/loop.py``) then pushes the weights, counts and evaluates
     trainer.extra_models() name -> model chunks saved with the student (teacher, EMA, reference), or None
     trainer.progress(m)    the progress bar's fields for step metrics ``m``
 
@@ -17,9 +19,8 @@ already holds it (a finished run started again, which resumes by default, or ``s
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -44,21 +45,6 @@ from megatron_opsd.training.schedule import copy_weights_
 # ``evaluate(client, tokenizer, cfg, step, out_dir) -> {"eval/...": float}``: injected by the CLI layer
 # (``evaluation.runner.evaluate_for_training``), so training never imports evaluation.
 EvaluateHook = Callable[..., dict]
-
-
-class PhaseTimer:
-    """Consecutive phase timers of one step: ``lap(key)`` charges the time since the previous lap (or the timer's
-    start) to ``key``, so the phases add up to the step by construction. Keys named at construction are present
-    (0.0) even when a rank or a step skips their phase, so every rank reports the same keys."""
-
-    def __init__(self, keys: Iterable[str] = ()):
-        self.times = {key: 0.0 for key in keys}
-        self._last = time.perf_counter()
-
-    def lap(self, key: str) -> None:
-        now = time.perf_counter()
-        self.times[key] = self.times.get(key, 0.0) + now - self._last
-        self._last = now
 
 
 class MetricsLogger:
@@ -143,10 +129,6 @@ class Run:
                     dp_size=self.dp_size, dp_rank=self.dp_rank)
 
     # ------------------------------------------------------------------------------------------ sidecar
-    def adapter_sync(self) -> bool:
-        """LoRA with ``model.lora.sync=adapter``: the sidecar serves base + adapter and each step pushes the adapter."""
-        return self.cfg.model.lora.rank > 0 and self.cfg.model.lora.sync == "adapter"
-
     def connect_sidecar(self) -> None:
         """Start a local sidecar on rank 0 (no ``rollout.sidecar_urls``) or connect to the given ones; every rank
         gets a client (weight pushes are collective)."""
@@ -160,7 +142,7 @@ class Run:
             self.sidecar = start_sidecar_process(
                 cfg.model.path, port=cfg.rollout.local_sidecar_port, log_path=self.run_dir / "sidecar.log",
                 dtype=cfg.rollout.local_sidecar_dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
-                max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if self.adapter_sync() else None,
+                max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if cfg.model.lora.adapter_sync() else None,
                 tensor_parallel_size=cfg.rollout.local_sidecar_tensor_parallel_size, secret=secret)
             urls, secret = [self.sidecar.url], self.sidecar.secret
         urls = broadcast_object(urls)
@@ -173,28 +155,11 @@ class Run:
 
     def push_weights(self, version: int) -> None:
         """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter."""
-        if self.adapter_sync():
+        if self.cfg.model.lora.adapter_sync():
             push_adapter_from_model(self.client, self.student, LoRASettings.from_config(self.cfg.model.lora),
                                     version, self.cfg.model.path)
         else:
             self.client.push_weights(self.student, version=version)
-
-    def finish_step(self, metrics: dict, stats: dict, timer: PhaseTimer) -> dict:
-        """After the optimizer step: push the new weights (next rollouts come from them), count the step, and
-        every ``train.eval_every`` steps evaluate on the sidecar (rank 0). Returns the step's metrics."""
-        if self.uses_sidecar:
-            if self.rollout_queue is not None and self.rollout_queue.staleness > 0:
-                self.rollout_queue.wait_idle()  # push between generation requests (rollout_queue.py)
-                timer.lap("time/rollout_wait")
-            self.push_weights(self.step + 1)
-            timer.lap("time/sync")
-        self.step += 1
-        metrics.setdefault("lr", self.optimizer.param_groups[0]["lr"])
-        every = self.cfg.train.eval_every
-        if self.evaluate is not None and every and self.step % every == 0 and self.rank == 0:
-            metrics.update(self.evaluate(self.client, self.tokenizer, self.cfg, self.step, self.run_dir / "eval"))
-        timer.lap("time/eval")  # the evaluation, and the step's bookkeeping when there is none
-        return {**metrics, **stats, **timer.times}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self, trainer) -> None:

@@ -24,7 +24,8 @@ from megatron_opsd.models.gpt import sequence_multiple
 from megatron_opsd.parallel.device import sum_over_ranks
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.training.engine import optimizer_step, zero_grads
-from megatron_opsd.training.run import PhaseTimer, Run
+from megatron_opsd.training.loop import PhaseTimer
+from megatron_opsd.training.run import Run
 from megatron_opsd.training.schedule import forward_backward
 from megatron_opsd.training.sft_data import SFTDataConfig, build_sft_microbatches, load_sft_dataset
 
@@ -80,10 +81,9 @@ def make_weighted_ce_loss_fn(real_vocab_size: int):
     return loss_fn
 
 
-def sft_step(t: "SFTTrainer") -> dict:
+def sft_step(t: "SFTTrainer", timer: PhaseTimer) -> dict:
     """One SFT step: the global batch's micro-batches -> forward/backward (weighted CE) -> optimizer."""
     cfg, run = t.cfg, t.run
-    timer = PhaseTimer(SFT_PHASES)
     mbs = build_sft_microbatches(t.sampler.next_batch(), micro_batch_size=cfg.optim.micro_batch_size,
                                  pad_id=run.tokenizer.pad_token_id,
                                  pad_multiple=sequence_multiple(cfg, cfg.data.pad_to_multiple_of),
@@ -105,7 +105,7 @@ def sft_step(t: "SFTTrainer") -> dict:
     info = optimizer_step(run.optimizer, run.scheduler)
     timer.lap("time/optimizer")
     metrics = {"loss": out.loss, "tokens": tokens, "grad_norm": float(info["grad_norm"] or 0.0), "lr": lr}
-    return run.finish_step(metrics, {}, timer)  # no sidecar, no evaluation: counts the step
+    return metrics  # the loop counts the step
 
 
 class SFTTrainer:
@@ -128,6 +128,7 @@ class SFTTrainer:
         run.build_optimizer()
         self.loss_fn = make_weighted_ce_loss_fn(run.real_vocab)
 
+    phases = SFT_PHASES
     train_step = sft_step
 
     def progress(self, m: dict) -> dict:

@@ -22,7 +22,8 @@ from megatron_opsd.training.opsd import (add_per_token, build_microbatches, opsd
                                          teacher_signal_source, token_weights)
 from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
                                              importance_clip, rollout_queue, sample_rollouts)
-from megatron_opsd.training.run import EvaluateHook, PhaseTimer, Run
+from megatron_opsd.training.loop import PhaseTimer
+from megatron_opsd.training.run import EvaluateHook, Run
 from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
 __all__ = ["OPSDTrainer", "StepRollouts", "opsd_step", "train"]
@@ -31,11 +32,10 @@ OPSD_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/teacher", "ti
                "time/teacher_update", "time/sync", "time/eval")
 
 
-def opsd_step(t: "OPSDTrainer") -> dict:
+def opsd_step(t: "OPSDTrainer", timer: PhaseTimer) -> dict:
     """One OPSD optimizer step: rollouts -> verify and filter -> teacher forward(s) -> target -> student
-    forward/backward -> optimizer -> teacher update -> weight push. Returns the step's metrics."""
+    forward/backward -> optimizer -> teacher update. Returns the step's metrics (the loop pushes the new weights)."""
     cfg, run = t.cfg, t.run
-    timer = PhaseTimer(OPSD_PHASES)
     # rank 0: sample on the sidecar, verify (reward), encode the teacher prompts; broadcast to every rank
     rollouts = t.rollouts(timer)
     horizon = horizon_at_step(run.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
@@ -75,7 +75,7 @@ def opsd_step(t: "OPSDTrainer") -> dict:
         timer.lap("time/optimizer")
     t.update_teacher()
     timer.lap("time/teacher_update")
-    return run.finish_step(metrics, stats, timer)  # weight push, step count, evaluation
+    return {**metrics, **stats}  # the loop pushes the weights, counts the step and evaluates
 
 
 def distillation_rows(rollouts: StepRollouts, rollout_filter: str, horizon: Optional[int],
@@ -131,6 +131,7 @@ class OPSDTrainer:
                 warnings.warn(message, stacklevel=2)
         run.build_optimizer()
 
+    phases = OPSD_PHASES
     train_step = opsd_step
     progress = staticmethod(rollout_progress)
 
