@@ -249,18 +249,6 @@ def test_own_imports_at_module_top():
 # Our own source trees: a private name of any module in them is that module's own business.
 SOURCE_TREES = ("megatron_opsd", "tests", "tools")
 
-# Known uses of another module's private name, (using module, name) -> who removes it. Like ALLOWED_ARROWS, an
-# entry whose use is gone fails the test, so the list only shrinks.
-ALLOWED_PRIVATE: dict[tuple[str, str], str] = {
-    ("tests.test_demo_ablation", "_mean"): "the lead (megatron_opsd/demo/ and tests/test_demo_*.py, issue 29 item 6)",
-    ("tests.test_demo_ablation", "_arrays"): "the lead (megatron_opsd/demo/ and tests/test_demo_*.py, issue 29 item 6)",
-    ("tests.test_demo_ablation2", "_mean"): "the lead (megatron_opsd/demo/ and tests/test_demo_*.py, issue 29 item 6)",
-    ("tests.test_demo_ablation2", "_load"): "the lead (megatron_opsd/demo/ and tests/test_demo_*.py, issue 29 item 6)",
-    ("tests.test_demo_ablation2", "_response_logits"): "the lead (megatron_opsd/demo/ and tests/test_demo_*.py, "
-                                                       "issue 29 item 6)",
-}
-
-
 @lru_cache(maxsize=None)
 def _sources() -> dict[str, Path]:
     """Every module of megatron_opsd/, tests/ and tools/ by dotted name (``tests.test_checkpoint``)."""
@@ -356,20 +344,13 @@ def _parsed(module: str) -> ast.AST:
 def _private_violations(module: str, tree: ast.AST) -> list[str]:
     path = _sources()[module].relative_to(PACKAGE_DIR.parent)
     return [f"{path}:{line}: {module} uses the private {name} of {where}"
-            for line, name, where in _private_uses(module, tree) if (module, name) not in ALLOWED_PRIVATE]
+            for line, name, where in _private_uses(module, tree)]
 
 
 def test_no_private_names_used_across_modules():
     found = [line for m in _sources() for line in _private_violations(m, _parsed(m))]
     assert not found, "private names used from another module (make them public or move them; " \
         "docs/architecture.md, 'Imports'):\n" + "\n".join(found)
-
-
-def test_allowed_private_uses_still_exist():
-    """An ALLOWED_PRIVATE entry whose use is gone must be deleted (the list only shrinks)."""
-    used = {(m, name) for m in _sources() for _, name, _ in _private_uses(m, _parsed(m))}
-    stale = [f"{m}: {name}" for m, name in ALLOWED_PRIVATE if (m, name) not in used]
-    assert not stale, "delete these ALLOWED_PRIVATE entries, the uses are gone:\n" + "\n".join(stale)
 
 
 def test_checks_find_planted_violations():

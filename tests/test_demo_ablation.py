@@ -62,20 +62,20 @@ def test_reference_prompt_is_the_trainers_teacher_context(tmp_path):
 
 def test_bootstrap_ci_known_cases():
     # a constant sample: every replicate is the constant
-    assert ablation.bootstrap_ci(np.full((50, 3), 7.0), ablation._mean) == (7.0, 7.0)
+    assert ablation.bootstrap_ci(np.full((50, 3), 7.0), ablation.sample_mean) == (7.0, 7.0)
     # the mean of a large normal sample: percentile CI ~ mean +- 1.96 sd / sqrt(n)
     x = np.random.default_rng(1).normal(3.0, 2.0, size=2000)
-    lo, hi = ablation.bootstrap_ci(x, ablation._mean, n_boot=2000)
+    lo, hi = ablation.bootstrap_ci(x, ablation.sample_mean, n_boot=2000)
     half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
     assert abs((hi - lo) / 2 - half) < 0.1 * half and abs((lo + hi) / 2 - x.mean()) < 0.1 * half
     # resampling is over problems: two identical samples per problem give the 1-D sample's CI exactly
     y = np.random.default_rng(2).integers(0, 2, size=100).astype(float)
-    assert ablation.bootstrap_ci(np.stack([y, y], 1), ablation._mean, seed=3) == \
-        ablation.bootstrap_ci(y, ablation._mean, seed=3)
+    assert ablation.bootstrap_ci(np.stack([y, y], 1), ablation.sample_mean, seed=3) == \
+        ablation.bootstrap_ci(y, ablation.sample_mean, seed=3)
     # and it equals numpy's percentile bootstrap written out
     idx = np.random.default_rng(4).integers(0, 100, size=(300, 100))
     expect = tuple(np.percentile([y[i].mean() for i in idx], [2.5, 97.5]))
-    assert ablation.bootstrap_ci(y, ablation._mean, n_boot=300, seed=4) == pytest.approx(expect)
+    assert ablation.bootstrap_ci(y, ablation.sample_mean, n_boot=300, seed=4) == pytest.approx(expect)
 
 
 def test_paired_change_and_verdict():
@@ -121,7 +121,7 @@ def test_arrays_read_the_evaluation_runners_records():
 
     prompts = [{"id": f"p{i}", "gold": "1", "samples": [{"correct": (i + j) % 2 == 0, "tokens": 10 * i + j,
                                                          "truncated": False} for j in range(3)]} for i in range(4)]
-    correct, tokens = ablation._arrays(summarize(prompts, 3))
+    correct, tokens = ablation.benchmark_arrays(summarize(prompts, 3))
     assert correct.shape == tokens.shape == (4, 3)
     assert correct[1].tolist() == [0.0, 1.0, 0.0] and tokens[2].tolist() == [20.0, 21.0, 22.0]
 

@@ -94,15 +94,15 @@ def test_batched_divergences_equal_one_rollout_at_a_time(tiny_checkpoints):
     from megatron_opsd.demo import hindsight_check
     from megatron_opsd.losses.divergence import vocab_parallel_divergence
 
-    model = hindsight_check._load(tiny_checkpoints["qwen3"])
+    model = hindsight_check.load_model(tiny_checkpoints["qwen3"])
     prompts, responses = [[1, 2, 3], [4, 5, 6, 7, 8], [9]], [[9, 10, 11, 12], [13, 14], [15, 16, 17]]
-    batched = hindsight_check._response_logits(model, prompts, responses, batch=2)
-    alone = torch.cat([hindsight_check._response_logits(model, [p], [r]) for p, r in zip(prompts, responses)])
+    batched = hindsight_check.response_logits(model, prompts, responses, batch=2)
+    alone = torch.cat([hindsight_check.response_logits(model, [p], [r]) for p, r in zip(prompts, responses)])
     assert batched.shape == (9, alone.shape[1]) and torch.allclose(batched, alone, atol=1e-5)
     div = hindsight_check.per_token_divergences(model, model, prompts, prompts, responses)
     assert [len(d) for d in div["jsd"]] == [4, 2, 3] and max(abs(d).max() for d in div["reverse_kl"]) < 1e-6
     other = hindsight_check.per_token_divergences(model, model, prompts, [[7, 7]] * 3, responses)
-    expect = vocab_parallel_divergence(alone, hindsight_check._response_logits(model, [[7, 7]] * 3, responses),
+    expect = vocab_parallel_divergence(alone, hindsight_check.response_logits(model, [[7, 7]] * 3, responses),
                                        kind="jsd", beta=0.5)[1].numpy()
     assert np.allclose(np.concatenate(other["jsd"]), expect, atol=1e-6) and expect.max() > 0
 
@@ -112,10 +112,10 @@ def test_batched_divergences_equal_one_rollout_at_a_time(tiny_checkpoints):
 def test_hierarchical_bootstrap_resamples_chains_then_problems():
     rng = np.random.default_rng(0)
     same = [np.full((40, 2), 3.0)] * 3
-    assert ablation2.hierarchical_ci(same, ablation2._mean, n_boot=50) == (3.0, 3.0)
+    assert ablation2.hierarchical_ci(same, ablation.sample_mean, n_boot=50) == (3.0, 3.0)
     # one chain: the problems-only bootstrap, exactly (the same draws)
     x = rng.normal(size=(60, 1))
-    lo, hi = ablation2.hierarchical_ci([x], ablation2._mean, n_boot=300, seed=4)
+    lo, hi = ablation2.hierarchical_ci([x], ablation.sample_mean, n_boot=300, seed=4)
     draws, expect = np.random.default_rng(4), []
     for _ in range(300):
         draws.integers(0, 1, 1)  # the chain draw (one chain)
@@ -123,10 +123,10 @@ def test_hierarchical_bootstrap_resamples_chains_then_problems():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(expect, [2.5, 97.5])))
     # chains that differ: the CI covers the chain spread, wider than pooling the problems would give
     chains = [rng.normal(m, 1.0, size=(200, 1)) for m in (0.0, 1.0, 2.0)]
-    m = ablation2.chain_metric(chains, ablation2._mean, n_boot=500)
+    m = ablation2.chain_metric(chains, ablation.sample_mean, n_boot=500)
     assert m["per_chain"] == pytest.approx([c.mean() for c in chains])
     assert m["value"] == pytest.approx(np.mean(m["per_chain"]))
-    pooled = ablation.bootstrap_ci(np.concatenate(chains), ablation._mean, n_boot=500)
+    pooled = ablation.bootstrap_ci(np.concatenate(chains), ablation.sample_mean, n_boot=500)
     assert m["ci"][1] - m["ci"][0] > 3 * (pooled[1] - pooled[0])
     # paired change per chain: half the tokens, same accuracy -> exactly -50% and 0 points in every chain
     arrays = [((rng.random((30, 2)) < 0.6).astype(float), rng.integers(50, 90, (30, 2)).astype(float))

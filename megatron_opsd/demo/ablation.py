@@ -99,7 +99,8 @@ def bootstrap_ci(values: np.ndarray, statistic: Callable[[np.ndarray], float], n
     return float(lo), float(hi)
 
 
-def _mean(v: np.ndarray) -> float:
+def sample_mean(v: np.ndarray) -> float:
+    """The mean of every value (a bootstrap statistic: problems x samples pooled)."""
     return float(np.mean(v))
 
 
@@ -110,7 +111,7 @@ def _p90(v: np.ndarray) -> float:
 def metrics_with_ci(correct: np.ndarray, tokens: np.ndarray, n_boot: int) -> dict:
     """accuracy, mean and p90 response tokens of (problems x samples) arrays, each as ``{"value", "ci"}``."""
     return {name: {"value": fn(arr), "ci": bootstrap_ci(arr, fn, n_boot)}
-            for name, fn, arr in (("accuracy", _mean, correct), ("mean_tokens", _mean, tokens),
+            for name, fn, arr in (("accuracy", sample_mean, correct), ("mean_tokens", sample_mean, tokens),
                                   ("p90_tokens", _p90, tokens))}
 
 
@@ -241,7 +242,7 @@ def reference_opsd_stage(name: str, recipe, chain_dir: Path, config_dir: Path, s
 
 # --------------------------------------------------------------------------------------------- evaluation
 
-def _arrays(bench: dict) -> tuple[np.ndarray, np.ndarray]:
+def benchmark_arrays(bench: dict) -> tuple[np.ndarray, np.ndarray]:
     """(correct, tokens) as (problems x samples) arrays from one benchmark's per-prompt records."""
     recs = bench["prompts"]
     correct = np.array([[float(s["correct"]) for s in r["samples"]] for r in recs])
@@ -291,12 +292,12 @@ def evaluate_rows(models: dict, reference_models: dict, test_path: Path, eval_di
                 for k, settings in enumerate(settings_list):
                     results = ev.results(model, [str(test_path)], settings)
                     save_results(results, eval_dir / f"{name}_{mode}{k if mode == 'sampled' else ''}.json")
-                    arrays.append(_arrays(next(iter(results["benchmarks"].values()))))
+                    arrays.append(benchmark_arrays(next(iter(results["benchmarks"].values()))))
                 out[name][mode] = _pooled(arrays)
         for name, model in reference_models.items():
             results = ev.results(model, reference_prompt_examples(test_path), greedy)
             save_results(results, eval_dir / f"{name}_greedy.json")
-            out[name] = {"greedy": _arrays(results["benchmarks"]["test_reference"])}
+            out[name] = {"greedy": benchmark_arrays(results["benchmarks"]["test_reference"])}
     return out
 
 
@@ -320,7 +321,7 @@ def summarize(recipe: AblationRecipe, arrays: dict) -> dict:
             pooled = _pooled(runs)
             m = metrics_with_ci(*pooled, recipe.n_boot)
             per_seed = {k: [fn(r[i]) for r in runs]
-                        for k, fn, i in (("accuracy", _mean, 0), ("mean_tokens", _mean, 1), ("p90_tokens", _p90, 1))}
+                        for k, fn, i in (("accuracy", sample_mean, 0), ("mean_tokens", sample_mean, 1), ("p90_tokens", _p90, 1))}
             for k, vals in per_seed.items():
                 m[k].update(per_seed=vals, seed_sd=float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                             seed_range=[float(min(vals)), float(max(vals))])

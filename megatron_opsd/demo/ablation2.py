@@ -96,10 +96,6 @@ def chain_metric(chains: Sequence[np.ndarray], statistic: Callable[[np.ndarray],
             "per_chain": per_chain}
 
 
-def _mean(v: np.ndarray) -> float:
-    return float(np.mean(v))
-
-
 def change(after: Sequence[tuple], before: Sequence[tuple], n_boot: int) -> dict:
     """Per chain paired (same problems) change from ``before`` to ``after`` ((correct, tokens) per chain):
     accuracy difference and relative change of mean tokens, each with a hierarchical CI and per-chain values."""
@@ -289,8 +285,8 @@ def summarize(recipe: HindsightRecipe, arrays: dict, budgets: dict, mech: dict, 
         rows[name] = {}
         for mode in arrays[f"{chains[0]}-{name}"]:
             per = [arrays[f"{c}-{name}"][mode] for c in chains]
-            rows[name][mode] = {"accuracy": chain_metric([p[0] for p in per], _mean, recipe.n_boot),
-                                "mean_tokens": chain_metric([p[1] for p in per], _mean, recipe.n_boot)}
+            rows[name][mode] = {"accuracy": chain_metric([p[0] for p in per], ablation.sample_mean, recipe.n_boot),
+                                "mean_tokens": chain_metric([p[1] for p in per], ablation.sample_mean, recipe.n_boot)}
     rlvr = [arrays[f"{c}-rlvr"]["sampled"] for c in chains]
     verdicts = {}
     for loss in recipe.losses:

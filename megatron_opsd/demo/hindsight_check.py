@@ -28,7 +28,7 @@ KINDS = {"jsd": dict(kind="jsd", beta=0.5), "reverse_kl": dict(kind="reverse_kl"
 PEAK_WINDOW = 1  # a peak within +-1 token of the first wrong token counts as "at" it
 
 
-def _load(model_dir: Path):
+def load_model(model_dir: Path):
     from transformers import AutoModelForCausalLM  # heavy: only when the check runs
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -49,7 +49,7 @@ def response_tokens(tokenizer, text: str, answer: str) -> tuple[list[int], list[
 
 
 @torch.no_grad()
-def _response_logits(model, prompts: list[list[int]], responses: list[list[int]], batch: int = 32) -> torch.Tensor:
+def response_logits(model, prompts: list[list[int]], responses: list[list[int]], batch: int = 32) -> torch.Tensor:
     """The next-token logits at every response token, all rollouts' rows concatenated: [sum of lengths, vocab].
     Right-padded batches (a causal model's logits at real tokens do not depend on the padding after them)."""
     rows = []
@@ -69,8 +69,8 @@ def per_token_divergences(student, teacher, student_prompts: list[list[int]], te
                           responses: list[list[int]]) -> dict[str, list[np.ndarray]]:
     """{kind: per rollout, the divergence at each response token} between the student's and the teacher's
     next-token distributions (full vocabulary, T = 1), as the trainer computes it."""
-    s = _response_logits(student, student_prompts, responses)
-    t = _response_logits(teacher, teacher_prompts, responses)
+    s = response_logits(student, student_prompts, responses)
+    t = response_logits(teacher, teacher_prompts, responses)
     cuts = np.cumsum([len(r) for r in responses])[:-1]
     return {name: np.split(vocab_parallel_divergence(s, t, **kw)[1].numpy(), cuts) for name, kw in KINDS.items()}
 
@@ -96,7 +96,7 @@ def analyse(student_dir: Path, teacher_dir: Path, records: list[dict]) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))  # offsets: which characters each token covers
     chat = load_tokenizer(teacher_dir)  # the prompts exactly as the trainer encodes them
-    student, teacher = _load(student_dir), _load(teacher_dir)
+    student, teacher = load_model(student_dir), load_model(teacher_dir)
     by_type = {(kind, ok, t): [] for kind in KINDS for ok in (True, False) for t in path_task.TOKEN_TYPES}
     peaks = {"located": 0, "at_first_wrong": 0, "in_answer": 0, "chance": []}
     if not records:
