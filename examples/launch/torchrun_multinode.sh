@@ -26,8 +26,11 @@ RDZV_HOST=${RDZV_HOST:-127.0.0.1}
 RDZV_PORT=${RDZV_PORT:-29400}
 RDZV_ID=${RDZV_ID:-opsd-${USER:-user}}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-900}
-# After a failure each agent closes the rendezvous in node 0's store: a node that lost its link to node 0 waits
-# there up to RDZV_CLOSE_TIMEOUT, each store call up to RDZV_READ_TIMEOUT (torchrun's defaults, 30 / 60 s)
+# Rendezvous store timeouts (torchrun's defaults, 60 / 30 s): RDZV_READ_TIMEOUT bounds a wait for a key in node 0's
+# store, RDZV_CLOSE_TIMEOUT the closing of the rendezvous after a failure, while node 0 answers. Neither bounds a
+# store call on a dead link (a node that lost its link to node 0): its agent waits for TCP to give up, about
+# 15 min at the kernel's net.ipv4.tcp_retries2=15, then exits; under slurm, srun --kill-on-bad-exit ends it as soon
+# as another node's task fails (docs/scale.md, "Across hosts").
 RDZV_READ_TIMEOUT=${RDZV_READ_TIMEOUT:-60}
 RDZV_CLOSE_TIMEOUT=${RDZV_CLOSE_TIMEOUT:-30}
 LOG_DIR=${LOG_DIR:-logs/torchrun}
