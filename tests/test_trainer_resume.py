@@ -65,7 +65,7 @@ def start_replicas(stack: ExitStack, cfg, folder) -> list:
 @pytest.fixture(scope="module")
 def two_replica_run(tiny_checkpoints, tmp_path_factory):
     """The uninterrupted run of the kill -9 test (rollout.max_staleness=1) on two real sidecar replicas
-    (``rollout.sidecar_urls=[a, b]``), exported to HF: its config, metrics, and per replica afterwards the weight
+    (``rollout.sidecar_urls=[a, b]``, collective pushes: one gather broadcast to both), exported to HF: its config, metrics, and per replica afterwards the weight
     version, the /generate requests served and greedy samples of ``REPLICA_PROMPTS`` (the replicas stop here)."""
     tmp = tmp_path_factory.mktemp("two_replicas")
     config = tiny_run_config(tmp, tiny_checkpoints["qwen3"], parallel={"tensor_model_parallel_size": 1},
@@ -75,7 +75,7 @@ def two_replica_run(tiny_checkpoints, tmp_path_factory):
     with ExitStack() as stack:
         urls = [replica.url for replica in start_replicas(stack, load_config(str(config)), tmp)]
         metrics = run(config, f"logging.dir={tmp / 'full'}", "rollout.sidecar_urls=" + ",".join(urls),
-                      f"export.hf_dir={tmp / 'hf'}")
+                      "rollout.transport=collective", f"export.hf_dir={tmp / 'hf'}")
         with SidecarClient(urls) as both:
             versions, served = both.weight_versions(), [served_generates(both, i) for i in range(2)]
         greedy = []
@@ -101,8 +101,8 @@ def test_resume_equals_uninterrupted(synchronous_run, tmp_path):
 @pytest.mark.slow
 def test_overlapped_rollouts_on_two_sidecar_replicas(two_replica_run, synchronous_run, tiny_checkpoints):
     """Issue 26's "several sidecar replicas" on real sidecars, which the test double of tests/test_rollout_overlap.py
-    cannot show: with max_staleness=1 and two replicas, each step's batch is split between them (each served one
-    request per step), every sample is within the bound (the trainer checks each one; batch k is from version
+    cannot show: with max_staleness=1, two replicas and collective pushes, each step's batch is split between them
+    (each served one request per step), every sample is within the bound (the trainer checks each one; batch k is from version
     max(0, k - 1) on both), both replicas received every push (version 3 after 3 steps) and serve the trainer's
     final weights (greedy equal to transformers on the exported model, their log-probs within 1e-3, which the
     initial weights miss by far more), and step 1 (version 0's batch in both modes) equals the synchronous run's.
