@@ -269,6 +269,23 @@ def test_shipped_configs_point_at_what_the_demo_writes(tmp_path):
     assert referenced and referenced <= written, sorted(referenced - written)
 
 
+# The developers' notes and data beside the checkout (../shared/), which users do not have
+OUTSIDE_THE_REPOSITORY = re.compile(r"(\bshared/|\b(?:METHODS|ENVIRONMENT|PEERS|STYLE)\.md)")
+
+
+def outside_references(text: str) -> list[str]:
+    """The lines of a doc that point at a file outside the repository."""
+    return [line.strip() for line in text.splitlines() if OUTSIDE_THE_REPOSITORY.search(line)]
+
+
+def test_docs_name_no_file_outside_the_repository():
+    """A user has the repository, not the developers' notes beside it (issue 32 item 7)."""
+    assert outside_references("as measured (/work/shared/METHODS.md)\nsee ../shared/ENVIRONMENT.md\nfine docs/x.md") \
+        == ["as measured (/work/shared/METHODS.md)", "see ../shared/ENVIRONMENT.md"]
+    found = {str(doc.relative_to(REPO)): lines for doc in DOCS if (lines := outside_references(doc.read_text()))}
+    assert not found, found
+
+
 def test_commands_that_need_more_say_what(scratch, capsys, monkeypatch):
     """The smoke job at TP=2 in one process names torchrun; `plan` of a shipped config without its model on this
     machine names --model-config and the shipped model configs (both one line, exit 2, no traceback)."""
