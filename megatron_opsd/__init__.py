@@ -1,4 +1,7 @@
 """megatron_opsd: on-policy self-distillation for reasoning LLMs on megatron-core."""
+import importlib.abc
+import importlib.util
+import sys
 import warnings
 
 __version__ = "0.1.0"
@@ -15,3 +18,35 @@ _EXPECTED = ((UserWarning, "Transformer Engine and Apex are not installed"),
              (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"))
 for _category, _message in _EXPECTED:
     warnings.filterwarnings("ignore", message=_message, category=_category)
+
+
+class _EagerMegatronJitOnCPU(importlib.abc.MetaPathFinder):
+    """Makes megatron-core's ``jit_fuser`` a no-op when CUDA is absent, before any megatron module applies it.
+
+    megatron/core/jit.py sets ``jit_fuser = torch.compile`` at import ("if is_torch_min_version("2.2.0a0"):
+    jit_fuser = torch.compile"), and about a dozen modules decorate with it as megatron.core is imported, which
+    imports torch._dynamo and torch._inductor: 1.3 s of every CPU process's ~2.7 s megatron import, measured here.
+    No CPU run calls a decorated function compiled (dynamo's frame counters stay empty), and on CPU they would
+    run eagerly anyway under megatron's own ``disable_jit_fuser``. With CUDA nothing changes."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "megatron.core.jit":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            import torch
+            if not torch.cuda.is_available() and hasattr(module, "disable_jit_fuser"):
+                module.disable_jit_fuser()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "megatron.core.jit" not in sys.modules:
+    sys.meta_path.insert(0, _EagerMegatronJitOnCPU())

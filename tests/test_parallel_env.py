@@ -1,4 +1,7 @@
 """Rendezvous from torchrun / slurm variables and the world-size divisibility check."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -155,3 +158,16 @@ def test_gloo_interface_is_left_alone_for_a_local_master():
     assert route_source_address("127.0.0.1") == "127.0.0.1"
     assert gloo_interface_towards("127.0.0.1") is None
     assert gloo_interface_towards("no-such-node-x1") is None
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_megatron_jit_fuser_is_eager_only_without_cuda(cuda):
+    """Without CUDA, megatron-core imports without torch.compile (no torch._dynamo: 1.3 s of each process's start);
+    with CUDA (``is_available`` answered True before the import) its jit_fuser is torch.compile as upstream has it."""
+    probe = ("import sys, torch\n"
+             f"torch.cuda.is_available = lambda: {cuda}\n"
+             "import megatron_opsd, megatron.core.transformer.utils as utils, megatron.core.jit as jit\n"
+             "print(jit.jit_fuser is torch.compile, jit.jit_fuser is jit.noop_decorator, 'torch._dynamo' in sys.modules,"
+             " hasattr(utils.gelu_impl, '_torchdynamo_orig_callable'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == [str(cuda), str(not cuda), str(cuda), str(cuda)], out.stdout + out.stderr
