@@ -36,7 +36,7 @@ class WeightUpdateError(ValueError):
 def check_version(version: int, current_version: int, restore: bool = False, field: str = "version") -> None:
     """An ordinary push must move the version forward (a lower or equal one is a stale trainer or another run's).
     A restore may set any version >= 0: a resumed trainer giving a running sidecar its checkpoint's weights, whose
-    step is at or below what the sidecar already served (verl / NeMo-RL sync the rollout engine on resume too)."""
+    step is at or below what the sidecar already served (``SidecarClient.push_weights``)."""
     if restore:
         if version < 0:
             raise WeightUpdateError(f"{field}: {version} is negative; a restore sets the checkpoint's step (>= 0)")
