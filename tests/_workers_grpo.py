@@ -35,7 +35,7 @@ def hf_logprobs(model_dir: str, prompts: list, responses: list) -> list:
 class SkipWeightPush:
     """Test double for the sidecar client: these tests have no sidecar (the e2e test covers the real push)."""
 
-    def push_weights(self, model_chunks, version):
+    def push_weights(self, model_chunks, version, restore=False):
         return None
 
 

@@ -97,11 +97,12 @@ def test_lora_training_pushes_adapters_tp2(lora_sidecar, model_dir, tmp_path):
 
 def test_adapter_push_serves_base_plus_adapter(lora_client, model_dir, tmp_path):
     """A real sidecar started with LoRA serves base + pushed PEFT adapter with transformers' greedy output, and
-    refuses a bad adapter (missing tensor, old version, rank above --max-lora-rank) without changing what it serves.
-    Whatever ran before on the module's sidecar, a pushed B = 0 adapter first makes it serve the base model."""
+    refuses a bad adapter (missing tensor, old version, rank above --max-lora-rank) without changing what it serves;
+    a restore (a resumed trainer's adapter) of an older version is served. Whatever ran before on the module's
+    sidecar, a pushed B = 0 adapter first makes it serve the base model."""
     start = lora_client.health()["weight_version"] + 1
-    tensors, config, base_model = peft_adapter(model_dir, tmp_path / "zero")
-    push_adapter(lora_client, tensors, config, start)
+    zero, zero_config, base_model = peft_adapter(model_dir, tmp_path / "zero")
+    push_adapter(lora_client, zero, zero_config, start)
     base_greedy, _ = greedy(lora_client)
     assert base_greedy == [hf_greedy(base_model, p, 12) for p in PROMPTS]
     for version, seed in ((start + 1, 0), (start + 2, 1)):
@@ -122,3 +123,6 @@ def test_adapter_push_serves_base_plus_adapter(lora_client, model_dir, tmp_path)
     with pytest.raises(SidecarRequestError, match="max-lora-rank"):
         push_adapter(lora_client, tensors, dict(config, r=16), start + 3)
     assert lora_client.health()["weight_version"] == start + 2 and greedy(lora_client)[0] == served
+    push_adapter(lora_client, zero, zero_config, start, restore=True)
+    ids, out = greedy(lora_client)
+    assert ids == base_greedy and all(s[0].weight_version == start for s in out)

@@ -7,15 +7,19 @@ TP=2 spanning them, c10d rendezvous at a's address); host c runs a ``megatron-op
 megatron-opsd sidecar --host <its address>``, the secret in the environment, ``curl /health`` until it answers),
 reached by its address; weights go from a to c over the collective (gloo) transport.
 
-The module runs in file order, one sidecar per phase (a sidecar whose version moved on cannot serve a run from
-an earlier step, and the third fault kills it):
-1. faults in step 1 (no push yet, the sidecar stays at version 0): host b's ranks killed, then host b's link
-   down, each while rank 0 grades step 1's rollouts (``tests._rewards.pause_at_call``);
-2. the two-host run: steps 1 to 3 complete (checkpoints, pushes v1 to v3 applied: greedy on the sidecar equals
-   transformers on the step-3 checkpoint), then the sidecar's host dies during step 4's push;
-3. two fresh sidecars; the two-host checkpoint of step 1 resumes on one host (a, both ranks) for step 2, and the
-   step-2 checkpoint that one host wrote resumes on two hosts for step 3: each step equals the two-host run's
-   to the last digit, each leg's pushes reach c (greedy equal to the leg's export).
+The module runs in file order, two sidecars on c started together: port 8000 for the two-host run, port 8001 for
+every run after it, running through every fault after it (each resumed run gives it the checkpoint's weights
+with a restore push, whatever version it serves):
+1. the two-host run: steps 1 to 3 complete (checkpoints, pushes v1 to v3 applied: greedy on the sidecar equals
+   transformers on the step-3 checkpoint), then its sidecar dies (every process of it SIGKILLed) during step 4's
+   push;
+2. host b's link down while rank 0 grades step 1 of a new run (``tests._rewards.pause_at_call``); while b waits
+   for TCP to give up, host a alone (both ranks) resumes the two-host step-1 checkpoint and trains step 2;
+3. that step-2 checkpoint resumed on a and b, where host b's ranks are killed while rank 0 grades step 3; the run
+   resumed from its last checkpoint (step 2) against the same running sidecar trains steps 3 and 4;
+4. the two-host run resumed from its last checkpoint (step 3, after its sidecar died) trains step 4.
+Every step equals the two-host run's to the last digit (step 4, which that run never finished: the two resumed
+runs equal each other), every leg's pushes reach c (greedy equal to the leg's export).
 Every fault ends within its stated bound with an error line on each surviving host and nothing left in a or b
 (the host whose link goes down with the kernel's TCP retransmission limit lowered: docs/scale.md).
 """
@@ -166,6 +170,8 @@ def sidecar_url(port: int = SIDECAR_PORT) -> str:
 
 
 SIDECAR_URL = sidecar_url()
+SPARE_PORT = SIDECAR_PORT + 1
+SPARE_URL = sidecar_url(SPARE_PORT)  # the second sidecar: every run but the two-host one
 
 
 def spawn_sidecar(model_dir: str, log: Path, port: int = SIDECAR_PORT) -> subprocess.Popen:
@@ -185,10 +191,28 @@ def wait_healthy(proc: subprocess.Popen, log: Path, url: str = SIDECAR_URL, time
         time.sleep(1)
 
 
-def start_sidecar(model_dir: str, log: Path) -> subprocess.Popen:
-    proc = spawn_sidecar(model_dir, log)
-    wait_healthy(proc, log)
-    return proc
+def signal_sidecar(proc: subprocess.Popen, sig: int) -> list[int]:
+    """``sig`` to every process of one sidecar on c (its session: ``spawn`` starts a new one, vLLM's engine core and
+    workers stay in it), leaving the other sidecar there alone; returns the pids signalled."""
+    pids = []
+    for pid in pids_in("c"):
+        try:
+            if os.getpgid(pid) == proc.pid:
+                os.kill(pid, sig)
+                pids.append(pid)
+        except ProcessLookupError:  # exited meanwhile
+            pass
+    return pids
+
+
+def kill_sidecar(proc: subprocess.Popen) -> None:
+    """The sidecar's host dying, as far as this sidecar goes: SIGKILL to every process of it, until none is left."""
+    for _ in range(50):
+        if not signal_sidecar(proc, signal.SIGKILL):
+            proc.wait(timeout=30)
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"sidecar processes left on c: {signal_sidecar(proc, 0)}")
 
 
 def weight_version(url: str = SIDECAR_URL) -> int:
@@ -263,32 +287,38 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "Error: " in line and line.startswith("[default")]
 
 
-def assert_fault_ends(trainer: Trainer, survivors: tuple, start: float, cause: str,
-                      bounds: dict | None = None) -> None:
+def assert_left_nothing(host: str) -> None:
+    wait_until = time.monotonic() + 10
+    while pids_in(host) and time.monotonic() < wait_until:
+        time.sleep(0.2)
+    assert not pids_in(host), f"left running on {host}: {pids_in(host)}"
+
+
+def assert_fault_ends(trainer: Trainer, survivors: tuple, start: float, cause: str, bounds: dict | None = None,
+                      then=None) -> None:
     """Every surviving host prints an error line matching ``cause`` and its launcher exits non-zero within
-    FAULT_BOUND_S of the fault (or the host's own bound in ``bounds``); then nothing is left running on the trainer
-    hosts."""
+    FAULT_BOUND_S of the fault (or the host's own bound in ``bounds``), leaving nothing running there; nothing is
+    left on a killed trainer host either. ``then()`` runs once the first survivor is done (its host is free)."""
     import re
 
     bounds = bounds or {}
-    for host in survivors:
-        deadline = start + bounds.get(host, FAULT_BOUND_S)
-        while not any(re.search(cause, line) for line in error_lines(trainer.output(host))):
-            assert time.monotonic() < deadline, (host, error_lines(trainer.output(host)), trainer.tails())
-            time.sleep(0.2)
-    for host in survivors:
+    for host in ("a", "b"):
+        if host not in survivors:
+            assert_left_nothing(host)
+    for host in survivors:  # one host after the other: the first is free (for ``then``) while the next still ends
         bound_s = bounds.get(host, FAULT_BOUND_S)
+        while not any(re.search(cause, line) for line in error_lines(trainer.output(host))):
+            assert time.monotonic() < start + bound_s, (host, error_lines(trainer.output(host)), trainer.tails())
+            time.sleep(0.2)
         try:
             code = trainer.procs[host].wait(timeout=max(1.0, start + bound_s - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{host}'s launcher still running {bound_s} s after the fault:\n"
                                  f"{trainer.tails()}") from None
         assert code != 0, trainer.tails()
-    for host in ("a", "b"):
-        wait_until = time.monotonic() + 10
-        while pids_in(host) and time.monotonic() < wait_until:
-            time.sleep(0.2)
-        assert not pids_in(host), f"left running on {host}: {pids_in(host)}"
+        assert_left_nothing(host)
+        if then is not None and host == survivors[0]:
+            then()
 
 
 @pytest.fixture(scope="module")
@@ -297,9 +327,14 @@ def model_dir(tiny_checkpoints):
 
 
 @pytest.fixture(scope="module")
-def first_sidecar(hosts, model_dir, tmp_path_factory):
-    proc = start_sidecar(model_dir, tmp_path_factory.mktemp("sidecar") / "sidecar1.log")
-    yield proc
+def sidecars(hosts, model_dir, tmp_path_factory):
+    """Both sidecars on c, started together as opsd.sbatch starts its replicas: port 8000 serves the two-host run
+    (whose third fault kills it), port 8001 every other run, through every fault after it."""
+    folder = tmp_path_factory.mktemp("sidecar")
+    procs = {port: spawn_sidecar(model_dir, folder / f"sidecar{port}.log", port) for port in (SIDECAR_PORT, SPARE_PORT)}
+    for port, proc in procs.items():
+        wait_healthy(proc, folder / f"sidecar{port}.log", sidecar_url(port))
+    yield procs
     kill_host("c")
 
 
@@ -309,66 +344,34 @@ def pause_env(folder: Path, call: int) -> dict:
 
 
 PAUSING = {"reward": {"kind": "callable", "callable": "tests._rewards:pause_at_call"}}
-
-
-@pytest.mark.parametrize("fault", ["host b killed", "host b link down"])
-def test_fault_in_step_1_ends_on_every_surviving_host(hosts, first_sidecar, model_dir, tmp_path, fault):
-    """While rank 0 (host a) grades step 1's rollouts and rank 1 (host b) waits for them, host b dies (every
-    process in its namespace SIGKILLed) or its link goes down: each surviving host prints its error line and its
-    launcher exits non-zero within the bound, and nothing is left on a or b. After the link loss, b's torchrun
-    agent is blocked in a rendezvous-store call to a that no torchrun timeout bounds: only the kernel's TCP
-    retransmission limit ends it, lowered on b as a cluster admin would (docs/scale.md). Only separate hosts can
-    lose a link; a killed rank on one host is test_trainer_resume's, not a lost peer across a network."""
-    config = run_config(tmp_path, model_dir, **PAUSING)
-    trainer = Trainer(config, ("a", "b"), tag="fault", **pause_env(tmp_path / "pause", 1))
-    try:
-        wait_for(tmp_path / "pause" / "paused", trainer)
-        start = time.monotonic()
-        if fault == "host b killed":
-            kill_host("b")
-            survivors, cause = ("a",), r"Connection closed by peer|Connection reset|Broken pipe"
-        else:
-            # TCP gives up on an unanswered segment after ~51 s instead of ~15 min (net.ipv4.tcp_retries2=15, the
-            # default): what frees b's torchrun agent (docs/scale.md); b's namespace only, the root one untouched
-            sh("ip", "netns", "exec", ns("b"), "sysctl", "-qw", f"net.ipv4.tcp_retries2={TCP_RETRIES2}")
-            sh("ip", "-n", ns("b"), "link", "set", "eth0", "down")
-            survivors, cause = ("a", "b"), r"[Tt]imed out|timeout"
-        (tmp_path / "pause" / "go").write_text("")
-        assert_fault_ends(trainer, survivors, start, cause, {} if "killed" in fault else {"b": LINK_DOWN_BOUND_S})
-    finally:
-        sh("ip", "-n", ns("b"), "link", "set", "eth0", "up", check=False)
-        kill_host("a")
-        kill_host("b")
-    assert weight_version() == 0  # no push reached the sidecar
-
-
 REWARD_CALLS_PER_STEP = 4  # rollout.prompts_per_step x rollout.n of tiny_run_config, graded on rank 0
 
 
 @pytest.fixture(scope="module")
-def two_host_run(hosts, first_sidecar, model_dir, tmp_path_factory):
+def two_host_run(hosts, sidecars, model_dir, tmp_path_factory):
     """The two-host run, uninterrupted for steps 1 to 3 (the reference the resumed runs are compared with); paused
     in step 4's grading, the sidecar is checked, frozen (SIGSTOP: its host stops answering), and killed once rank 0
-    waits on it in step 4's push."""
+    waits on it in step 4's push (its processes only: the second sidecar on c runs on)."""
     tmp_path = tmp_path_factory.mktemp("two_host")
     config = run_config(tmp_path, model_dir, **PAUSING)
     trainer = Trainer(config, ("a", "b"), tag="run", **pause_env(tmp_path / "pause", 3 * REWARD_CALLS_PER_STEP + 1))
+    first = sidecars[SIDECAR_PORT]
     try:
         wait_for(tmp_path / "pause" / "paused", trainer)
         served = weight_version()
         greedy = sidecar_greedy()
-        for pid in pids_in("c"):
-            os.kill(pid, signal.SIGSTOP)
+        signal_sidecar(first, signal.SIGSTOP)
         (tmp_path / "pause" / "go").write_text("")
         deadline = time.monotonic() + 120
         while not waiting_on_sidecar():  # rank 0's request to the frozen sidecar sits unread in c's socket
             assert time.monotonic() < deadline, trainer.tails()
             time.sleep(0.1)
         start = time.monotonic()
-        kill_host("c")
+        kill_sidecar(first)
         assert_fault_ends(trainer, ("a", "b"), start, r"weight")
     finally:
-        for host in ("a", "b", "c"):
+        kill_sidecar(first)
+        for host in ("a", "b"):
             kill_host(host)
     return dict(tmp_path=tmp_path, config=config, served=served, greedy=greedy, metrics=read_metrics(tmp_path / "run"),
                 trainer=trainer)
@@ -414,39 +417,122 @@ def assert_step_equal(resumed: dict, reference: dict) -> None:
         {k: v for k, v in reference.items() if k not in timed}
 
 
-def test_checkpoints_resume_across_host_counts_equal_to_the_last_digit(two_host_run, hosts, model_dir, tmp_path):
-    """One chain against the uninterrupted two-host run: its step-1 checkpoint resumed on host a alone (both TP
-    ranks there) trains step 2; the step-2 checkpoint that one host wrote resumed on hosts a and b trains step 3.
-    Each step equals the two-host run's in every logged number, to the last digit, and each leg's pushes reach a
-    fresh sidecar on c (greedy equals transformers on the leg's exported weights): a resumed run restores its
-    weights with a push of the checkpoint's version, which a sidecar that already served it refuses
-    (docs/scale.md), so the legs get one each, started together. Checkpoints written by ranks on two hosts read
-    on one and vice versa, and the host-count independence of a step, are only seen here."""
+def assert_served(url: str, version: int, hf: Path, model_dir: str) -> None:
+    """The sidecar serves ``version`` and, greedily, what transformers makes of the exported weights."""
+    assert weight_version(url) == version
+    assert sidecar_greedy(url) == hf_greedy_of(model_dir, load_file(str(hf / "model.safetensors")))
+
+
+def leg_config(tmp_path: Path, model_dir: str, run_dir: Path, steps: int, tag: str) -> Path:
+    """A resumed leg: the two-host run's config (same grading) in ``run_dir`` against the second sidecar, to
+    ``steps``, exported to hf-TAG."""
+    return run_config(tmp_path, model_dir, url=SPARE_URL, train={"steps": steps},
+                      export={"hf_dir": str(tmp_path / f"hf-{tag}")}, logging={"dir": str(run_dir)}, **PAUSING)
+
+
+def finish_leg(trainer: "Trainer", run_dir: Path) -> list[dict]:
+    """Wait for a resumed leg to end; returns its run directory's metrics, one row per step."""
+    assert set(trainer.wait(300).values()) == {0}, trainer.tails()
+    assert "resumed from" in trainer.output(next(iter(trainer.procs))), trainer.tails()
+    return read_metrics(run_dir)
+
+
+CHAIN = {}  # what the later tests resume: the one-host leg's run directory, step 4 of the run resumed after host b died
+
+
+def test_host_b_link_down_ends_on_both_hosts_while_a_resumes_on_its_own(two_host_run, sidecars, model_dir,
+                                                                         tmp_path):
+    """While rank 0 (host a) grades step 1's rollouts and rank 1 (host b) waits for them, host b's link goes down:
+    each host prints its error line and its launcher exits non-zero within the bound, and nothing is left on a or
+    b; no push reached the sidecar. b's torchrun agent is blocked in a rendezvous-store call to a that no torchrun
+    timeout bounds: only the kernel's TCP retransmission limit ends it, lowered on b as a cluster admin would
+    (docs/scale.md). Only separate hosts can lose a link. While b waits for TCP, host a, free again, resumes the
+    two-host run's step-1 checkpoint on its own (both TP ranks) against the same sidecar (a restore push) and
+    trains step 2: equal to the two-host run's step 2 to the last digit, the sidecar serving the leg's export.
+    Checkpoints written on two hosts read on one are only seen here."""
     run = two_host_run
     copy = tmp_path / "run"
     shutil.copytree(run["tmp_path"] / "run", copy)
     for step in (2, 3):
         shutil.rmtree(copy / "checkpoints" / f"step-{step}")
     (copy / "checkpoints" / "latest").write_text("step-1")
-    urls = {leg: sidecar_url(SIDECAR_PORT + i) for i, leg in enumerate(("one_host", "two_host"))}
-    logs = {leg: tmp_path / f"sidecar-{leg}.log" for leg in urls}
-    procs = {leg: spawn_sidecar(model_dir, logs[leg], SIDECAR_PORT + i) for i, leg in enumerate(urls)}
+    (tmp_path / "leg").mkdir()
+    one_host = leg_config(tmp_path / "leg", model_dir, copy, 2, "one_host")  # its own folder: config.yaml, logs
+    config = run_config(tmp_path, model_dir, url=SPARE_URL, **PAUSING)
+    trainer = Trainer(config, ("a", "b"), tag="fault", **pause_env(tmp_path / "pause", 1))
+    leg = {}
+
+    def resume_on_a() -> None:
+        assert weight_version(SPARE_URL) == 0  # no push reached the sidecar
+        leg["trainer"] = Trainer(one_host, ("a",), tag="one_host", nproc=2)
+
     try:
-        for leg, proc in procs.items():
-            wait_healthy(proc, logs[leg], urls[leg])
-        for steps, leg, on, nproc in ((2, "one_host", ("a",), 2), (3, "two_host", ("a", "b"), 1)):
-            hf = tmp_path / f"hf-{leg}"
-            config = run_config(tmp_path, model_dir, url=urls[leg], train={"steps": steps},
-                                export={"hf_dir": str(hf)}, **PAUSING)  # same grading
-            trainer = Trainer(config, on, tag=f"resume-{leg}", nproc=nproc)
-            assert set(trainer.wait(300).values()) == {0}, trainer.tails()
-            metrics = read_metrics(copy)
-            assert [m["step"] for m in metrics] == list(range(1, steps + 1))
-            assert_step_equal(metrics[-1], run["metrics"][steps - 1])
-            assert weight_version(urls[leg]) == steps
-            assert sidecar_greedy(urls[leg]) == hf_greedy_of(model_dir, load_file(str(hf / "model.safetensors")))
+        wait_for(tmp_path / "pause" / "paused", trainer)
+        start = time.monotonic()
+        # TCP gives up on an unanswered segment after ~51 s instead of ~15 min (net.ipv4.tcp_retries2=15, the
+        # default): what frees b's torchrun agent (docs/scale.md); b's namespace only, the root one untouched
+        sh("ip", "netns", "exec", ns("b"), "sysctl", "-qw", f"net.ipv4.tcp_retries2={TCP_RETRIES2}")
+        sh("ip", "-n", ns("b"), "link", "set", "eth0", "down")
+        (tmp_path / "pause" / "go").write_text("")
+        assert_fault_ends(trainer, ("a", "b"), start, r"[Tt]imed out|timeout", {"b": LINK_DOWN_BOUND_S},
+                          then=resume_on_a)
+        metrics = finish_leg(leg["trainer"], copy)
     finally:
-        for host in ("a", "b", "c"):
-            kill_host(host)
-        for proc in procs.values():
-            proc.wait(timeout=30)
+        sh("ip", "-n", ns("b"), "link", "set", "eth0", "up", check=False)
+        kill_host("a")
+        kill_host("b")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert_step_equal(metrics[-1], run["metrics"][1])
+    assert_served(SPARE_URL, 2, tmp_path / "leg" / "hf-one_host", model_dir)
+    CHAIN["run_dir"] = copy
+
+
+def test_resume_on_two_hosts_after_host_b_died_against_the_running_sidecar(two_host_run, sidecars, model_dir,
+                                                                           tmp_path):
+    """The step-2 checkpoint that one host wrote (the link-down test's leg) resumed on hosts a and b, where host
+    b's processes are SIGKILLed while rank 0 grades step 3 (a prints its error line and exits within the bound;
+    the sidecar still serves version 2, the restore's); that run resumed from its last checkpoint (step 2) on a
+    and b against the same running sidecar (a restore of the version it serves, refused before the restore push
+    existed) trains steps 3 and 4: step 3 equals the uninterrupted two-host run's to the last digit, and the
+    sidecar serves the leg's export. A lost host, a checkpoint written on one host read on two, and a resume
+    against a sidecar that outlived the run are only seen here."""
+    assert "run_dir" in CHAIN, "needs test_host_b_link_down_ends_on_both_hosts_while_a_resumes_on_its_own (file order)"
+    run_dir = CHAIN["run_dir"]
+    config = leg_config(tmp_path, model_dir, run_dir, 4, "two_host")
+    trainer = Trainer(config, ("a", "b"), tag="resume-killed", **pause_env(tmp_path / "pause", 1))
+    try:
+        wait_for(tmp_path / "pause" / "paused", trainer)
+        start = time.monotonic()
+        kill_host("b")
+        (tmp_path / "pause" / "go").write_text("")
+        assert_fault_ends(trainer, ("a",), start, r"Connection closed by peer|Connection reset|Broken pipe")
+        assert "resumed from" in trainer.output("a") and weight_version(SPARE_URL) == 2  # the restore, no v3
+        metrics = finish_leg(Trainer(config, ("a", "b"), tag="resume-after-fault"), run_dir)
+    finally:
+        kill_host("a")
+        kill_host("b")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert_step_equal(metrics[2], two_host_run["metrics"][2])
+    assert_served(SPARE_URL, 4, tmp_path / "hf-two_host", model_dir)
+    CHAIN["step4"] = metrics[3]
+
+
+def test_the_run_whose_sidecar_died_resumes_and_finishes(two_host_run, sidecars, model_dir, tmp_path):
+    """The two-host run, whose sidecar died during step 4's push, resumed from its last checkpoint (step 3) on a
+    and b against the other sidecar on c, which serves version 4 of the run resumed after host b died (a restore
+    to an older version): step 4 equals that run's step 4 to the last digit (the two reach it through different
+    checkpoints and hosts; the uninterrupted run never finished it) and the sidecar serves the leg's export.
+    A restore that left the newer weights in place would change step 4's rollouts."""
+    assert "step4" in CHAIN, "needs test_resume_on_two_hosts_after_host_b_died_against_the_running_sidecar"
+    copy = tmp_path / "run"
+    shutil.copytree(two_host_run["tmp_path"] / "run", copy)
+    assert weight_version(SPARE_URL) == 4
+    try:
+        metrics = finish_leg(Trainer(leg_config(tmp_path, model_dir, copy, 4, "after_sidecar"), ("a", "b"),
+                                     tag="resume-after-sidecar"), copy)
+    finally:
+        kill_host("a")
+        kill_host("b")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert_step_equal(metrics[3], CHAIN["step4"])
+    assert_served(SPARE_URL, 4, tmp_path / "hf-after_sidecar", model_dir)

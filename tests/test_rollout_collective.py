@@ -157,6 +157,35 @@ def test_bad_update_is_refused_before_sending_and_changes_nothing(client, model_
     assert sidecar_greedy(client) == before
 
 
+@pytest.mark.parametrize("transport", ["collective", "http"])
+def test_restore_push_serves_a_version_the_sidecar_already_passed(client, hf_model, model_dir, transport):
+    """A resumed trainer's restore push (``restore=True``: what ``Run.fit`` sends after a resume) to the running
+    TP=2 sidecar, whose version is past the checkpoint's: the same push without the flag is refused (422 naming
+    weight_version/version, nothing changed); with it the sidecar serves the older version, and greedy decoding
+    equals transformers on the restored weights. Collective (the default) and HTTP (the staged transports' one
+    check) through the client's own push, at a cost of two pushes each."""
+    gen = torch.Generator().manual_seed(3 if transport == "collective" else 4)
+    restored = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
+                for k, v in load_file(f"{model_dir}/model.safetensors").items()}
+    before, current = sidecar_greedy(client), client.health()["weight_version"]
+    target = max(current - 1, 0)  # in file order an older version; alone (-k) the one served, 0
+    client.transport = transport
+    try:
+        with pytest.raises(SidecarError, match="must be greater than the current weight version") as err:
+            client.push_weights_from_iterator(restored.items(), version=target)
+        assert "HTTP 422" in str(err.value)
+        assert client.health()["weight_version"] == current and sidecar_greedy(client) == before
+        stats = client.push_weights_from_iterator(restored.items(), version=target, restore=True)
+    finally:
+        client.transport = "collective"
+    assert stats["version"] == target and stats["tensors"] == len(restored)
+    health = client.health()
+    assert health["weight_version"] == target and not health["partial_weights"]
+    out = client.generate(PROMPTS, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert [s[0].token_ids for s in out] == greedy(hf_model, restored) != before
+    assert all(s[0].weight_version == target for s in out)
+
+
 def test_trainer_abort_before_the_first_bucket_changes_nothing(client, model_dir):
     """The trainer's stream disagrees with what it announced: it aborts through the store before sending
     anything, every worker ends its session and keeps the old weights; the next push works."""

@@ -49,11 +49,11 @@ class RecordingClient(FakeClient):
             with self.lock:
                 self.in_flight -= 1
 
-    def push_weights(self, model_chunks, version):
+    def push_weights(self, model_chunks, version, restore=False):
         with self.lock:
             self.events.append(("push", version, self.in_flight))
         if self.push_versions:
-            super().push_weights(model_chunks, version)
+            super().push_weights(model_chunks, version, restore)
 
 
 class AdapterRecordingClient(RecordingClient):

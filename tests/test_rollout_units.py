@@ -57,6 +57,20 @@ def test_stager_rejects_bad_tensor_and_drops_update(tensors, message):
         stager.take_for_commit(uid)
 
 
+def test_stager_restore_takes_any_version_but_an_ordinary_push_must_be_newer():
+    """A restore (a resumed trainer's checkpoint weights) may set the served version or an older one; without the
+    flag the same version is refused; a negative version never is a step."""
+    stager = WeightStager(SPECS, torch.float32)
+    for version in (5, 2, 0):
+        uid = stager.begin(version=version, current_version=5, restore=True)
+        assert stager.in_progress == uid
+        with pytest.raises(WeightUpdateError, match=f"version: {version} must be greater than the current weight "
+                                                    "version 5"):
+            stager.begin(version=version, current_version=5)
+    with pytest.raises(WeightUpdateError, match="version: -1 is negative"):
+        stager.begin(version=-1, current_version=5, restore=True)
+
+
 def test_stager_version_and_duplicates():
     stager, t = WeightStager(SPECS, torch.float32), _tensors()
     with pytest.raises(WeightUpdateError, match="version: 2 must be greater than the current weight version 2"):

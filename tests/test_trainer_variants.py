@@ -39,7 +39,7 @@ class FakeClient:
         self.max_tokens.append(max_tokens)
         return [[Sample(r, [0.0] * len(r), "stop", self.version) for r in group] for group in fixed_responses()]
 
-    def push_weights(self, model_chunks, version):
+    def push_weights(self, model_chunks, version, restore=False):
         self.version = version
 
 

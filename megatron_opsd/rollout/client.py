@@ -219,8 +219,9 @@ class SidecarClient:
 
     # -- weights ------------------------------------------------------------------------------------
     def push_weights_from_iterator(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-                                   num_tensors: Optional[int] = None) -> dict:
-        """Stream HF-named tensors to every replica in buckets and commit them as weight ``version``.
+                                   num_tensors: Optional[int] = None, restore: bool = False) -> dict:
+        """Stream HF-named tensors to every replica in buckets and commit them as weight ``version``
+        (``restore``: see ``push_weights``).
 
         All or nothing per replica: on any failure every replica's staged update is aborted and the
         replicas keep their previous weights. Returns timing and size statistics.
@@ -228,10 +229,10 @@ class SidecarClient:
         if self.transport == "collective":
             named = list(named_tensors)  # the announced list needs every shape first (callers that care use
             metadata = [(n, tuple(t.shape)) for n, t in named]  # push_weights, which announces from the config)
-            return self.push_collective(lambda: iter(named), metadata, version)
+            return self.push_collective(lambda: iter(named), metadata, version, restore=restore)
         start = time.perf_counter()
         dtype = _torch_dtype(self.request("GET", "/weights/spec", 0)["dtype"])
-        begin = dict(version=version, num_tensors=num_tensors)
+        begin = dict(version=version, num_tensors=num_tensors, **({"restore": True} if restore else {}))
         ids = [self.request("POST", "/weights/begin", i, idempotent=False, json=begin)["update_id"]
                for i in range(len(self.urls))]
         stats = dict(buckets=0, tensors=0, bytes=0)
@@ -244,7 +245,7 @@ class SidecarClient:
                     stats["bytes"] += bucket.nbytes
                     del bucket  # release this bucket's tensors before the next one fills
             transfer_s = time.perf_counter() - start
-            commits = [self._commit(i, ids[i], version) for i in range(len(self.urls))]
+            commits = [self._commit(i, ids[i], version, restore) for i in range(len(self.urls))]
         except BaseException:
             for i, update_id in enumerate(ids):
                 try:
@@ -274,26 +275,33 @@ class SidecarClient:
             data = bucket.to_bytes()
             list(pool.map(lambda i: send(i, content=data), range(len(ids))))
 
-    def _commit(self, replica: int, update_id: str, version: int) -> dict:
+    def _commit(self, replica: int, update_id: str, version: int, restore: bool = False) -> dict:
         try:
             return self.request("POST", "/weights/commit", replica, idempotent=False, json={"update_id": update_id})
         except SidecarRequestError:
             raise
         except SidecarError:  # the reply may have been lost after the weights were applied
-            if self.health(replica)["weight_version"] == version:
+            if not restore and self.health(replica)["weight_version"] == version:  # a restore's may be old
                 return {"apply_s": float("nan")}
             raise
 
-    def push_weights(self, model_chunks: list, version: int) -> Optional[dict]:
+    def push_weights(self, model_chunks: list, version: int, restore: bool = False) -> Optional[dict]:
         """Collective over the trainer's ranks: gather the TP/PP-sharded megatron weights tensor by tensor
         under HF names and push them from global rank 0. Every rank returns after rank 0's push finished
-        (rank 0 gets the statistics) or raises the same error."""
+        (rank 0 gets the statistics) or raises the same error.
+
+        ``restore``: a resumed trainer's checkpoint weights. The sidecar takes ``version`` (the checkpoint's step)
+        even if it already served that or a later one, and serves it from then on; an ordinary push must be
+        newer than the served version (a stale trainer, or another run's, is refused). Same transports, same
+        bounded waits and re-pushes."""
         rank = dist.get_rank() if dist.is_initialized() else 0
         if self.transport == "collective":  # one gather for every replica (and one per re-push); all ranks join
             return self._on_all_ranks(rank, version, lambda: self.push_collective(
-                lambda: iter(iter_hf_tensors(model_chunks)), announced_tensors(model_chunks), version, rank=rank))
+                lambda: iter(iter_hf_tensors(model_chunks)), announced_tensors(model_chunks), version, rank=rank,
+                restore=restore))
         tensors: Iterator = iter(iter_hf_tensors(model_chunks))
-        return self._on_all_ranks(rank, version, lambda: self.push_weights_from_iterator(tensors, version),
+        return self._on_all_ranks(rank, version, lambda: self.push_weights_from_iterator(tensors, version,
+                                                                                         restore=restore),
                                   drain=tensors)
 
     def _on_all_ranks(self, rank: int, version: int, push, drain: Optional[Iterator] = None) -> Optional[dict]:
@@ -311,7 +319,7 @@ class SidecarClient:
         return result
 
     def push_collective(self, make_stream, metadata: list[tuple[str, tuple[int, ...]]], version: int,
-                        rank: int = 0) -> Optional[dict]:
+                        rank: int = 0, restore: bool = False) -> Optional[dict]:
         """Collective transport (``rollout/collective.py``): one gather (``make_stream()``: a fresh pass of
         ``(hf_name, tensor)``, a collective on every trainer rank, tensors only on rank 0) broadcast to every
         replica at once. A replica whose push failed (its transfer group torn down on both ends, the sidecar
@@ -334,12 +342,13 @@ class SidecarClient:
                         senders[replica] = self.sender(replica)
                     except Exception as err:  # noqa: BLE001 - this replica is retried, the others go on
                         failed[replica] = f"{type(err).__name__}: {err}"
-                result, errors = broadcast_update(list(senders.values()), stream, params, version)
+                result, errors = broadcast_update(list(senders.values()), stream, params, version, restore)
                 stats = result or stats
                 failed.update({r: str(errors[e]) for r, e in senders.items() if e in errors})
                 refused = [r for r, e in senders.items() if isinstance(getattr(errors.get(e), "__cause__", None),
                                                                         SidecarRequestError)]
-                failed = {r: why for r, why in failed.items() if r in refused or not self._serves(r, version)}
+                failed = {r: why for r, why in failed.items()  # a restore's version may be the old weights'
+                          if r in refused or restore or not self._serves(r, version)}
             for _ in stream:  # every rank finishes the gather, whatever happened on rank 0
                 pass
             failed, refused = control.broadcast_object((failed, refused))  # the control group, as _on_all_ranks
@@ -404,8 +413,9 @@ class _ReplicaWeightSync:
     def init_weight_transfer_engine(self, init_info: dict) -> dict:
         return self._post("/init_weight_transfer_engine", {"init_info": init_info}, init_info.get("timeout_s"))
 
-    def start_weight_update(self, version: int, update_info: dict) -> dict:
-        return self._post("/start_weight_update", {"weight_version": version, "update_info": update_info})
+    def start_weight_update(self, version: int, update_info: dict, restore: bool = False) -> dict:
+        return self._post("/start_weight_update", {"weight_version": version, "update_info": update_info,
+                                                   **({"restore": True} if restore else {})})
 
     def update_weights(self, update_info: dict) -> dict:
         return self._post("/update_weights", {"update_info": update_info}, None)

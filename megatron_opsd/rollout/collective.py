@@ -461,8 +461,9 @@ class CollectiveTrainerEngine(TrainerWeightTransferEngine[CollectiveTrainerInitI
         return stats
 
     # -- one round ------------------------------------------------------------------------------------------
-    def begin(self, metadata: list[ParamMeta], version: int) -> _Round:
-        """Announce (the sidecar validates it: refusals happen here) and wait until every worker is receiving."""
+    def begin(self, metadata: list[ParamMeta], version: int, restore: bool = False) -> _Round:
+        """Announce (the sidecar validates it: refusals happen here) and wait until every worker is receiving;
+        ``restore``: the sidecar takes ``version`` even if not newer (``SidecarClient.push_weights``)."""
         if self.group is None:  # broken by an earlier failure: a fresh rendezvous on a fresh port
             self.init_info.master_port = free_port()
             self.connect()
@@ -471,7 +472,7 @@ class CollectiveTrainerEngine(TrainerWeightTransferEngine[CollectiveTrainerInitI
                                     [list(m.shape) for m in metadata], self.init_info.bucket_bytes,
                                     self.init_info.timeout_s, self.rate, self.fail_at_bucket)
         self.fail_at_bucket = None
-        self.client.start_weight_update(version=version, update_info=asdict(info))
+        self.client.start_weight_update(version=version, update_info=asdict(info), restore=restore)
         pool = ThreadPoolExecutor(1)
         self.current = round_ = _Round(info, pool.submit(self.client.update_weights, asdict(info)), pool)
         self._wait_keys(round_, "ready", max(info.base_s, self.init_info.ready_timeout_s))
@@ -548,7 +549,7 @@ def _pack(stream: Iterator, metadata: list[ParamMeta], start: int, stop: int) ->
 
 
 def broadcast_update(engines: list[CollectiveTrainerEngine], named_tensors: Iterable[tuple[str, torch.Tensor]],
-                     metadata: list[ParamMeta], version: int) -> tuple[Optional[dict], dict]:
+                     metadata: list[ParamMeta], version: int, restore: bool = False) -> tuple[Optional[dict], dict]:
     """Push one gather of ``named_tensors`` (in ``metadata``'s order) to every engine's replica, two buckets in
     flight. Returns (statistics or None when every replica failed, {engine: WeightTransferError}); a replica
     that fails is torn down and dropped while the others go on."""
@@ -566,7 +567,7 @@ def broadcast_update(engines: list[CollectiveTrainerEngine], named_tensors: Iter
     for engine in engines:
         try:
             engine.init_info.bucket_bytes = bucket_bytes
-            live[engine] = engine.begin(metadata, version)
+            live[engine] = engine.begin(metadata, version, restore)
         except Exception as err:  # noqa: BLE001 - this replica failed; the others still get the version
             drop(engine, err)
     stream = iter(named_tensors)

@@ -3,7 +3,8 @@
 vLLM serves LoRA adapters (``--enable-lora --max-lora-rank r``, ``LoRARequest``); the sidecar started
 with ``--max-lora-rank r`` accepts ``POST /adapter/update`` with one PEFT adapter (``adapter_model.safetensors``
 bytes as the body, ``adapter_config.json`` and the new weight version in headers). Like merged pushes, the update
-is all-or-nothing and versioned: the version must be newer than the served one, every tensor is checked against
+is all-or-nothing and versioned: the version must be newer than the served one (a restore, header
+``X-OPSD-Adapter-Restore: 1``, a resumed trainer's, may repeat or lower it), every tensor is checked against
 the served checkpoint (names of targeted projections, [r, in] / [out, r] shapes, r <= --max-lora-rank, nothing
 missing) before vLLM sees it, and vLLM loads the adapter (``add_lora``) before the sidecar switches generation to
 it; any failure leaves the previous adapter and version served. Our route rather than vLLM's
@@ -24,10 +25,12 @@ from fastapi import Request  # module level: FastAPI resolves the handler's stri
 
 from megatron_opsd.models.lora_peft import PEFT_PREFIX, gather_lora_tensors, peft_adapter_config
 from megatron_opsd.parallel import control
+from megatron_opsd.rollout.staging import WeightUpdateError, check_version
 
 ADAPTER_ROUTE = "/adapter/update"
 VERSION_HEADER = "X-OPSD-Adapter-Version"
 CONFIG_HEADER = "X-OPSD-Adapter-Config"
+RESTORE_HEADER = "X-OPSD-Adapter-Restore"  # "1": a resumed trainer's adapter, any version >= 0 (SidecarClient)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
@@ -84,11 +87,13 @@ async def load_adapter(state, tensors: dict, config: dict, version: int) -> None
     if state.adapter_root is None:
         state.adapter_root = Path(tempfile.mkdtemp(prefix="opsd-adapters-"))
     root = state.adapter_root
-    path = root / f"v{version}"
+    # vLLM's id of the adapter: one more than the served one's, never the version, which a restore may repeat
+    lora_id = state.lora_request.lora_int_id + 1 if state.lora_request is not None else 1
+    path = root / f"{lora_id}-v{version}"
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps(config))
-    request = LoRARequest(lora_name=f"opsd-v{version}", lora_int_id=version, lora_path=str(path))
+    request = LoRARequest(lora_name=f"opsd-{lora_id}-v{version}", lora_int_id=lora_id, lora_path=str(path))
     try:
         await state.engine.add_lora(request)  # loads now: a bad adapter fails before it is served
     except Exception:
@@ -111,9 +116,11 @@ def add_adapter_route(router, state, error_cls) -> None:
         except ValueError:
             raise error_cls(f"headers {VERSION_HEADER} (an integer) and {CONFIG_HEADER} (adapter_config.json) "
                             "are required") from None
-        if version <= state.version:
-            raise error_cls(f"version: {version} must be greater than the current weight version {state.version}",
-                            status=409)
+        restore = request.headers.get(RESTORE_HEADER) == "1"
+        try:
+            check_version(version, state.version, restore)
+        except WeightUpdateError as err:
+            raise error_cls(str(err), status=409) from None
         try:
             raw = await asyncio.to_thread(load_safetensors, await request.body())
             tensors = {k: v.float() for k, v in raw.items()}
@@ -123,7 +130,7 @@ def add_adapter_route(router, state, error_cls) -> None:
 
         async with state.exclusive():
             start = time.perf_counter()
-            if version <= state.version:
+            if version <= state.version and not restore:
                 raise error_cls(f"version: {version} is not newer than {state.version} (a concurrent update)",
                                 status=409)
             try:
@@ -139,20 +146,24 @@ def add_adapter_route(router, state, error_cls) -> None:
     router.post(ADAPTER_ROUTE)(adapter_update)
 
 
-def push_adapter(client, tensors: dict, config: dict, version: int) -> list:
-    """Client side: send one PEFT adapter (PEFT-named tensors) to every replica as weight ``version``."""
+def push_adapter(client, tensors: dict, config: dict, version: int, restore: bool = False) -> list:
+    """Client side: send one PEFT adapter (PEFT-named tensors) to every replica as weight ``version``
+    (``restore``: a resumed trainer's, taken whatever version is served; ``SidecarClient.push_weights``)."""
     from safetensors.torch import save as save_safetensors
 
     body = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
     headers = {VERSION_HEADER: str(version), CONFIG_HEADER: json.dumps(config)}
+    if restore:
+        headers[RESTORE_HEADER] = "1"
     return [client.request("POST", ADAPTER_ROUTE, i, idempotent=False, content=body, headers=headers)
             for i in range(len(client.urls))]
 
 
-def push_adapter_from_model(client, model_chunks: list, settings, version: int, base_model: str = "") -> None:
+def push_adapter_from_model(client, model_chunks: list, settings, version: int, base_model: str = "",
+                            restore: bool = False) -> None:
     """COLLECTIVE: gather the trainer's adapters (models/lora_peft.py) and push them from global rank 0."""
     tensors = gather_lora_tensors(model_chunks)
     if tensors is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         push_adapter(client, {PEFT_PREFIX + k: v for k, v in tensors.items()},
-                     peft_adapter_config(settings, base_model), version)
+                     peft_adapter_config(settings, base_model), version, restore)
     control.barrier()  # the others wait (gloo, long timeout) while rank 0 posts the adapter

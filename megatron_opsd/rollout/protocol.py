@@ -30,6 +30,8 @@ class GenerateRequest(_Strict):
 class WeightsBeginRequest(_Strict):
     version: int
     num_tensors: Optional[int] = None
+    restore: bool = Field(False, description="a resumed trainer's checkpoint weights: any version >= 0 is taken "
+                                              "(an ordinary push must be newer than the served one)")
 
 
 class WeightsUpdateRef(_Strict):
@@ -47,6 +49,8 @@ class WeightTransferInitBody(_Strict):
 class WeightTransferStartBody(_Strict):
     weight_version: int
     update_info: dict = Field(description="CollectiveUpdateInfo fields: round_id, names, dtype_names, shapes, ...")
+    restore: bool = Field(False, description="a resumed trainer's checkpoint weights: any version >= 0 is taken "
+                                              "(an ordinary push must be newer than the served one)")
 
 
 class WeightTransferUpdateBody(_Strict):

@@ -39,7 +39,7 @@ from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER
                                             SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
                                             WeightTransferFinishBody, WeightTransferInitBody,
                                             WeightTransferStartBody, WeightTransferUpdateBody)
-from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError
+from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError, check_version
 
 logger = logging.getLogger("megatron_opsd.sidecar")
 
@@ -309,7 +309,9 @@ class SidecarRoutes:
     async def weights_begin(self, request: Request):
         state = self.state
         req = await parse_body(request, WeightsBeginRequest)
-        update_id = state.stager.begin(req.version, state.version, req.num_tensors)
+        update_id = state.stager.begin(req.version, state.version, req.num_tensors, req.restore)
+        if req.restore:
+            logger.info("restore v%d announced over HTTP (serving v%d)", req.version, state.version)
         return {"update_id": update_id, "weight_version": state.version}
 
     async def weights_bucket(self, request: Request):
@@ -392,10 +394,10 @@ class SidecarRoutes:
             round_id = str(info["round_id"])
         except (KeyError, TypeError) as err:
             raise RequestError(f"update_info: missing field {err}; expected round_id, names, shapes, dtype_names")
-        if req.weight_version <= state.version:
-            raise RequestError(f"weight_version: {req.weight_version} must be greater than the current weight "
-                               f"version {state.version}")
+        check_version(req.weight_version, state.version, req.restore, field="weight_version")
         state.stager.check_announced(names, shapes, dtype_names)
+        if req.restore:
+            logger.info("restore v%d accepted (serving v%d)", req.weight_version, state.version)
         state.collective_round = (round_id, req.weight_version)
         return {"accepted": True, "weight_version": state.version}
 

@@ -33,6 +33,18 @@ class WeightUpdateError(ValueError):
         self.status = status
 
 
+def check_version(version: int, current_version: int, restore: bool = False, field: str = "version") -> None:
+    """An ordinary push must move the version forward (a lower or equal one is a stale trainer or another run's).
+    A restore may set any version >= 0: a resumed trainer giving a running sidecar its checkpoint's weights, whose
+    step is at or below what the sidecar already served (``SidecarClient.push_weights``)."""
+    if restore:
+        if version < 0:
+            raise WeightUpdateError(f"{field}: {version} is negative; a restore sets the checkpoint's step (>= 0)")
+    elif version <= current_version:
+        raise WeightUpdateError(f"{field}: {version} must be greater than the current weight version "
+                                f"{current_version}")
+
+
 @dataclass
 class StagedUpdate:
     update_id: str
@@ -91,10 +103,9 @@ class WeightStager:
         self._update: Optional[StagedUpdate] = None
         self._ids = itertools.count()
 
-    def begin(self, version: int, current_version: int, num_tensors: Optional[int] = None) -> str:
-        if version <= current_version:
-            raise WeightUpdateError(f"version: {version} must be greater than the current weight version "
-                                    f"{current_version}")
+    def begin(self, version: int, current_version: int, num_tensors: Optional[int] = None,
+              restore: bool = False) -> str:
+        check_version(version, current_version, restore)
         if num_tensors is not None and not len(self.specs) <= num_tensors <= len(self.specs) + len(self.optional):
             raise WeightUpdateError(f"num_tensors: {num_tensors} does not match the model, which has "
                                     f"{len(self.specs)} tensors")

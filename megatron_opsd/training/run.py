@@ -153,13 +153,15 @@ class Run:
         if self.rank == 0:
             self.client.wait_healthy()
 
-    def push_weights(self, version: int) -> None:
-        """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter."""
+    def push_weights(self, version: int, restore: bool = False) -> None:
+        """COLLECTIVE: the new weights to the sidecar: merged, or (LoRA, sync=adapter) only the adapter.
+        ``restore``: a resume's checkpoint weights, taken by a sidecar that already served this step or a later
+        one (``SidecarClient.push_weights``)."""
         if self.cfg.model.lora.adapter_sync():
             push_adapter_from_model(self.client, self.student, LoRASettings.from_config(self.cfg.model.lora),
-                                    version, self.cfg.model.path)
+                                    version, self.cfg.model.path, restore=restore)
         else:
-            self.client.push_weights(self.student, version=version)
+            self.client.push_weights(self.student, version=version, restore=restore)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self, trainer) -> None:
@@ -215,8 +217,8 @@ class Run:
         try:  # SIGTERM (lifecycle.install_shutdown_handlers) raises SystemExit anywhere in here
             if self.uses_sidecar:
                 self.connect_sidecar()
-                if self.step > 0:  # the sidecar starts from model.path: give it the resumed weights
-                    self.push_weights(self.step)
+                if self.step > 0:  # a fresh sidecar serves model.path, a running one later weights: restore
+                    self.push_weights(self.step, restore=True)
             history = run_steps(self, trainer)
             if self.saved_step != self.step:
                 self.save(trainer)
