@@ -109,7 +109,7 @@ def test_pipeline_end_to_end_on_demo_task(demo_files, tmp_path, capsys):
     out = tmp_path / "run"
     path = _write(tmp_path, {"name": "t", "model": model, "nproc": 2, "out_dir": str(out), "stages": stages,
                              "eval": {"path": str(root / "test.jsonl"), "max_tokens": 48, "dtype": "float32",
-                                      "baseline": True}})
+                                      "max_model_len": 256, "baseline": True}})
     from megatron_opsd.cli import main
 
     assert main(["pipeline", "--config", path]) == 0
@@ -125,6 +125,11 @@ def test_pipeline_end_to_end_on_demo_task(demo_files, tmp_path, capsys):
     assert len(sft_losses) == 12 and sft_losses[-1] < 0.85 * sft_losses[0], sft_losses  # measured 6.22 -> 4.65
     grpo_steps = (out / "rlvr" / "metrics.jsonl").read_text().splitlines()
     assert len(grpo_steps) == 2
+    # One sidecar served both training stages and the four evaluations: no stage started its own, vLLM started
+    # once on the first model served (the SFT export, lent to the RLVR stage) and took every other one by a push.
+    assert not any((out / name / "sidecar.log").exists() for name in ("rlvr", "opsd"))
+    assert not (out / "eval_sidecar.log").exists()
+    assert str(out / "sft" / "hf") in (out / "sidecar.log").read_text()
     # Re-running skips every finished stage and evaluation: the same table, no stage process started.
     assert run_pipeline(load_pipeline_config(path)) == results
     assert "[pipeline] opsd: finished earlier, skipping" in capsys.readouterr().out

@@ -30,13 +30,13 @@ from megatron_opsd.config import DataConfig
 from megatron_opsd.data.contexts import REFERENCE_INTRO, REFERENCE_OUTRO
 from megatron_opsd.data.datasets import PromptExample
 from megatron_opsd.demo import carry_task, report, task
-from megatron_opsd.demo.evaluate import DemoEvaluator
+from megatron_opsd.demo.evaluate import DemoEvaluator, demo_sidecar
 from megatron_opsd.demo.prepare import DemoInputs
 from megatron_opsd.demo.recipe import FULL as DEMO
 from megatron_opsd.demo.run import DemoArgumentError, StageClock, clear_run_dir, resolve_run, stage_config_objects
 from megatron_opsd.demo.task import read_jsonl
 from megatron_opsd.evaluation.report import save_results
-from megatron_opsd.evaluation.runner import EvalSettings
+from megatron_opsd.evaluation.runner import EvalSettings, OneSidecarEvaluator
 from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 from megatron_opsd.pipeline import PipelineConfig, StageConfig, run_pipeline
 from megatron_opsd.pipeline.config import PipelineEvalConfig, validate_pipeline_config
@@ -257,23 +257,25 @@ def reference_prompt_examples(test_path: Path) -> dict:
                                for r in read_jsonl(test_path)]}
 
 
-def evaluate_models(recipe: AblationRecipe, run_dir: Path) -> dict:
+def evaluate_models(recipe: AblationRecipe, run_dir: Path, models: Optional[OneSidecarEvaluator] = None) -> dict:
     """{row name: {"greedy": (correct, tokens), "sampled": (correct, tokens)}} for SFT, RLVR, the RLVR model
-    shown the reference (greedy: the teacher) and every OPSD run; raw results under ``eval/``."""
+    shown the reference (greedy: the teacher) and every OPSD run (on ``models``' sidecar if given); raw results
+    under ``eval/``."""
     inputs, stages = DemoInputs.under(run_dir), run_dir / "stages"
-    models = {"sft": stages / "sft" / "hf", "rlvr": stages / "rlvr" / "hf"}
-    models.update({opsd_stage_name(f, s): stages / opsd_stage_name(f, s) / "hf"
-                   for f in recipe.filters for s in recipe.seeds})
-    return evaluate_rows(models, {"rlvr_reference_prompt": models["rlvr"]}, inputs.test, run_dir / "eval",
-                         recipe.max_tokens, recipe.sampled_n)
+    dirs = {"sft": stages / "sft" / "hf", "rlvr": stages / "rlvr" / "hf"}
+    dirs.update({opsd_stage_name(f, s): stages / opsd_stage_name(f, s) / "hf"
+                 for f in recipe.filters for s in recipe.seeds})
+    return evaluate_rows(dirs, {"rlvr_reference_prompt": dirs["rlvr"]}, inputs.test, run_dir / "eval",
+                         recipe.max_tokens, recipe.sampled_n, models)
 
 
 def evaluate_rows(models: dict, reference_models: dict, test_path: Path, eval_dir: Path, max_tokens: int,
-                  sampled_n: int) -> dict:
+                  sampled_n: int, sidecar: Optional[OneSidecarEvaluator] = None) -> dict:
     """{name: {"greedy": (correct, tokens), "sampled": (correct, tokens)}} for each of ``models`` (name -> HF
     dir, one architecture and tokenizer: one sidecar, the first model's) on ``test_path``, and {"greedy": ...} for
     each of ``reference_models`` shown the reference solution; the runner's results (texts included) under
-    ``eval_dir`` as ``<name>_greedy.json`` / ``<name>_sampled<k>.json``."""
+    ``eval_dir`` as ``<name>_greedy.json`` / ``<name>_sampled<k>.json``. ``sidecar``: the run's, else one
+    started here."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     common = dict(top_p=1.0, max_tokens=max_tokens, seed=0, progress=False, prompts_per_request=64,
                   save_text=True, data=DataConfig())
@@ -283,7 +285,7 @@ def evaluate_rows(models: dict, reference_models: dict, test_path: Path, eval_di
     sampled = [EvalSettings(n=1, temperature=1.0, **{**common, "seed": 100_000 * k}) for k in range(sampled_n)]
     out: dict = {}
     with DemoEvaluator(next(iter(models.values())), test_path, max_tokens=max_tokens,
-                       log_path=eval_dir / "sidecar.log", max_model_len=max_tokens + 256) as ev:
+                       log_path=eval_dir / "sidecar.log", max_model_len=max_tokens + 256, models=sidecar) as ev:
         for name, model in models.items():
             out[name] = {}
             passes = {"greedy": [greedy], "sampled": sampled}
@@ -424,8 +426,11 @@ def run_ablation(recipe: AblationRecipe, run_dir: Path, config_dir: Path, quick:
     clock = StageClock()
     if not (run_dir / "init" / "config.json").is_file():
         clock.run("prepare", prepare_inputs, run_dir, recipe)
-    for i, stage in enumerate(pipeline_cfg.stages):
-        clock.run(stage.name, run_pipeline, replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]))
-    arrays = clock.run("evaluate", evaluate_models, recipe, run_dir)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    with demo_sidecar(pipeline_cfg, max_model_len=recipe.max_tokens + 256,
+                      log_path=run_dir / "eval" / "sidecar.log") as shared:  # the stages' and evaluations' vLLM
+        for i, stage in enumerate(pipeline_cfg.stages):
+            clock.run(stage.name, run_pipeline, replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]), shared)
+        arrays = clock.run("evaluate", evaluate_models, recipe, run_dir, shared)
     summary = summarize(recipe, arrays)
     return write_report(recipe, run_dir, summary, clock.total(), quick=quick)

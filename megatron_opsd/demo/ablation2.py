@@ -20,9 +20,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from megatron_opsd.demo import ablation, hindsight_check, path_task, report
+from megatron_opsd.demo.evaluate import demo_sidecar
 from megatron_opsd.demo.prepare import DemoInputs
 from megatron_opsd.demo.run import DemoArgumentError, StageClock, clear_run_dir, resolve_run, stage_config_objects
 from megatron_opsd.demo.task import read_jsonl
+from megatron_opsd.evaluation.runner import OneSidecarEvaluator
 from megatron_opsd.pipeline import run_pipeline
 
 LOSSES = ("jsd", "reverse_kl")  # OPSD's generalized JSD (beta 0.5): the primary arms; reverse KL: secondary
@@ -392,19 +394,34 @@ def run_hindsight(recipe: HindsightRecipe, run_dir: Path, config_dir: Path, quic
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
     budgets, rlvr_p = {}, {}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    # one sidecar for every chain's stages and the evaluations (the chains share the architecture and tokenizer)
+    shared = demo_sidecar(hindsight_pipeline(recipe, run_dir, config_dir, recipe.chains[0]),
+                          max_model_len=recipe.max_tokens + 256, log_path=run_dir / "eval" / "sidecar.log")
+    with shared:
+        arrays = _train_and_evaluate(recipe, run_dir, config_dir, clock, shared, budgets, rlvr_p)
+    mech = clock.run("mechanism", mechanism, recipe, run_dir)
+    summary = summarize(recipe, arrays, budgets, mech, rlvr_p)
+    return write_report(recipe, run_dir, summary, clock.total(), quick)
+
+
+def _train_and_evaluate(recipe: HindsightRecipe, run_dir: Path, config_dir: Path, clock: StageClock,
+                        shared: OneSidecarEvaluator, budgets: dict, rlvr_p: dict) -> dict:
+    """Every chain's stages, then the evaluation arrays, on the ``shared`` sidecar; fills ``budgets`` and
+    ``rlvr_p`` (per chain)."""
     for c in recipe.chains:
         if not (chain_dir(run_dir, c) / "init" / "config.json").is_file():
             clock.run(f"c{c}-prepare", prepare_chain, run_dir, recipe, c)
         pipeline_cfg = hindsight_pipeline(recipe, run_dir, config_dir, c)
         for i in range(2):  # sft, rlvr: then the arms' prompts per step follow the RLVR model's accuracy
             clock.run(f"c{c}-{pipeline_cfg.stages[i].name}", run_pipeline,
-                      replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]))
+                      replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]), shared)
         stages = chain_dir(run_dir, c) / "stages"
         rlvr_p[f"c{c}"] = rlvr_accuracy(stages / "rlvr" / "metrics.jsonl")
         pipeline_cfg = hindsight_pipeline(recipe, run_dir, config_dir, c, rlvr_p[f"c{c}"])
         for i in range(2, len(pipeline_cfg.stages)):
             clock.run(f"c{c}-{pipeline_cfg.stages[i].name}", run_pipeline,
-                      replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]))
+                      replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]), shared)
         budgets[f"c{c}"] = {}
         for loss in recipe.losses:
             for f in recipe.filters:
@@ -412,9 +429,6 @@ def run_hindsight(recipe: HindsightRecipe, run_dir: Path, config_dir: Path, quic
                 budgets[f"c{c}"][arm_name(loss, f)] = {**b, "prompts_per_step": prompts_per_step(f, rlvr_p[f"c{c}"],
                                                                                                    recipe)}
     models, refs = _models(recipe, run_dir)
-    arrays = clock.run("evaluate", ablation.evaluate_rows, models, refs,
-                       DemoInputs.under(chain_dir(run_dir, recipe.chains[0])).test, run_dir / "eval",
-                       recipe.max_tokens, recipe.sampled_n)
-    mech = clock.run("mechanism", mechanism, recipe, run_dir)
-    summary = summarize(recipe, arrays, budgets, mech, rlvr_p)
-    return write_report(recipe, run_dir, summary, clock.total(), quick)
+    return clock.run("evaluate", ablation.evaluate_rows, models, refs,
+                     DemoInputs.under(chain_dir(run_dir, recipe.chains[0])).test, run_dir / "eval",
+                     recipe.max_tokens, recipe.sampled_n, shared)

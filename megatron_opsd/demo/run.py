@@ -12,13 +12,14 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from megatron_opsd.config import load_config
 from megatron_opsd.demo import report
-from megatron_opsd.demo.evaluate import DemoEvaluator
+from megatron_opsd.demo.evaluate import DemoEvaluator, demo_sidecar
 from megatron_opsd.demo.prepare import DemoInputs, prepare
 from megatron_opsd.demo.recipe import stage_config_dir
-from megatron_opsd.evaluation.runner import training_eval_settings
+from megatron_opsd.evaluation.runner import OneSidecarEvaluator, training_eval_settings
 from megatron_opsd.pipeline import PipelineConfig, StageConfig, run_pipeline
 from megatron_opsd.pipeline.config import PipelineEvalConfig, validate_pipeline_config
 from megatron_opsd.training.grpo import load_rl_config
@@ -26,6 +27,7 @@ from megatron_opsd.training.sft import load_sft_config
 
 # What a demo run writes under its run directory (removed at the start of a new run with the same name).
 _OWNED = ("data", "init", "stages", "eval", "results.json", "table.md", "curves.png")
+EVAL_MAX_MODEL_LEN = 512  # the evaluation sidecar's model length (prompts + eval_max_tokens fit)
 
 
 class DemoArgumentError(ValueError):
@@ -134,17 +136,23 @@ def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) ->
           f"values 0-{recipe.max_value}); SFT mixture {inputs.sft}; random tiny Qwen3 {inputs.init_model}", flush=True)
     # The pipeline skips finished stages, so running it on a growing prefix of the stage list trains one more
     # stage per call: the same runs as one call, with each stage's time measured on its own.
-    for i, stage in enumerate(pipeline_cfg.stages):
-        clock.run(stage.name, run_pipeline, replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]))
-    opsdc_cfg = configs[f"opsdc-{recipe.filters[0]}"]
-    return evaluate_and_report(recipe, run_dir, seed, quick, clock, opsdc_cfg,
-                               {s.name: {"config": s.config, "overrides": s.overrides,
-                                         "init_from": s.init_from or "init"} for s in pipeline_cfg.stages})
+    # One sidecar serves the OPSDC stages and the evaluations (demo_sidecar).
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    with demo_sidecar(pipeline_cfg, max_model_len=EVAL_MAX_MODEL_LEN, log_path=run_dir / "eval" / "sidecar.log") \
+            as shared:
+        for i, stage in enumerate(pipeline_cfg.stages):
+            clock.run(stage.name, run_pipeline, replace(pipeline_cfg, stages=pipeline_cfg.stages[:i + 1]), shared)
+        opsdc_cfg = configs[f"opsdc-{recipe.filters[0]}"]
+        return evaluate_and_report(recipe, run_dir, seed, quick, clock, opsdc_cfg,
+                                   {s.name: {"config": s.config, "overrides": s.overrides,
+                                             "init_from": s.init_from or "init"} for s in pipeline_cfg.stages},
+                                   models=shared)
 
 
 def evaluate_and_report(recipe, run_dir: Path, seed: int, quick: bool, clock: "StageClock", opsdc_cfg,
-                        stage_configs: dict) -> dict:
-    """Evaluate the trained models of ``run_dir`` and write the table, results.json and curves PNG."""
+                        stage_configs: dict, models: Optional[OneSidecarEvaluator] = None) -> dict:
+    """Evaluate the trained models of ``run_dir`` (on ``models``' sidecar if given) and write the table,
+    results.json and curves PNG."""
     inputs, stages_dir = DemoInputs.under(run_dir), run_dir / "stages"
     sft_dir = stages_dir / "sft"
     rows, step0 = [], None
@@ -154,7 +162,7 @@ def evaluate_and_report(recipe, run_dir: Path, seed: int, quick: bool, clock: "S
     def evaluate_all():
         nonlocal step0
         with DemoEvaluator(sft_dir / "hf", inputs.test, max_tokens=recipe.eval_max_tokens,
-                           log_path=eval_dir / "sidecar.log") as ev:
+                           log_path=eval_dir / "sidecar.log", max_model_len=EVAL_MAX_MODEL_LEN, models=models) as ev:
             sampling = training_eval_settings(opsdc_cfg)  # the trainer's eval_every settings (rollout sampling)
 
             def row(label: str, prompt: str, model: Path, name: str, **extra) -> dict:

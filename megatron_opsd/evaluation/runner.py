@@ -261,16 +261,17 @@ def evaluate(client, tokenizer, benchmarks: Union[str, Sequence[str], dict], set
 
 
 class OneSidecarEvaluator:
-    """Evaluate several HF directories of one architecture on one local sidecar: it starts on the first directory
-    evaluated, and each further directory's weights are pushed to it (the trainer's weight-update path) instead of
-    starting vLLM again (30-45 s on CPU; minutes for a large model on GPUs). ``sidecar_options`` become the
-    sidecar's flags (e.g. ``dtype="float32", max_model_len=512``); use as a context manager."""
+    """Several HF directories of one architecture on one local sidecar: it starts on the first directory served,
+    and each further directory's weights are pushed to it (the trainer's weight-update path, as a restore to version
+    0: what a sidecar started on that directory serves) instead of starting vLLM again (20-45 s on CPU; minutes
+    for a large model on GPUs). Evaluations use it, and a pipeline lends it to its training stages (``lend``).
+    ``sidecar_options`` become the sidecar's flags (e.g. ``dtype="float32", max_model_len=512``); use as a context
+    manager."""
 
     def __init__(self, *, log_path: Optional[Union[str, Path]] = None, **sidecar_options: Any):
         self.log_path, self.sidecar_options = log_path, sidecar_options
         self.sidecar = self.client = None
-        self.version = 0
-        self.loaded: Optional[Path] = None
+        self.loaded: Optional[Path] = None  # the directory whose weights it serves (None: a borrower's)
 
     def __enter__(self) -> "OneSidecarEvaluator":
         return self
@@ -282,7 +283,7 @@ class OneSidecarEvaluator:
             self.sidecar.stop()
 
     def serve(self, model_dir: Union[str, Path]) -> SidecarClient:
-        """The client of the sidecar, now serving ``model_dir``'s weights."""
+        """The client of the sidecar, now serving ``model_dir``'s weights as version 0."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
@@ -293,11 +294,24 @@ class OneSidecarEvaluator:
             files = sorted(model_dir.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to evaluate")
-            self.version += 1
             tensors = (item for f in files for item in load_file(str(f)).items())
-            self.client.push_weights_from_iterator(tensors, version=self.version)
+            self.client.push_weights_from_iterator(tensors, version=0, restore=True)
         self.loaded = model_dir
         return self.client
+
+    def offers(self, options: dict) -> bool:
+        """Whether its flags are ``options`` (what a stage's own sidecar would get), with at least their model
+        length."""
+        mine = self.sidecar_options
+        return all(mine.get(k) == v for k, v in options.items() if k != "max_model_len") and \
+            (mine.get("max_model_len") or 0) >= options.get("max_model_len", 0)
+
+    def lend(self, model_dir: Union[str, Path]) -> str:
+        """The sidecar's URL, serving ``model_dir``'s weights at version 0, for a training stage started on that
+        directory: it pushes its own versions from 1 on, so the next ``serve`` pushes again."""
+        self.serve(model_dir)
+        self.loaded = None
+        return self.sidecar.url
 
     def results(self, model_dir: Union[str, Path], benchmarks: Union[str, Sequence[str], dict],
                 settings: EvalSettings, *, data_dir: Optional[Union[str, Path]] = None) -> dict:

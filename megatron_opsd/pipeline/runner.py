@@ -4,8 +4,12 @@ Every stage runs as its own `megatron-opsd sft|rl|train` process (local ``--npro
 ``launcher``), so each starts with a clean distributed state and a crash in one stage never corrupts another.
 A stage's model is exported as an HF directory (``<out_dir>/<stage>/hf``) that the next stage loads as
 ``model.path`` and the evaluation sidecar serves: checkpoints flow between stages without conversion steps.
-The evaluations run after the last stage on one sidecar (``OneSidecarEvaluator``: each further model's weights
-are pushed to it rather than starting vLLM again), each cached in ``<stage>/eval.json``.
+Run locally (no ``launcher``), the pipeline starts one vLLM sidecar for all of it (``OneSidecarEvaluator``): each
+rl/opsd stage is handed that sidecar (``rollout.sidecar_urls``) serving its start model, pushed to it as version 0,
+and the evaluations after the last stage push each model to it in turn: vLLM starts once, not once per stage and
+once more for the evaluations (20-45 s each on CPU; minutes for a large model). A stage that needs its own
+sidecar (its own ``rollout.sidecar_urls``, LoRA adapter pushes, another dtype or sidecar TP) starts it as before.
+Each evaluation is cached in ``<stage>/eval.json``.
 
 Re-running the same command after a crash skips finished stages (their ``stage_done.json``) and resumes the
 interrupted one from its last checkpoint (``--resume``). Stage processes die with the pipeline process, and a
@@ -17,16 +21,19 @@ import json
 import os
 import shlex
 import sys
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from megatron_opsd.config import DataConfig
+from megatron_opsd.config import DataConfig, load_config
 from megatron_opsd.evaluation.report import benchmark_summary
 from megatron_opsd.evaluation.runner import EvalSettings, OneSidecarEvaluator
 from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
 from megatron_opsd.training.checkpoint import write_text_atomic
+from megatron_opsd.training.grpo import load_rl_config
+from megatron_opsd.training.run import local_sidecar_options
 
 DONE_MARKER = "stage_done.json"
 
@@ -52,6 +59,30 @@ def stage_command(cfg: PipelineConfig, stage: StageConfig, model_dir: str) -> li
                                       f"checkpoint.dir={stage_dir / 'checkpoints'}",
                                       f"export.hf_dir={stage_dir / 'hf'}"]
     return train
+
+
+def stage_sidecar_options(stage: StageConfig) -> Optional[dict]:
+    """The local sidecar an rl/opsd stage would start (``training.run.local_sidecar_options``); None for an SFT
+    stage or one given ``rollout.sidecar_urls``."""
+    if stage.kind == "sft":
+        return None
+    stage_cfg = (load_rl_config if stage.kind == "rl" else load_config)(stage.config, list(stage.overrides))
+    return None if stage_cfg.rollout.sidecar_urls else local_sidecar_options(stage_cfg)
+
+
+def shared_sidecar_options(cfg: PipelineConfig) -> Optional[dict]:
+    """Flags of one sidecar that serves every stage that would start its own (the longest ``max_model_len``), or
+    None: a cluster ``launcher`` (the stages run elsewhere), no such stage, or stages whose sidecars differ in
+    anything else (dtype, TP, LoRA adapters: a restored base model would keep serving a stage's adapter)."""
+    if cfg.launcher:
+        return None
+    wanted = [o for o in map(stage_sidecar_options, cfg.stages) if o is not None]
+    if not wanted or any(o["max_lora_rank"] for o in wanted):
+        return None
+    rest = {tuple((k, v) for k, v in o.items() if k != "max_model_len") for o in wanted}
+    if len(rest) > 1:
+        return None
+    return {**wanted[0], "max_model_len": max(o["max_model_len"] for o in wanted)}
 
 
 def _run(cmd: list[str], stage: str) -> None:
@@ -98,30 +129,44 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Train every stage in order (skipping finished ones), evaluate each, write results.json and table.md."""
+def run_pipeline(cfg: PipelineConfig, sidecar: Optional[OneSidecarEvaluator] = None) -> dict:
+    """Train every stage in order (skipping finished ones), evaluate each, write results.json and table.md.
+    ``sidecar``: a caller's shared sidecar (the demo's, which runs the pipeline stage by stage), used where it
+    offers what the stages need (``shared_sidecar_options``)."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
     exports: dict[str, str] = {}
     to_evaluate = [("start", cfg.model, {})] if cfg.eval.baseline else []  # (row name, model, extra fields)
     previous = cfg.model
-    for stage in cfg.stages:
-        start_model = exports[stage.init_from] if stage.init_from else previous
-        stage_dir = out_dir / stage.name
-        hf_dir = stage_dir / "hf"
-        if (stage_dir / DONE_MARKER).is_file() and (hf_dir / "config.json").is_file():
-            print(f"[pipeline] {stage.name}: finished earlier, skipping ({hf_dir})", flush=True)
-        else:
-            _run(stage_command(cfg, stage, start_model), stage.name)
-            _write_json_atomic(stage_dir / DONE_MARKER, {"stage": asdict(stage), "started_from": start_model})
-        exports[stage.name] = previous = str(hf_dir)
-        if stage.evaluate:
-            to_evaluate.append((stage.name, str(hf_dir), {"kind": stage.kind, "started_from": start_model}))
-    rows = []
     e = cfg.eval
-    with OneSidecarEvaluator(log_path=out_dir / "eval_sidecar.log", dtype=e.dtype,
-                             max_model_len=e.max_model_len) as models:  # starts only if a row is not cached
+    with ExitStack() as stack:
+        shared, options = None, shared_sidecar_options(cfg)
+        # the evaluations join it when they ask for its dtype and a model length (None: the model's own)
+        eval_joins = options is not None and e.dtype == options["dtype"] and e.max_model_len is not None
+        if options is not None:
+            if eval_joins:
+                options["max_model_len"] = max(options["max_model_len"], e.max_model_len)
+            shared = sidecar if sidecar is not None and sidecar.offers(options) else stack.enter_context(
+                OneSidecarEvaluator(log_path=out_dir / "sidecar.log", **options))  # starts when first served
+        for stage in cfg.stages:
+            start_model = exports[stage.init_from] if stage.init_from else previous
+            stage_dir = out_dir / stage.name
+            hf_dir = stage_dir / "hf"
+            if (stage_dir / DONE_MARKER).is_file() and (hf_dir / "config.json").is_file():
+                print(f"[pipeline] {stage.name}: finished earlier, skipping ({hf_dir})", flush=True)
+            else:
+                cmd = stage_command(cfg, stage, start_model)
+                if shared is not None and stage_sidecar_options(stage) is not None:
+                    cmd.append(f"rollout.sidecar_urls=[{shared.lend(start_model)}]")
+                _run(cmd, stage.name)
+                _write_json_atomic(stage_dir / DONE_MARKER, {"stage": asdict(stage), "started_from": start_model})
+            exports[stage.name] = previous = str(hf_dir)
+            if stage.evaluate:
+                to_evaluate.append((stage.name, str(hf_dir), {"kind": stage.kind, "started_from": start_model}))
+        rows = []
+        models = shared if eval_joins else stack.enter_context(  # starts only if a row is not cached
+            OneSidecarEvaluator(log_path=out_dir / "eval_sidecar.log", dtype=e.dtype, max_model_len=e.max_model_len))
         for name, model_dir, extra in to_evaluate:
             if (row := evaluate_stage(cfg, name, model_dir, models)) is not None:
                 rows.append({**row, **extra})

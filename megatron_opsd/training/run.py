@@ -80,6 +80,15 @@ class MetricsLogger:
             self.tb.close()
 
 
+def local_sidecar_options(cfg) -> dict:
+    """The flags of the local sidecar a run starts on ``model.path`` (no ``rollout.sidecar_urls``); a pipeline's
+    shared sidecar offers them to every stage it serves (pipeline/runner.py)."""
+    r, lora = cfg.rollout, cfg.model.lora
+    return dict(dtype=r.local_sidecar_dtype, max_model_len=cfg.data.max_prompt_tokens + r.max_tokens,
+                max_lora_rank=vllm_max_lora_rank(lora.rank) if lora.adapter_sync() else None,
+                tensor_parallel_size=r.local_sidecar_tensor_parallel_size)
+
+
 class Run:
     """One training run's machinery. Built in two calls so a trainer can add to the student before the
     optimizer wraps it (LoRA teacher adapters, replicas copied from the initial weights):
@@ -139,11 +148,9 @@ class Run:
         urls, r = list(cfg.rollout.sidecar_urls), cfg.rollout
         secret = find_secret(env=r.secret_env, file=r.secret_file) if self.rank == 0 else None  # only rank 0 calls
         if not urls and self.rank == 0:
-            self.sidecar = start_sidecar_process(
-                cfg.model.path, port=cfg.rollout.local_sidecar_port, log_path=self.run_dir / "sidecar.log",
-                dtype=cfg.rollout.local_sidecar_dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
-                max_lora_rank=vllm_max_lora_rank(cfg.model.lora.rank) if cfg.model.lora.adapter_sync() else None,
-                tensor_parallel_size=cfg.rollout.local_sidecar_tensor_parallel_size, secret=secret)
+            self.sidecar = start_sidecar_process(cfg.model.path, port=cfg.rollout.local_sidecar_port,
+                                                 log_path=self.run_dir / "sidecar.log", secret=secret,
+                                                 **local_sidecar_options(cfg))
             urls, secret = [self.sidecar.url], self.sidecar.secret
         urls = broadcast_object(urls)
         self.client = SidecarClient(urls, transport=r.transport, collective_host=r.collective_host,
