@@ -8,7 +8,9 @@ import yaml
 
 from megatron_opsd.config import ConfigError
 from megatron_opsd.pipeline import load_pipeline_config, run_pipeline
-from megatron_opsd.pipeline.runner import results_table, stage_command
+from megatron_opsd.evaluation.runner import OneSidecarEvaluator
+from megatron_opsd.pipeline.config import PipelineConfig, StageConfig
+from megatron_opsd.pipeline.runner import results_table, shared_sidecar_options, stage_command
 
 
 def _write(tmp_path, cfg: dict):
@@ -61,6 +63,35 @@ def test_stage_command_chains_exports(tmp_path):
     train = stage_command(cfg, cfg.stages[1], "x")
     assert train[:6] == ["srun", "--ntasks", "16", "python", "-m", "megatron_opsd.cli"] and "--nproc" not in train
     assert train[-1] == f"export.hf_dir={tmp_path / 'out' / 'rlvr' / 'hf'}"
+
+
+def test_one_sidecar_serves_the_stages_that_would_start_their_own():
+    """The shared sidecar's flags are what each rl/opsd stage would give its own, at the longest model length
+    (prompt + response tokens); it is not shared across a cluster launcher, a LoRA-adapter stage, or a dtype
+    difference; a stage with its own sidecar_urls neither uses nor shapes it."""
+    grpo, opsdc = "megatron_opsd/demo/configs/grpo.yaml", "megatron_opsd/demo/configs/opsdc.yaml"
+
+    def pipeline(*stages, **fields):
+        return PipelineConfig(model="m", stages=[StageConfig(name=f"s{i}", kind=kind, config=config,
+                                                             overrides=list(overrides))
+                                                 for i, (kind, config, overrides) in enumerate(stages)], **fields)
+
+    sft = ("sft", "examples/sft_tiny.yaml", [])
+    options = shared_sidecar_options(pipeline(sft, ("rl", grpo, []), ("opsd", opsdc, ["rollout.max_tokens=400"])))
+    assert options == {"dtype": "float32", "max_model_len": 128 + 400, "max_lora_rank": None,
+                       "tensor_parallel_size": 1}
+    assert shared_sidecar_options(pipeline(sft)) is None
+    assert shared_sidecar_options(pipeline(("rl", grpo, []), launcher="srun python -m megatron_opsd.cli")) is None
+    assert shared_sidecar_options(pipeline(("rl", grpo, []), ("opsd", opsdc, ["model.lora.rank=16",
+                                                                              "model.lora.sync=adapter"]))) is None
+    bf16 = ("opsd", opsdc, ["rollout.local_sidecar_dtype=bfloat16"])
+    assert shared_sidecar_options(pipeline(("rl", grpo, []), bf16)) is None
+    own = ("opsd", opsdc, ["rollout.sidecar_urls=[http://127.0.0.1:9]", "rollout.max_tokens=900"])
+    assert shared_sidecar_options(pipeline(("rl", grpo, []), own))["max_model_len"] == 128 + 192
+    # a caller's sidecar is used only where it offers those flags
+    mine = OneSidecarEvaluator(**{**options, "max_model_len": 600})
+    assert mine.offers(options) and not mine.offers({**options, "max_model_len": 700})
+    assert not OneSidecarEvaluator(dtype="float32", max_model_len=600).offers(options)
 
 
 def test_results_table_relative_tokens():

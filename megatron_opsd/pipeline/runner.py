@@ -31,6 +31,7 @@ from megatron_opsd.evaluation.report import benchmark_summary
 from megatron_opsd.evaluation.runner import EvalSettings, OneSidecarEvaluator
 from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
+from megatron_opsd.rollout.engine import on_gpu
 from megatron_opsd.training.checkpoint import write_text_atomic
 from megatron_opsd.training.grpo import load_rl_config
 from megatron_opsd.training.run import local_sidecar_options
@@ -72,9 +73,10 @@ def stage_sidecar_options(stage: StageConfig) -> Optional[dict]:
 
 def shared_sidecar_options(cfg: PipelineConfig) -> Optional[dict]:
     """Flags of one sidecar that serves every stage that would start its own (the longest ``max_model_len``), or
-    None: a cluster ``launcher`` (the stages run elsewhere), no such stage, or stages whose sidecars differ in
-    anything else (dtype, TP, LoRA adapters: a restored base model would keep serving a stage's adapter)."""
-    if cfg.launcher:
+    None: a cluster ``launcher`` (the stages run elsewhere), CUDA (a stage refuses a local sidecar on its training
+    GPU: ``refuse_local_sidecar_on_gpu``, and so does the pipeline), no such stage, or stages whose sidecars
+    differ in anything else (dtype, TP, LoRA adapters: a restored base model would keep serving an adapter)."""
+    if cfg.launcher or on_gpu():
         return None
     wanted = [o for o in map(stage_sidecar_options, cfg.stages) if o is not None]
     if not wanted or any(o["max_lora_rank"] for o in wanted):
