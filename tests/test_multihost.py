@@ -451,13 +451,12 @@ def test_host_b_link_down_ends_on_both_hosts_while_a_resumes_on_its_own(two_host
     trains step 2: equal to the two-host run's step 2 to the last digit, the sidecar serving the leg's export.
     Checkpoints written on two hosts read on one are only seen here."""
     run = two_host_run
-    copy = tmp_path / "run"
+    copy = tmp_path / "leg" / "run"  # the leg in its own folder (config.yaml, logs), apart from the fault's run
     shutil.copytree(run["tmp_path"] / "run", copy)
     for step in (2, 3):
         shutil.rmtree(copy / "checkpoints" / f"step-{step}")
     (copy / "checkpoints" / "latest").write_text("step-1")
-    (tmp_path / "leg").mkdir()
-    one_host = leg_config(tmp_path / "leg", model_dir, copy, 2, "one_host")  # its own folder: config.yaml, logs
+    one_host = leg_config(tmp_path / "leg", model_dir, copy, 2, "one_host")
     config = run_config(tmp_path, model_dir, url=SPARE_URL, **PAUSING)
     trainer = Trainer(config, ("a", "b"), tag="fault", **pause_env(tmp_path / "pause", 1))
     leg = {}
