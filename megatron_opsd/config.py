@@ -12,7 +12,6 @@ import dataclasses
 import math
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -100,7 +99,29 @@ class TeacherConfig:
 
 
 @dataclass
-class RolloutConfig:
+class SamplingConfig:
+    """How the sidecar samples responses (vLLM ``SamplingParams``), defined once: the rollouts (``rollout``),
+    evaluation (``evaluation.runner.EvalSettings``) and the pipeline's ``eval`` section inherit these fields, so
+    their YAML keys stay flat (``rollout.temperature``); ``SidecarClient.generate`` takes one and builds the wire
+    request (``rollout/protocol.py``) from ``request_fields``. Ranges: ``SAMPLING_RANGES``, checked per section."""
+
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: Optional[int] = -1  # -1, 0 or null: off
+    max_tokens: int = 1024  # tokens generated per sample at most
+
+    def request_fields(self) -> dict:
+        """The generate request's sampling fields (top-k off as None)."""
+        return dict(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k if self.top_k is not None and self.top_k > 0 else None, max_tokens=self.max_tokens)
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    """The training rollouts: the sampling (``SamplingConfig``'s fields: ``rollout.n``, ``rollout.temperature``,
+    ...), the sidecar and its weight push, overlap, and which rollouts are distilled on."""
+
     sidecar_urls: list[str] = field(default_factory=list)  # empty: start a local sidecar on model.path
     local_sidecar_port: Optional[int] = None  # None: a free port
     local_sidecar_dtype: str = "float32"
@@ -118,11 +139,6 @@ class RolloutConfig:
     # else the file $OPSD_SIDECAR_SECRET_FILE names, else (local sidecar) a new one for this run; or name your own:
     secret_env: Optional[str] = None  # an environment variable holding it
     secret_file: Optional[str] = None  # a file holding it, readable only by you (mode 600)
-    n: int = 1  # rollouts per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int = 1024
     # overlapped rollouts (training/rollout_queue.py): 0 = synchronous (each step generates its own rollouts);
     # s >= 1: the sidecar generates step k + s's rollouts while step k trains, so step k trains on rollouts of
     # weights version max(0, k - s); a batch older than the bound is never trained on
@@ -237,19 +253,28 @@ class ExportConfig:
 
 
 @dataclass
-class OPSDConfig:
+class RunConfig:
+    """The sections every sidecar trainer's root config composes (OPSD's ``OPSDConfig``, GRPO's ``RLTrainConfig``),
+    each defined here once and checked once (``validate_values``, ``validate_run_config``)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
+class OPSDConfig(RunConfig):
+    """An OPSD run (``megatron-opsd train``): the shared sections, the teacher and the loss."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass
@@ -274,21 +299,11 @@ class RLConfig:
 
 
 @dataclass
-class RLTrainConfig:
-    """A GRPO run (``megatron-opsd rl``, ``training/grpo.py``): the sections every trainer shares, and ``rl``. No
+class RLTrainConfig(RunConfig):
+    """A GRPO run (``megatron-opsd rl``, ``training/grpo.py``): the shared sections and ``rl``. No
     ``teacher``/``loss``: GRPO distils nothing."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # k1 = log p_S(y) - log p_T(y) at y ~ p_S: its value estimates KL(p_S || p_T), but its gradient is grad log p_S(y),
@@ -391,10 +406,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r} in the config dataclass")
 
 
-# keys that no longer exist -> what to do instead (a one-line ConfigError instead of "unknown key")
+# keys that no longer exist -> what to do instead (a one-line ConfigError instead of "unknown key"); only for the
+# message: nothing reads an old key
 REMOVED_KEYS = {"rollout.keep_previous_weights": "removed: a collective push that fails is torn down on both ends "
                                                  "and pushed again (rollout.push_retries), the sidecar refusing "
-                                                 "/generate meanwhile; delete the key"}
+                                                 "/generate meanwhile; delete the key",
+                "loss.kind": "replaced by loss.coverage and loss.divergence (docs/losses.md): kind=topk -> "
+                             "loss.coverage=topk; kind=k1|k3|pg -> loss.coverage=sampled loss.divergence=<kind>; "
+                             "kind=reverse_kl|forward_kl|jsd -> loss.coverage=full loss.divergence=<kind>",
+                "loss.topk_divergence": "replaced by loss.divergence (with loss.coverage=topk)",
+                **{f"teacher.{name}": f"moved: use loss.{name}" for name in ("pmi_beta", "pmi_clip", "pmi_center")}}
 
 
 def _unknown_key(key: str, where: str, names: list) -> ConfigError:
@@ -441,59 +462,9 @@ def _override_items(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return items
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Keys renamed by the loss split (target / coverage / divergence): accepted for one release, with a warning
-# ----------------------------------------------------------------------------------------------------------
-_MOVED_KEYS = {"teacher.pmi_beta": "loss.pmi_beta", "teacher.pmi_clip": "loss.pmi_clip",
-               "teacher.pmi_center": "loss.pmi_center"}
-_OLD_LOSS_KINDS = Literal["reverse_kl", "forward_kl", "jsd", "k1", "k3", "pg", "topk"]
-DEPRECATED_KEYS = ("loss.kind", "loss.topk_divergence", *_MOVED_KEYS)
-
-
-def _coverage_and_divergence(kind: str, divergence: str) -> tuple[str, str]:
-    """The old ``loss.kind`` as (coverage, divergence); kind=topk keeps a full-vocabulary ``divergence``."""
-    if kind == "topk":
-        return "topk", divergence if divergence in FULL_DIVERGENCES else "reverse_kl"
-    return ("sampled" if kind in SAMPLED_ESTIMATORS else "full"), kind
-
-
-def apply_deprecated_key(cfg: Any, key: str, value: Any) -> None:
-    """Set deprecated ``key`` through the keys that replace it, with a one-line FutureWarning naming them."""
-    loss = cfg.loss
-    if key == "loss.kind":
-        loss.coverage, loss.divergence = _coverage_and_divergence(_coerce(value, _OLD_LOSS_KINDS, key),
-                                                                  loss.divergence)
-        new = f"loss.coverage={loss.coverage} loss.divergence={loss.divergence}"
-    elif key == "loss.topk_divergence":  # as before: it only ever selected the divergence of kind=topk
-        divergence = _coerce(value, Literal["reverse_kl", "forward_kl", "jsd"], key)
-        if loss.coverage == "topk":
-            loss.divergence = divergence
-        new = f"loss.divergence={divergence} (with loss.coverage=topk)"
-    else:
-        name = _MOVED_KEYS[key].split(".")[1]
-        setattr(loss, name, _coerce(value, typing.get_type_hints(LossConfig)[name], _MOVED_KEYS[key]))
-        new = f"{_MOVED_KEYS[key]}={getattr(loss, name)}"
-    warnings.warn(f"config key {key} is deprecated and will be removed in the next release: use {new}",
-                  FutureWarning, stacklevel=3)
-
-
-def _pop_deprecated(data: Any) -> list[tuple[str, Any]]:
-    """Remove the deprecated keys from a YAML mapping; returns them (dotted key, value) in file order."""
-    found = []
-    for section in ("loss", "teacher"):
-        values = data.get(section) if isinstance(data, dict) else None
-        if isinstance(values, dict):
-            for name in [n for n in values if f"{section}.{n}" in DEPRECATED_KEYS]:
-                found.append((f"{section}.{name}", values.pop(name)))
-    return sorted(found, key=lambda item: DEPRECATED_KEYS.index(item[0]))  # loss.kind before topk_divergence
-
-
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     """Apply ``section.key=value`` strings to ``cfg`` in place (and return it), coerced from the annotations."""
     for key, raw in _override_items(overrides):
-        if key in DEPRECATED_KEYS and isinstance(cfg, OPSDConfig):
-            apply_deprecated_key(cfg, key, raw)
-            continue
         parts = key.split(".")
         target = cfg
         for i, part in enumerate(parts):
@@ -533,10 +504,16 @@ def _in(low: float, high: float, text: str, *, open_low: bool = False,
     return (lambda v: (v > low if open_low else v >= low) and (v < high if open_high else v <= high)), text
 
 
+# Every SamplingConfig's fields, whichever section holds them (rollout, the pipeline's eval, EvalSettings).
+SAMPLING_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "n": _at_least(1),
+    "temperature": _in(0.0, 2.0, "in [0, 2] (vLLM's range; 0 = greedy)"),
+    "top_p": _in(0.0, 1.0, "in (0, 1]", open_low=True),
+    "top_k": ((lambda v: v >= -1), "-1 or 0 (off), or >= 1"),
+    "max_tokens": _at_least(1),
+}
+
 VALUE_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "rollout.temperature": _in(0.0, 2.0, "in [0, 2] (vLLM's range; 0 = greedy)"),
-    "rollout.top_p": _in(0.0, 1.0, "in (0, 1]", open_low=True),
-    "rollout.top_k": ((lambda v: v >= -1), "-1 or 0 (off), or >= 1"),
     "rollout.local_sidecar_port": _in(1, 65535, "a TCP port in [1, 65535] (or null: a free one)"),
     "optim.adam_beta1": _in(0.0, 1.0, "in [0, 1)", open_high=True),
     "optim.adam_beta2": _in(0.0, 1.0, "in [0, 1)", open_high=True),
@@ -555,22 +532,23 @@ VALUE_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 
 def _leaves(cfg: Any, prefix: str = ""):
-    """(dotted key, value) of every non-section field of a config dataclass tree."""
+    """(dotted key, value, its range or None) of every non-section field of a config dataclass tree."""
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             yield from _leaves(value, key + ".")
         else:
-            yield key, value
+            rule = SAMPLING_RANGES.get(f.name) if isinstance(cfg, SamplingConfig) else None
+            yield key, value, rule or VALUE_RANGES.get(key)
 
 
 def validate_values(cfg: Any) -> Any:
-    """Every number finite, every value in ``VALUE_RANGES`` in its range, and the parallel sizes >= 1: for every
-    config class, at load, before any process group or sidecar exists."""
-    for key, value in _leaves(cfg):
+    """Every number finite, every value in its range (``SAMPLING_RANGES`` for a ``SamplingConfig``'s fields,
+    ``VALUE_RANGES``), and the parallel sizes >= 1: for every config class, at load, before any process group or
+    sidecar exists."""
+    for key, value, rule in _leaves(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
-        rule = VALUE_RANGES.get(key)
         if rule is not None and value is not None and not rule[0](value):
             raise ConfigError(f"{key} must be {rule[1]}, got {value}")
     parallel = getattr(cfg, "parallel", None)
@@ -579,17 +557,47 @@ def validate_values(cfg: Any) -> Any:
     return cfg
 
 
-def validate_config(cfg: OPSDConfig) -> OPSDConfig:
-    """Cross-field checks that single annotations cannot express."""
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
 
-    t, r, loss = cfg.teacher, cfg.rollout, cfg.loss
-    need(t.context != "template" or bool(t.template),
-         "teacher.template must be set (a Jinja user turn) when teacher.context=template")
+
+def validate_run_config(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks of the shared sections (reward, rollout, data, optim, model.lora), for every trainer
+    that composes them."""
+    need, r = _need, cfg.rollout
     need(cfg.reward.kind != "callable" or bool(cfg.reward.callable),
          "reward.callable must be set to 'module:function' when reward.kind=callable")
+    need(r.local_sidecar_tensor_parallel_size >= 1,
+         f"rollout.local_sidecar_tensor_parallel_size must be >= 1, got {r.local_sidecar_tensor_parallel_size}")
+    need(r.sync_timeout_s > 0, f"rollout.sync_timeout_s must be > 0, got {r.sync_timeout_s}")
+    need(r.push_retries >= 0, f"rollout.push_retries must be >= 0, got {r.push_retries}")
+    need(r.push_bucket_mb >= 1, f"rollout.push_bucket_mb must be >= 1, got {r.push_bucket_mb}")
+    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
+    need(r.max_staleness >= 0, f"rollout.max_staleness must be >= 0 (0: synchronous), got {r.max_staleness}")
+    need(r.importance_ratio_clip >= 1.0,
+         f"rollout.importance_ratio_clip must be >= 1 (the ratio's cap), got {r.importance_ratio_clip}")
+    need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")
+    need(r.max_kept is None or r.max_kept >= 1, f"rollout.max_kept must be null or >= 1, got {r.max_kept}")
+    if r.horizon_growth is not None:
+        need(None not in (r.horizon_start, r.horizon_end, r.horizon_steps),
+             "rollout.horizon_growth=linear needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps")
+        need(1 <= r.horizon_start <= r.horizon_end and r.horizon_steps >= 1,
+             "rollout.horizon_growth=linear needs 1 <= horizon_start <= horizon_end and horizon_steps >= 1")
+        need(r.horizon is None, "set rollout.horizon (fixed) or rollout.horizon_growth (progressive), not both")
+    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
+    need(cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
+    need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    validate_lora(cfg)
+    return cfg
+
+
+def validate_config(cfg: OPSDConfig) -> OPSDConfig:
+    """OPSD's cross-field checks that single annotations cannot express: the teacher and the loss (and what they
+    need of the rollouts), then the shared sections' (``validate_run_config``)."""
+    need, t, r, loss = _need, cfg.teacher, cfg.rollout, cfg.loss
+    need(t.context != "template" or bool(t.template),
+         "teacher.template must be set (a Jinja user turn) when teacher.context=template")
     sampled = loss.coverage == "sampled"
     need(sampled or loss.divergence in FULL_DIVERGENCES,
          f"loss.divergence={loss.divergence} is a sampled-token estimator: set loss.coverage=sampled, or use "
@@ -626,33 +634,10 @@ def validate_config(cfg: OPSDConfig) -> OPSDConfig:
          f"shows the teacher another correct rollout of the same group: set rollout.n >= 2 (got {r.n})")
     need(0.0 < t.ema_decay < 1.0, f"teacher.ema_decay must be in (0, 1), got {t.ema_decay}")
     need(t.refresh_every >= 1, f"teacher.refresh_every must be >= 1, got {t.refresh_every}")
-    need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
-    need(r.local_sidecar_tensor_parallel_size >= 1,
-         f"rollout.local_sidecar_tensor_parallel_size must be >= 1, got {r.local_sidecar_tensor_parallel_size}")
-    need(r.sync_timeout_s > 0, f"rollout.sync_timeout_s must be > 0, got {r.sync_timeout_s}")
-    need(r.push_retries >= 0, f"rollout.push_retries must be >= 0, got {r.push_retries}")
-    need(r.push_bucket_mb >= 1, f"rollout.push_bucket_mb must be >= 1, got {r.push_bucket_mb}")
-    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
-    need(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {r.max_tokens}")
-    need(r.max_staleness >= 0, f"rollout.max_staleness must be >= 0 (0: synchronous), got {r.max_staleness}")
-    need(r.importance_ratio_clip >= 1.0,
-         f"rollout.importance_ratio_clip must be >= 1 (the ratio's cap), got {r.importance_ratio_clip}")
-    need(r.horizon is None or r.horizon >= 1, f"rollout.horizon must be null or >= 1, got {r.horizon}")
-    need(r.max_kept is None or r.max_kept >= 1, f"rollout.max_kept must be null or >= 1, got {r.max_kept}")
-    if r.horizon_growth is not None:
-        need(None not in (r.horizon_start, r.horizon_end, r.horizon_steps),
-             "rollout.horizon_growth=linear needs rollout.horizon_start, rollout.horizon_end and rollout.horizon_steps")
-        need(1 <= r.horizon_start <= r.horizon_end and r.horizon_steps >= 1,
-             "rollout.horizon_growth=linear needs 1 <= horizon_start <= horizon_end and horizon_steps >= 1")
-        need(r.horizon is None, "set rollout.horizon (fixed) or rollout.horizon_growth (progressive), not both")
-    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
-    need(cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
-    need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     need(t.weights != "live" or t.fp8 == "student",
          f"teacher.fp8={t.fp8}: teacher.weights=live runs the teacher on the student's own weights (model.fp8); set "
          "teacher.fp8=student or teacher.weights=frozen|ema|refresh")
-    validate_lora(cfg)
-    return cfg
+    return validate_run_config(cfg)
 
 
 def distillation_warnings(cfg: OPSDConfig) -> list[str]:
@@ -671,7 +656,7 @@ def distillation_warnings(cfg: OPSDConfig) -> list[str]:
     return out
 
 
-def validate_lora(cfg: OPSDConfig) -> None:
+def validate_lora(cfg: RunConfig) -> None:
     """``model.lora``'s own ranges and what it cannot be combined with."""
     from megatron_opsd.models.lora import LORA_TARGETS
 
@@ -694,7 +679,7 @@ def validate_lora(cfg: OPSDConfig) -> None:
                           "set parallel.sequence_parallel=false")
 
 
-def resolve_config(cfg: OPSDConfig) -> OPSDConfig:
+def resolve_config(cfg: RunConfig) -> RunConfig:
     """Fill the defaults that depend on other fields (logging.dir = runs/<name>)."""
     if cfg.logging.dir is None:
         cfg.logging.dir = str(Path("runs") / (cfg.logging.name or "opsd"))
@@ -710,10 +695,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[Sequence[
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         data = yaml.safe_load(p.read_text()) or {}
-    deprecated = _pop_deprecated(data) if issubclass(cls, OPSDConfig) else []
     cfg = from_dict(cls, data)
-    for key, value in deprecated:
-        apply_deprecated_key(cfg, key, value)
     apply_overrides(cfg, list(overrides or []))
     validate_values(cfg)
     if isinstance(cfg, OPSDConfig):

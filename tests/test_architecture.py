@@ -383,5 +383,49 @@ def test_checks_find_planted_violations():
     same = ast.parse("def f(client):\n    client._senders\n")
     assert _private_violations("megatron_opsd.rollout.client", same) == []  # its own class's member
 
+
+# One direction of control (issue 29): the trainers (their own files) call the machinery; the machinery never
+# calls back. Only the step loop and ``Run.fit``, which drive a trainer, may name it; only OPSD's trainer builds
+# (names) its teacher prompts, from the rollouts that came back.
+TRAINER_FILES = {f"megatron_opsd.training.{m}" for m in ("trainer", "rl_trainer", "sft")}
+TRAINER_DRIVERS = ("megatron_opsd.training.loop.", "megatron_opsd.training.run.Run.fit")
+
+
+def _trainer_callbacks(module: str, tree: ast.AST) -> list[str]:
+    """``module``'s functions (qualified names) that name a ``trainer`` outside the drivers, or ``teacher_prompts``."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                names = {n.id for n in ast.walk(child) if isinstance(n, ast.Name)}
+                names |= {n.arg for n in ast.walk(child) if isinstance(n, ast.arg)}
+                names |= {n.attr for n in ast.walk(child) if isinstance(n, ast.Attribute)}
+                if not isinstance(child, ast.ClassDef):
+                    if "trainer" in names and not name.startswith(TRAINER_DRIVERS):
+                        found.append(f"{name} names the trainer")
+                    if "teacher_prompts" in names:
+                        found.append(f"{name} names teacher_prompts")
+                visit(child, name + ".")
+
+    if module not in TRAINER_FILES:
+        visit(tree, module + ".")
+    return sorted(set(found))
+
+
+def test_no_component_calls_back_into_the_trainer():
+    training = [m for m in _modules() if m.startswith("megatron_opsd.training.")]
+    found = [line for m in training for line in _trainer_callbacks(m, _parsed(m))]
+    assert not found, "the machinery calls back into the trainer (docs/architecture.md, 'One step'):\n" + \
+        "\n".join(found)
+    planted = ast.parse("class Run:\n    def save(self, trainer):\n        trainer.extra_models()\n"
+                        "    def fit(self, trainer):\n        trainer.train_step(None)\n"
+                        "def sample_rollouts(run, make):\n    return make.teacher_prompts()\n")
+    assert _trainer_callbacks("megatron_opsd.training.run", planted) == [
+        "megatron_opsd.training.run.Run.save names the trainer",
+        "megatron_opsd.training.run.sample_rollouts names teacher_prompts"]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -162,41 +162,24 @@ def test_published_defaults():
     assert (compression.teacher.context, compression.rollout.filter) == ("concise", "correct")
 
 
-NEW_LOSS_KEYS = ["loss.coverage=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.divergence=jsd", "loss.beta=0.3",
-                 "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi", "loss.pmi_beta=0.5",
-                 "loss.pmi_clip=3", "loss.pmi_center=teacher", "loss.demopsd_alpha_max=0.2", "loss.demopsd_beta=2"]
-OLD_LOSS_KEYS = ["loss.kind=topk", "loss.top_k=7", "loss.topk_tail=false", "loss.topk_divergence=jsd", "loss.beta=0.3",
-                 "loss.temperature=1.2", "teacher.purified=true", "loss.target=pmi", "teacher.pmi_beta=0.5",
-                 "teacher.pmi_clip=3", "teacher.pmi_center=teacher", "loss.demopsd_alpha_max=0.2",
-                 "loss.demopsd_beta=2"]
-
-
-@pytest.mark.parametrize("old, new", [
-    (["loss.kind=jsd"], ["loss.coverage=full", "loss.divergence=jsd"]),
-    (["loss.kind=pg"], ["loss.coverage=sampled", "loss.divergence=pg"]),
-    (["loss.kind=k3", "loss.topk_divergence=jsd"], ["loss.coverage=sampled", "loss.divergence=k3"]),  # ignored
-    (["loss.kind=topk", "loss.top_k=4"], ["loss.coverage=topk", "loss.divergence=reverse_kl", "loss.top_k=4"]),
-    (OLD_LOSS_KEYS, NEW_LOSS_KEYS),
+@pytest.mark.parametrize("old, replacement", [
+    ("loss.kind=jsd", "loss.coverage=full loss.divergence=<kind>"),
+    ("loss.kind=topk", "kind=topk -> loss.coverage=topk"),
+    ("loss.kind=pg", "kind=k1|k3|pg -> loss.coverage=sampled loss.divergence=<kind>"),
+    ("loss.topk_divergence=jsd", "replaced by loss.divergence (with loss.coverage=topk)"),
+    ("teacher.pmi_beta=0.5", "moved: use loss.pmi_beta"),
+    ("teacher.pmi_clip=3", "moved: use loss.pmi_clip"),
+    ("teacher.pmi_center=teacher", "moved: use loss.pmi_center"),
 ])
-def test_deprecated_loss_keys_give_the_new_keys_config(old, new):
-    """Each old key (loss.kind, loss.topk_divergence, teacher.pmi_*) gives the config its new keys give, with one
-    FutureWarning line per old key that names the new key; from a YAML file as from overrides."""
-    expected = load_config(None, new)
-    with pytest.warns(FutureWarning) as record:
-        assert load_config(None, old) == expected
-    messages = [str(w.message) for w in record]
-    deprecated = [o.split("=")[0] for o in old if o.split("=")[0] in ("loss.kind", "loss.topk_divergence")
-                  or o.startswith("teacher.pmi_")]
-    assert len(messages) == len(deprecated) and all("\n" not in m for m in messages)
-    for key, message in zip(deprecated, messages):
-        assert message.startswith(f"config key {key} is deprecated") and "use loss." in message
-
-
-def test_deprecated_loss_keys_in_yaml(tmp_path):
+def test_old_loss_keys_are_refused_naming_the_new_key(tmp_path, old, replacement):
+    """The keys the loss split replaced (loss.kind, loss.topk_divergence, teacher.pmi_*) are unknown keys now:
+    one line naming the replacement, from a YAML file as from an override."""
+    key, value = old.split("=")
+    section, name = key.split(".")
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump({"loss": {"topk_divergence": "forward_kl", "kind": "topk", "top_k": 3},
-                                    "teacher": {"purified": True, "pmi_clip": 2.0}}))
-    with pytest.warns(FutureWarning, match="use loss.pmi_clip=2.0"):
-        cfg = load_config(str(path), ["loss.target=pmi"])
-    assert (cfg.loss.coverage, cfg.loss.divergence, cfg.loss.top_k, cfg.loss.pmi_clip) == ("topk", "forward_kl", 3, 2.0)
-    assert "kind" not in yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))["loss"]  # saved with the new keys only
+    path.write_text(yaml.safe_dump({section: {name: value}}))
+    for path_arg, overrides in ((None, [old]), (str(path), [])):
+        with pytest.raises(ConfigError) as err:
+            load_config(path_arg, overrides)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"config key {key!r} was ") and replacement in message

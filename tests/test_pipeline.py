@@ -39,6 +39,8 @@ def test_config_errors_name_the_key(tmp_path):
         ({"stages": [{**_stages()[0], "kind": "ppo"}]}, "stages\\[0\\].kind"),
         ({"stages": [{**_stages()[0], "lr": 1}]}, "unknown config key 'stages\\[0\\].lr'"),
         ({"eval": {"path": "missing.jsonl"}}, "eval.path 'missing.jsonl' is not a file"),
+        ({"eval": {"temperature": 2.5}}, "eval.temperature must be in \\[0, 2\\]"),  # config.SAMPLING_RANGES
+        ({"eval": {"top_k": -2}}, "eval.top_k must be -1 or 0 \\(off\\), or >= 1, got -2"),
     ]
     for change, message in cases:
         with pytest.raises(ConfigError, match=message):

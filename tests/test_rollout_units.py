@@ -1,4 +1,5 @@
 """Sidecar pieces that need no engine: weight staging (all or nothing), bucketing, on-policy checks, client errors."""
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -134,6 +135,26 @@ def test_check_on_policy():
         check_on_policy(samples, current_version=5)
     with pytest.raises(StaleRolloutError, match=r"3 of 3"):
         check_on_policy(samples, current_version=3, max_staleness=5)  # from the future: another run's weights
+
+
+def test_generate_request_is_built_from_one_sampling_config(monkeypatch):
+    """The client's ``/generate`` body takes its sampling fields from a ``config.SamplingConfig`` (a rollout section
+    here, keyword replacements on top), and is a valid ``GenerateRequest``; top-k off (-1) goes out as None."""
+    from megatron_opsd.config import RolloutConfig, SamplingConfig
+    from megatron_opsd.rollout.protocol import GenerateRequest
+
+    assert {f.name for f in dataclasses.fields(SamplingConfig)} <= set(GenerateRequest.model_fields)
+    client, bodies = SidecarClient(["http://127.0.0.1:1"]), []
+    monkeypatch.setattr(client, "request", lambda method, path, *a, json: bodies.append(json) or {"results": [[]]})
+    rollout = RolloutConfig(n=3, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=64)
+    client.generate([[1, 2]], sampling=rollout, max_tokens=5, stop_token_ids=[0], seed=7)
+    request = GenerateRequest(**bodies[0])
+    assert (request.n, request.temperature, request.top_p, request.top_k, request.max_tokens, request.seed) == (
+        3, 0.7, 0.9, None, 5, 7)
+    client.generate([[1, 2]], n=2, top_k=4)  # no config: SamplingConfig's defaults
+    assert (bodies[1]["n"], bodies[1]["top_k"], bodies[1]["temperature"]) == (2, 4, SamplingConfig.temperature)
+    with pytest.raises(TypeError, match="tempreature"):
+        client.generate([[1, 2]], tempreature=0.5)
 
 
 def test_client_gives_clear_error_when_nothing_listens():

@@ -32,10 +32,10 @@ class FakeClient:
     def __init__(self):
         self.version, self.max_tokens = 0, []
 
-    def generate(self, prompts, *, n, max_tokens, **_):
+    def generate(self, prompts, *, sampling, max_tokens, **_):
         from megatron_opsd.rollout.client import Sample
 
-        assert len(prompts) == len(RESPONSE_LENGTHS) and n == 3
+        assert len(prompts) == len(RESPONSE_LENGTHS) and sampling.n == 3
         self.max_tokens.append(max_tokens)
         return [[Sample(r, [0.0] * len(r), "stop", self.version) for r in group] for group in fixed_responses()]
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from megatron_opsd.config import DataConfig
+from megatron_opsd.config import SAMPLING_RANGES, DataConfig, SamplingConfig
 from megatron_opsd.data.contexts import student_messages
 from megatron_opsd.data.datasets import PromptExample, load_prompt_dataset
 from megatron_opsd.evaluation.grading import grade_samples, summarize_grades
@@ -56,12 +56,12 @@ DEFAULT_MAX_TOKENS = 1024  # eval's response budget, lowered to fit the model's 
 
 
 @dataclass
-class EvalSettings:
-    n: int = 1  # samples per prompt
+class EvalSettings(SamplingConfig):
+    """One evaluation: the sampling (``config.SamplingConfig``'s fields; here by default temperature 0.6, top_p
+    0.95), the prompts and the grading."""
+
     temperature: float = 0.6
     top_p: float = 0.95
-    top_k: Optional[int] = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int = 0  # prompt i of a benchmark samples with seed + i (independent of batching)
     enable_thinking: Optional[bool] = None  # chat template switch; None = the template's default
     boxed_only: bool = True  # only the last \boxed{} of a response is graded
@@ -74,12 +74,10 @@ class EvalSettings:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"n: {self.n} samples per prompt; must be >= 1")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens: {self.max_tokens}; must be >= 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: {self.top_p}; must be in (0, 1]")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: {self.temperature}; must be >= 0 (0 = greedy)")
+        for name, (ok, text) in SAMPLING_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name}: {value}; must be {text}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: {self.limit}; must be >= 1 (or None for every prompt)")
         if self.prompts_per_request < 1:
@@ -175,9 +173,8 @@ def generate_benchmark(client, tokenizer, examples: list[PromptExample], setting
     step = settings.prompts_per_request
     with _progress(len(prompts), desc, settings.progress) as bar:
         for lo in range(0, len(prompts), step):
-            samples += client.generate(prompts[lo:lo + step], n=settings.n, temperature=settings.temperature,
-                                       top_p=settings.top_p, top_k=settings.top_k, max_tokens=settings.max_tokens,
-                                       stop_token_ids=stop, seed=settings.seed + lo)
+            samples += client.generate(prompts[lo:lo + step], sampling=settings, stop_token_ids=stop,
+                                       seed=settings.seed + lo)
             bar.update(min(step, len(prompts) - lo))
     return prompts, samples
 
@@ -346,9 +343,7 @@ def training_eval_settings(cfg) -> EvalSettings:
     """Evaluation settings inside training (``train.eval_every``): one sample per held-out prompt with the
     rollout's sampling and token budget, a fixed seed (every evaluation sees the same draws, so steps are
     comparable), the training prompt template and thinking switch; grading as ``reward.boxed_only``."""
-    return EvalSettings(n=1, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                        top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None,
-                        max_tokens=cfg.rollout.max_tokens, seed=cfg.rollout.seed,
+    return EvalSettings(**{**cfg.rollout.request_fields(), "n": 1}, seed=cfg.rollout.seed,
                         enable_thinking=cfg.model.enable_thinking, boxed_only=cfg.reward.boxed_only,
                         progress=False, data=cfg.data)  # data.limit, if set, already cuts the file
 

@@ -24,7 +24,7 @@ from typing import Literal, Optional, Sequence
 
 import yaml
 
-from megatron_opsd.config import ConfigError, apply_overrides, from_dict
+from megatron_opsd.config import ConfigError, SamplingConfig, apply_overrides, from_dict, validate_values
 
 STAGE_COMMANDS = {"sft": "sft", "rl": "rl", "opsd": "train"}  # stage kind -> megatron-opsd subcommand
 
@@ -41,13 +41,13 @@ class StageConfig:
 
 
 @dataclass
-class PipelineEvalConfig:
+class PipelineEvalConfig(SamplingConfig):
+    """The held-out evaluation of every stage: the sampling (``config.SamplingConfig``'s fields: ``eval.n``,
+    ``eval.max_tokens``, ...; greedy by default, so rows compare), the file and the prompt format."""
+
+    temperature: float = 0.0  # greedy by default: comparable rows
     path: Optional[str] = None  # held-out JSONL with problem/answer fields; None: no evaluation
     baseline: bool = True  # also evaluate the starting model (the table's first row)
-    n: int = 1
-    temperature: float = 0.0  # greedy by default: comparable rows
-    top_p: float = 1.0
-    max_tokens: int = 1024
     limit: Optional[int] = None
     seed: int = 0
     enable_thinking: Optional[bool] = None
@@ -113,4 +113,4 @@ def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> 
     cfg = from_dict(PipelineConfig, data)
     cfg.stages = [from_dict(StageConfig, s, prefix=f"stages[{i}]") for i, s in enumerate(stages)]
     apply_overrides(cfg, list(overrides))
-    return validate_pipeline_config(cfg)
+    return validate_pipeline_config(validate_values(cfg))

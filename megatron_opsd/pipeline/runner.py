@@ -109,8 +109,8 @@ def evaluate_stage(cfg: PipelineConfig, name: str, model_dir: str, models: OneSi
     data = DataConfig(system_prompt=e.system_prompt)
     if e.prompt_template is not None:
         data.prompt_template = e.prompt_template
-    settings = EvalSettings(n=e.n, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, seed=e.seed,
-                            enable_thinking=e.enable_thinking, limit=e.limit, data=data)
+    settings = EvalSettings(**e.request_fields(), seed=e.seed, enable_thinking=e.enable_thinking, limit=e.limit,
+                            data=data)
     out.parent.mkdir(parents=True, exist_ok=True)  # also for "start", which has no stage folder
     results = models.results(model_dir, [e.path], settings)
     summary = {"stage": name, "model": str(model_dir),

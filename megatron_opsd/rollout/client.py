@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from megatron_opsd.config import SamplingConfig
 from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
 from megatron_opsd.parallel import control
 from megatron_opsd.parallel.distributed import free_port, route_source_address
@@ -193,16 +194,16 @@ class SidecarClient:
                 time.sleep(poll_s)
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, prompts: Union[list[list[int]], list[str]], *, n: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: Optional[int] = None, max_tokens: int = 16,
+    def generate(self, prompts: Union[list[list[int]], list[str]], sampling: Optional[SamplingConfig] = None, *,
                  stop: Optional[list[str]] = None, stop_token_ids: Optional[list[int]] = None,
-                 seed: Optional[int] = None, ignore_eos: bool = False) -> list[list[Sample]]:
-        """``n`` samples per prompt. With several replicas the batch is split across them, concurrently;
-        prompt i still samples with seed ``seed + i`` so results do not depend on the number of replicas."""
+                 seed: Optional[int] = None, ignore_eos: bool = False, **fields) -> list[list[Sample]]:
+        """``sampling.n`` samples per prompt (``config.SamplingConfig``, with ``fields`` such as ``n=4,
+        temperature=0.0`` replaced). With several replicas the batch is split across them, concurrently; prompt i
+        still samples with seed ``seed + i`` so results do not depend on the number of replicas."""
         if not prompts:
             raise ValueError("prompts: empty list; send at least one prompt")
-        params = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop,
-                      stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        sampling = replace(sampling or SamplingConfig(), **fields)  # an unknown field is a TypeError
+        params = dict(sampling.request_fields(), stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         parts = min(len(self.urls), len(prompts))
         bounds = [round(k * len(prompts) / parts) for k in range(parts + 1)]
 

@@ -15,6 +15,9 @@ class _Strict(BaseModel):
 
 
 class GenerateRequest(_Strict):
+    """``/generate``'s body. Its sampling fields are ``config.SamplingConfig``'s (``SidecarClient.generate`` fills
+    them from one, ``request_fields``); the defaults here serve a raw HTTP caller."""
+
     prompts: Union[list[list[int]], list[str]] = Field(description="token ids (preferred) or raw text per prompt")
     n: int = Field(1, description="samples per prompt")
     temperature: float = 1.0

@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_opsd.config import (K1_REFUSAL, ConfigError, OPSDConfig, RLConfig, RLTrainConfig, load_config,
-                                  resolve_config, validate_config)
+from megatron_opsd.config import (K1_REFUSAL, ConfigError, RLConfig, RLTrainConfig, load_config, resolve_config,
+                                  validate_run_config)
 from megatron_opsd.losses import token_weights
 from megatron_opsd.losses.vocab_parallel import working_dtype
 
@@ -33,11 +33,8 @@ def reference_model(rl: RLConfig) -> str:
 
 
 def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
-    """The shared sections' checks (``config.validate_config``, on them alone), ``logging.dir`` resolved, and
-    GRPO's own."""
-    shared = OPSDConfig(model=cfg.model, parallel=cfg.parallel, data=cfg.data, rollout=cfg.rollout, reward=cfg.reward,
-                        optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, logging=cfg.logging)
-    validate_config(resolve_config(shared))  # the sections are shared objects: logging.dir lands in cfg too
+    """The shared sections' checks (``config.validate_run_config``), ``logging.dir`` resolved, and GRPO's own."""
+    validate_run_config(resolve_config(cfg))
     rl = cfg.rl
     checks = [
         (rl.clip_eps_low >= 0 and rl.clip_eps_high >= 0, f"rl.clip_eps_low/high must be >= 0, got "

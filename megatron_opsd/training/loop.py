@@ -76,7 +76,7 @@ def run_steps(run, trainer) -> list[dict]:
                     bar.set_postfix(**trainer.progress(metrics))
             every = cfg.checkpoint.save_every
             if every and run.step % every == 0 and run.step < cfg.train.steps:
-                run.save(trainer)
+                run.save(trainer.sampler, trainer.extra_models())
     finally:
         if bar is not None:
             bar.close()

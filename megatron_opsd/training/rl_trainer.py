@@ -22,7 +22,8 @@ from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy
                                          rollout_weights, step_rewards, validate_rl_config)
 from megatron_opsd.training.opsd import build_microbatches, response_token_ids, rows_by_index, tp_group
 from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
-                                             importance_clip, rollout_queue, sample_rollouts)
+                                             broadcast_rollouts, importance_clip, rollout_queue,
+                                             sample_rollouts)
 from megatron_opsd.training.loop import PhaseTimer
 from megatron_opsd.training.run import EvaluateHook, Run
 from megatron_opsd.training.schedule import forward_backward
@@ -207,7 +208,8 @@ class GRPOTrainer:
 
     def rollouts(self, timer: PhaseTimer) -> StepRollouts:
         """COLLECTIVE: this step's whole rollouts with their rewards and sidecar log-probs (no teacher prompts)."""
-        return sample_rollouts(self.run, self.queue.take(self.run.step), self.reward, timer=timer)
+        return broadcast_rollouts(sample_rollouts(self.run, self.queue.take(self.run.step), self.reward, timer=timer),
+                                  timer)
 
     def extra_models(self) -> Optional[dict]:
         """The reference replica, checkpointed under ``teacher`` (the checkpoint layout GRPO runs always had)."""

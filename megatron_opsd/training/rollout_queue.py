@@ -56,9 +56,8 @@ class RolloutBatch:
 def generate_samples(run, student: list, max_tokens: int, step: int) -> list:
     """Rank 0: ``rollout.n`` samples per prompt from the sidecar, seeded by ``step`` (the step they train)."""
     r, tokenizer = run.cfg.rollout, run.tokenizer
-    return run.client.generate(
-        student, n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k if r.top_k > 0 else None,
-        max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id], seed=r.seed + 100_003 * step)
+    return run.client.generate(student, sampling=r, max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id],
+                               seed=r.seed + 100_003 * step)
 
 
 class RolloutQueue:

@@ -1,11 +1,12 @@
 """One step's rollouts, shared by OPSD and GRPO: rank 0 takes the step's samples from the rollout queue (generated
-now, or ahead of time with ``rollout.max_staleness`` >= 1: ``training/rollout_queue.py``), verifies the
-responses (the reward), encodes the teacher prompts the method needs, and broadcasts the lot, so every rank
-builds the same step. Each phase is charged to the step's ``PhaseTimer``.
+now, or ahead of time with ``rollout.max_staleness`` >= 1: ``training/rollout_queue.py``) and verifies the
+responses (the reward) (``sample_rollouts``); the method adds what it needs from them (OPSD: the teacher
+prompts) and ``broadcast_rollouts`` sends the lot once, so every rank builds the same step. Nothing here calls
+back into the method. Each phase is charged to the step's ``PhaseTimer``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from megatron_opsd.data.datasets import PromptSampler, load_prompt_dataset
@@ -16,9 +17,6 @@ from megatron_opsd.training.loop import PhaseTimer
 from megatron_opsd.training.run import Run
 
 ROLLOUT_PHASES = ("time/rollout", "time/verify", "time/teacher_prompts", "time/broadcast")
-
-# (examples, texts per prompt per rollout, correct per prompt per rollout) -> StepRollouts.teachers
-TeacherPrompts = Callable[[list, list, list], dict]
 
 
 @dataclass
@@ -35,6 +33,7 @@ class StepRollouts:
     # Purified OPSD (teacher.context, reference_only, base), in that order. Empty for GRPO.
     teachers: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # overlapped rollouts: staleness and timings (``overlap_stats``)
+    texts: list = field(default_factory=list)  # per prompt: the n decoded responses (rank 0; not broadcast)
 
 
 def prompt_sampler(cfg) -> PromptSampler:
@@ -51,28 +50,31 @@ def rollout_queue(run: Run, sampler: PromptSampler, max_tokens_at: Callable[[int
     return run.rollout_queue
 
 
-def sample_rollouts(run: Run, batch: RolloutBatch, reward, *, timer: PhaseTimer,
-                    teacher_prompts: Optional[TeacherPrompts] = None) -> StepRollouts:
-    """COLLECTIVE: the step's ``batch`` (``RolloutQueue.take``: ``rollout.n`` samples per example from the sidecar
-    on rank 0) checked against the staleness bound, graded by ``reward`` (one batched call: math-verify grades
-    in a pool), with ``teacher_prompts``' encodings; broadcast to every rank."""
-    result, examples, samples = None, batch.examples, batch.samples
-    if run.rank == 0:
-        check_on_policy(samples, run.step, run.cfg.rollout.max_staleness)  # never trains on a batch too old
-        timer.lap("time/rollout")
-        texts = [run.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
-        owners = [ex for ex, g in zip(examples, samples) for _ in g]
-        scores = iter(reward(texts, owners))
-        rewards = [[float(next(scores)) for _ in g] for g in samples]
-        correct = [[x > 0.5 for x in g] for g in rewards]
-        timer.lap("time/verify")
-        per_group = iter(texts)
-        grouped_texts = [[next(per_group) for _ in g] for g in samples]
-        teachers = teacher_prompts(examples, grouped_texts, correct) if teacher_prompts is not None else {}
-        timer.lap("time/teacher_prompts")
-        result = StepRollouts(batch.student, [[s.token_ids for s in g] for g in samples], correct, rewards,
-                              [[s.logprobs for s in g] for g in samples], teachers, overlap_stats(run, batch))
-    result = broadcast_object(result)
+def sample_rollouts(run: Run, batch: RolloutBatch, reward, *, timer: PhaseTimer) -> Optional[StepRollouts]:
+    """Rank 0: the step's ``batch`` (``RolloutQueue.take``: ``rollout.n`` samples per example from the sidecar)
+    checked against the staleness bound, decoded and graded by ``reward`` (one batched call: math-verify grades
+    in a pool), as they came back (no teacher prompts). Other ranks: None. The method then adds what it needs and
+    calls ``broadcast_rollouts`` once."""
+    if run.rank != 0:
+        return None
+    examples, samples = batch.examples, batch.samples
+    check_on_policy(samples, run.step, run.cfg.rollout.max_staleness)  # never trains on a batch too old
+    timer.lap("time/rollout")
+    texts = [run.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
+    owners = [ex for ex, g in zip(examples, samples) for _ in g]
+    scores = iter(reward(texts, owners))
+    rewards = [[float(next(scores)) for _ in g] for g in samples]
+    per_group = iter(texts)
+    grouped_texts = [[next(per_group) for _ in g] for g in samples]
+    timer.lap("time/verify")
+    return StepRollouts(batch.student, [[s.token_ids for s in g] for g in samples],
+                        [[x > 0.5 for x in g] for g in rewards], rewards, [[s.logprobs for s in g] for g in samples],
+                        stats=overlap_stats(run, batch), texts=grouped_texts)
+
+
+def broadcast_rollouts(rollouts: Optional[StepRollouts], timer: PhaseTimer) -> StepRollouts:
+    """COLLECTIVE: rank 0's ``rollouts`` (without the decoded texts, which only rank 0 uses) to every rank."""
+    result = broadcast_object(None if rollouts is None else replace(rollouts, texts=[]))
     timer.lap("time/broadcast")
     return result
 

@@ -4,13 +4,16 @@ logger, the sidecar connection and weight push, and ``fit`` (resume -> sidecar -
 export).
 
 A trainer is a small object holding what its method needs on top (teacher replicas, a reward, a reference model)
-and a ``train_step(timer)``; it never subclasses another trainer. ``Run.fit(trainer)`` drives it:
+and a ``train_step(timer)``; it never subclasses another trainer. ``Run.fit(trainer)`` and the step loop
+(``training/loop.py``) drive it; they are the only code that reads the trainer: the machinery below (``save``,
+``resume``, ``push_weights``, ...) takes plain state and never calls back into it.
 
     trainer.sampler        the PromptSampler whose position is checkpointed
     trainer.phases         the step's ``time/*`` keys
     trainer.train_step(t)  one optimizer step (the method), its phases charged to the ``PhaseTimer`` t; the
                            loop (``training/loop.py``) then pushes the weights, counts and evaluates
-    trainer.extra_models() name -> model chunks saved with the student (teacher, EMA, reference), or None
+    trainer.extra_models() name -> model chunks saved with the student (teacher, EMA, reference), or None;
+                           asked by fit/the loop and passed to ``save`` / ``resume``
     trainer.progress(m)    the progress bar's fields for step metrics ``m``
 
 End-of-run save rule (one for every trainer): the final step is saved unless the newest checkpoint on disk
@@ -171,29 +174,28 @@ class Run:
             self.client.push_weights(self.student, version=version, restore=restore)
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def save(self, trainer) -> None:
-        """COLLECTIVE: checkpoint the student, optimizer, scheduler, sampler position and the trainer's extra models."""
+    def save(self, sampler, extra_models: Optional[dict] = None) -> None:
+        """COLLECTIVE: checkpoint the student, optimizer, scheduler, ``sampler``'s position and ``extra_models``
+        (the trainer's, which the caller asks it for: name -> model chunks)."""
         self.saved_step = self.step
         extra_state = None
         if self.rollout_queue is not None and self.rollout_queue.staleness > 0:  # batches generated ahead
             extra_state = {"rollout_queue": broadcast_object(self.rollout_queue.state_dict())}
         save_checkpoint(self.ckpt_dir, self.step, self.ddp, self.optimizer, self.scheduler,
-                        data_state=trainer.sampler.state_dict(), extra_state=extra_state,
-                        extra_models=trainer.extra_models(),
+                        data_state=sampler.state_dict(), extra_state=extra_state, extra_models=extra_models,
                         config_dict=config_to_dict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
 
-    def resume(self, trainer) -> Optional[LoadedCheckpoint]:
-        """With ``checkpoint.resume`` (the default): restore the newest checkpoint (if any) and the sampler's
-        position; without it, refuse a directory that holds one (``training/rundir.py``). Then drop the
-        ``metrics.jsonl`` rows past the step the run starts from (one row per step)."""
+    def resume(self, sampler, extra_models: Optional[dict] = None) -> Optional[LoadedCheckpoint]:
+        """With ``checkpoint.resume`` (the default): restore the newest checkpoint (if any), with ``extra_models``,
+        and ``sampler``'s position; without it, refuse a directory that holds one (``training/rundir.py``). Then
+        drop the ``metrics.jsonl`` rows past the step the run starts from (one row per step)."""
         refuse_overwrite(self.cfg)
         loaded = None
         if self.cfg.checkpoint.resume:
-            loaded = load_latest(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler,
-                                 extra_models=trainer.extra_models())
+            loaded = load_latest(self.ckpt_dir, self.ddp, self.optimizer, self.scheduler, extra_models=extra_models)
         if loaded is not None:
             self.step = self.saved_step = loaded.step
-            trainer.sampler.load_state_dict(loaded.data_state)
+            sampler.load_state_dict(loaded.data_state)
             if self.rollout_queue is not None:
                 self.rollout_queue.load_state_dict(loaded.extra_state.get("rollout_queue"), self.step)
             if self.rank == 0:
@@ -220,7 +222,7 @@ class Run:
         """Resume, connect the sidecar (and give it resumed weights), run the steps, save the last one (the
         rule in the module docstring), export (``export.hf_dir``), and close. Returns the metrics of the steps
         run here."""
-        self.resume(trainer)
+        self.resume(trainer.sampler, trainer.extra_models())
         try:  # SIGTERM (lifecycle.install_shutdown_handlers) raises SystemExit anywhere in here
             if self.uses_sidecar:
                 self.connect_sidecar()
@@ -228,7 +230,7 @@ class Run:
                     self.push_weights(self.step, restore=True)
             history = run_steps(self, trainer)
             if self.saved_step != self.step:
-                self.save(trainer)
+                self.save(trainer.sampler, trainer.extra_models())
             self.export()
         finally:
             self.close()

@@ -21,7 +21,8 @@ from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teach
 from megatron_opsd.training.opsd import (add_per_token, build_microbatches, opsd_metrics, student_forward_backward,
                                          teacher_signal_source, token_weights)
 from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
-                                             importance_clip, rollout_queue, sample_rollouts)
+                                             broadcast_rollouts, importance_clip, rollout_queue,
+                                             sample_rollouts)
 from megatron_opsd.training.loop import PhaseTimer
 from megatron_opsd.training.run import EvaluateHook, Run
 from megatron_opsd.training.schedule import FP32EMA, copy_weights_
@@ -137,9 +138,14 @@ class OPSDTrainer:
 
     # ------------------------------------------------------------------------------------------ rollouts
     def rollouts(self, timer: PhaseTimer) -> StepRollouts:
-        """COLLECTIVE: this step's rollouts with their rewards and teacher prompts (``rollouts.sample_rollouts``)."""
-        return sample_rollouts(self.run, self.queue.take(self.run.step), self.reward, timer=timer,
-                               teacher_prompts=self.teacher_prompts)
+        """COLLECTIVE: this step's rollouts with their rewards (``rollouts.sample_rollouts``, rank 0) and teacher
+        prompts (encoded here from what came back), broadcast once to every rank."""
+        batch = self.queue.take(self.run.step)
+        rollouts = sample_rollouts(self.run, batch, self.reward, timer=timer)
+        if rollouts is not None:  # rank 0
+            rollouts.teachers = self.teacher_prompts(batch.examples, rollouts.texts, rollouts.correct)
+            timer.lap("time/teacher_prompts")
+        return broadcast_rollouts(rollouts, timer)
 
     def teacher_prompts(self, examples: list, texts: list, correct: list) -> dict:
         """``StepRollouts.teachers``: each teacher context's prompt ids per rollout (``texts``/``correct`` per
