@@ -612,11 +612,11 @@ def probe_checkpoint_resume(ctx: dict, name: str, layout: dict) -> dict:
     extra = (f"checkpoint.dir={ctx['root'] / ('ckpt_' + name)}",)
     first = layout_trainer(ctx, f"ckpt_a_{name}", layout, extra)
     _step_numbers(first, close=False)
-    first.run.save(first)
+    first.run.save(first.sampler, first.extra_models())
     expected = step_and_weights(first)
     del first
     second = layout_trainer(ctx, f"ckpt_b_{name}", layout, (*extra, "checkpoint.resume=true"))
-    loaded = second.run.resume(second)
+    loaded = second.run.resume(second.sampler, second.extra_models())
     if loaded is None or loaded.step != 1:
         raise RuntimeError(f"resume found {loaded and loaded.step} instead of the checkpoint of step 1")
     out = compare_steps(step_and_weights(second), expected, RESUME_REL_TOL[ctx["device_kind"]], "uninterrupted")
