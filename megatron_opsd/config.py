@@ -419,7 +419,7 @@ REMOVED_KEYS = {"rollout.keep_previous_weights": "removed: a collective push tha
 
 
 def _unknown_key(key: str, where: str, names: list) -> ConfigError:
-    if key in REMOVED_KEYS:
+    if key in REMOVED_KEYS and key.rpartition(".")[0] == where:  # its section exists here (not in an RL config)
         return ConfigError(f"config key {key!r} was {REMOVED_KEYS[key]}")
     return ConfigError(f"unknown config key {key!r}; valid keys {'of ' + where if where else 'at the top level'}: {names}")
 
