@@ -6,7 +6,7 @@ import torch
 
 from megatron_opsd.config import ConfigError
 from megatron_opsd.models.tokenizer import load_tokenizer
-from megatron_opsd.parallel.launch import run_distributed
+from megatron_opsd.parallel.launch import run_distributed, run_layouts
 from megatron_opsd.training.sft import SFT_PHASES, load_sft_config
 from megatron_opsd.training.sft_data import SFTDataConfig, build_sft_microbatches, load_sft_dataset, tokenize_conversation
 from megatron_opsd.training.sft_cli import run_sft
@@ -148,43 +148,46 @@ SEQUENCE_PARALLEL = {"parallel.tensor_model_parallel_size": 2, "parallel.sequenc
                      "data.pad_to_multiple_of": 1}
 
 
-@pytest.mark.parametrize("layout,world", [({}, 1), ({"parallel.tensor_model_parallel_size": 2}, 2),
-                                          ({"parallel.pipeline_model_parallel_size": 2}, 2), ({}, 2),
-                                          (PACKED, 1), ({**PACKED, "parallel.pipeline_model_parallel_size": 2}, 2),
-                                          (SEQUENCE_PARALLEL, 2)],
-                         ids=["tp1", "tp2", "pp2", "dp2", "packed", "packed_pp2", "tp2_sp"])
-def test_sft_losses_match_across_layouts(tiny_checkpoints, tmp_path_factory, layout, world, request):
-    """Three optimizer steps on the same data: the token-mean loss at TP=2 (also with sequence parallelism),
-    PP=2 and DP=2, and with packed rows (block-diagonal causal attention, positions restarting per
-    conversation), equals TP=1 unpacked (step 1 checks the forward, steps 2-3 the gradients and the optimizer)."""
+LAYOUTS = {"tp1": ({}, 1), "tp2": ({"parallel.tensor_model_parallel_size": 2}, 2),
+           "pp2": ({"parallel.pipeline_model_parallel_size": 2}, 2), "dp2": ({}, 2), "packed": (PACKED, 1),
+           "packed_pp2": ({**PACKED, "parallel.pipeline_model_parallel_size": 2}, 2), "tp2_sp": (SEQUENCE_PARALLEL, 2)}
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tiny_checkpoints, tmp_path_factory):
+    """Three optimizer steps on the same data at every layout of ``LAYOUTS``, each in its own run directory under
+    the returned root: the one-rank layouts in one world, the two-rank ones in another (``run_layouts``: the ranks
+    start once per world, not once per layout)."""
     root = tmp_path_factory.getbasetemp() / "sft_parity"
     root.mkdir(exist_ok=True)
     train = write_jsonl(root / "train.jsonl", pair_rows())
-    overrides = [f"{k}={v}" for k, v in layout.items()]
-    name = request.node.callspec.id
-    cfg = run_config(root, tiny_checkpoints["qwen3"], train, name, "train.steps=3", "optim.lr=3e-3",
-                     "data.global_batch_size=4", "data.shuffle=false", *overrides)
-    run_distributed(run_sft, world, cfg.parallel, cfg)
-    losses = step_losses(root / name)
+    for world in (1, 2):
+        cfgs = [run_config(root, tiny_checkpoints["qwen3"], train, name, "train.steps=3", "optim.lr=3e-3",
+                           "data.global_batch_size=4", "data.shuffle=false", *(f"{k}={v}" for k, v in layout.items()))
+                for name, (layout, size) in LAYOUTS.items() if size == world]
+        run_layouts(run_sft, world, [(cfg.parallel, (cfg,)) for cfg in cfgs])
+    return root
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_sft_losses_match_across_layouts(layout_runs, name):
+    """Three optimizer steps on the same data: the token-mean loss at TP=2 (also with sequence parallelism),
+    PP=2 and DP=2, and with packed rows (block-diagonal causal attention, positions restarting per
+    conversation), equals TP=1 unpacked (step 1 checks the forward, steps 2-3 the gradients and the optimizer)."""
+    losses, reference = step_losses(layout_runs / name), layout_runs / "tp1"
     assert len(losses) == 3 and losses[2] < losses[0]
-    reference = root / "tp1"
-    if name == "tp1":
-        return
-    assert reference.exists(), "run the tp1 case first (parametrize order)"
-    expected = step_losses(reference)
-    assert losses == pytest.approx(expected, rel=1e-5)  # measured: <= 2.4e-8
+    assert losses == pytest.approx(step_losses(reference), rel=1e-5)  # measured: <= 2.4e-8 (tp1: itself)
     if name == "tp2_sp":  # the norms' gradients are summed over TP (finalize_model_grads) or the norm is off
-        assert step_losses(root / name, "grad_norm") == pytest.approx(step_losses(reference, "grad_norm"), rel=1e-5)
+        assert step_losses(layout_runs / name, "grad_norm") == pytest.approx(step_losses(reference, "grad_norm"),
+                                                                            rel=1e-5)
 
 
 @pytest.mark.slow  # ~25 s alone; keeps the default area under ~3 min
-def test_sft_resume_continues_exactly(tiny_checkpoints, tmp_path_factory):
+def test_sft_resume_continues_exactly(tiny_checkpoints, layout_runs):
     """2 steps, stop, resume to 3 (model, Adam state, LR schedule and data position from the checkpoint): the
     losses equal the uninterrupted TP=1 run of the parity test."""
-    root = tmp_path_factory.getbasetemp() / "sft_parity"
+    root = layout_runs
     reference = root / "tp1"
-    if not reference.exists():
-        pytest.skip("needs test_sft_losses_match_across_layouts[tp1] of this session")
     common = ["optim.lr=3e-3", "data.global_batch_size=4", "data.shuffle=false"]  # resuming is the default
     for steps in (2, 3):
         cfg = run_config(root, tiny_checkpoints["qwen3"], root / "train.jsonl", "resumed", f"train.steps={steps}",
