@@ -92,7 +92,7 @@ SIDECAR_TOKENS = 8
 class NoWeightPush:
     """Stands in for the sidecar client: these steps have no sidecar (vLLM is not part of the check)."""
 
-    def push_weights(self, model_chunks, version):
+    def push_weights(self, model_chunks, version, restore=False):
         return None
 
 
