@@ -29,14 +29,16 @@ def tiny_checkpoints(tmp_path_factory):
 
 # The longest files start first, so that with two workers (`make test`: -n 2 --dist loadfile) none of them is
 # left running alone at the end; the order of tests inside a file is kept. Files not named here start after these,
-# in collection order. Order from the last whole-suite profiles (issue 25: the quick demo ~460 s, the ablation
-# ~350 s, the rest ~150-260 s each); the table printed at the end of every run (below) is what to update it from.
-LONGEST_FIRST = ("test_demo_e2e", "test_trainer_resume", "test_demo_ablation", "test_packaging",
-                 "test_demo_ablation2", "test_lifecycle", "test_multihost", "test_pipeline", "test_gpu_check",
-                 "test_sft", "test_rollout_sidecar", "test_launch_scripts", "test_models_parity",
-                 "test_rollout_collective", "test_eval_e2e", "test_trainer_e2e", "test_lora_sidecar",
-                 "test_checkpoint", "test_engine_schedule", "test_grpo_e2e", "test_grpo_step", "test_trainer_variants",
-                 "test_cli_errors", "test_opsd_step", "test_rollout_overlap", "test_lora_modes", "test_lora")
+# in collection order. Order from the last whole-suite table (the clean-clone run at c5367ee: the quick demo 574 s,
+# packaging 344 s, multi-host 282 s, the rest under ~210 s); the table printed at the end of every run (below) is
+# what to update it from.
+LONGEST_FIRST = ("test_demo_e2e", "test_packaging", "test_multihost", "test_trainer_resume", "test_demo_ablation",
+                 "test_demo_ablation2", "test_gpu_check", "test_pipeline", "test_lifecycle", "test_rollout_collective",
+                 "test_launch_scripts", "test_cli_errors", "test_rollout_sidecar", "test_models_parity",
+                 "test_rollout_overlap", "test_eval_e2e", "test_checkpoint", "test_grpo_e2e", "test_trainer_e2e",
+                 "test_sft", "test_trainer_variants", "test_opsd_step", "test_lora_sidecar", "test_grpo_step",
+                 "test_lora_modes", "test_parallel_env", "test_losses_divergence", "test_engine_optimizer", "test_lora",
+                 "test_engine_schedule")
 
 
 def longest_first(items) -> None:

@@ -535,22 +535,29 @@ def single_rank_worker(ctx: dict) -> dict:
     return step_and_weights(layout_trainer(ctx, "single_rank", {}))
 
 
-def single_rank_reference(ctx: dict) -> dict:
+def single_rank_reference(ctx: dict) -> tuple[dict, bool]:
     """COLLECTIVE: rank 0 runs the step in a separate one-process world (its own rendezvous, the current device);
-    the other ranks wait. Rank 0 gets {loss, grad_norm, params, teacher}; the others {}."""
+    the other ranks wait. Returns ({loss, grad_norm, params, teacher} on rank 0, {} elsewhere; whether rank 0 has
+    it, on every rank). Rank 0 raises its failure only after the barrier and the broadcast, so the ranks' next
+    collectives still pair (otherwise the others wait out the world's timeout, 10 min, and the run ends)."""
     import torch
 
     from megatron_opsd.parallel import ParallelConfig
     from megatron_opsd.parallel.launch import run_distributed
 
-    ref = {}
+    ref, failure = {}, None
     if world()[0] == 0:
-        # its own store: not torchrun's agent store, which a worker under torchrun is told to join
-        ref = run_distributed(single_rank_worker, 1, ParallelConfig(), ctx,
-                              env={"TORCHELASTIC_USE_AGENT_STORE": "False"})[0]
+        try:  # its own store: not torchrun's agent store, which a worker under torchrun is told to join
+            ref = run_distributed(single_rank_worker, 1, ParallelConfig(), ctx,
+                                  env={"TORCHELASTIC_USE_AGENT_STORE": "False"})[0]
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            failure = err
+    have = [failure is None]
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return ref
+        torch.distributed.broadcast_object_list(have, src=0)
+    if failure is not None:
+        raise failure
+    return ref, have[0]
 
 
 def max_rel(a: dict, b: dict) -> float:
@@ -859,15 +866,17 @@ def multi_rank_probes(ctx: dict, sidecar: dict) -> dict:
     n, cuda = world()[1], ctx["cuda"]
     layouts = layouts_for(n)
     reference: dict = {}
+    have_reference = [False]  # on every rank: whether rank 0 holds the reference
 
     def single_rank() -> dict:
-        reference.update(single_rank_reference(ctx))
+        ref, have_reference[0] = single_rank_reference(ctx)
+        reference.update(ref)
         return {"summary": f"loss {reference['loss']:.6g}, grad norm {reference['grad_norm']:.6g} (rank 0)"
                 if reference else "on rank 0"}
 
     def layout_probe(name: str, layout: dict):
         def run():
-            if world()[0] == 0 and not reference:
+            if not have_reference[0]:  # every rank skips the layout's collectives alike
                 raise RuntimeError("no single-rank reference (see layout_single_rank)")
             return probe_layout(ctx, name, layout, reference)
         return run
