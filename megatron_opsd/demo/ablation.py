@@ -426,7 +426,6 @@ def run_ablation(recipe: AblationRecipe, run_dir: Path, config_dir: Path, quick:
     clock = StageClock()
     if not (run_dir / "init" / "config.json").is_file():
         clock.run("prepare", prepare_inputs, run_dir, recipe)
-    (run_dir / "eval").mkdir(exist_ok=True)
     with demo_sidecar(pipeline_cfg, max_model_len=recipe.max_tokens + 256,
                       log_path=run_dir / "eval" / "sidecar.log") as shared:  # the stages' and evaluations' vLLM
         for i, stage in enumerate(pipeline_cfg.stages):

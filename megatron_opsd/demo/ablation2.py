@@ -394,7 +394,6 @@ def run_hindsight(recipe: HindsightRecipe, run_dir: Path, config_dir: Path, quic
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
     budgets, rlvr_p = {}, {}
-    (run_dir / "eval").mkdir(exist_ok=True)
     # one sidecar for every chain's stages and the evaluations (the chains share the architecture and tokenizer)
     shared = demo_sidecar(hindsight_pipeline(recipe, run_dir, config_dir, recipe.chains[0]),
                           max_model_len=recipe.max_tokens + 256, log_path=run_dir / "eval" / "sidecar.log")

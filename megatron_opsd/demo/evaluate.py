@@ -70,6 +70,7 @@ class DemoEvaluator:
 def demo_sidecar(pipeline_cfg, *, max_model_len: int, log_path: Path) -> OneSidecarEvaluator:
     """One float32 sidecar for a demo run: its training stages (where ``shared_sidecar_options`` allows) and its
     evaluations (``max_model_len`` at least), so vLLM starts once per run instead of once per stage."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     options = shared_sidecar_options(pipeline_cfg)
     if options is None or options["dtype"] != "float32":
         options = {"dtype": "float32", "max_model_len": 0}

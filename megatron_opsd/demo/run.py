@@ -137,7 +137,6 @@ def run_demo(recipe, run_dir: Path, config_dir: Path, seed: int, quick: bool) ->
     # The pipeline skips finished stages, so running it on a growing prefix of the stage list trains one more
     # stage per call: the same runs as one call, with each stage's time measured on its own.
     # One sidecar serves the OPSDC stages and the evaluations (demo_sidecar).
-    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
     with demo_sidecar(pipeline_cfg, max_model_len=EVAL_MAX_MODEL_LEN, log_path=run_dir / "eval" / "sidecar.log") \
             as shared:
         for i, stage in enumerate(pipeline_cfg.stages):

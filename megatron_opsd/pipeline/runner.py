@@ -76,9 +76,19 @@ def shared_sidecar_options(cfg: PipelineConfig) -> Optional[dict]:
     None: a cluster ``launcher`` (the stages run elsewhere), CUDA (a stage refuses a local sidecar on its training
     GPU: ``refuse_local_sidecar_on_gpu``, and so does the pipeline), no such stage, or stages whose sidecars
     differ in anything else (dtype, TP, LoRA adapters: a restored base model would keep serving an adapter)."""
+    return _one_sidecar_for(_stage_sidecars(cfg))
+
+
+def _stage_sidecars(cfg: PipelineConfig) -> dict[str, Optional[dict]]:
+    """Stage name -> the sidecar it would start (``stage_sidecar_options``); empty where none is shared (a cluster
+    ``launcher`` or CUDA), so that no stage config is loaded for nothing."""
     if cfg.launcher or on_gpu():
-        return None
-    wanted = [o for o in map(stage_sidecar_options, cfg.stages) if o is not None]
+        return {}
+    return {stage.name: stage_sidecar_options(stage) for stage in cfg.stages}
+
+
+def _one_sidecar_for(per_stage: dict[str, Optional[dict]]) -> Optional[dict]:
+    wanted = [o for o in per_stage.values() if o is not None]
     if not wanted or any(o["max_lora_rank"] for o in wanted):
         return None
     rest = {tuple((k, v) for k, v in o.items() if k != "max_model_len") for o in wanted}
@@ -143,7 +153,8 @@ def run_pipeline(cfg: PipelineConfig, sidecar: Optional[OneSidecarEvaluator] = N
     previous = cfg.model
     e = cfg.eval
     with ExitStack() as stack:
-        shared, options = None, shared_sidecar_options(cfg)
+        per_stage = _stage_sidecars(cfg)  # each stage config loaded once per run
+        shared, options = None, _one_sidecar_for(per_stage)
         # the evaluations join it when they ask for its dtype and a model length (None: the model's own)
         eval_joins = options is not None and e.dtype == options["dtype"] and e.max_model_len is not None
         if options is not None:
@@ -159,7 +170,7 @@ def run_pipeline(cfg: PipelineConfig, sidecar: Optional[OneSidecarEvaluator] = N
                 print(f"[pipeline] {stage.name}: finished earlier, skipping ({hf_dir})", flush=True)
             else:
                 cmd = stage_command(cfg, stage, start_model)
-                if shared is not None and stage_sidecar_options(stage) is not None:
+                if shared is not None and per_stage[stage.name] is not None:
                     cmd.append(f"rollout.sidecar_urls=[{shared.lend(start_model)}]")
                 _run(cmd, stage.name)
                 _write_json_atomic(stage_dir / DONE_MARKER, {"stage": asdict(stage), "started_from": start_model})
