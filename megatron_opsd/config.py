@@ -279,7 +279,7 @@ class OPSDConfig(RunConfig):
 
 @dataclass
 class RLConfig:
-    """GRPO's ``rl:`` section (its maths: ``training/grpo.py``)."""
+    """GRPO's ``rl:`` section (its maths: ``training/grpo/algorithm.py``; checks: ``training/grpo/config.py``)."""
 
     clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]
     clip_eps_high: float = 0.28  # DAPO clip-higher (0.2 = symmetric PPO)
@@ -300,7 +300,7 @@ class RLConfig:
 
 @dataclass
 class RLTrainConfig(RunConfig):
-    """A GRPO run (``megatron-opsd rl``, ``training/grpo.py``): the shared sections and ``rl``. No
+    """A GRPO run (``megatron-opsd rl``, ``training/grpo/``): the shared sections and ``rl``. No
     ``teacher``/``loss``: GRPO distils nothing."""
 
     rl: RLConfig = field(default_factory=RLConfig)

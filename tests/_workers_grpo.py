@@ -2,7 +2,7 @@
 import torch
 
 from megatron_opsd.training.loop import train_one_step
-from megatron_opsd.training.rl_trainer import GRPOTrainer
+from megatron_opsd.training.grpo.trainer import GRPOTrainer
 from megatron_opsd.training.rollouts import StepRollouts
 from megatron_opsd.parallel.control import broadcast_object
 
@@ -72,7 +72,8 @@ def grpo_steps_counting_rows(cfg, steps: int, up_front: bool) -> tuple:
     import functools
     import weakref
 
-    from megatron_opsd.training import opsd, rl_trainer
+    from megatron_opsd.training import response_rows as rows_module
+    from megatron_opsd.training.grpo import step as grpo_step_module
 
     alive, peak = [], [0]
 
@@ -85,7 +86,8 @@ def grpo_steps_counting_rows(cfg, steps: int, up_front: bool) -> tuple:
             return out
         return wrapper
 
-    opsd.response_rows, opsd.collect_teacher_rows = counted(opsd.response_rows), counted(opsd.collect_teacher_rows)
+    rows_module.response_rows = counted(rows_module.response_rows)
+    rows_module.collect_response_rows = counted(rows_module.collect_response_rows)
     if up_front:
-        rl_trainer.rows_by_index = functools.partial(opsd.rows_by_index, per_microbatch=False)
+        grpo_step_module.rows_by_index = functools.partial(rows_module.rows_by_index, per_microbatch=False)
     return grpo_steps(cfg, steps), peak[0]

@@ -5,9 +5,10 @@ keep their imports at the top, and no module of megatron_opsd/, tests/ or tools/
 
 Every ``import`` counts as an arrow, at module level and inside functions alike (a function-local import is a
 dependency too, only a hidden one); imports under ``if TYPE_CHECKING:`` do not (they never run). The CLI boundary
-(``megatron_opsd/cli.py`` and the subcommand modules it names) is where the rooms are
-wired together, so it belongs to the top layer wherever its file lives: it may import any layer, and nothing
-below it may import it.
+(``megatron_opsd/cli.py``, the subcommand modules it names and the code they share, ``SHARED_CLI_MODULES``) is
+where the rooms are wired together, so it belongs to the top layer wherever its file lives: it may import any
+layer, and nothing below it may import it. Inside ``training/``, each method's subpackage is a unit above the
+shared run machinery, and no method imports another.
 """
 from __future__ import annotations
 
@@ -20,8 +21,14 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "megatron_opsd"
 
+# Subpackages that are units of their own (``training.opsd``), not part of their parent's unit: training's method
+# subpackages sit above the run machinery they compose, and no method imports another (``METHODS``).
+METHODS = ("training.opsd", "training.grpo", "training.sft")
+SUBPACKAGE_UNITS = METHODS
+
 # Lowest first. A module may import its own layer and the layers below it; the units are the top-level modules
-# and subpackages of megatron_opsd ("" is the package's own __init__). Keep docs/architecture.md in step.
+# and subpackages of megatron_opsd ("" is the package's own __init__), and SUBPACKAGE_UNITS. Keep
+# docs/architecture.md in step.
 LAYERS: list[tuple[str, ...]] = [
     ("", "errors", "lifecycle", "templates"),  # no imports of our own beyond this layer
     ("parallel",),  # process groups, CPU compatibility, local multi-process launch
@@ -29,7 +36,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),  # the one dataclass tree (holds parallel's ParallelConfig, validates model.lora's targets)
     ("data", "rewards", "losses"),  # prompts and contexts, verifiers and filters, vocab-parallel divergences
     ("rollout",),  # the vLLM sidecar: server, client, weight transports
-    ("training",),  # the run machinery, the OPSD / GRPO / SFT steps, checkpoints
+    ("training",),  # the run machinery every method composes: run, loop, schedule, engine, checkpoints, batches
+    METHODS,  # one subpackage per method: its step, trainer, CLI (and config checks); none imports another
     ("evaluation",),  # benchmarks on the sidecar
     ("pipeline", "planning"),  # stage runner (SFT -> RLVR -> OPSD), memory planner
     ("demo",),  # the CPU demo and its ablation
@@ -45,7 +53,12 @@ ALLOWED_ARROWS: dict[tuple[str, str], str] = {
 # or optional packages (vllm in the trainer process, megatron-core, transformers, wandb, math-verify, ...) may still
 # be imported inside functions: docs/architecture.md, "Imports".
 TOP_IMPORT_UNITS = ("", "errors", "lifecycle", "templates", "parallel", "models", "data", "rewards", "rollout",
-                    "evaluation", "pipeline", "planning", "demo", "training", "losses")
+                    "evaluation", "pipeline", "planning", "demo", "training", "losses", *METHODS)
+
+# CLI boundary modules that no SUBCOMMANDS entry names: code the subcommands share.
+SHARED_CLI_MODULES = {
+    "megatron_opsd.training.cli": "the flags, pre-launch checks and launch of `train`, `rl` and `sft`",
+}
 
 # Our own modules that may be imported inside functions: they import an optional heavy package at module top.
 LAZY_MODULES: dict[str, str] = {
@@ -66,11 +79,17 @@ def _modules() -> dict[str, Path]:
 
 def _unit(module: str) -> str:
     """The layer unit of a module: ``megatron_opsd.rollout.client`` -> ``rollout``; the package itself -> ``""``;
-    a CLI boundary module -> ``cli``, wherever its file lives: the top layer (``training/cli.py`` may wire training to evaluation)."""
+    a module of a SUBPACKAGE_UNITS entry -> that entry (``megatron_opsd.training.opsd.step`` -> ``training.opsd``);
+    a CLI boundary module -> ``cli``, wherever its file lives: the top layer (``training/opsd/cli.py`` may wire
+    training to evaluation)."""
     if module in _cli_boundary():
         return "cli"
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else ""
+    return _subpackage_unit(module) or (module.split(".")[1] if "." in module else "")
+
+
+def _subpackage_unit(module: str) -> str:
+    """The SUBPACKAGE_UNITS entry ``module`` belongs to, CLI boundary or not (``""`` if none)."""
+    return next((unit for unit in SUBPACKAGE_UNITS if f"{module}.".startswith(f"megatron_opsd.{unit}.")), "")
 
 
 def _layer_of(unit: str) -> int:
@@ -88,7 +107,7 @@ def _cli_boundary() -> frozenset[str]:
     for node in tree.body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "SUBCOMMANDS":
             table = ast.literal_eval(node.value)
-            return frozenset({"megatron_opsd.cli", *(module for module, _ in table.values())})
+            return frozenset({"megatron_opsd.cli", *SHARED_CLI_MODULES, *(module for module, _ in table.values())})
     raise AssertionError("megatron_opsd/cli.py has no SUBCOMMANDS table")
 
 
@@ -217,6 +236,20 @@ def _package_graph(arrows: dict[str, set[str]]) -> dict[str, set[str]]:
 def test_no_module_imports_a_higher_layer():
     upward = _upward({m: _imports(m) for m in _modules()})
     assert not upward, "imports of a higher layer (docs/architecture.md):\n" + "\n".join(upward)
+
+
+def _cross_method(imports: dict[str, tuple]) -> list[str]:
+    """One line per import of another method's module by a method's module (its CLI included): a method composes
+    the shared machinery, never another method (what two methods share moves down to ``training/``)."""
+    return [f"{_modules()[module].relative_to(PACKAGE_DIR.parent)}:{line}: {module} ({_subpackage_unit(module)}) "
+            f"imports {target} ({_subpackage_unit(target)})"
+            for module, targets in imports.items() if _subpackage_unit(module) in METHODS
+            for target, line, _ in targets if _subpackage_unit(target) not in ("", _subpackage_unit(module))]
+
+
+def test_no_method_imports_another_method():
+    crossing = _cross_method({m: _imports(m) for m in _modules()})
+    assert not crossing, "a method imports another method (docs/architecture.md, 'Layers'):\n" + "\n".join(crossing)
 
 
 def test_no_import_cycle_between_modules():
@@ -354,11 +387,19 @@ def test_no_private_names_used_across_modules():
 
 
 def test_checks_find_planted_violations():
-    """The checks can fail: an upward arrow, a module cycle and a package cycle planted in the real graph."""
+    """The checks can fail: an upward arrow (between packages, and from training's machinery into a method), a
+    method importing another, a module cycle and a package cycle planted in the real graph."""
     imports = {m: _imports(m) for m in _modules()}
     imports["megatron_opsd.parallel.distributed"] += (("megatron_opsd.models.gpt", 1, False),)
+    imports["megatron_opsd.training.run"] += (("megatron_opsd.training.opsd.step", 1, True),)
+    imports["megatron_opsd.training.grpo.step"] += (("megatron_opsd.training.opsd.step", 1, True),)
+    upward = _upward(imports)
     assert any("megatron_opsd.parallel.distributed (layer parallel) imports megatron_opsd.models.gpt" in line
-               for line in _upward(imports))
+               for line in upward)
+    assert any("megatron_opsd.training.run (layer training) imports megatron_opsd.training.opsd.step" in line
+               for line in upward)
+    assert [line.split(": ", 1)[1] for line in _cross_method(imports)] == [
+        "megatron_opsd.training.grpo.step (training.grpo) imports megatron_opsd.training.opsd.step (training.opsd)"]
     arrows = {m: set(t) for m, t in _arrows().items()}
     arrows["megatron_opsd.models.weights"].add("megatron_opsd.models.lora")  # lora imports weights
     assert ["megatron_opsd.models.lora", "megatron_opsd.models.weights"] in _cycles(arrows)
@@ -387,7 +428,7 @@ def test_checks_find_planted_violations():
 # One direction of control (issue 29): the trainers (their own files) call the machinery; the machinery never
 # calls back. Only the step loop and ``Run.fit``, which drive a trainer, may name it; only OPSD's trainer builds
 # (names) its teacher prompts, from the rollouts that came back.
-TRAINER_FILES = {f"megatron_opsd.training.{m}" for m in ("trainer", "rl_trainer", "sft")}
+TRAINER_FILES = {f"megatron_opsd.{method}.trainer" for method in METHODS}
 TRAINER_DRIVERS = ("megatron_opsd.training.loop.", "megatron_opsd.training.run.Run.fit")
 
 

@@ -55,7 +55,7 @@ def train_worker(hf_dir: str, root: str, resume: bool, last_step: int, save_at: 
     from megatron_opsd.training.checkpoint import load_latest, save_checkpoint
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
     from megatron_opsd.training.schedule import FP32EMA, copy_weights_, forward_backward
-    from megatron_opsd.training.sft import make_weighted_ce_loss_fn
+    from megatron_opsd.training.sft.step import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)

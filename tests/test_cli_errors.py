@@ -116,8 +116,8 @@ def test_worker_usage_error_comes_back_as_itself():
 def test_values_are_checked_at_load(override, message):
     """Ranges and finiteness at load, for every trainer's config (OPSD, GRPO, SFT share the sections)."""
     from megatron_opsd.config import load_config
-    from megatron_opsd.training.grpo import load_rl_config
-    from megatron_opsd.training.sft import load_sft_config
+    from megatron_opsd.training.grpo.config import load_rl_config
+    from megatron_opsd.training.sft.config import load_sft_config
 
     loaders = [load_config] + ([load_rl_config] if not override.startswith("loss.") else [])
     if override.split(".")[0] in ("optim", "parallel"):
@@ -132,21 +132,22 @@ def test_values_are_checked_at_load(override, message):
 def _check_data(tmp_path, rows: str, *overrides, name="train.jsonl", sft=False):
     from megatron_opsd.config import load_config
     from megatron_opsd.training.cli import check_data
-    from megatron_opsd.training.sft import load_sft_config
+    from megatron_opsd.training.sft.cli import check_sft_data
+    from megatron_opsd.training.sft.config import load_sft_config
 
     path = tmp_path / name
     path.write_text(rows)
     load = load_sft_config if sft else load_config
     cfg = load(None, ["model.path=m", f"data.train_path={path}", *overrides])
     with pytest.raises(UsageError) as err:
-        check_data(cfg)
+        (check_sft_data if sft else check_data)(cfg)  # what each command's ``launch`` runs
     return str(err.value).replace(str(tmp_path), "TMP")
 
 
 def test_data_files_are_checked_before_any_rank(tmp_path):
-    """Each class of data-file mistake, through ``check_data`` (what ``launch`` runs once before any rank or
-    sidecar starts): missing, empty, a row that does not parse, no prompt field, a teacher context's field
-    missing, an eval file without answers (or none), an SFT row without a conversation."""
+    """Each class of data-file mistake, through ``check_data`` / ``check_sft_data`` (what ``launch`` runs once
+    before any rank or sidecar starts): missing, empty, a row that does not parse, no prompt field, a teacher
+    context's field missing, an eval file without answers (or none), an SFT row without a conversation."""
     good = '{"problem": "1+1?", "answer": "2"}\n'
     assert _check_data(tmp_path, "") == "data.train_path: dataset 'TMP/train.jsonl' is empty"
     assert _check_data(tmp_path, good + "{oops\n").startswith(

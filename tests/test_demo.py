@@ -43,7 +43,7 @@ def test_bad_arguments_are_clear_errors(argv, message, capsys):
 def test_stage_configs_load_with_the_demo_overrides():
     from megatron_opsd.config import load_config
     from megatron_opsd.demo.task import CONCISE_INSTRUCTION
-    from megatron_opsd.training.sft import load_sft_config
+    from megatron_opsd.training.sft.config import load_sft_config
 
     sft = load_sft_config(str(stage_config_dir() / "sft.yaml"), ["model.path=x", "train.steps=7"])
     assert sft.train.steps == 7 and sft.data.global_batch_size % sft.optim.micro_batch_size == 0

@@ -119,8 +119,8 @@ def check_repo_paths(argv: list[str]) -> None:
                 assert (REPO / value).exists(), f"{value} does not exist in the repository"
 
 
-CONFIG_LOADERS = {"train": "megatron_opsd.config:load_config", "sft": "megatron_opsd.training.sft:load_sft_config",
-                  "rl": "megatron_opsd.training.grpo:load_rl_config"}
+CONFIG_LOADERS = {"train": "megatron_opsd.config:load_config", "sft": "megatron_opsd.training.sft.config:load_sft_config",
+                  "rl": "megatron_opsd.training.grpo.config:load_rl_config"}
 
 
 def check_megatron_opsd(argv: list[str]) -> None:

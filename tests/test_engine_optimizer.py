@@ -25,7 +25,7 @@ def megatron_steps(hf_dir: str, out_dir: str, settings: OptimConfig):
     from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
     from megatron_opsd.training.schedule import forward_backward
-    from megatron_opsd.training.sft import make_weighted_ce_loss_fn
+    from megatron_opsd.training.sft.step import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)

@@ -58,7 +58,7 @@ def layout_worker(hf_dir: str, microbatches: list, sum_too: bool, replicas: bool
     from megatron_opsd.config import OptimConfig
     from megatron_opsd.training.engine import setup_training, zero_grads
     from megatron_opsd.training.schedule import collect_logits, forward_backward
-    from megatron_opsd.training.sft import make_weighted_ce_loss_fn
+    from megatron_opsd.training.sft.step import make_weighted_ce_loss_fn
 
     chunks = build_model(hf_dir)
     load_hf_checkpoint(chunks, hf_dir)

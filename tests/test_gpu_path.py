@@ -22,10 +22,11 @@ def sentinel_device(monkeypatch):
 
 
 def test_opsd_microbatches_reach_the_current_device(sentinel_device):
-    from megatron_opsd.training.opsd import build_microbatches, token_weights
+    from megatron_opsd.losses import token_weights
+    from megatron_opsd.training.batches import response_microbatches
 
     responses = [[5, 6, 7], [8, 9]]
-    mbs = build_microbatches([[1, 2], [3]], responses, token_weights([3, 2], "token_mean"), micro_batch_size=1,
+    mbs = response_microbatches([[1, 2], [3]], responses, token_weights([3, 2], "token_mean"), micro_batch_size=1,
                              pad_id=0)
     assert len(mbs) == 2
     for index, mb in enumerate(mbs):
@@ -36,7 +37,7 @@ def test_opsd_microbatches_reach_the_current_device(sentinel_device):
 
 @pytest.mark.parametrize("pack_to", [None, 16])
 def test_sft_microbatches_reach_the_current_device(sentinel_device, pack_to):
-    from megatron_opsd.training.sft_data import SFTExample, build_sft_microbatches
+    from megatron_opsd.training.sft.data import SFTExample, build_sft_microbatches
 
     examples = [SFTExample("a", [1, 2, 3, 4], [0, 0, 1, 1]), SFTExample("b", [5, 6, 7], [0, 1, 1])]
     mbs = build_sft_microbatches(examples, micro_batch_size=1, pad_id=0, pack_to=pack_to)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from megatron_opsd.config import ConfigError
-from megatron_opsd.training.grpo import (clipped_policy_loss, group_advantages, informative_groups, k3_kl,
-                                         load_rl_config, overlong_penalty, rollout_weights)
+from megatron_opsd.training.grpo.algorithm import (clipped_policy_loss, group_advantages, informative_groups, k3_kl,
+                                                   overlong_penalty, rollout_weights)
+from megatron_opsd.training.grpo.config import load_rl_config
 
 # Three prompts' groups: mixed, all correct, graded (a partial-credit reward).
 REWARDS = [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 1.0]]
@@ -31,7 +32,8 @@ def test_dynamic_sampling_drops_uniform_groups():
 
 
 def test_dynamic_sampling_filters_on_accuracy_not_shaped_reward():
-    from megatron_opsd.training.grpo import RLConfig, step_rewards
+    from megatron_opsd.config import RLConfig
+    from megatron_opsd.training.grpo.algorithm import step_rewards
 
     rl = RLConfig(dynamic_sampling=True, overlong_buffer=5, overlong_penalty=1.0)
     # group 0: all correct, one overlong (shaped rewards 1 and 0.4 differ); group 1: mixed; group 2: all wrong,
@@ -141,7 +143,7 @@ def test_rl_config_loads_and_validates(tmp_path):
 def test_rl_config_has_its_own_reference_and_no_teacher_or_loss():
     """GRPO's reference model is ``rl.reference`` (auto: frozen iff rl.kl_coef > 0); the OPSD-only sections are
     not part of a GRPO config, and the shared sections are still validated."""
-    from megatron_opsd.training.grpo import reference_model
+    from megatron_opsd.training.grpo.config import reference_model
 
     assert reference_model(load_rl_config("examples/grpo_tiny.yaml", ["rl.kl_coef=0.1"]).rl) == "frozen"
     assert reference_model(load_rl_config("examples/grpo_tiny.yaml").rl) == "none"

@@ -5,9 +5,9 @@ from statistics import fmean
 import pytest
 
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.grpo import load_rl_config
-from megatron_opsd.training.rl_cli import run_rl_trainer
-from megatron_opsd.training.rl_trainer import GRPO_PHASES
+from megatron_opsd.training.grpo.config import load_rl_config
+from megatron_opsd.training.grpo.cli import run_rl_trainer
+from megatron_opsd.training.grpo.step import GRPO_PHASES
 from tests._run_configs import assert_phases_add_up, write_run_config
 
 PROBLEMS = ["Say something.", "Write a word.", "Tell me a story.", "Go on."]

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.grpo import group_advantages
+from megatron_opsd.training.grpo.algorithm import group_advantages
 from tests._workers_grpo import LENGTHS, REWARDS, grpo_steps, grpo_steps_counting_rows
 from tests.test_grpo_e2e import grpo_config
 

@@ -23,8 +23,10 @@ def lora_step_worker(hf_dir: str, adapter_dir: str, micro_batch_size: int):
     from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint
     from megatron_opsd.config import LossConfig, OptimConfig
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.opsd import (build_microbatches, collect_teacher_rows,
-                                             student_forward_backward, token_weights)
+    from megatron_opsd.losses import token_weights
+    from megatron_opsd.training.batches import response_microbatches
+    from megatron_opsd.training.opsd.step import student_forward_backward
+    from megatron_opsd.training.response_rows import collect_response_rows
 
     chunks = build_model(hf_dir, lora=SETTINGS)
     load_hf_checkpoint(chunks, hf_dir)
@@ -36,9 +38,9 @@ def lora_step_worker(hf_dir: str, adapter_dir: str, micro_batch_size: int):
     weights = token_weights([len(r) for r in responses], "token_mean")
     kw = dict(micro_batch_size=micro_batch_size, pad_id=0, dp_size=ps.get_data_parallel_world_size(),
               dp_rank=ps.get_data_parallel_rank())
-    student_mbs = build_microbatches(student, responses, weights, **kw)
+    student_mbs = response_microbatches(student, responses, weights, **kw)
     with use_adapters(ddp, "off"):  # the frozen teacher: the base model, no second replica
-        teacher_rows = collect_teacher_rows(ddp, build_microbatches(teacher, responses, weights, **kw))
+        teacher_rows = collect_response_rows(ddp, response_microbatches(teacher, responses, weights, **kw))
     zero_grads(ddp, optimizer)
     out = student_forward_backward(ddp, student_mbs, teacher_rows, loss=LossConfig(),
                                    real_vocab_size=chunks[0].real_vocab_size)

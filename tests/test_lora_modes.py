@@ -9,7 +9,7 @@ from megatron_opsd.config import ConfigError, config_to_dict, load_config
 from megatron_opsd.models.lora import LoRASettings
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.training.lora_teacher import teacher_adapter_mode
+from megatron_opsd.training.opsd.lora_teacher import teacher_adapter_mode
 from test_opsd_step import rollouts
 
 SETTINGS = LoRASettings(rank=4, alpha=8.0)
@@ -25,7 +25,7 @@ def modes_worker(hf_dir: str) -> dict:
     from megatron_opsd.models.lora import adapters_of, use_adapters
     from megatron_opsd.models.lora_peft import init_lora_
     from megatron_opsd.models.weights import load_hf_checkpoint
-    from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teacher_adapters, teacher_adapters
+    from megatron_opsd.training.opsd.lora_teacher import add_teacher_adapters, step_teacher_adapters, teacher_adapters
 
     plain = build_model(hf_dir)
     load_hf_checkpoint(plain, hf_dir)
@@ -104,16 +104,18 @@ def _step(ddp, chunks, optimizer, scheduler):
     from megatron_opsd.models.lora import use_adapters
     from megatron_opsd.training.engine import optimizer_step, zero_grads
     from megatron_opsd.config import LossConfig
-    from megatron_opsd.training.opsd import (build_microbatches, collect_teacher_rows,
-                                             student_forward_backward, token_weights)
+    from megatron_opsd.losses import token_weights
+    from megatron_opsd.training.batches import response_microbatches
+    from megatron_opsd.training.opsd.step import student_forward_backward
+    from megatron_opsd.training.response_rows import collect_response_rows
 
     student, teacher, responses = rollouts()
     weights = token_weights([len(r) for r in responses], "token_mean")
     kw = dict(micro_batch_size=2, pad_id=0)
     with use_adapters(ddp, "off"):
-        rows = collect_teacher_rows(ddp, build_microbatches(teacher, responses, weights, **kw))
+        rows = collect_response_rows(ddp, response_microbatches(teacher, responses, weights, **kw))
     zero_grads(ddp, optimizer)
-    out = student_forward_backward(ddp, build_microbatches(student, responses, weights, **kw), rows,
+    out = student_forward_backward(ddp, response_microbatches(student, responses, weights, **kw), rows,
                                    loss=LossConfig(), real_vocab_size=chunks[0].real_vocab_size)
     optimizer_step(optimizer, scheduler)
     return out.loss
@@ -126,7 +128,7 @@ def resume_worker(hf_dir: str, root: str, resume: bool) -> dict:
     from megatron_opsd.training.checkpoint import load_latest, save_checkpoint
     from megatron_opsd.config import OptimConfig
     from megatron_opsd.training.engine import setup_training
-    from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teacher_adapters
+    from megatron_opsd.training.opsd.lora_teacher import add_teacher_adapters, step_teacher_adapters
 
     ema = SimpleNamespace(weights="ema", ema_decay=0.5, purified=False)
     chunks = build_model(hf_dir, lora=SETTINGS)

@@ -67,7 +67,7 @@ def test_lora_training_pushes_adapters_tp2(lora_sidecar, model_dir, tmp_path):
 
     from megatron_opsd.config import load_config
     from megatron_opsd.parallel.launch import run_distributed
-    from megatron_opsd.training.cli import run_trainer
+    from megatron_opsd.training.opsd.cli import run_trainer
     from megatron_opsd.training.export_cli import export_checkpoint
     from tests.test_trainer_e2e import tiny_run_config
 

@@ -8,7 +8,7 @@ import torch
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed, run_layouts
 from megatron_opsd.config import LossConfig, OptimConfig
-from megatron_opsd.training.opsd import token_weights
+from megatron_opsd.losses import token_weights
 
 REL_TOL = 1e-4
 
@@ -25,13 +25,15 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_par
                 layout: Optional[dict] = None):
     """(loss, grad norm, updated params by HF name, layer-norm grads after finalize_model_grads, the sequence
     length the final norm saw, the micro-batch count). ``keep``: the first ``keep`` rollouts are distilled on (what
-    a filter keeps); ``layout``: more ``build_microbatches`` keywords (pad_multiple, microbatch_multiple)."""
+    a filter keeps); ``layout``: more ``response_microbatches`` keywords (pad_multiple, microbatch_multiple)."""
     from megatron.core import parallel_state as ps
 
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.opsd import build_microbatches, collect_teacher_rows, student_forward_backward
+    from megatron_opsd.training.batches import response_microbatches
+    from megatron_opsd.training.opsd.step import student_forward_backward
+    from megatron_opsd.training.response_rows import collect_response_rows
 
     student_chunks = build_model(hf_dir, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(student_chunks, hf_dir)
@@ -42,9 +44,9 @@ def step_worker(hf_dir: str, reduction: str, micro_batch_size: int, sequence_par
     weights = token_weights([len(r) for r in responses], reduction)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     kw = dict(micro_batch_size=micro_batch_size, pad_id=0, dp_size=dp, dp_rank=dp_rank, **(layout or {}))
-    student_mbs = build_microbatches(student, responses, weights, **kw)
-    teacher_mbs = build_microbatches(teacher, responses, weights, **kw)
-    teacher_rows = collect_teacher_rows(teacher_chunks, teacher_mbs)
+    student_mbs = response_microbatches(student, responses, weights, **kw)
+    teacher_mbs = response_microbatches(teacher, responses, weights, **kw)
+    teacher_rows = collect_response_rows(teacher_chunks, teacher_mbs)
     seen = []  # the final norm's input rows: seq / TP when the sequence is really split
     final_norm = student_chunks[-1].decoder.final_layernorm
     if final_norm is not None:

@@ -1,4 +1,4 @@
-"""One OPSD step per loss variant on fixed rollouts, through megatron (training/opsd.py, as the trainer calls
+"""One OPSD step per loss variant on fixed rollouts, through megatron (training/opsd/step.py, as the trainer calls
 it): Purified OPSD (three teacher forwards -> PMI target), DemoPSD (barycenter of teacher and detached student),
 teacher top-k, sampled-token estimators, and two combinations. For each: TP=2 equals TP=1 (loss, pre-clip
 gradient norm, updated parameters) and the loss and gradient norm equal a transformers + plain-torch fp64
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron_opsd.parallel import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.config import LossConfig, OptimConfig
-from megatron_opsd.training.opsd import token_weights
+from megatron_opsd.losses import token_weights
 
 REL_TOL = 1e-4  # megatron fp32 vs transformers fp32 (+ fp64 loss maths); measured errors are printed with -s
 # Adam's first update is lr * g / (|g| + eps): with eps = 1 it is ~ lr * g, so comparing the parameter updates of
@@ -50,8 +50,9 @@ def step_worker(hf_dir: str, micro_batch_size: int, names: list):
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import iter_hf_tensors, load_hf_checkpoint
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.opsd import (build_microbatches, collect_teacher_rows, student_forward_backward,
-                                             teacher_signals)
+    from megatron_opsd.training.batches import response_microbatches
+    from megatron_opsd.training.opsd.step import student_forward_backward, teacher_signals
+    from megatron_opsd.training.response_rows import collect_response_rows
 
     student, teachers, responses = rollouts()
     weights = token_weights([len(r) for r in responses], "token_mean")
@@ -66,8 +67,8 @@ def step_worker(hf_dir: str, micro_batch_size: int, names: list):
         load_hf_checkpoint(teacher_chunks, hf_dir)  # frozen teacher: the initial weights
         ddp, optimizer, scheduler = setup_training(student_chunks, OPTIMIZER, 1000)
         real_vocab = student_chunks[0].real_vocab_size
-        student_mbs = build_microbatches(student, responses, weights, **kw)
-        rows = {c: collect_teacher_rows(teacher_chunks, build_microbatches(teachers[c], responses, weights, **kw))
+        student_mbs = response_microbatches(student, responses, weights, **kw)
+        rows = {c: collect_response_rows(teacher_chunks, response_microbatches(teachers[c], responses, weights, **kw))
                 for c in contexts}
         signals = teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab)
         zero_grads(ddp, optimizer)

@@ -50,7 +50,7 @@ def test_padded_shapes_meet_sequence_parallel_and_fp8_rows(tp, sp, fp8):
     """The padded sequence length for every TP x SP x FP8: a multiple of data.pad_to_multiple_of, of TP under SP
     (megatron's split), and in FP8 each rank's GEMM input rows (s / TP under SP, times any micro-batch size) a
     multiple of 8 (TE's assert_dim_for_fp8_exec). The old lcm(8, TP) padding gave 4612 rows at TP=2, s=9224."""
-    from megatron_opsd.training.opsd import build_microbatches
+    from megatron_opsd.training.batches import response_microbatches
 
     cfg = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
     expected = {(False, False): 8, (True, False): max(8, tp), (False, True): 8, (True, True): 8 * tp}[(sp, fp8)]
@@ -59,7 +59,7 @@ def test_padded_shapes_meet_sequence_parallel_and_fp8_rows(tp, sp, fp8):
                                                  (True, True): 8 * tp}[(sp, fp8)]
     split = tp if sp else 1
     for length in (9217, 9224, 13, 1):
-        tokens = build_microbatches([[1] * (length - 1)], [[2]], [torch.ones(1)], micro_batch_size=1, pad_id=0,
+        tokens = response_microbatches([[1] * (length - 1)], [[2]], [torch.ones(1)], micro_batch_size=1, pad_id=0,
                                     pad_multiple=cfg.sequence_multiple(8, fp8=fp8))[0]["tokens"]
         s = tokens.shape[1]
         assert s >= length and s % 8 == 0 and s % split == 0 and s - length < expected

@@ -122,7 +122,7 @@ def test_fp8_weight_caches_by_hand():
 @pytest.mark.parametrize("pp,held", [(1, "microbatch"), (2, "step")])
 def test_plan_holds_what_the_trainer_holds(pp, held):
     """The trainer runs the teacher per micro-batch at PP=1 and for the whole step at PP > 1
-    (opsd.teacher_signal_source); the plan derives the same from the config, and teacher.fp8 resolves."""
+    (training.opsd.step.teacher_signal_source); the plan derives the same from the config, and teacher.fp8 resolves."""
     from megatron_opsd.config import load_config
     from megatron_opsd.planning.cli import settings_from_config
 

@@ -182,7 +182,7 @@ def test_group_filter_modes_and_stats():
 def test_max_kept_caps_the_filters_rollouts_with_a_seeded_subset():
     """rollout.max_kept (docs/ablation2.md's matched budgets): at most that many of the filter's rollouts, a
     subset of them, the same for the same seed (every rank draws it), all of them when there are fewer."""
-    from megatron_opsd.training.trainer import StepRollouts, distillation_rows
+    from megatron_opsd.training.opsd.step import StepRollouts, distillation_rows
 
     correct = [[True, False, True, True], [False, False, True, False], [True, True, True, True]]
     rollouts = StepRollouts(student_prompts=[[1]] * 3, responses=[[[2] * (k + 1) for k in range(4)]] * 3,

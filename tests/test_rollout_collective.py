@@ -24,7 +24,7 @@ from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.parallel.distributed import free_port
 from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
 from megatron_opsd.rollout.auth import bearer
-from megatron_opsd.training.cli import run_trainer
+from megatron_opsd.training.opsd.cli import run_trainer
 from tests.test_rollout_sidecar import hf_greedy, hf_model  # noqa: F401 - hf_model is a fixture
 from tests.test_trainer_e2e import tiny_run_config
 

@@ -14,7 +14,7 @@ import torch
 
 from megatron_opsd.parallel.launch import DistributedError, run_distributed
 from megatron_opsd.training.loop import train_one_step
-from megatron_opsd.training.trainer import OPSD_PHASES
+from megatron_opsd.training.opsd.step import OPSD_PHASES
 from tests._workers_grpo import hf_logprobs
 from tests.test_grpo_e2e import grpo_config
 from tests.test_trainer_variants import FakeClient, fixed_responses, make_config, trainer_worker
@@ -146,7 +146,7 @@ def test_truncated_importance_ratio_on_the_sampled_token_loss(tiny_checkpoints, 
 
 
 def grpo_overlap_worker(cfg, steps: int):
-    from megatron_opsd.training.rl_trainer import GRPOTrainer
+    from megatron_opsd.training.grpo.trainer import GRPOTrainer
 
     torch.manual_seed(0)
     trainer = GRPOTrainer(cfg)

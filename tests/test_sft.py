@@ -7,9 +7,10 @@ import torch
 from megatron_opsd.config import ConfigError
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.parallel.launch import run_distributed, run_layouts
-from megatron_opsd.training.sft import SFT_PHASES, load_sft_config
-from megatron_opsd.training.sft_data import SFTDataConfig, build_sft_microbatches, load_sft_dataset, tokenize_conversation
-from megatron_opsd.training.sft_cli import run_sft
+from megatron_opsd.training.sft.cli import run_sft
+from megatron_opsd.training.sft.config import SFTDataConfig, load_sft_config
+from megatron_opsd.training.sft.data import build_sft_microbatches, load_sft_dataset, tokenize_conversation
+from megatron_opsd.training.sft.step import SFT_PHASES
 from tests._run_configs import assert_phases_add_up
 
 PAIRS = [(f"What is {a} + {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 1), (2, 7), (6, 2), (8, 1), (4, 4), (9, 3)]]
@@ -245,7 +246,7 @@ def test_example_config_loads():
 def test_packed_microbatch_layout():
     """Packing puts conversations side by side: positions restart, labels never cross a boundary, attention
     is causal inside each conversation only, and the token weights are the same as unpacked."""
-    from megatron_opsd.training.sft_data import SFTExample, build_sft_microbatches
+    from megatron_opsd.training.sft.data import SFTExample, build_sft_microbatches
 
     examples = [SFTExample("a", [1, 2, 3], [0, 1, 1]), SFTExample("b", [4, 5], [0, 1]),
                 SFTExample("c", [6, 7, 8, 9], [0, 0, 1, 1])]
@@ -267,7 +268,7 @@ def test_grouped_microbatches_hold_the_same_rows_with_less_padding():
     each micro-batch padded to its own longest (PP=1) or the step's (PP>1). Every conversation appears once with
     the same tokens, labels and 1/N weights as ungrouped, so the step's loss is the same (the layout tests
     compare the training losses too: tp1 pads per micro-batch, pp2 per step, packed rows are not grouped)."""
-    from megatron_opsd.training.sft_data import SFTExample
+    from megatron_opsd.training.sft.data import SFTExample
 
     lengths = [9, 3, 17, 5, 12, 4, 30, 6]
     examples = [SFTExample(str(i), list(range(1, n + 1)), [0] + [1] * (n - 1)) for i, n in enumerate(lengths)]

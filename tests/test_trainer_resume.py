@@ -14,9 +14,9 @@ from megatron_opsd.evaluation.runner import OneSidecarEvaluator
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.rollout import SidecarClient, start_sidecar_process
 from megatron_opsd.rollout.auth import run_secret
-from megatron_opsd.training.cli import run_trainer
+from megatron_opsd.training.opsd.cli import run_trainer
 from megatron_opsd.training.run import local_sidecar_options
-from megatron_opsd.training.trainer import OPSD_PHASES
+from megatron_opsd.training.opsd.step import OPSD_PHASES
 from tests._rewards import KILL_AT_CALL_ENV
 from tests._run_configs import assert_phases_add_up
 from tests._workers_grpo import hf_logprobs

@@ -45,7 +45,7 @@ class FakeClient:
 
 def recording_trainer(cfg, client=None):
     """The real OPSD trainer with the sidecar double and fixed rewards, recording each step's rollouts."""
-    from megatron_opsd.training.trainer import OPSDTrainer
+    from megatron_opsd.training.opsd.trainer import OPSDTrainer
 
     class Recording(OPSDTrainer):
         def rollouts(self, timer):
@@ -191,11 +191,10 @@ def test_k1_loss_needs_the_opt_in():
 def spying_worker(cfg, steps: int):
     """``trainer_worker`` that also records, per step, the generation limit, each side's micro-batch length
     (student first, then the teacher contexts in order) and a checksum of the weights each teacher forward ran."""
-    from megatron_opsd.training import opsd
-    from megatron_opsd.training import trainer as opsd_trainer  # opsd_step's module holds build_microbatches
+    from megatron_opsd.training.opsd import step as opsd_step_module  # opsd_step and teacher_signal_source
 
     seen = {"lengths": [], "teacher_weights": []}
-    build, teacher_rows = opsd_trainer.build_microbatches, opsd.response_rows
+    build, teacher_rows = opsd_step_module.response_microbatches, opsd_step_module.response_rows
 
     def recording_build(*args, **kwargs):
         mbs = build(*args, **kwargs)
@@ -206,12 +205,12 @@ def spying_worker(cfg, steps: int):
         seen["teacher_weights"].append(sum(p.detach().double().sum().item() for p in chunk.parameters()))
         return teacher_rows(chunk, mb)
 
-    opsd_trainer.build_microbatches, opsd.response_rows = recording_build, recording_teacher_rows
+    opsd_step_module.response_microbatches, opsd_step_module.response_rows = recording_build, recording_teacher_rows
     client = FakeClient()
     try:
         history, recorded = trainer_worker(cfg, steps, client)
     finally:
-        opsd_trainer.build_microbatches, opsd.response_rows = build, teacher_rows
+        opsd_step_module.response_microbatches, opsd_step_module.response_rows = build, teacher_rows
     return history, recorded, seen, client.max_tokens
 
 

@@ -26,7 +26,7 @@ PHASES = ("time/rollout", "time/teacher", "time/student", "time/sync")
 def bench_worker(cfg, horizon: int, pairs: int) -> dict:
     """Alternating full / horizon steps on one trainer; per setting, the per-step times of the counted pairs."""
     from megatron_opsd.training.loop import train_one_step
-    from megatron_opsd.training.trainer import OPSDTrainer
+    from megatron_opsd.training.opsd.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(cfg)
     trainer.run.connect_sidecar()
@@ -61,7 +61,7 @@ def to_markdown(summary: dict, args: argparse.Namespace, model: str) -> str:
         f"one trainer and one vLLM sidecar, steps alternating full / horizon {args.horizon}; medians of "
         f"{args.pairs} steps each after a warm-up pair, seconds. CPU, 2 cores shared with several other jobs: only the "
         "ratios are meaningful. `tokens` = distilled tokens per step. At PP=1 the teacher's forward runs inside the "
-        "student's loss, one micro-batch at a time (`training/opsd.py` `teacher_signal_source`): `student s` includes "
+        "student's loss, one micro-batch at a time (`training/opsd/step.py` `teacher_signal_source`): `student s` includes "
         "it, `teacher s` is only the set-up of its signal source (PP > 1: the teacher's forwards).", "",
         "| setting | tokens | step s | rollout s | teacher s | student s | sync s |",
         "|---|---|---|---|---|---|---|", *rows, f"| full / horizon | | {ratio} |", "",

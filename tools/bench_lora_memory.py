@@ -93,7 +93,7 @@ def measure(config_path: str, overrides: list) -> dict:
     from megatron_opsd.planning.cli import settings_from_config
     from megatron_opsd.planning.memory import ModelShape, estimate_memory
     from megatron_opsd.training.loop import PhaseTimer
-    from megatron_opsd.training.trainer import OPSDTrainer
+    from megatron_opsd.training.opsd.trainer import OPSDTrainer
 
     cfg = load_config(config_path, overrides)
     trainer = OPSDTrainer(cfg)

@@ -46,9 +46,9 @@ CONFIGS = {"opsdc": "megatron_opsd/demo/configs/opsdc.yaml", "grpo": "megatron_o
 def bench_worker(cfg, stage: str, blocks: int, block_steps: int) -> dict:
     """Blocks of steps alternating max_staleness 0 / 1 on one trainer; per setting, the counted steps' numbers."""
     if stage == "grpo":
-        from megatron_opsd.training.rl_trainer import GRPOTrainer as Trainer
+        from megatron_opsd.training.grpo.trainer import GRPOTrainer as Trainer
     else:
-        from megatron_opsd.training.trainer import OPSDTrainer as Trainer
+        from megatron_opsd.training.opsd.trainer import OPSDTrainer as Trainer
     from megatron_opsd.training.loop import train_one_step
 
     trainer = Trainer(cfg)
@@ -118,7 +118,7 @@ def main() -> int:
     from megatron_opsd.demo.prepare import prepare
     from megatron_opsd.demo.recipe import DemoRecipe
     from megatron_opsd.parallel.launch import run_distributed
-    from megatron_opsd.training.grpo import load_rl_config
+    from megatron_opsd.training.grpo.config import load_rl_config
 
     results, raw = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-overlap-") as tmp:

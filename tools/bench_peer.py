@@ -128,7 +128,7 @@ def ours_worker(cfg) -> dict:
     import resource
 
     from megatron_opsd.training.loop import train_one_step
-    from megatron_opsd.training.trainer import OPSDTrainer
+    from megatron_opsd.training.opsd.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(cfg)
     run = trainer.run

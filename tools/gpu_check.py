@@ -16,7 +16,7 @@ failed. Probes at the world's data-parallel layout (TP = PP = 1, DP = N):
                               on CUDA each step's loss and grad norm are compared with the same step run on the
                               CPU (this script with --device cpu in a single-process subprocess)
   teacher_per_microbatch      the PP=1 trainer's teacher forward per micro-batch gives the step's loss and grad
-                              norm of teacher-forwards-first (training/opsd.py teacher_signal_source), for the
+                              norm of teacher-forwards-first (training/opsd/step.py teacher_signal_source), for the
                               plain teacher, Purified OPSD (three teachers) and DemoPSD
   divergence                  vocab-parallel reverse KL forward+backward at 8,192 x 151,936 vs the naive
                               log-softmax of both: time, peak memory, achieved bytes/s vs a measured copy bandwidth
@@ -179,7 +179,7 @@ def _opsd_trainer(ctx: dict, name: str, overrides: list, prompts: int = 0, model
     """An OPSDTrainer on fixed rollouts (``prompts`` of them; default ``step_prompts()``) and no sidecar."""
     from megatron_opsd.config import load_config
     from megatron_opsd.data.contexts import teacher_context_names
-    from megatron_opsd.training.trainer import OPSDTrainer
+    from megatron_opsd.training.opsd.trainer import OPSDTrainer
 
     prompts = prompts or step_prompts(ctx)
     cfg = load_config(None, base_overrides(model or ctx["model"], ctx["root"] / name, ctx["opsd_data"], prompts)
@@ -207,7 +207,8 @@ def probe_opsd_step(ctx: dict, kind: str) -> dict:
 
 
 def probe_sft_step(ctx: dict) -> dict:
-    from megatron_opsd.training.sft import SFTTrainer, load_sft_config
+    from megatron_opsd.training.sft.config import load_sft_config
+    from megatron_opsd.training.sft.trainer import SFTTrainer
 
     cfg = load_sft_config(None, [f"model.path={ctx['model']}", f"data.train_path={ctx['sft_data']}",
                                  f"logging.dir={ctx['root'] / 'sft'}", "logging.tensorboard=false",
@@ -218,8 +219,8 @@ def probe_sft_step(ctx: dict) -> dict:
 
 
 def probe_grpo_step(ctx: dict) -> dict:
-    from megatron_opsd.training.grpo import load_rl_config
-    from megatron_opsd.training.rl_trainer import GRPOTrainer
+    from megatron_opsd.training.grpo.config import load_rl_config
+    from megatron_opsd.training.grpo.trainer import GRPOTrainer
 
     prompts = step_prompts(ctx)
     cfg = load_rl_config(None, base_overrides(ctx["model"], ctx["root"] / "grpo", ctx["opsd_data"], prompts)
@@ -246,29 +247,29 @@ def probe_teacher_per_microbatch(ctx: dict) -> dict:
 
 
 def _teacher_modes(ctx: dict, target: str, overrides: list) -> dict:
-    from megatron_opsd.training import opsd
-    from megatron_opsd.training import trainer as opsd_trainer  # opsd_step's module holds teacher_signal_source
+    from megatron_opsd.training.opsd import step as opsd_step_module  # opsd_step calls its teacher_signal_source
+    from megatron_opsd.training.response_rows import collect_response_rows
 
     numbers = {}
     for mode in ("microbatch", "step"):
         trainer = _opsd_trainer(ctx, f"teacher_{target}_{mode}", overrides)
         if mode == "step":
-            original = opsd_trainer.teacher_signal_source
+            original = opsd_step_module.teacher_signal_source
 
             def step_first(model_for, teacher_mbs, student_mbs, *, loss, real_vocab_size, teacher_scope):
                 rows = {}
                 for c, mbs in teacher_mbs.items():
                     with teacher_scope(c):
-                        rows[c] = opsd.collect_teacher_rows(model_for(c), mbs)
-                return opsd.teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
+                        rows[c] = collect_response_rows(model_for(c), mbs)
+                return opsd_step_module.teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
 
-            opsd_trainer.teacher_signal_source = step_first
+            opsd_step_module.teacher_signal_source = step_first
             try:
                 numbers[mode] = _step_numbers(trainer)
             finally:
-                opsd_trainer.teacher_signal_source = original
+                opsd_step_module.teacher_signal_source = original
         else:  # at PP=1 the trainer's source is per micro-batch (a callable), not a list
-            assert callable(opsd.teacher_signal_source(trainer.teacher_model, {}, [], loss=None, real_vocab_size=0))
+            assert callable(opsd_step_module.teacher_signal_source(trainer.teacher_model, {}, [], loss=None, real_vocab_size=0))
             numbers[mode] = _step_numbers(trainer)
     a, b = numbers["microbatch"], numbers["step"]
     ok = all(math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7) for k in a)
@@ -394,8 +395,9 @@ def probe_opsd_throughput(ctx: dict, shape: dict, seq: int, response: int, micro
     from megatron_opsd.planning.memory import ModelShape
     from megatron_opsd.config import LossConfig, OptimConfig
     from megatron_opsd.training.engine import optimizer_step, setup_training, zero_grads
-    from megatron_opsd.training.opsd import (build_microbatches, student_forward_backward,
-                                             teacher_signal_source, token_weights)
+    from megatron_opsd.losses import token_weights
+    from megatron_opsd.training.batches import response_microbatches
+    from megatron_opsd.training.opsd.step import student_forward_backward, teacher_signal_source
 
     hf_config = tiny_hf_config("qwen3", vocab_size=REAL_VOCAB, max_position_embeddings=max(seq, 512), **shape)
     dtype = torch.bfloat16 if ctx["cuda"] else torch.float32
@@ -409,8 +411,8 @@ def probe_opsd_throughput(ctx: dict, shape: dict, seq: int, response: int, micro
     loss = LossConfig()
 
     def step():
-        student = build_microbatches(prompts, responses, weights, micro_batch_size=1, pad_id=0)
-        teacher = {"teacher": build_microbatches(prompts, responses, weights, micro_batch_size=1, pad_id=0)}
+        student = response_microbatches(prompts, responses, weights, micro_batch_size=1, pad_id=0)
+        teacher = {"teacher": response_microbatches(prompts, responses, weights, micro_batch_size=1, pad_id=0)}
         signals = teacher_signal_source(lambda context: ddp, teacher, student, loss=loss, real_vocab_size=REAL_VOCAB)
         zero_grads(ddp, optimizer)
         out = student_forward_backward(ddp, student, signals, loss=loss, real_vocab_size=REAL_VOCAB)
@@ -445,7 +447,7 @@ def probe_fp8(ctx: dict) -> dict:
     from megatron_opsd.models.gpt import build_model
     from megatron_opsd.models.weights import load_hf_checkpoint
     from megatron_opsd.parallel.device import to_device
-    from megatron_opsd.training.opsd import response_rows
+    from megatron_opsd.training.response_rows import response_rows
 
     models = {}
     for name, fp8 in (("bf16", None), ("fp8", "hybrid")):

@@ -2,7 +2,7 @@
 
 ``encode_prompt`` applies the chat template and refuses prompts over ``data.max_prompt_tokens`` (naming the
 example); the trainer packs student and teacher rows around the same response tokens itself
-(``training.opsd.build_microbatches``).
+(``training.batches.response_microbatches``).
 
 Truncated OPD: with a horizon h only response tokens t < h enter the loss, and the sequences are cut at
 prompt + h tokens. That is exact, not an approximation: attention is causal, so logits before the cut do

@@ -22,8 +22,8 @@ from megatron_opsd.demo.recipe import stage_config_dir
 from megatron_opsd.evaluation.runner import OneSidecarEvaluator, training_eval_settings
 from megatron_opsd.pipeline import PipelineConfig, StageConfig, run_pipeline
 from megatron_opsd.pipeline.config import PipelineEvalConfig, validate_pipeline_config
-from megatron_opsd.training.grpo import load_rl_config
-from megatron_opsd.training.sft import load_sft_config
+from megatron_opsd.training.grpo.config import load_rl_config
+from megatron_opsd.training.sft.config import load_sft_config
 
 # What a demo run writes under its run directory (removed at the start of a new run with the same name).
 _OWNED = ("data", "init", "stages", "eval", "results.json", "table.md", "curves.png")

@@ -33,7 +33,7 @@ from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
 from megatron_opsd.rollout.engine import on_gpu
 from megatron_opsd.training.checkpoint import write_text_atomic
-from megatron_opsd.training.grpo import load_rl_config
+from megatron_opsd.training.grpo.config import load_rl_config
 from megatron_opsd.training.run import local_sidecar_options
 
 DONE_MARKER = "stage_done.json"

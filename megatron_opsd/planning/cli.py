@@ -51,8 +51,8 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
                          logits_bytes: int = 4) -> tuple[TrainSettings, int]:
     """Planner settings from an ``OPSDConfig``; also returns the global batch (sequences per step).
 
-    ``teacher_logits`` None: what the trainer holds (``opsd.teacher_signal_source``): the teacher runs per
-    micro-batch inside the student's step at PP=1, and for the whole step first at PP > 1."""
+    ``teacher_logits`` None: what the trainer holds (``training.opsd.step.teacher_signal_source``): the teacher
+    runs per micro-batch inside the student's step at PP=1, and for the whole step first at PP > 1."""
     from megatron_opsd.models.gpt import sequence_multiple, teacher_fp8
 
     p, r = cfg.parallel, cfg.rollout
@@ -90,7 +90,7 @@ def settings_from_config(cfg, data_parallel: int, *, implementation: str = "te",
 
 
 def padded(length: int, multiple: int) -> int:
-    """``length`` rounded up to ``multiple``: the trainer pads every sequence so (``opsd.build_microbatches``)."""
+    """``length`` rounded up to ``multiple``: the trainer pads every sequence so (``batches.response_microbatches``)."""
     return -(-length // multiple) * multiple
 
 

@@ -1,13 +1,16 @@
-"""`megatron-opsd train --config X.yaml [--set key=value ...] [key=value ...]`.
+"""What the trainer commands share (`megatron-opsd train | rl | sft`, each in its method's ``cli.py``): the flags,
+the checks made once before any rank starts, and the launch.
 
-Under torchrun/srun every process runs this command and joins the process group from the environment.
-``--nproc N`` instead spawns N local processes (gloo on CPU), handy for a laptop or a quick TP=2 check.
+Under torchrun/srun every process runs the command and joins the process group from the environment.
+``--nproc N`` instead spawns N local processes (gloo on CPU), handy for a laptop or a quick TP=2 check. CLI
+boundary code (docs/architecture.md): it imports what only a run needs inside its functions, so `--help` stays
+light.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-style overrides")
 
 
-def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable) -> int:
-    """Shared by train / rl / sft: config from --config + overrides, then ``entry(cfg)`` on this process (under
-    torchrun/srun) or on ``--nproc`` spawned local processes."""
+def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable,
+           check_data_fn: Optional[Callable] = None) -> int:
+    """Shared by train / rl / sft: config from --config + overrides, the checks (``check_data_fn``: the method's
+    data check, default ``check_data``), then ``entry(cfg)`` on this process (under torchrun/srun) or on
+    ``--nproc`` spawned local processes."""
     overrides = list(args.sets) + list(args.overrides)
     if args.export_hf:
         overrides.append(f"export.hf_dir={args.export_hf}")
@@ -36,7 +41,7 @@ def launch(args: argparse.Namespace, load_config_fn: Callable, entry: Callable) 
     from megatron_opsd.training.rundir import refuse_overwrite  # megatron-core: not at `train --help`
 
     refuse_overwrite(cfg)  # before any rank starts
-    check_data(cfg)
+    (check_data_fn or check_data)(cfg)
     if args.nproc:
         from megatron_opsd.parallel.launch import run_distributed
 
@@ -67,42 +72,44 @@ def check_inputs(cfg) -> None:
                     par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size)
 
 
-def _data_error(key: str, err: Exception):
+def data_error(key: str, err: Exception):
+    """A data file's error as a ConfigError naming ``key`` (once)."""
     from megatron_opsd.config import ConfigError
 
     return ConfigError(f"{key}: {err}" if not str(err).startswith(key) else str(err))
 
 
+def require_train_path(d) -> None:
+    """``data.train_path`` is set (every trainer's data section has one)."""
+    if not d.train_path:
+        from megatron_opsd.config import ConfigError
+
+        raise ConfigError("data.train_path: not set; give a JSONL or Parquet file (data.train_path=FILE)")
+
+
 def check_data(cfg) -> None:
-    """The data files, read once before any rank or sidecar starts, through the loaders the ranks use: the file
-    exists, is not empty, every row parses and carries the configured fields (the prompt; for OPSD what each teacher
-    context needs; an answer in ``data.eval_path`` when ``train.eval_every`` grades it). ConfigError naming the key;
-    otherwise each rank would fail on it after the model loaded, each with its own traceback."""
+    """The prompt data files (OPSD and GRPO), read once before any rank or sidecar starts, through the loaders the
+    ranks use: the file exists, is not empty, every row parses and carries the configured fields (the prompt; for
+    OPSD what each teacher context needs; an answer in ``data.eval_path`` when ``train.eval_every`` grades it).
+    ConfigError naming the key; otherwise each rank would fail on it after the model loaded, each with its own
+    traceback. SFT's conversations have their own check (``sft/cli.py``)."""
     from megatron_opsd.config import ConfigError
     from megatron_opsd.data.contexts import teacher_context_names, teacher_messages
     from megatron_opsd.data.datasets import load_prompt_dataset
-    from megatron_opsd.training.sft_data import SFTDataConfig, read_sft_conversations
 
     d = cfg.data
-    if not d.train_path:
-        raise ConfigError("data.train_path: not set; give a JSONL or Parquet file (data.train_path=FILE)")
-    if isinstance(d, SFTDataConfig):  # conversations: parsed here, tokenized (and length-checked) by the ranks
-        try:
-            read_sft_conversations(d)
-        except (ValueError, OSError) as err:
-            raise _data_error("data.train_path", err) from err
-        return
+    require_train_path(d)
     try:
         examples = load_prompt_dataset(d.train_path, d)
     except (ValueError, OSError) as err:
-        raise _data_error("data.train_path", err) from err
+        raise data_error("data.train_path", err) from err
     teacher = getattr(cfg, "teacher", None)  # GRPO has none
     for name in teacher_context_names(teacher) if teacher is not None else ():
         for ex in examples:  # a placeholder rollout: demonstration contexts get theirs at the step
             try:
                 teacher_messages(ex, d, teacher, context=name, rollout="(a correct rollout)")
             except (ValueError, KeyError) as err:
-                raise _data_error("data.train_path", err) from err
+                raise data_error("data.train_path", err) from err
     if cfg.train.eval_every:
         if not d.eval_path:
             raise ConfigError("data.eval_path: not set, but train.eval_every > 0 evaluates it; give a held-out "
@@ -110,24 +117,8 @@ def check_data(cfg) -> None:
         try:
             held_out = load_prompt_dataset(d.eval_path, d)
         except (ValueError, OSError) as err:
-            raise _data_error("data.eval_path", err) from err
+            raise data_error("data.eval_path", err) from err
         missing = next((ex.id for ex in held_out if ex.answer is None), None)
         if missing is not None:
             raise ConfigError(f"data.eval_path: example {missing!r} of {d.eval_path!r} has no {d.answer_field!r} "
                               "(data.answer_field) to grade against")
-
-
-def main(args: argparse.Namespace) -> int:
-    from megatron_opsd.config import load_config
-
-    return launch(args, load_config, run_trainer)
-
-
-def run_trainer(cfg) -> dict:
-    """Entry point per process: train (the CLI wires evaluation into training's ``train.eval_every`` hook: training
-    never imports evaluation) and return the last step's metrics."""
-    from megatron_opsd.evaluation.runner import evaluate_for_training
-    from megatron_opsd.training.trainer import train
-
-    history = train(cfg, evaluate=evaluate_for_training)
-    return history[-1] if history else {}

@@ -134,7 +134,7 @@ class Run:
         self.logger = MetricsLogger(self.cfg, self.run_dir) if self.rank == 0 else None
 
     def batch_layout(self, pad_to_multiple_of: int) -> dict:
-        """This rank's micro-batch layout keywords (``build_microbatches``)."""
+        """This rank's micro-batch layout keywords (``batches.response_microbatches``)."""
         return dict(micro_batch_size=self.cfg.optim.micro_batch_size, pad_id=self.tokenizer.pad_token_id,
                     pad_multiple=sequence_multiple(self.cfg, pad_to_multiple_of),
                     microbatch_multiple=self.cfg.parallel.microbatch_multiple(),

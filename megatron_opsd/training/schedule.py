@@ -4,7 +4,7 @@
 (no pipelining, 1F1B at PP > 1, interleaved 1F1B with virtual stages) with a list of microbatch dicts; on the
 last pipeline stage the caller's ``loss_fn(logits, microbatch)`` sees this rank's vocabulary shard of the
 logits, ``[batch, seq, padded_vocab / TP]`` (GPTModel returns batch-first); a loss that needs per-micro-batch
-state reads ``microbatch["index"]``, which ``opsd.build_microbatches`` stamps (not ``id(microbatch)``). At PP > 1
+state reads ``microbatch["index"]``, which ``batches.response_microbatches`` stamps (not ``id(microbatch)``). At PP > 1
 every microbatch of one call must be padded to the same ``seq_length``: the schedules run with
 ``variable_seq_lengths=False`` (gloo pairs point-to-point messages in posting order; variable shapes add a shape
 exchange that we do not rely on). At PP = 1 there is no point-to-point message, and lengths may differ.
@@ -46,7 +46,7 @@ def _position_ids(microbatch: dict) -> torch.Tensor:
 
 def model_forward(model, microbatch: dict) -> torch.Tensor:
     """One chunk's forward of one micro-batch (logits on the last stage): the schedules' step and the PP=1
-    teacher forward (``opsd.teacher_signal_source``) share it."""
+    teacher forward (``response_rows.response_rows``) share it."""
     return model(microbatch["tokens"], _position_ids(microbatch), attention_mask=microbatch.get("attention_mask"))
 
 
@@ -91,7 +91,8 @@ def _run_schedule(model_chunks: list, microbatches: list, on_logits: Callable, *
         # total micro-batches) divided by N (number of contiguous micro-batches in a virtual pipeline stage)
         # should be 0, or larger than or equal to the pipeline-parallel size" (N defaults to PP)
         raise ValueError(f"{len(microbatches)} micro-batches for an interleaved pipeline at PP={pp}: pad them to a "
-                         "multiple of PP (build_microbatches' microbatch_multiple=ParallelConfig.microbatch_multiple())")
+                         "multiple of PP (batches.response_microbatches' microbatch_multiple="
+                         "ParallelConfig.microbatch_multiple())")
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)

@@ -1,32 +1,36 @@
-"""GRPO on the shared run machinery (``training/run.py``): ``grpo_step`` is the method, one optimizer step top to
-bottom; ``GRPOTrainer`` holds the prompt sampler, the reward and the reference model (``rl.reference``). The
-maths is in ``training/grpo.py``.
+"""The GRPO step: ``grpo_step`` is the method, one optimizer step top to bottom (rollouts -> rewards, group
+advantages -> behaviour and reference log-probs -> clipped policy loss [+ KL to the reference] -> optimizer), then
+the pieces only it uses. The maths is in ``grpo/algorithm.py``; the trainer's state (sampler, reward, reference
+model) is ``grpo/trainer.py``.
 
 Log-probs are the raw model's (temperature 1), as the sidecar returns them, on both sides of the ratio.
 """
 from __future__ import annotations
 
 from statistics import fmean
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_opsd.config import RLConfig
 from megatron_opsd.losses import (truncated_importance_ratio, vocab_parallel_divergence, vocab_parallel_entropy,
                                   vocab_parallel_token_logprobs)
 from megatron_opsd.parallel.device import sum_over_ranks
-from megatron_opsd.rewards import build_reward
 from megatron_opsd.rewards.filters import group_filter
+from megatron_opsd.training.batches import add_per_token, response_microbatches, response_token_ids
 from megatron_opsd.training.engine import optimizer_step, zero_grads
-from megatron_opsd.training.grpo import (RLConfig, RLTrainConfig, clipped_policy_loss, k3_kl, reference_model,
-                                         rollout_weights, step_rewards, validate_rl_config)
-from megatron_opsd.training.opsd import build_microbatches, response_token_ids, rows_by_index, tp_group
-from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
-                                             broadcast_rollouts, importance_clip, rollout_queue,
-                                             sample_rollouts)
+from megatron_opsd.training.grpo.algorithm import clipped_policy_loss, k3_kl, rollout_weights, step_rewards
 from megatron_opsd.training.loop import PhaseTimer
-from megatron_opsd.training.run import EvaluateHook, Run
+from megatron_opsd.training.response_rows import rows_by_index, tp_group
+from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, importance_clip
 from megatron_opsd.training.schedule import forward_backward
+
+if TYPE_CHECKING:
+    from megatron_opsd.training.grpo.trainer import GRPOTrainer
+
+__all__ = ["GRPO_PHASES", "advantage_microbatches", "grpo_step", "policy_loss_fn", "policy_metrics",
+           "reference_signal", "replace_old_logprobs", "token_logprobs"]
 
 GRPO_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/old_and_ref", "time/policy", "time/optimizer",
                "time/sync", "time/eval")
@@ -50,7 +54,8 @@ def grpo_step(t: "GRPOTrainer", timer: PhaseTimer) -> dict:
     timer.lap("time/filter")
     metrics = {"loss": 0.0, "divergence": 0.0, "tokens": 0.0}
     if keep:
-        mbs = grpo_microbatches(rollouts, keep, grouped.advantages, rl, run.batch_layout(cfg.data.pad_to_multiple_of))
+        mbs = advantage_microbatches(rollouts, keep, grouped.advantages, rl,
+                                     run.batch_layout(cfg.data.pad_to_multiple_of))
         timer.lap("time/batch")
         behaviour, clip = {"logprob_diff_sum": 0.0}, importance_clip(cfg.rollout)
         if rl.recompute_old_logprobs or clip is not None:  # megatron's log-probs under the current (pre-update)
@@ -79,24 +84,22 @@ def _last_stage_owner() -> bool:
     return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
 
 
-def grpo_microbatches(rollouts: StepRollouts, keep: list, advantages: list, rl: RLConfig, layout: dict) -> list:
-    """The kept rollouts' micro-batches with per-token ``weights``, ``advantages``, ``old_logprobs`` (the
-    sidecar's) and ``targets`` (the response token ids), all in the weights' layout."""
+def advantage_microbatches(rollouts: StepRollouts, keep: list, advantages: list, rl: RLConfig,
+                           layout: dict) -> list:
+    """The kept rollouts' micro-batches (``batches.response_microbatches``) with each response token's loss
+    ``weights`` and, in the same layout (``batches.add_per_token``), its rollout's ``advantages``, the sidecar's
+    ``old_logprobs``, and the ``targets`` (the response token ids)."""
     responses = [rollouts.responses[i][j] for i, j in keep]
     prompts = [rollouts.student_prompts[i] for i, _ in keep]
     old = [torch.tensor(rollouts.logprobs[i][j], dtype=torch.float32) for i, j in keep]
     for (i, j), lp, r in zip(keep, old, responses):
         if len(lp) != len(r):
             raise RuntimeError(f"rollout {i}/{j}: the sidecar returned {len(lp)} log-probs for {len(r)} tokens")
-    per_token = {
-        "weights": rollout_weights([len(r) for r in responses], rl.token_level_loss),
-        "advantages": [torch.full((len(r),), float(advantages[i][j])) for (i, j), r in zip(keep, responses)],
-        "old_logprobs": old,
-    }
-    mbs = build_microbatches(prompts, responses, per_token["weights"], **layout)
-    for key in ("advantages", "old_logprobs"):  # same layout as the weights: one value per response row
-        for mb, other in zip(mbs, build_microbatches(prompts, responses, per_token[key], **layout)):
-            mb[key] = other["weights"]
+    weights = rollout_weights([len(r) for r in responses], rl.token_level_loss)
+    mbs = response_microbatches(prompts, responses, weights, **layout)
+    add_per_token(mbs, "advantages", prompts, responses,
+                  [torch.full((len(r),), float(advantages[i][j])) for (i, j), r in zip(keep, responses)], **layout)
+    add_per_token(mbs, "old_logprobs", prompts, responses, old, **layout)
     for mb in mbs:
         mb["targets"] = response_token_ids(mb)
     return mbs
@@ -188,35 +191,3 @@ def policy_metrics(out, behaviour: dict, rl: RLConfig, weighted: bool = False) -
     if weighted:
         metrics["rollout/importance_ratio"] = sums["importance_sum"] / n
     return metrics
-
-
-class GRPOTrainer:
-    """GRPO on the shared run machinery. ``reference``: a frozen replica of the initial weights when
-    ``rl.reference`` resolves to frozen (``rl.kl_coef > 0``), else None."""
-
-    def __init__(self, cfg: RLTrainConfig, evaluate: Optional[EvaluateHook] = None):
-        self.cfg = cfg = validate_rl_config(cfg)
-        self.run = run = Run(cfg, desc="grpo", uses_sidecar=True, evaluate=evaluate)
-        self.sampler, self.reward = prompt_sampler(cfg), build_reward(cfg.reward)
-        self.queue = rollout_queue(run, self.sampler, lambda step: cfg.rollout.max_tokens)
-        self.reference = run.replica() if reference_model(cfg.rl) == "frozen" else None
-        run.build_optimizer()
-
-    phases = GRPO_PHASES
-    train_step = grpo_step
-    progress = staticmethod(rollout_progress)
-
-    def rollouts(self, timer: PhaseTimer) -> StepRollouts:
-        """COLLECTIVE: this step's whole rollouts with their rewards and sidecar log-probs (no teacher prompts)."""
-        return broadcast_rollouts(sample_rollouts(self.run, self.queue.take(self.run.step), self.reward, timer=timer),
-                                  timer)
-
-    def extra_models(self) -> Optional[dict]:
-        """The reference replica, checkpointed under ``teacher`` (the checkpoint layout GRPO runs always had)."""
-        return None if self.reference is None else {"teacher": self.reference}
-
-
-def train_grpo(cfg: RLTrainConfig, evaluate: Optional[EvaluateHook] = None) -> list[dict]:
-    """Run GRPO from ``cfg`` on this process (launched by torchrun, srun, or run_distributed)."""
-    trainer = GRPOTrainer(cfg, evaluate)
-    return trainer.run.fit(trainer)

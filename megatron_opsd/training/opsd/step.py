@@ -1,12 +1,8 @@
-"""One OPSD optimizer step on already-built micro-batches, through megatron's pipeline schedules.
-
-A micro-batch is a dict of tensors for one side (student or teacher):
-  tokens [b, L], position_ids [b, L]       the model inputs (padded to the step's common length L)
-  row_mask [b, L] (bool)                    the logits that predict response tokens (row-major order = token order)
-  weights [n]                               per-token loss weights, already normalised over the whole step
-and ``index`` (int), its position in the step's list, which the loss function reads to find its teacher signal.
-Student row i and teacher row i predict the same response token (the realignment is done when building the
-micro-batches), so the divergence compares like with like even when the teacher context is longer.
+"""The OPSD step: ``opsd_step`` is the method, one optimizer step top to bottom (rollouts -> verify and filter ->
+micro-batches -> teacher forward(s) -> target -> student forward/backward -> optimizer -> teacher update), then the
+pieces only it uses: the teacher signal and the student's forward/backward through megatron's pipeline schedules.
+The micro-batches are ``training/batches.py``'s (their layout is described there); the teacher's rows come from
+``training/response_rows.py``; the trainer's state (teacher replica, EMA, LoRA adapters) is ``opsd/trainer.py``.
 
 Loss normalisation: the step's loss is ``sum_t weights_t * D_t`` over every response token of the step
 (``weights`` sum to 1 for token_mean and sequence_mean: ``losses.token_weights``), so the schedule runs with
@@ -21,87 +17,103 @@ student's logits of this very forward.
 """
 from __future__ import annotations
 
+import random
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Union
 
 import torch
 from megatron.core import parallel_state as ps
 
 from megatron_opsd.config import LossConfig
+from megatron_opsd.data.sequences import horizon_at_step
 from megatron_opsd.losses import (Objective, TeacherSignal, token_weights, truncated_importance_ratio,
                                   vocab_parallel_token_logprobs)
-from megatron_opsd.parallel.device import sum_over_ranks, to_device
-from megatron_opsd.training.schedule import (collect_logits, forward_backward, model_forward, recast_fp8_weights,
-                                             select_positions)
+from megatron_opsd.parallel.device import sum_over_ranks
+from megatron_opsd.rewards.filters import group_filter
+from megatron_opsd.training.batches import add_per_token, response_microbatches, response_token_ids
+from megatron_opsd.training.engine import optimizer_step, zero_grads
+from megatron_opsd.training.loop import PhaseTimer
+from megatron_opsd.training.response_rows import collect_response_rows, response_rows, tp_group
+from megatron_opsd.training.rollouts import ROLLOUT_PHASES, StepRollouts, importance_clip
+from megatron_opsd.training.schedule import forward_backward, recast_fp8_weights
 
-__all__ = ["add_per_token", "build_microbatches", "collect_teacher_rows", "make_objective", "opsd_metrics",
-           "response_rows", "response_token_ids", "rows_by_index", "student_forward_backward", "teacher_signal_source",
-           "teacher_signals", "token_weights", "tp_group"]
+if TYPE_CHECKING:
+    from megatron_opsd.training.opsd.trainer import OPSDTrainer
 
+__all__ = ["OPSD_PHASES", "distillation_rows", "make_objective", "opsd_metrics", "opsd_step",
+           "student_forward_backward", "teacher_signal_source", "teacher_signals"]
 
-def build_microbatches(prompts: list[list[int]], responses: list[list[int]], weights: list[torch.Tensor], *,
-                       micro_batch_size: int, pad_id: int, pad_multiple: int = 8, microbatch_multiple: int = 1,
-                       dp_size: int = 1, dp_rank: int = 0) -> list[dict]:
-    """This DP rank's micro-batches for one side (student or teacher) of the step.
-
-    Sequence i is ``prompts[i] + responses[i]``; the logit at position p predicts token p+1, so response token
-    t is predicted by row ``len(prompts[i]) - 1 + t``. All micro-batches are padded to one length (megatron's
-    schedules need fixed shapes), and the sequence count is padded with zero-weight dummies to a multiple of
-    ``micro_batch_size * dp_size * microbatch_multiple`` so every DP rank runs the same number of micro-batches,
-    a multiple of ``microbatch_multiple`` (``ParallelConfig.microbatch_multiple``: PP for an interleaved
-    pipeline, whose schedule refuses other counts; how many rollouts a filter keeps varies). Built on the host,
-    returned on the current device (``parallel.device.to_device``: the one place OPSD and GRPO batches move).
-    """
-    if not (len(prompts) == len(responses) == len(weights)):
-        raise ValueError("prompts, responses and weights must have one entry per sequence")
-    prompts, responses, weights = list(prompts), list(responses), list(weights)
-    group = micro_batch_size * dp_size
-    while len(prompts) % (group * microbatch_multiple):
-        prompts.append([pad_id])
-        responses.append([pad_id])
-        weights.append(torch.zeros(1))
-    longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    length = -(-longest // pad_multiple) * pad_multiple
-    microbatches = []
-    for start in range(dp_rank * micro_batch_size, len(prompts), group):
-        tokens = torch.full((micro_batch_size, length), pad_id, dtype=torch.long)
-        row_mask = torch.zeros((micro_batch_size, length), dtype=torch.bool)
-        mb_weights = []
-        for j in range(micro_batch_size):
-            prompt, response = prompts[start + j], responses[start + j]
-            if len(weights[start + j]) != len(response):
-                raise ValueError(f"sequence {start + j}: {len(weights[start + j])} weights for "
-                                 f"{len(response)} response tokens")
-            seq = prompt + response
-            tokens[j, : len(seq)] = torch.tensor(seq)
-            row_mask[j, len(prompt) - 1: len(prompt) - 1 + len(response)] = True
-            mb_weights.append(weights[start + j])
-        microbatches.append(to_device({
-            "index": len(microbatches),
-            "tokens": tokens,
-            "position_ids": torch.arange(length).unsqueeze(0).expand(micro_batch_size, -1).contiguous(),
-            "row_mask": row_mask,
-            "weights": torch.cat(mb_weights).float(),
-        }))
-    return microbatches
+OPSD_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/teacher", "time/student", "time/optimizer",
+               "time/teacher_update", "time/sync", "time/eval")
 
 
-def add_per_token(microbatches: list[dict], key: str, prompts: list, responses: list, values: list,
-                  **layout) -> None:
-    """Store ``values`` (one tensor per response, one value per token) as ``mb[key]`` in the micro-batches'
-    response-row layout (the same padding and DP split as ``build_microbatches``' weights)."""
-    for mb, other in zip(microbatches, build_microbatches(prompts, responses, values, **layout)):
-        mb[key] = other["weights"]
+def opsd_step(t: "OPSDTrainer", timer: PhaseTimer) -> dict:
+    """One OPSD optimizer step: rollouts -> verify and filter -> teacher forward(s) -> target -> student
+    forward/backward -> optimizer -> teacher update. Returns the step's metrics (the loop pushes the new weights)."""
+    cfg, run = t.cfg, t.run
+    # rank 0: sample on the sidecar, verify (reward), encode the teacher prompts; broadcast to every rank
+    rollouts = t.rollouts(timer)
+    horizon = horizon_at_step(run.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
+    keep, stats = distillation_rows(rollouts, cfg.rollout.filter, horizon, cfg.rollout.max_kept,
+                                    seed=cfg.rollout.seed * 1_000_003 + run.step)
+    stats.update(rollouts.stats)  # overlapped rollouts: staleness and timings
+    timer.lap("time/filter")
+    metrics = {"loss": 0.0, "divergence": 0.0}  # + entropy/* when logged (loss.log_entropy)
+    if keep:
+        # truncated OPD: student and teacher sequences end at prompt + h (causal attention: the logits before
+        # the cut do not depend on the tokens after it, so this is exact and saves the forwards)
+        responses = [rollouts.responses[i][j][:horizon] for i, j in keep]
+        weights = token_weights([len(r) for r in responses], cfg.loss.reduction)
+        layout = run.batch_layout(cfg.data.pad_to_multiple_of)
+        prompts = [rollouts.student_prompts[i] for i, _ in keep]
+        student_mbs = response_microbatches(prompts, responses, weights, **layout)
+        # a full or top-k divergence is exact at each visited prefix: the ratio is for sampled-token losses
+        clip = importance_clip(cfg.rollout, applies=cfg.loss.coverage == "sampled")
+        if clip is not None:  # stale samples: the sidecar's log-probs of the (cut) responses
+            behaviour = [torch.tensor(rollouts.logprobs[i][j][:horizon]) for i, j in keep]
+            add_per_token(student_mbs, "behaviour_logprobs", prompts, responses, behaviour, **layout)
+        teacher_mbs = {context: response_microbatches([prompts[i][j] for i, j in keep], responses, weights, **layout)
+                       for context, prompts in rollouts.teachers.items()}  # three contexts for Purified OPSD
+        timer.lap("time/batch")
+        loss = cfg.loss
+        # the target (teacher / PMI / DemoPSD) from the teacher forward(s); PP=1: the forwards run per
+        # micro-batch inside the student's step (time/student includes them)
+        signals = teacher_signal_source(t.teacher_model, teacher_mbs, student_mbs, loss=loss,
+                                        real_vocab_size=run.real_vocab, teacher_scope=t.teacher_scope)
+        timer.lap("time/teacher")
+        zero_grads(run.ddp, run.optimizer)
+        out = student_forward_backward(run.ddp, student_mbs, signals, loss=loss, real_vocab_size=run.real_vocab,
+                                       importance_clip=clip)
+        metrics.update(opsd_metrics(out.metrics, cfg.loss, weighted=clip is not None), loss=out.loss)
+        timer.lap("time/student")
+        metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
+        timer.lap("time/optimizer")
+    t.update_teacher()
+    timer.lap("time/teacher_update")
+    return {**metrics, **stats}  # the loop pushes the weights, counts the step and evaluates
 
 
-def collect_teacher_rows(teacher_chunks: list, microbatches: list[dict]) -> Optional[list]:
-    """Teacher logits at the response rows of each micro-batch (local vocab shard), on the last PP stage
-    (None elsewhere). Only the response rows are kept, so memory is [response tokens, V/TP] per step."""
-    for chunk in teacher_chunks:
-        chunk.eval()
-    tokens = microbatches[0]["tokens"]
-    return collect_logits(teacher_chunks, microbatches, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-                          gather_positions_key="row_mask")
+def distillation_rows(rollouts: StepRollouts, rollout_filter: str, horizon: Optional[int],
+                      max_kept: Optional[int] = None, seed: int = 0) -> tuple[list, dict]:
+    """The (prompt, rollout) pairs distilled on, and the step's rollout statistics: a rollout is kept if the
+    filter keeps it and every teacher context exists for it (DemoPSD needs another correct rollout); with
+    ``max_kept`` at most that many, a uniform subset drawn with ``seed`` (the same on every rank: the rollouts
+    are broadcast first), so arms with different filters can train on equal budgets (``rollout/num_trained``)."""
+    filtered = group_filter(rollouts.responses, rollouts.correct, rollout_filter)
+    has_teacher = [[all(t[i][j] is not None for t in rollouts.teachers.values()) for j in range(len(g))]
+                   for i, g in enumerate(rollouts.responses)]
+    keep = [(i, j) for i, idx in enumerate(filtered.kept_indices) for j in idx if has_teacher[i][j]]
+    stats = {f"rollout/{k}": v for k, v in filtered.stats.items()}
+    stats["rollout/no_teacher"] = float(sum(len(idx) for idx in filtered.kept_indices) - len(keep))
+    if max_kept is not None and len(keep) > max_kept:
+        keep = sorted(random.Random(seed).sample(keep, max_kept))
+    stats["rollout/num_trained"] = float(len(keep))
+    lengths = sorted(len(r) for g in rollouts.responses for r in g)
+    stats["rollout/length_p50"] = float(lengths[len(lengths) // 2])
+    stats["rollout/length_p90"] = float(lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))])
+    if horizon is not None:
+        stats["rollout/horizon"] = float(horizon)
+    return keep, stats
 
 
 def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dict, student_mbs: list, *,
@@ -128,7 +140,7 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
         rows = {}
         for ctx, mbs in teacher_mbs.items():
             with teacher_scope(ctx):
-                rows[ctx] = collect_teacher_rows(teacher_model(ctx), mbs)
+                rows[ctx] = collect_response_rows(teacher_model(ctx), mbs)
         return teacher_signals(rows, student_mbs, loss=loss, real_vocab_size=real_vocab_size)
 
     def signal_for(index: int) -> TeacherSignal:
@@ -141,55 +153,16 @@ def teacher_signal_source(teacher_model: Callable[[str], list], teacher_mbs: dic
     return signal_for
 
 
-@torch.no_grad()
-def response_rows(chunk, mb: dict) -> torch.Tensor:
-    """A no-grad forward of one micro-batch (PP=1: the OPSD teacher, GRPO's reference) in eval mode, kept at its
-    response rows only. The chunk may be the student itself (teacher.weights=live): its training mode is restored."""
-    was_training = chunk.training
-    chunk.eval()
-    try:
-        return select_positions(model_forward(chunk, mb), mb["row_mask"])
-    finally:
-        chunk.train(was_training)
-
-
-def rows_by_index(chunks: list, mbs: list, per_microbatch: Optional[bool] = None
-                  ) -> Callable[[int], Optional[torch.Tensor]]:
-    """``index -> `` the response rows (local vocabulary shard) of micro-batch ``index`` under ``chunks`` (GRPO's
-    reference and recomputed log-probs), on the last stage. ``per_microbatch`` (default: PP=1) computes each when
-    asked, one no-grad forward: asked inside a micro-batch's loss, one micro-batch's rows are alive at a time, as
-    for the OPSD teacher (``teacher_signal_source``). Otherwise (PP > 1: the forward is itself a pipeline) every
-    micro-batch's rows are collected here first, a collective on every stage; None off the last stage."""
-    if per_microbatch is None:
-        per_microbatch = ps.get_pipeline_model_parallel_world_size() == 1
-    if not per_microbatch:
-        rows = collect_teacher_rows(chunks, mbs) or [None] * len(mbs)
-        return dict(zip((mb["index"] for mb in mbs), rows)).__getitem__
-    recast_fp8_weights(chunks)  # the forwards below run outside megatron's schedules (see recast_fp8_weights)
-    by_index = {mb["index"]: mb for mb in mbs}
-    return lambda index: response_rows(chunks[0], by_index[index])
-
-
-def tp_group():
-    """The tensor-parallel group the vocabulary is sharded over, or None at TP=1 (the losses' one-process path)."""
-    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-
-
 def make_objective(loss: LossConfig, real_vocab_size: int) -> Objective:
     """``loss`` on this rank's vocabulary shard (padded columns excluded)."""
     return Objective(loss, group=tp_group(), vocab_range=(0, real_vocab_size))
-
-
-def response_token_ids(mb: dict) -> torch.Tensor:
-    """The token each response row of micro-batch ``mb`` predicts (row p predicts token p + 1)."""
-    return torch.roll(mb["tokens"], -1, dims=1)[mb["row_mask"]]
 
 
 def teacher_signals(teacher_rows: dict, microbatches: list[dict], *, loss: LossConfig,
                     real_vocab_size: int) -> Optional[list[TeacherSignal]]:
     """Per student micro-batch, what its loss needs from the teacher forwards (last PP stage; None elsewhere).
 
-    ``teacher_rows`` maps each teacher context to ``collect_teacher_rows``' output; the first entry is the
+    ``teacher_rows`` maps each teacher context to ``collect_response_rows``' output; the first entry is the
     privileged teacher (``teacher.context``), then ``reference_only`` and ``base`` for Purified OPSD. Where the
     target does not depend on the student only the coverage's compact part is kept (``Objective.teacher_signal``).
     """
@@ -212,7 +185,7 @@ def student_forward_backward(ddp_chunks: list, microbatches: list[dict], signals
     ``min(pi_S(y) / pi_behaviour(y), clip)``, the student's untempered log-prob against the sidecar's
     (``mb["behaviour_logprobs"]``); docs/losses.md, "Stale samples".
 
-    ``signals``: ``teacher_signals``' output, (plain OPSD) the list of teacher rows from ``collect_teacher_rows``
+    ``signals``: ``teacher_signals``' output, (plain OPSD) the list of teacher rows from ``collect_response_rows``
     itself, or a callable ``index -> signal`` run in micro-batch ``index``'s loss (``teacher_signal_source``).
     """
     objective = make_objective(loss, real_vocab_size)

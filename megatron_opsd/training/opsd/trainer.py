@@ -1,105 +1,27 @@
-"""The OPSD trainer: ``opsd_step`` is the method, one optimizer step top to bottom; ``OPSDTrainer`` holds what
-the method needs on top of the shared run machinery (``training/run.py``): the prompt sampler and reward, the
-teacher replica (frozen / EMA / refreshed) or LoRA teacher adapters, and Purified OPSD's initial model.
+"""The OPSD trainer: ``OPSDTrainer`` holds what the method (``opsd/step.py`` ``opsd_step``) needs on top of the
+shared run machinery (``training/run.py``): the prompt sampler and reward, the rollout queue, the teacher replica
+(frozen / EMA / refreshed) or LoRA teacher adapters (``opsd/lora_teacher.py``), and Purified OPSD's initial model.
 """
 from __future__ import annotations
 
-import random
 import warnings
 from typing import Optional
-
-import torch
 
 from megatron_opsd.config import OPSDConfig, distillation_warnings
 from megatron_opsd.data.contexts import (PURIFIED_BASE_CONTEXTS, needs_demonstration, teacher_context_names,
                                          teacher_messages)
 from megatron_opsd.data.sequences import encode_prompt, horizon_at_step
 from megatron_opsd.rewards import build_reward
-from megatron_opsd.rewards.filters import correct_demonstrations, group_filter
-from megatron_opsd.training.engine import optimizer_step, zero_grads
-from megatron_opsd.training.lora_teacher import add_teacher_adapters, step_teacher_adapters, teacher_adapters
-from megatron_opsd.training.opsd import (add_per_token, build_microbatches, opsd_metrics, student_forward_backward,
-                                         teacher_signal_source, token_weights)
-from megatron_opsd.training.rollouts import (ROLLOUT_PHASES, StepRollouts, prompt_sampler, rollout_progress,
-                                             broadcast_rollouts, importance_clip, rollout_queue,
-                                             sample_rollouts)
+from megatron_opsd.rewards.filters import correct_demonstrations
 from megatron_opsd.training.loop import PhaseTimer
+from megatron_opsd.training.opsd.lora_teacher import add_teacher_adapters, step_teacher_adapters, teacher_adapters
+from megatron_opsd.training.opsd.step import OPSD_PHASES, opsd_step
+from megatron_opsd.training.rollouts import (StepRollouts, broadcast_rollouts, prompt_sampler, rollout_progress,
+                                             rollout_queue, sample_rollouts)
 from megatron_opsd.training.run import EvaluateHook, Run
 from megatron_opsd.training.schedule import FP32EMA, copy_weights_
 
-__all__ = ["OPSDTrainer", "StepRollouts", "opsd_step", "train"]
-
-OPSD_PHASES = (*ROLLOUT_PHASES, "time/filter", "time/batch", "time/teacher", "time/student", "time/optimizer",
-               "time/teacher_update", "time/sync", "time/eval")
-
-
-def opsd_step(t: "OPSDTrainer", timer: PhaseTimer) -> dict:
-    """One OPSD optimizer step: rollouts -> verify and filter -> teacher forward(s) -> target -> student
-    forward/backward -> optimizer -> teacher update. Returns the step's metrics (the loop pushes the new weights)."""
-    cfg, run = t.cfg, t.run
-    # rank 0: sample on the sidecar, verify (reward), encode the teacher prompts; broadcast to every rank
-    rollouts = t.rollouts(timer)
-    horizon = horizon_at_step(run.step, cfg.rollout)  # truncated (fixed) or progressive (growing) OPD
-    keep, stats = distillation_rows(rollouts, cfg.rollout.filter, horizon, cfg.rollout.max_kept,
-                                    seed=cfg.rollout.seed * 1_000_003 + run.step)
-    stats.update(rollouts.stats)  # overlapped rollouts: staleness and timings
-    timer.lap("time/filter")
-    metrics = {"loss": 0.0, "divergence": 0.0}  # + entropy/* when logged (loss.log_entropy)
-    if keep:
-        # truncated OPD: student and teacher sequences end at prompt + h (causal attention: the logits before
-        # the cut do not depend on the tokens after it, so this is exact and saves the forwards)
-        responses = [rollouts.responses[i][j][:horizon] for i, j in keep]
-        weights = token_weights([len(r) for r in responses], cfg.loss.reduction)
-        layout = run.batch_layout(cfg.data.pad_to_multiple_of)
-        prompts = [rollouts.student_prompts[i] for i, _ in keep]
-        student_mbs = build_microbatches(prompts, responses, weights, **layout)
-        # a full or top-k divergence is exact at each visited prefix: the ratio is for sampled-token losses
-        clip = importance_clip(cfg.rollout, applies=cfg.loss.coverage == "sampled")
-        if clip is not None:  # stale samples: the sidecar's log-probs of the (cut) responses
-            behaviour = [torch.tensor(rollouts.logprobs[i][j][:horizon]) for i, j in keep]
-            add_per_token(student_mbs, "behaviour_logprobs", prompts, responses, behaviour, **layout)
-        teacher_mbs = {context: build_microbatches([prompts[i][j] for i, j in keep], responses, weights, **layout)
-                       for context, prompts in rollouts.teachers.items()}  # three contexts for Purified OPSD
-        timer.lap("time/batch")
-        loss = cfg.loss
-        # the target (teacher / PMI / DemoPSD) from the teacher forward(s); PP=1: the forwards run per
-        # micro-batch inside the student's step (time/student includes them)
-        signals = teacher_signal_source(t.teacher_model, teacher_mbs, student_mbs, loss=loss,
-                                        real_vocab_size=run.real_vocab, teacher_scope=t.teacher_scope)
-        timer.lap("time/teacher")
-        zero_grads(run.ddp, run.optimizer)
-        out = student_forward_backward(run.ddp, student_mbs, signals, loss=loss, real_vocab_size=run.real_vocab,
-                                       importance_clip=clip)
-        metrics.update(opsd_metrics(out.metrics, cfg.loss, weighted=clip is not None), loss=out.loss)
-        timer.lap("time/student")
-        metrics["grad_norm"] = float(optimizer_step(run.optimizer, run.scheduler)["grad_norm"] or 0.0)
-        timer.lap("time/optimizer")
-    t.update_teacher()
-    timer.lap("time/teacher_update")
-    return {**metrics, **stats}  # the loop pushes the weights, counts the step and evaluates
-
-
-def distillation_rows(rollouts: StepRollouts, rollout_filter: str, horizon: Optional[int],
-                      max_kept: Optional[int] = None, seed: int = 0) -> tuple[list, dict]:
-    """The (prompt, rollout) pairs distilled on, and the step's rollout statistics: a rollout is kept if the
-    filter keeps it and every teacher context exists for it (DemoPSD needs another correct rollout); with
-    ``max_kept`` at most that many, a uniform subset drawn with ``seed`` (the same on every rank: the rollouts
-    are broadcast first), so arms with different filters can train on equal budgets (``rollout/num_trained``)."""
-    filtered = group_filter(rollouts.responses, rollouts.correct, rollout_filter)
-    has_teacher = [[all(t[i][j] is not None for t in rollouts.teachers.values()) for j in range(len(g))]
-                   for i, g in enumerate(rollouts.responses)]
-    keep = [(i, j) for i, idx in enumerate(filtered.kept_indices) for j in idx if has_teacher[i][j]]
-    stats = {f"rollout/{k}": v for k, v in filtered.stats.items()}
-    stats["rollout/no_teacher"] = float(sum(len(idx) for idx in filtered.kept_indices) - len(keep))
-    if max_kept is not None and len(keep) > max_kept:
-        keep = sorted(random.Random(seed).sample(keep, max_kept))
-    stats["rollout/num_trained"] = float(len(keep))
-    lengths = sorted(len(r) for g in rollouts.responses for r in g)
-    stats["rollout/length_p50"] = float(lengths[len(lengths) // 2])
-    stats["rollout/length_p90"] = float(lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))])
-    if horizon is not None:
-        stats["rollout/horizon"] = float(horizon)
-    return keep, stats
+__all__ = ["OPSDTrainer", "train"]
 
 
 class OPSDTrainer:

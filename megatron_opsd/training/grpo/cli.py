@@ -1,8 +1,8 @@
 """`megatron-opsd rl --config X.yaml [--set key=value ...] [key=value ...]`: GRPO on the rollout sidecar.
 
 Same launch model as `megatron-opsd train`: under torchrun/srun every process runs this command; ``--nproc N``
-spawns N local processes (gloo on CPU). The config (``grpo.RLTrainConfig``) has the sections every trainer shares
-plus ``rl:`` (training/grpo.py); no ``teacher:``/``loss:``.
+spawns N local processes (gloo on CPU). The config (``config.RLTrainConfig``) has the sections every trainer shares
+plus ``rl:`` (checked by ``grpo/config.py``); no ``teacher:``/``loss:``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["add_arguments", "main", "run_rl_trainer"]
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_opsd.training.grpo import load_rl_config
+    from megatron_opsd.training.grpo.config import load_rl_config
 
     return launch(args, load_rl_config, run_rl_trainer)
 
@@ -23,7 +23,7 @@ def run_rl_trainer(cfg) -> dict:
     """Entry point per process: GRPO-train (evaluation wired into ``train.eval_every``) and return the last step's
     metrics."""
     from megatron_opsd.evaluation.runner import evaluate_for_training
-    from megatron_opsd.training.rl_trainer import train_grpo
+    from megatron_opsd.training.grpo.trainer import train_grpo
 
     history = train_grpo(cfg, evaluate=evaluate_for_training)
     return history[-1] if history else {}

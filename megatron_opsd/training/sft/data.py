@@ -1,5 +1,6 @@
-"""SFT data: the dataset section of the SFT config, chat rows tokenized with the model's chat template (assistant
-tokens marked trainable), first-fit packing, and the step's micro-batches with exact token-mean weights.
+"""SFT data (its ``data`` section is ``sft/config.py`` ``SFTDataConfig``): chat rows tokenized with the model's chat
+template (assistant tokens marked trainable), first-fit packing, and the step's micro-batches with exact
+token-mean weights.
 
 Rows are either chat conversations (``messages: [{role, content}, ...]``, e.g. the CPU demo's SFT mixture) or
 prompt/response pairs. Each assistant turn k is tokenized as the model will see it at inference: the generation
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
@@ -18,28 +19,7 @@ from megatron_opsd.data.contexts import render_template
 from megatron_opsd.data.datasets import read_rows
 from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.device import to_device
-
-
-@dataclass
-class SFTDataConfig:
-    train_path: str = ""  # JSONL or Parquet
-    format: Literal["auto", "jsonl", "parquet"] = "auto"  # auto: from the file suffix
-    messages_field: str = "messages"  # a chat row: list of {role, content}; the assistant turns are trained on
-    prompt_field: str = "prompt"  # a pair row (used when the row has no messages_field)
-    response_field: str = "response"
-    system_prompt: Optional[str] = None  # a system turn for pair rows
-    prompt_template: Optional[str] = None  # Jinja user turn for pair rows with {{ prompt }}; null: the prompt as is
-    max_seq_len: int = 2048  # a longer tokenized conversation is an error (no silent truncation)
-    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    shuffle: bool = True
-    seed: int = 0
-    limit: Optional[int] = None  # keep only the first N rows
-    pad_to_multiple_of: int = 8
-    packing: bool = False  # several conversations per row up to max_seq_len (block-diagonal causal attention)
-    # Within each step (the same global batch, the same token-mean loss): conversations of similar length share a
-    # micro-batch, each micro-batch padded to its own longest (at PP=1; PP>1 needs one length per step). Cuts the
-    # padding when optim.micro_batch_size < data.global_batch_size (CPU demo: 59% -> 87% real tokens at 8 of 32).
-    group_by_length: bool = True
+from megatron_opsd.training.sft.config import SFTDataConfig
 
 
 @dataclass

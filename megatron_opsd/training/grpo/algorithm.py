@@ -1,4 +1,4 @@
-"""GRPO with verifiable rewards, with the DAPO options, as pure functions and its config section.
+"""GRPO with verifiable rewards, with the DAPO options, as pure functions.
 
 Per prompt, a group of n rollouts y_i with rewards r_i (from the verifier; optionally shaped by DAPO's soft
 overlong penalty). Advantages are group-normalised and shared by every token of a rollout:
@@ -8,69 +8,20 @@ log-probs, or megatron's recomputation of them), with DAPO's clip-higher (eps_lo
     ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))
     l_t     = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i)  [+ kl_coef * KL_t]
 summed with per-token weights: token-level (DAPO: 1 / all response tokens of the step) or sequence-level
-(GRPO: 1 / (|y_i| * number of rollouts)). ``training/rl_trainer.py`` drives them (``grpo_step``) on the shared run
+(GRPO: 1 / (|y_i| * number of rollouts)). ``grpo/step.py`` drives them (``grpo_step``) on the shared run
 machinery (``training/run.py``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from megatron_opsd.config import (K1_REFUSAL, ConfigError, RLConfig, RLTrainConfig, load_config, resolve_config,
-                                  validate_run_config)
+from megatron_opsd.config import RLConfig
 from megatron_opsd.losses import token_weights
 from megatron_opsd.losses.vocab_parallel import working_dtype
-
-
-def reference_model(rl: RLConfig) -> str:
-    """``rl.reference`` resolved: ``frozen`` (a replica of the initial weights) or ``none``."""
-    if rl.reference == "auto":
-        return "frozen" if rl.kl_coef > 0 else "none"
-    return rl.reference
-
-
-def validate_rl_config(cfg: RLTrainConfig) -> RLTrainConfig:
-    """The shared sections' checks (``config.validate_run_config``), ``logging.dir`` resolved, and GRPO's own."""
-    validate_run_config(resolve_config(cfg))
-    rl = cfg.rl
-    checks = [
-        (rl.clip_eps_low >= 0 and rl.clip_eps_high >= 0, f"rl.clip_eps_low/high must be >= 0, got "
-                                                          f"{rl.clip_eps_low}/{rl.clip_eps_high}"),
-        (rl.clip_eps_low < 1, f"rl.clip_eps_low must be < 1 (ratio floor 1 - eps > 0), got {rl.clip_eps_low}"),
-        (rl.kl_coef >= 0, f"rl.kl_coef must be >= 0, got {rl.kl_coef}"),
-        (rl.kl_coef == 0 or rl.kl_estimator != "k1" or rl.allow_k1_kl,
-         K1_REFUSAL.format(key="rl.kl_estimator=k1", fix="rl.kl_estimator=full (exact reverse KL) or k3",
-                           opt_in="rl.allow_k1_kl=true")),
-        (rl.adv_eps > 0, f"rl.adv_eps must be > 0, got {rl.adv_eps}"),
-        (0 <= rl.overlong_buffer < cfg.rollout.max_tokens,
-         f"rl.overlong_buffer must be in [0, rollout.max_tokens={cfg.rollout.max_tokens}), got {rl.overlong_buffer}"),
-        (rl.overlong_penalty >= 0, f"rl.overlong_penalty must be >= 0, got {rl.overlong_penalty}"),
-        (cfg.rollout.n >= 2, f"rollout.n={cfg.rollout.n}: GRPO needs groups of at least 2 rollouts per prompt "
-                             "(set rollout.n=4 or more)"),
-        (cfg.rollout.filter == "all", f"rollout.filter={cfg.rollout.filter!r}: GRPO trains on every rollout "
-                                      "(use rl.dynamic_sampling to drop uninformative groups); set rollout.filter=all"),
-        (cfg.rollout.horizon is None and cfg.rollout.horizon_growth is None and cfg.rollout.max_kept is None,
-         "rollout.horizon/horizon_growth/max_kept are OPSD options; GRPO trains on whole responses of every "
-         "rollout: leave them null"),
-        (rl.kl_coef <= 0 or reference_model(rl) == "frozen",
-         f"rl.kl_coef={rl.kl_coef} needs a reference model: set rl.reference=frozen (or auto), or rl.kl_coef=0"),
-        (cfg.model.lora.rank == 0 or reference_model(rl) == "none",  # LoRA hook: the reference = adapters off
-         "model.lora with a reference model (rl.kl_coef > 0 or rl.reference=frozen) is not supported yet; set "
-         "rl.kl_coef=0 rl.reference=auto or model.lora.rank=0"),
-        (rl.chunk_tokens >= 1, f"rl.chunk_tokens must be >= 1, got {rl.chunk_tokens}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-    return cfg
-
-
-def load_rl_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] = None) -> RLTrainConfig:
-    """``load_config`` with the ``rl:`` section, validated."""
-    return validate_rl_config(load_config(path, overrides, cls=RLTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -114,7 +65,7 @@ class GroupRewards:
 
 
 def step_rewards(rewards: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]], lengths: Sequence[Sequence[int]],
-                 rl: "RLConfig", max_tokens: int) -> GroupRewards:
+                 rl: RLConfig, max_tokens: int) -> GroupRewards:
     """Shaping, advantages and dynamic sampling for one step. Dynamic sampling filters on verified accuracy, as
     DAPO does: a group whose rollouts are all correct or all wrong is dropped even when the overlong penalty (or a
     graded reward) makes its shaped rewards differ."""
