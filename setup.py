@@ -48,6 +48,6 @@ setup(
     entry_points={
         "console_scripts": ["megatron-opsd=megatron_opsd.cli:main"],
         # Loaded by vLLM in every engine and worker process: registers our weight-transfer backends.
-        "vllm.general_plugins": ["megatron_opsd=megatron_opsd.rollout.vllm_plugin:register"],
+        "vllm.general_plugins": ["megatron_opsd=megatron_opsd.rollout.worker.vllm_plugin:register"],
     },
 )

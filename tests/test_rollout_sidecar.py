@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save
 from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
-from megatron_opsd.rollout.auth import bearer
+from megatron_opsd.rollout.client import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.client.auth import bearer
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, UPDATE_ID_HEADER
 
 pytestmark = pytest.mark.vllm

@@ -5,7 +5,7 @@ workers in their own processes) and the app (``/v1/completions``, ``/v1/chat/com
 this module adds ``/generate`` (token-id prompts, per-token log-probs, the weight version on every sample,
 validation naming the field, a seed per prompt), the version-checked weight routes (HTTP/shm and collective)
 and ``/adapter/update``, and replaces ``/health`` with one that reports the weight version. Weights reach every
-TP worker through ``collective_rpc`` (``rollout/worker.py``).
+TP worker through ``collective_rpc`` (``worker/extension.py``).
 
 Weight versions: ``/generate`` requests share a gate that a weight change takes alone (``SidecarState.exclusive``):
 the change waits for the generations in flight, which finish on the old weights, and holds new ones back; vLLM's
@@ -31,15 +31,17 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load as load_safetensors
 
-from megatron_opsd.rollout.auth import RequireSecret, rendezvous_key, sidecar_secret
-from megatron_opsd.rollout.engine import EngineConfig, checkpoint_tensor_specs, on_gpu, prepare_vllm_env
-from megatron_opsd.rollout.leftovers import clean_dead_leftovers
-from megatron_opsd.rollout.lora import add_adapter_route
+from megatron_opsd.rollout.environment import on_gpu, prepare_vllm_env
 from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER, GenerateRequest,
                                             SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
                                             WeightTransferFinishBody, WeightTransferInitBody,
                                             WeightTransferStartBody, WeightTransferUpdateBody)
-from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError, check_version
+from megatron_opsd.rollout.secret import rendezvous_key
+from megatron_opsd.rollout.sidecar.auth import RequireSecret, sidecar_secret
+from megatron_opsd.rollout.sidecar.engine import EngineConfig, checkpoint_tensor_specs
+from megatron_opsd.rollout.sidecar.leftovers import clean_dead_leftovers
+from megatron_opsd.rollout.sidecar.lora import add_adapter_route
+from megatron_opsd.rollout.sidecar.staging import WeightStager, WeightUpdateError, check_version
 
 logger = logging.getLogger("megatron_opsd.sidecar")
 
@@ -120,7 +122,7 @@ class SidecarState:
                                    optional=frozenset({"lm_head.weight"}) if self.tied_embeddings else frozenset())
         self.gate = GenerationGate()
         self.version = 0  # the weights loaded from --model
-        self.lora_request = None  # the adapter served with the base weights (rollout/lora.py)
+        self.lora_request = None  # the adapter served with the base weights (sidecar/lora.py)
         self.adapter_root: Optional[Path] = None  # where pushed adapters are written for vLLM to load
         self.sleeping = False
         self.partial_weights = False  # a collective update failed after loading some tensors
@@ -238,7 +240,7 @@ async def sample(state: SidecarState, prompts: list[list[int]], req: GenerateReq
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
-# (method, path, handler): our routes in the order they are mounted; LoRA's POST /adapter/update is rollout/lora.py's
+# (method, path, handler): our routes in the order they are mounted; LoRA's POST /adapter/update is in sidecar/lora.py
 ROUTES = (
     ("GET", "/health", "health"),
     ("POST", "/generate", "generate"),
@@ -475,7 +477,7 @@ class SidecarRoutes:
 
 
 def build_router(state: SidecarState) -> APIRouter:
-    """``ROUTES`` on one router, then LoRA's ``POST /adapter/update`` (``rollout/lora.py``)."""
+    """``ROUTES`` on one router, then LoRA's ``POST /adapter/update`` (``sidecar/lora.py``)."""
     routes, router = SidecarRoutes(state), APIRouter(route_class=SidecarRoute)
     for method, path, name in ROUTES:
         router.add_api_route(path, getattr(routes, name), methods=[method])
@@ -516,7 +518,7 @@ async def serve(cfg, host: str, port: int, log_level: str, secret: str) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from megatron_opsd.rollout.collective import transfer_backend
+    from megatron_opsd.rollout.transfer import transfer_backend  # imports vLLM
 
     backend = transfer_backend(on_gpu())
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
@@ -583,7 +585,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"megatron-opsd sidecar: {err}", flush=True)
         return 2
-    clean_dead_leftovers()  # what killed runs left in /dev/shm (rollout/leftovers.py), before this one adds its own
+    clean_dead_leftovers()  # what killed runs left in /dev/shm (sidecar/leftovers.py), before this one adds its own
     import uvloop
 
     secret, created = sidecar_secret(args.secret_file, args.port)
