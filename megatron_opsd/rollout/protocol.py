@@ -49,10 +49,6 @@ class WeightsUpdateRef(_Strict):
     update_id: str
 
 
-class SleepRequest(_Strict):
-    level: int = 1
-
-
 class WeightTransferInitBody(_Strict):
     init_info: dict = Field(description="CollectiveInitInfo fields: master_address, master_port, world_size, ...")
 

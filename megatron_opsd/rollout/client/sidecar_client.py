@@ -391,13 +391,6 @@ class SidecarClient:
                 info, client=_ReplicaWeightSync(self, replica))
         return self._senders[replica]
 
-    # -- colocated use ------------------------------------------------------------------------------
-    def sleep(self, level: int = 1) -> list[dict]:
-        return [self.request("POST", "/sleep", i, json={"level": level}) for i in range(len(self.urls))]
-
-    def wake_up(self) -> list[dict]:
-        return [self.request("POST", "/wake_up", i) for i in range(len(self.urls))]
-
 
 class _ReplicaWeightSync:
     """vLLM's ``VLLMWeightSyncClient`` calls for one replica over our sidecar's routes (same names as vLLM's)."""

@@ -28,7 +28,6 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: Optional[int] = None  # default: 256 MiB on CPU, vLLM's profiling on GPU
     enforce_eager: Optional[bool] = None  # default: True on CPU (CUDA graphs do not exist there)
-    enable_sleep_mode: bool = False
     logprobs_mode: str = "raw_logprobs"  # log-probs of the model itself, before temperature / top-p
     seed: int = 0
     max_lora_rank: Optional[int] = None  # serve LoRA adapters up to this rank (sidecar/lora.py); None: none
@@ -57,7 +56,6 @@ class EngineConfig:
             args += ["--max-model-len", str(self.max_model_len)]
         if on_gpu():
             args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-            args += ["--enable-sleep-mode"] if self.enable_sleep_mode else []
             args += ["--enforce-eager"] if self.enforce_eager else []
             if self.kv_cache_memory_bytes:
                 args += ["--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes)]
