@@ -60,6 +60,7 @@ def write_secret_file(path: str | os.PathLike, secret: str) -> Path:
         handle.write(secret + "\n")
     return path
 
+
 def rendezvous_key(secret: str, nonce: str) -> str:
     """The one-time key of one weight-transfer rendezvous: only holders of the secret can compute it."""
     if not nonce:

@@ -32,6 +32,7 @@ def run_secret() -> str:
         secret = os.environ[SECRET_ENV] = new_secret()
     return secret
 
+
 def bearer(secret: Optional[str]) -> dict[str, str]:
     """The header every call to a sidecar carries (none without a secret: the sidecar then answers 401)."""
     return {"Authorization": f"Bearer {secret}"} if secret else {}

@@ -25,6 +25,7 @@ OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})
 REFUSED = ("missing or wrong sidecar secret: send 'Authorization: Bearer <secret>' with the run's secret "
            f"(${SECRET_ENV}, or the file named by ${SECRET_FILE_ENV})")
 
+
 def sidecar_secret(secret_file: Optional[str], port: int) -> tuple[str, Optional[Path]]:
     """The secret ``megatron-opsd sidecar`` guards its routes with: ``--secret-file`` (created with a new secret if it
     does not exist), else ``$OPSD_SIDECAR_SECRET``, else ``$OPSD_SIDECAR_SECRET_FILE``, else a new secret in a new
@@ -48,6 +49,7 @@ def sidecar_secret(secret_file: Optional[str], port: int) -> tuple[str, Optional
                    "only by you, removed at exit); clients read it with %s=%s", SECRET_ENV, SECRET_FILE_ENV, created,
                    SECRET_FILE_ENV, created)
     return read_secret_file(created), created
+
 
 # ---------------------------------------------------------------------------------------------------- HTTP
 def _digest(token: str | bytes) -> bytes:

@@ -22,7 +22,7 @@ logger = init_logger(__name__)
 
 
 class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, CollectiveUpdateInfo]):
-    """Runs in every vLLM worker (loaded through the ``vllm.general_plugins`` entry point)."""
+    """Runs in every vLLM worker (registered by ``worker/vllm_plugin.register``)."""
 
     init_info_cls = CollectiveInitInfo
     update_info_cls = CollectiveUpdateInfo
