@@ -47,7 +47,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["megatron-opsd=megatron_opsd.cli:main"],
-        # Loaded by vLLM in every engine and worker process: registers our weight-transfer backends.
-        "vllm.general_plugins": ["megatron_opsd=megatron_opsd.rollout.vllm_plugin:register"],
+        # Loaded by vLLM in every engine and worker process: registers the workers' weight-transfer engine.
+        "vllm.general_plugins": ["megatron_opsd=megatron_opsd.rollout.worker.vllm_plugin:register"],
     },
 )

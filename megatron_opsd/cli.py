@@ -22,7 +22,7 @@ from megatron_opsd.errors import DEBUG_ENV, UsageError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "version": ("megatron_opsd.cli", "print the package and dependency versions"),
     "check-model": ("megatron_opsd.models.check", "import an HF checkpoint and compare our logits with transformers'"),
-    "sidecar": ("megatron_opsd.rollout.server", "start the vLLM rollout sidecar server"),
+    "sidecar": ("megatron_opsd.rollout.sidecar.server", "start the vLLM rollout sidecar server"),
     "train": ("megatron_opsd.training.opsd.cli", "run on-policy self-distillation from a YAML config"),
     "rl": ("megatron_opsd.training.grpo.cli", "GRPO with verifiable rewards on the rollout sidecar"),
     "sft": ("megatron_opsd.training.sft.cli", "supervised fine-tuning with megatron vocab-parallel cross-entropy"),

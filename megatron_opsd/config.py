@@ -44,7 +44,7 @@ class LoRAConfig:
     alpha: float = 16.0  # scale = alpha / rank (PEFT's lora_alpha)
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
-    sync: Literal["adapter", "merged"] = "adapter"  # what each step pushes to the sidecar (rollout/lora.py)
+    sync: Literal["adapter", "merged"] = "adapter"  # what each step pushes to the sidecar (rollout/client/lora.py)
 
     def adapter_sync(self) -> bool:
         """The sidecar serves base + adapter and each step pushes the adapter only (rank 0 is full fine-tuning:
@@ -135,7 +135,7 @@ class RolloutConfig(SamplingConfig):
     sync_timeout_s: float = 60.0
     push_retries: int = 2  # collective: re-pushes on a fresh transfer group after a failed push, then stop
     push_bucket_mb: int = 1024  # collective: bucket size (two in flight on trainer rank 0 and on each worker)
-    # the secret every call to the sidecars carries (rollout/auth.py, docs/sidecar.md "Access"): $OPSD_SIDECAR_SECRET,
+    # the secret every call to the sidecars carries (rollout/secret.py, docs/sidecar.md "Access"): $OPSD_SIDECAR_SECRET,
     # else the file $OPSD_SIDECAR_SECRET_FILE names, else (local sidecar) a new one for this run; or name your own:
     secret_env: Optional[str] = None  # an environment variable holding it
     secret_file: Optional[str] = None  # a file holding it, readable only by you (mode 600)

@@ -62,8 +62,8 @@ SHARED_CLI_MODULES = {
 
 # Our own modules that may be imported inside functions: they import an optional heavy package at module top.
 LAZY_MODULES: dict[str, str] = {
-    "megatron_opsd.rollout.collective": "imports vLLM at module top; the trainer process loads vLLM only for "
-                                        "rollout.transport=collective",
+    "megatron_opsd.rollout.client.collective": "imports vLLM at module top; the trainer process loads vLLM only "
+                                               "for rollout.transport=collective",
 }
 
 
@@ -279,6 +279,55 @@ def test_own_imports_at_module_top():
                        "docs/architecture.md, 'Imports'):\n" + "\n".join(local))
 
 
+# rollout/ by process (docs/sidecar.md, "Processes"): each subpackage runs in one process and imports only itself
+# and the shared modules at rollout/'s top (protocol, secret, transfer, environment), which import none of the
+# subpackages; the rest of the package (the trainer, evaluation, the pipeline) is the trainer side and imports only
+# the client and the shared modules. The CLI boundary starts any of them (``megatron-opsd sidecar``).
+ROLLOUT_PROCESSES = {"client": "the trainer process", "sidecar": "the sidecar's server process",
+                     "worker": "vLLM's engine-core and worker processes"}
+
+
+def _rollout_side(module: str) -> str | None:
+    """``client`` / ``sidecar`` / ``worker`` for a module of that subpackage, ``shared`` for the rest of rollout/,
+    None outside rollout/."""
+    parts = module.split(".")
+    if parts[:2] != ["megatron_opsd", "rollout"]:
+        return None
+    return parts[2] if len(parts) > 2 and parts[2] in ROLLOUT_PROCESSES else "shared"
+
+
+def _cross_process(imports: dict[str, tuple]) -> list[str]:
+    """One line per import that crosses rollout/'s process boundaries (see ``ROLLOUT_PROCESSES``)."""
+    boundary = _cli_boundary()
+    found = []
+    for module, targets in imports.items():
+        side = _rollout_side(module)
+        for target, line, _ in targets:
+            to = _rollout_side(target)
+            if to is None or to == "shared" or to == side or (side is None and (to == "client" or module in boundary)):
+                continue
+            where = f"{_modules()[module].relative_to(PACKAGE_DIR.parent)}:{line}: {module}"
+            runs_in = ROLLOUT_PROCESSES.get(side or "client") if side != "shared" else "every process"
+            found.append(f"{where} (runs in {runs_in}) imports {target} ({ROLLOUT_PROCESSES[to]})")
+    return found
+
+
+def test_rollout_processes_import_only_their_own_side():
+    found = _cross_process({m: _imports(m) for m in _modules()})
+    assert not found, "rollout/ imports across processes (docs/sidecar.md, 'Processes'):\n" + "\n".join(found)
+    imports = {m: _imports(m) for m in _modules()}
+    planted = {"megatron_opsd.rollout.sidecar.server": "megatron_opsd.rollout.client.sidecar_client",
+               "megatron_opsd.rollout.worker.extension": "megatron_opsd.rollout.client.auth",
+               "megatron_opsd.rollout.client.sidecar_client": "megatron_opsd.rollout.sidecar.staging",
+               "megatron_opsd.rollout.protocol": "megatron_opsd.rollout.worker.collective",
+               "megatron_opsd.evaluation.runner": "megatron_opsd.rollout.sidecar.engine"}
+    for module, target in planted.items():
+        imports[module] += ((target, 1, True),)
+    crossing = {line.split(": ", 1)[1].split(" (runs in")[0] + " -> " + line.rsplit(" imports ", 1)[1].split(" (")[0]
+                for line in _cross_process(imports)}
+    assert crossing == {f"{m} -> {t}" for m, t in planted.items()}, crossing
+
+
 # Our own source trees: a private name of any module in them is that module's own business.
 SOURCE_TREES = ("megatron_opsd", "tests", "tools")
 
@@ -418,11 +467,11 @@ def test_checks_find_planted_violations():
             ("_SafetensorsReader", "megatron_opsd.models.weights"), ("_export_view", "megatron_opsd.models.weights"),
             ("_planted", "megatron_opsd.training.opsd"), ("_planted", "megatron_opsd.training.opsd"),
             ("_planted", "megatron_opsd.rollout.client"), ("_planted", "megatron_opsd.training.opsd"),
-            ("_planted", "megatron_opsd.training.opsd"), ("_senders", "megatron_opsd.rollout.client")]]
+            ("_planted", "megatron_opsd.training.opsd"), ("_senders", "megatron_opsd.rollout.client.sidecar_client")]]
     own = ast.parse("from megatron_opsd.models.weights import _SafetensorsReader\n")
     assert _private_violations("megatron_opsd.models.weights", own) == []  # a module's own private name
     same = ast.parse("def f(client):\n    client._senders\n")
-    assert _private_violations("megatron_opsd.rollout.client", same) == []  # its own class's member
+    assert _private_violations("megatron_opsd.rollout.client.sidecar_client", same) == []  # its own class's member
 
 
 # One direction of control (issue 29): the trainers (their own files) call the machinery; the machinery never

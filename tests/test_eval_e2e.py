@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_opsd.rollout import SidecarClient, start_sidecar_process
+from megatron_opsd.rollout.client import SidecarClient, start_sidecar_process
 
 pytestmark = pytest.mark.vllm
 

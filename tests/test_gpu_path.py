@@ -75,7 +75,7 @@ def test_all_reduce_sum_over_gloo_returns_floats():
 
 def test_local_sidecar_refused_on_cuda(monkeypatch):
     from megatron_opsd.config import ConfigError
-    from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu
+    from megatron_opsd.rollout.client.process import refuse_local_sidecar_on_gpu
 
     refuse_local_sidecar_on_gpu([])  # CPU: the local sidecar is the tiny-run convenience
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -87,7 +87,7 @@ def test_local_sidecar_refused_on_cuda(monkeypatch):
 
 
 def test_sidecar_env_defaults_never_override_the_user():
-    from megatron_opsd.rollout.process import sidecar_env
+    from megatron_opsd.rollout.client.process import sidecar_env
 
     env = sidecar_env({"PATH": "/bin"})
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"  # CUDA is initialised before vLLM forks workers

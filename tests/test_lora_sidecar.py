@@ -8,8 +8,8 @@ import httpx
 import pytest
 import torch
 
-from megatron_opsd.rollout import SidecarClient, SidecarRequestError, start_sidecar_process
-from megatron_opsd.rollout.lora import push_adapter
+from megatron_opsd.rollout.client import SidecarClient, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.client.lora import push_adapter
 from test_rollout_sidecar import MAX_LEN, PROMPTS, greedy, hf_greedy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

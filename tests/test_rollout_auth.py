@@ -1,6 +1,7 @@
-"""Who may use a sidecar (rollout/auth.py) without starting one: the secret's sources, the ASGI middleware on a small
-Starlette app, and the weight-transfer rendezvous on loopback (real TCPStore + gloo groups in threads), where a
-stranger without the secret cannot join and a member that cannot prove it is refused before any weight moves.
+"""Who may use a sidecar (rollout/secret.py, rollout/client/auth.py, rollout/sidecar/auth.py) without starting one:
+the secret's sources, the ASGI middleware on a small Starlette app, and the weight-transfer rendezvous on loopback
+(real TCPStore + gloo groups in threads), where a stranger without the secret cannot join and a member that cannot
+prove it is refused before any weight moves.
 The live sidecar's routes are checked in tests/test_rollout_sidecar.py and tests/test_rollout_collective.py."""
 import os
 import stat
@@ -17,10 +18,11 @@ from starlette.websockets import WebSocketDisconnect
 
 from megatron_opsd.errors import UsageError
 from megatron_opsd.parallel.distributed import free_port
-from megatron_opsd.rollout import auth
-from megatron_opsd.rollout.auth import (SECRET_ENV, SECRET_FILE_ENV, RequireSecret, bearer, find_secret, member_tag,
-                                        read_secret_file, rendezvous_key, sidecar_secret, store_prefix,
-                                        verify_members, write_secret_file)
+from megatron_opsd.rollout.client import auth
+from megatron_opsd.rollout.client.auth import bearer, find_secret
+from megatron_opsd.rollout.secret import (SECRET_ENV, SECRET_FILE_ENV, member_tag, read_secret_file, rendezvous_key,
+                                          store_prefix, verify_members, write_secret_file)
+from megatron_opsd.rollout.sidecar.auth import RequireSecret, sidecar_secret
 
 SECRET = "s3cret-" + "x" * 36
 
@@ -148,12 +150,12 @@ def test_a_stranger_without_the_secret_cannot_join_the_transfer_group():
     """The trainer opens the group with the run's key; a stranger who reaches the store's port but cannot derive the
     key (here: another secret) finds none of the group's keys, so neither side forms a group; the sidecar's worker
     with the right key joins the same way, and a tensor broadcast reaches it."""
-    collective = pytest.importorskip("megatron_opsd.rollout.collective")
+    transfer = pytest.importorskip("megatron_opsd.rollout.transfer")
     nonce = "n0"
     key = rendezvous_key(SECRET, nonce)
 
     def side(rank, k, port, timeout_s):
-        return lambda: collective.open_group("gloo", "127.0.0.1", port, rank, 2, timeout_s, k)
+        return lambda: transfer.open_group("gloo", "127.0.0.1", port, rank, 2, timeout_s, k)
 
     port = free_port()
     trainer, stranger = _in_threads(side(0, key, port, 3.0), side(1, rendezvous_key("guess", nonce), port, 3.0))

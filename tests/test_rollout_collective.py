@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
 from megatron_opsd.parallel.distributed import free_port
-from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
-from megatron_opsd.rollout.auth import bearer
+from megatron_opsd.rollout.client import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.client.auth import bearer
 from megatron_opsd.training.opsd.cli import run_trainer
 from tests.test_rollout_sidecar import hf_greedy, hf_model  # noqa: F401 - hf_model is a fixture
 from tests.test_trainer_e2e import tiny_run_config
@@ -334,7 +334,7 @@ def test_worker_that_stops_mid_push_is_a_dead_peer_within_the_bound(server, clie
 TRAINER = """
 import sys, time
 from safetensors.torch import load_file
-from megatron_opsd.rollout import SidecarClient
+from megatron_opsd.rollout.client import SidecarClient
 
 state = load_file(sys.argv[2] + "/model.safetensors")
 def stream():

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save
 from megatron_opsd.models.tiny import make_tiny_hf_checkpoint
 from megatron_opsd.parallel.distributed import ParallelConfig
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.rollout import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
-from megatron_opsd.rollout.auth import bearer
+from megatron_opsd.rollout.client import SidecarClient, SidecarError, SidecarRequestError, start_sidecar_process
+from megatron_opsd.rollout.client.auth import bearer
 from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, UPDATE_ID_HEADER
 
 pytestmark = pytest.mark.vllm
@@ -245,10 +245,9 @@ def test_update_waits_for_running_generation(client, model_dir, hf_model):
     assert first.token_ids[:12] == hf_greedy(hf_model, [5, 6, 7], 12, original)
 
 
-def test_health_metrics_sleep(client, server):
-    """/health, the Prometheus /metrics counters (tokens, weight version, vLLM's request metrics on our routes),
-    sleep / wake-up (a no-op on CPU that still refuses /generate while asleep) and a 409 for an unknown collective
-    round, on the real server."""
+def test_health_metrics(client, server):
+    """/health, the Prometheus /metrics counters (tokens, weight version, vLLM's request metrics on our routes) and a
+    409 for an unknown collective round, on the real server."""
     health = client.health()
     assert health["status"] == "ok" and health["vocab_size"] > 0 and health["max_model_len"] == MAX_LEN
     before = client.metrics()
@@ -262,12 +261,6 @@ def test_health_metrics_sleep(client, server):
     assert metrics["opsd_sidecar_tokens_per_second"] > 0
     assert metrics[GENERATE_200] >= 1  # vLLM's request metrics cover our routes too
     assert "opsd_sidecar_weight_update_latency_seconds" in metrics
-    note = client.sleep()[0]
-    assert note["sleeping"] is True and "no-op on CPU" in note["note"]
-    with pytest.raises(SidecarRequestError, match="asleep"):
-        client.generate([[5, 6, 7]], max_tokens=2)
-    client.wake_up()
-    assert len(client.generate([[5, 6, 7]], max_tokens=2)[0][0].token_ids) == 2
     resp = httpx.post(server.url + "/update_weights", json={"update_info": {"round_id": "never-started"}},
                       headers=bearer(server.secret))
     assert resp.status_code == 409 and resp.json()["detail"].startswith("update_info.round_id:")
@@ -283,7 +276,7 @@ def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, se
     """Every route the app serves - ours and vLLM's, as vLLM's own /openapi.json lists them, plus /metrics and the
     docs pages - answers 401 without the secret, with a wrong one, or with it in another form; only GET /health
     answers. The refused calls carry real payloads (generations, a complete changed weight update into an update the
-    trainer began, an announcement the collective route would accept, a sleep): afterwards the version, the served
+    trainer began, an announcement the collective route would accept): afterwards the version, the served
     weights (greedy output), vLLM's generated-token count and the update counter are unchanged, the begun update
     received nothing, and the stranger's collective round was never accepted."""
     original = load_file(str(model_dir / "model.safetensors"))
@@ -296,8 +289,8 @@ def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, se
     routes |= {("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")}
     assert {("POST", "/generate"), ("GET", "/weights/spec"), ("POST", "/weights/begin"), ("POST", "/weights/bucket"),
             ("POST", "/weights/commit"), ("POST", "/adapter/update"), ("POST", "/init_weight_transfer_engine"),
-            ("POST", "/start_weight_update"), ("POST", "/update_weights"), ("POST", "/sleep"), ("POST", "/wake_up"),
-            ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")} <= routes
+            ("POST", "/start_weight_update"), ("POST", "/update_weights"), ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"), ("GET", "/v1/models")} <= routes
     update_id = client.request("POST", "/weights/begin", 0, idempotent=False, json={"version": version + 1})["update_id"]
     names = sorted(original)
     announced = dict(round_id="stranger", names=names, shapes=[list(original[n].shape) for n in names],
@@ -312,8 +305,7 @@ def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, se
                                 headers={UPDATE_ID_HEADER: update_id, BUCKET_INDEX_HEADER: "0"}),
         "/weights/commit": dict(json={"update_id": update_id}),
         "/weights/abort": dict(json={"update_id": update_id}),
-        "/start_weight_update": dict(json={"weight_version": version + 1, "update_info": announced}),
-        "/sleep": dict(json={"level": 1})}
+        "/start_weight_update": dict(json={"weight_version": version + 1, "update_info": announced})}
     for refused in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {server.secret}"},
                     {"Authorization": server.secret}, {"Authorization": f"Bearer {server.secret}0"}):
         for method, path in sorted(routes - {("GET", "/health")}):
@@ -329,7 +321,7 @@ def test_no_call_without_the_right_secret_uses_or_changes_the_sidecar(client, se
     assert [counter(client, "vllm:generation_tokens_total"),
             counter(client, "opsd_sidecar_weight_updates_total")] == before
     health = client.health()
-    assert health["weight_version"] == version and not health["sleeping"] and health["update_in_progress"] == update_id
+    assert health["weight_version"] == version and health["update_in_progress"] == update_id
     expected = len(client.request("GET", "/weights/spec", 0)["tensors"])  # every tensor of the stranger's bucket
     with pytest.raises(SidecarRequestError, match=f"{expected} tensors not received"):
         client.request("POST", "/weights/commit", 0, idempotent=False, json={"update_id": update_id})

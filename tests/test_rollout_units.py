@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load
 
 from megatron_opsd.parallel.launch import free_port
-from megatron_opsd.rollout.buckets import iter_buckets
+from megatron_opsd.rollout.client.buckets import iter_buckets
 from megatron_opsd.rollout.client import (Sample, SidecarClient, SidecarError, StaleRolloutError, check_on_policy)
-from megatron_opsd.rollout.leftovers import STAGING_DIR_PREFIX
-from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError, staging_root
+from megatron_opsd.rollout.protocol import STAGING_DIR_PREFIX
+from megatron_opsd.rollout.sidecar.staging import WeightStager, WeightUpdateError, staging_root
 
 SPECS = {"a.weight": ((4, 3), "F32"), "b.weight": ((5,), "F32"), "c.weight": ((2, 2), "F32")}
 
@@ -92,7 +92,7 @@ def test_stager_version_and_duplicates():
 
 
 def _staged_dirs(stager: WeightStager, update_id: str) -> list[Path]:
-    """The staging directories of ``update_id`` on disk (rollout/leftovers.py names them)."""
+    """The staging directories of ``update_id`` on disk (rollout/protocol.py names them)."""
     root = Path(staging_root(stager.update_bytes()))
     return list(root.glob(f"{STAGING_DIR_PREFIX}{os.getpid()}-{update_id}-*"))
 
@@ -173,7 +173,7 @@ def test_client_gives_clear_error_when_nothing_listens():
 
 
 def test_sidecar_process_reports_startup_failure(tmp_path):
-    from megatron_opsd.rollout import start_sidecar_process
+    from megatron_opsd.rollout.client import start_sidecar_process
 
     with pytest.raises(SidecarError, match=r"(?s)exited with code 2 during start-up.*not an HF checkpoint directory"):
         start_sidecar_process(tmp_path / "missing", startup_timeout_s=60, log_path=tmp_path / "log.txt")
@@ -200,7 +200,7 @@ def test_collective_waits_are_bounded_per_bucket_from_the_measured_rate():
     """Every wait of a push covers one bucket, not the update: at 70B (141 GB of bf16) a 1 GiB bucket waits at
     most 60 s + 1 GiB at 50 MB/s (~81 s), far below torch's 10-minute NCCL default; a measured rate shortens it
     (a quarter of the rate is assumed), never below the 50 MB/s floor."""
-    from megatron_opsd.rollout.collective import wait_s
+    from megatron_opsd.rollout.transfer import wait_s
 
     assert wait_s(0, base_s=60) == 60
     assert wait_s(1 << 30, base_s=60) == pytest.approx(60 + (1 << 30) / 50e6) and wait_s(1 << 30, base_s=60) < 90
@@ -211,7 +211,7 @@ def test_collective_waits_are_bounded_per_bucket_from_the_measured_rate():
 def test_both_ends_cut_the_announced_tensors_into_the_same_buckets():
     """The trainer and every worker compute the buckets from the announced sizes alone (no per-bucket metadata):
     consecutive tensors up to the bucket size, an oversized tensor alone, every tensor exactly once."""
-    from megatron_opsd.rollout.collective import plan_buckets
+    from megatron_opsd.rollout.transfer import plan_buckets
 
     sizes = [40, 40, 30, 200, 10, 10, 90, 5]
     plan = plan_buckets(sizes, 100)
@@ -229,7 +229,7 @@ def test_staging_goes_where_the_whole_update_fits(tmp_path, monkeypatch):
     import shutil
     import tempfile
 
-    from megatron_opsd.rollout.staging import STAGING_DIR_ENV, staging_root
+    from megatron_opsd.rollout.sidecar.staging import STAGING_DIR_ENV, staging_root
 
     stager = WeightStager(SPECS, torch.float32)
     assert stager.update_bytes() == (12 + 5 + 4) * 4
@@ -265,7 +265,7 @@ def test_collective_host_is_the_address_on_the_route_to_the_sidecars(monkeypatch
     """rollout.collective_host unset: loopback for local sidecars; else this host's address on its route to the
     first remote sidecar (tests/test_multihost.py runs it across network namespaces), never a 127.x address that
     a remote sidecar would connect to itself with, and a one-line error naming the key when there is no route."""
-    from megatron_opsd.rollout import client as client_module
+    from megatron_opsd.rollout.client import sidecar_client as client_module
 
     assert client_module.reachable_address(["http://127.0.0.1:8000", "http://localhost:8001"]) == "127.0.0.1"
     routes = {"node2": "10.0.0.5", "self-by-name": "127.0.1.1"}

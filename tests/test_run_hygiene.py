@@ -16,7 +16,8 @@ from megatron_opsd.cli import main as cli_main
 from megatron_opsd.config import load_config
 from megatron_opsd.errors import UsageError
 from megatron_opsd.models.weights import replace_dir
-from megatron_opsd.rollout.leftovers import SHM_BUCKET_PREFIX, STAGING_DIR_PREFIX, clean_dead_leftovers, owner_pid
+from megatron_opsd.rollout.sidecar.leftovers import (SHM_BUCKET_PREFIX, STAGING_DIR_PREFIX, clean_dead_leftovers,
+                                                     owner_pid)
 from megatron_opsd.training.export_cli import refuse_peft_without_lora
 from megatron_opsd.training.rundir import drop_metrics_after, refuse_overwrite
 

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_opsd.config import load_config
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.rollout import start_sidecar_process
+from megatron_opsd.rollout.client import start_sidecar_process
 from megatron_opsd.training.opsd.cli import run_trainer
 from megatron_opsd.training.opsd.step import OPSD_PHASES
 from tests._run_configs import assert_phases_add_up, write_run_config

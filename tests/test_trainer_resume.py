@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.evaluation.runner import OneSidecarEvaluator
 from megatron_opsd.parallel.launch import run_distributed
-from megatron_opsd.rollout import SidecarClient, start_sidecar_process
-from megatron_opsd.rollout.auth import run_secret
+from megatron_opsd.rollout.client import SidecarClient, start_sidecar_process
+from megatron_opsd.rollout.client.auth import run_secret
 from megatron_opsd.training.opsd.cli import run_trainer
 from megatron_opsd.training.run import local_sidecar_options
 from megatron_opsd.training.opsd.step import OPSD_PHASES

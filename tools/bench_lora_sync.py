@@ -6,7 +6,7 @@
 For each model one trainer rank (TP=1, megatron model with LoRA adapters on all four projections, B drawn at
 random so the merged weights differ from the base) pushes its weights the two ways a LoRA run can
 (``model.lora.sync``), each to its own local sidecar, exactly as the trainer does after an optimizer step:
-``adapter`` = ``rollout.lora.push_adapter_from_model`` (gather the adapters, one PEFT safetensors body over HTTP,
+``adapter`` = ``rollout.client.lora.push_adapter_from_model`` (gather the adapters, one PEFT safetensors body over HTTP,
 the sidecar validates it and vLLM loads it with ``add_lora``) to a sidecar started with ``--max-lora-rank``;
 ``merged`` = ``SidecarClient.push_weights`` (every tensor under its HF name with ``W + scale * B A`` merged,
 64 MiB buckets over HTTP, vLLM's ``reload_weights``) to a plain sidecar. Seconds are the trainer's wall time for
@@ -45,8 +45,8 @@ def measure(model_dir: str, rank: int, alpha: float, repeats: int) -> dict:
     from megatron_opsd.models.lora import LoRASettings, adapters_of
     from megatron_opsd.models.lora_peft import gather_lora_tensors
     from megatron_opsd.models.weights import load_hf_checkpoint
-    from megatron_opsd.rollout import SidecarClient, start_sidecar_process
-    from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank
+    from megatron_opsd.rollout.client import SidecarClient, start_sidecar_process
+    from megatron_opsd.rollout.client.lora import push_adapter_from_model, vllm_max_lora_rank
 
     settings = LoRASettings(rank=rank, alpha=alpha)
     chunks = build_model(model_dir, lora=settings)

@@ -74,7 +74,7 @@ def bench_generation(client, model_dir: Path, batch: int, prompt_len: int, max_t
 def sidecar(model_dir: Path, max_len: int, tp: int, pythonpath: str | None = None):
     """A sidecar at tensor parallel ``tp`` (on CPU one core per worker: VLLM_CPU_OMP_THREADS_BIND="0|1"), running
     the megatron_opsd found on ``pythonpath`` (default: this one; another checkout for a baseline)."""
-    from megatron_opsd.rollout import start_sidecar_process
+    from megatron_opsd.rollout.client import start_sidecar_process
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))} if tp > 1 else {}
     env.update({"PYTHONPATH": pythonpath} if pythonpath else {})
@@ -93,7 +93,7 @@ def bench_concurrency(servers: dict, clients: list[int], requests: int, max_toke
 
     import httpx
 
-    from megatron_opsd.rollout.auth import bearer
+    from megatron_opsd.rollout.client.auth import bearer
 
     def request(client, route: str, k: int, i: int) -> int:
         if route == "/generate":
@@ -148,7 +148,7 @@ def push_worker(url: str, model_dir: str, repeats: int, bucket_mb: int) -> None:
     megatron_opsd is on PYTHONPATH; prints the best of ``repeats`` collective pushes as JSON."""
     from safetensors.torch import load_file
 
-    from megatron_opsd.rollout import SidecarClient
+    from megatron_opsd.rollout.client import SidecarClient
 
     state = load_file(str(Path(model_dir) / "model.safetensors"))
     options = {"bucket_bytes": bucket_mb << 20} if bucket_mb else {}
@@ -304,7 +304,7 @@ def main() -> int:
             rows = bench_push_compare(models, args.tp, args.repeats, max_len, args.push_compare)
         publish(push_markdown(rows), rows, args.json, args.markdown, PUSH_BEGIN, PUSH_END)
         return 0
-    from megatron_opsd.rollout import SidecarClient
+    from megatron_opsd.rollout.client import SidecarClient
 
     gen, updates, concurrency = {}, {name: [] for name in args.sizes}, []
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:

@@ -717,7 +717,7 @@ def start_sidecar_early(ctx: dict) -> dict:
         return box
 
     def start():
-        from megatron_opsd.rollout import start_sidecar_process
+        from megatron_opsd.rollout.client import start_sidecar_process
 
         try:
             box["process"] = start_sidecar_process(
@@ -740,7 +740,7 @@ def probe_sidecar_push(ctx: dict, layout: dict, box: dict) -> dict:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_opsd.parallel.device import current_device
-    from megatron_opsd.rollout import SidecarClient
+    from megatron_opsd.rollout.client import SidecarClient
     from megatron_opsd.parallel.control import broadcast_object
 
     if box.get("thread") is not None:

@@ -24,8 +24,7 @@ from megatron_opsd.evaluation.grading import grade_samples, summarize_grades
 from megatron_opsd.evaluation.report import save_results
 from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.rewards.boxed import extract_boxed_answer
-from megatron_opsd.rollout.client import SidecarClient
-from megatron_opsd.rollout.process import start_sidecar_process
+from megatron_opsd.rollout.client import SidecarClient, start_sidecar_process
 
 # Built-in benchmarks: name -> file under the data directory (shipped in the package, see data/README.md).
 BENCHMARKS: dict[str, str] = {

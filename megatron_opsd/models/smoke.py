@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     urls = [u for o in args.overrides if o.startswith("rollout.sidecar_urls=")
             for u in o.split("=", 1)[1].split(",") if u]
     if r["rank"] == 0:
-        secret = os.environ.get("OPSD_SIDECAR_SECRET")  # the launcher's run secret (rollout/auth.py), if any
+        secret = os.environ.get("OPSD_SIDECAR_SECRET")  # the launcher's run secret (rollout/secret.py), if any
         for url in urls:
             print(f"smoke sidecar {url}/health -> {_get(url, '/health')}", flush=True)
             print(f"smoke sidecar {url}/v1/models -> {_get(url, '/v1/models', secret)} with the run's secret, "

@@ -31,7 +31,7 @@ from megatron_opsd.evaluation.report import benchmark_summary
 from megatron_opsd.evaluation.runner import EvalSettings, OneSidecarEvaluator
 from megatron_opsd.lifecycle import run_process
 from megatron_opsd.pipeline.config import STAGE_COMMANDS, PipelineConfig, StageConfig
-from megatron_opsd.rollout.engine import on_gpu
+from megatron_opsd.rollout.environment import on_gpu
 from megatron_opsd.training.checkpoint import write_text_atomic
 from megatron_opsd.training.grpo.config import load_rl_config
 from megatron_opsd.training.run import local_sidecar_options

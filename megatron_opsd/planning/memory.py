@@ -193,7 +193,7 @@ def largest_tensor_bytes(shape: ModelShape, s: TrainSettings) -> int:
 
 
 def push_sender_bytes(shape: ModelShape, s: TrainSettings) -> int:
-    """Trainer rank 0 during a collective push (``rollout/collective.broadcast_update``): one bucket on the wire,
+    """Trainer rank 0 during a collective push (``rollout/client/collective.broadcast_update``): one bucket on the wire,
     the next bucket's tensors and their packed copy, plus the gather of the largest tensor (its TP shards and
     their concatenation)."""
     return 3 * s.push_bucket_bytes + 2 * largest_tensor_bytes(shape, s)

@@ -1,4 +1,5 @@
-"""Request bodies of the sidecar's HTTP API. Unknown fields are rejected so a typo never goes unnoticed."""
+"""The sidecar's HTTP API, shared by the trainer-side client and the sidecar: request bodies (unknown fields are
+rejected so a typo never goes unnoticed), headers, and the names of the files either side leaves in host memory."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -8,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 BUCKET_INDEX_HEADER = "X-Bucket-Index"
 UPDATE_ID_HEADER = "X-Update-Id"
 SHM_PATH_HEADER = "X-Shm-Path"
+ADAPTER_ROUTE = "/adapter/update"  # one PEFT adapter (client/lora.py -> sidecar/lora.py)
+ADAPTER_VERSION_HEADER = "X-OPSD-Adapter-Version"
+ADAPTER_CONFIG_HEADER = "X-OPSD-Adapter-Config"
+ADAPTER_RESTORE_HEADER = "X-OPSD-Adapter-Restore"  # "1": a resumed trainer's adapter, any version >= 0 (SidecarClient)
+# host-memory files either side names with its pid, so the next sidecar can remove a dead run's (sidecar/leftovers.py)
+STAGING_DIR_PREFIX = "opsd-update-p"  # + "<pid>-<update id>-<random>": the sidecar's staged updates
+SHM_BUCKET_PREFIX = "opsd-weights-"  # + "<pid>-<random>-<bucket>.safetensors": the client's shm transport buckets
 
 
 class _Strict(BaseModel):
@@ -39,10 +47,6 @@ class WeightsBeginRequest(_Strict):
 
 class WeightsUpdateRef(_Strict):
     update_id: str
-
-
-class SleepRequest(_Strict):
-    level: int = 1
 
 
 class WeightTransferInitBody(_Strict):

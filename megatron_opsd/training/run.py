@@ -35,10 +35,10 @@ from megatron_opsd.models.tokenizer import load_tokenizer
 from megatron_opsd.models.weights import load_hf_checkpoint, save_hf_checkpoint
 from megatron_opsd.parallel import init_distributed
 from megatron_opsd.parallel.control import broadcast_object  # on the control group: others wait out rank 0's work
-from megatron_opsd.rollout.auth import find_secret
 from megatron_opsd.rollout.client import SidecarClient
-from megatron_opsd.rollout.lora import push_adapter_from_model, vllm_max_lora_rank
-from megatron_opsd.rollout.process import refuse_local_sidecar_on_gpu, start_sidecar_process
+from megatron_opsd.rollout.client.auth import find_secret
+from megatron_opsd.rollout.client.lora import push_adapter_from_model, vllm_max_lora_rank
+from megatron_opsd.rollout.client.process import refuse_local_sidecar_on_gpu, start_sidecar_process
 from megatron_opsd.training.checkpoint import LoadedCheckpoint, load_latest, save_checkpoint
 from megatron_opsd.training.engine import setup_training
 from megatron_opsd.training.loop import run_steps

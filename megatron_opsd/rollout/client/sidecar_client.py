@@ -25,11 +25,9 @@ from megatron_opsd.config import SamplingConfig
 from megatron_opsd.models.weights import hf_tensor_shapes, iter_hf_tensors, unwrap
 from megatron_opsd.parallel import control
 from megatron_opsd.parallel.distributed import free_port, route_source_address
-from megatron_opsd.rollout import vllm_plugin
-from megatron_opsd.rollout.auth import bearer, find_secret
-from megatron_opsd.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
-from megatron_opsd.rollout.leftovers import SHM_BUCKET_PREFIX
-from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER
+from megatron_opsd.rollout.client.auth import bearer, find_secret
+from megatron_opsd.rollout.client.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
+from megatron_opsd.rollout.protocol import BUCKET_INDEX_HEADER, SHM_BUCKET_PREFIX, SHM_PATH_HEADER, UPDATE_ID_HEADER
 
 logger = logging.getLogger(__name__)
 DISPATCH = ("round_robin", "least_loaded")
@@ -85,7 +83,7 @@ class SidecarClient:
                  collective_host: Optional[str] = None, sync_timeout_s: float = 60.0, push_retries: int = 2,
                  secret: Optional[str] = None):
         """``secret``: what every call carries (``Authorization: Bearer``); default the run's, from the environment
-        (``$OPSD_SIDECAR_SECRET`` or the file ``$OPSD_SIDECAR_SECRET_FILE`` names; see ``rollout/auth.py``)."""
+        (``$OPSD_SIDECAR_SECRET`` or the file ``$OPSD_SIDECAR_SECRET_FILE`` names; see ``rollout/secret.py``)."""
         import httpx
 
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -321,14 +319,14 @@ class SidecarClient:
 
     def push_collective(self, make_stream, metadata: list[tuple[str, tuple[int, ...]]], version: int,
                         rank: int = 0, restore: bool = False) -> Optional[dict]:
-        """Collective transport (``rollout/collective.py``): one gather (``make_stream()``: a fresh pass of
+        """Collective transport (``client/collective.py``): one gather (``make_stream()``: a fresh pass of
         ``(hf_name, tensor)``, a collective on every trainer rank, tensors only on rank 0) broadcast to every
         replica at once. A replica whose push failed (its transfer group torn down on both ends, the sidecar
         refusing /generate meanwhile) is pushed again on a fresh group, up to ``push_retries`` times, with a
         fresh gather on every rank; after the last one a ``SidecarError`` names each failed sidecar and why."""
         from vllm.distributed.weight_transfer.base import ParamMeta
 
-        from megatron_opsd.rollout.collective import broadcast_update  # imports vLLM: collective transport only
+        from megatron_opsd.rollout.client.collective import broadcast_update  # imports vLLM: collective transport only
 
         dtype = _torch_dtype(self.request("GET", "/weights/spec", 0)["dtype"]) if rank == 0 else torch.float32
         params = [ParamMeta(name, dtype, tuple(shape)) for name, shape in metadata]
@@ -377,10 +375,10 @@ class SidecarClient:
         """The trainer-side engine for ``replica``, rendezvoused on first use (and again after a broken group)."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        from megatron_opsd.rollout import collective  # imports vLLM: loaded only for the collective transport
+        from megatron_opsd.rollout.client import collective  # imports vLLM: loaded only for the collective transport
 
         if replica not in self._senders:
-            vllm_plugin.register()
+            collective.register_trainer_engines()
             health = self.health(replica)
             info_cls = collective.CollectiveNcclTrainerInitInfo if health["weight_transfer_backend"] == "opsd_nccl" \
                 else collective.CollectiveTrainerInitInfo
@@ -392,13 +390,6 @@ class SidecarClient:
             self._senders[replica] = WeightTransferTrainerFactory.trainer_init(
                 info, client=_ReplicaWeightSync(self, replica))
         return self._senders[replica]
-
-    # -- colocated use ------------------------------------------------------------------------------
-    def sleep(self, level: int = 1) -> list[dict]:
-        return [self.request("POST", "/sleep", i, json={"level": level}) for i in range(len(self.urls))]
-
-    def wake_up(self) -> list[dict]:
-        return [self.request("POST", "/wake_up", i) for i in range(len(self.urls))]
 
 
 class _ReplicaWeightSync:

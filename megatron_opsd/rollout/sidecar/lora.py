@@ -8,7 +8,8 @@ is all-or-nothing and versioned: the version must be newer than the served one (
 the served checkpoint (names of targeted projections, [r, in] / [out, r] shapes, r <= --max-lora-rank, nothing
 missing) before vLLM sees it, and vLLM loads the adapter (``add_lora``) before the sidecar switches generation to
 it; any failure leaves the previous adapter and version served. Our route rather than vLLM's
-``/v1/load_lora_adapter``, which has neither the version nor the checks against the served checkpoint.
+``/v1/load_lora_adapter``, which has neither the version nor the checks against the served checkpoint. The trainer's
+side (gather and push) is ``client/lora.py``.
 """
 from __future__ import annotations
 
@@ -23,23 +24,10 @@ from typing import Optional
 import torch
 from fastapi import Request  # module level: FastAPI resolves the handler's string annotation here
 
-from megatron_opsd.models.lora_peft import PEFT_PREFIX, gather_lora_tensors, peft_adapter_config
-from megatron_opsd.parallel import control
-from megatron_opsd.rollout.staging import WeightUpdateError, check_version
-
-ADAPTER_ROUTE = "/adapter/update"
-VERSION_HEADER = "X-OPSD-Adapter-Version"
-CONFIG_HEADER = "X-OPSD-Adapter-Config"
-RESTORE_HEADER = "X-OPSD-Adapter-Restore"  # "1": a resumed trainer's adapter, any version >= 0 (SidecarClient)
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
-
-
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that serves adapters of ``rank``."""
-    for allowed in VLLM_MAX_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ValueError(f"model.lora.rank={rank}: vLLM serves ranks up to {VLLM_MAX_LORA_RANKS[-1]}")
+from megatron_opsd.models.lora_peft import PEFT_PREFIX
+from megatron_opsd.rollout.protocol import (ADAPTER_CONFIG_HEADER, ADAPTER_RESTORE_HEADER, ADAPTER_ROUTE,
+                                            ADAPTER_VERSION_HEADER)
+from megatron_opsd.rollout.sidecar.staging import WeightUpdateError, check_version
 
 
 def expected_adapter_shapes(tensor_specs: dict, config: dict) -> dict:
@@ -62,7 +50,8 @@ def validate_adapter(tensors: dict, config: dict, tensor_specs: dict, max_rank: 
     if not max_rank:
         raise ValueError("this sidecar serves no LoRA adapters: start it with --max-lora-rank R")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config or "target_modules" not in config:
-        raise ValueError(f"header {CONFIG_HEADER}: a PEFT LoRA adapter_config with r and target_modules is required")
+        raise ValueError(f"header {ADAPTER_CONFIG_HEADER}: a PEFT LoRA adapter_config with r and target_modules is "
+                         "required")
     if int(config["r"]) > max_rank:
         raise ValueError(f"adapter r={config['r']} exceeds the sidecar's --max-lora-rank {max_rank}")
     expected = expected_adapter_shapes(tensor_specs, config)
@@ -111,12 +100,12 @@ def add_adapter_route(router, state, error_cls) -> None:
 
     async def adapter_update(request: Request):
         try:
-            version = int(request.headers.get(VERSION_HEADER, ""))
-            config = json.loads(request.headers.get(CONFIG_HEADER, ""))
+            version = int(request.headers.get(ADAPTER_VERSION_HEADER, ""))
+            config = json.loads(request.headers.get(ADAPTER_CONFIG_HEADER, ""))
         except ValueError:
-            raise error_cls(f"headers {VERSION_HEADER} (an integer) and {CONFIG_HEADER} (adapter_config.json) "
-                            "are required") from None
-        restore = request.headers.get(RESTORE_HEADER) == "1"
+            raise error_cls(f"headers {ADAPTER_VERSION_HEADER} (an integer) and {ADAPTER_CONFIG_HEADER} "
+                            "(adapter_config.json) are required") from None
+        restore = request.headers.get(ADAPTER_RESTORE_HEADER) == "1"
         try:
             check_version(version, state.version, restore)
         except WeightUpdateError as err:
@@ -144,26 +133,3 @@ def add_adapter_route(router, state, error_cls) -> None:
         return {"weight_version": state.version, "num_tensors": len(tensors), "bytes": nbytes, "apply_s": apply_s}
 
     router.post(ADAPTER_ROUTE)(adapter_update)
-
-
-def push_adapter(client, tensors: dict, config: dict, version: int, restore: bool = False) -> list:
-    """Client side: send one PEFT adapter (PEFT-named tensors) to every replica as weight ``version``
-    (``restore``: a resumed trainer's, taken whatever version is served; ``SidecarClient.push_weights``)."""
-    from safetensors.torch import save as save_safetensors
-
-    body = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-    headers = {VERSION_HEADER: str(version), CONFIG_HEADER: json.dumps(config)}
-    if restore:
-        headers[RESTORE_HEADER] = "1"
-    return [client.request("POST", ADAPTER_ROUTE, i, idempotent=False, content=body, headers=headers)
-            for i in range(len(client.urls))]
-
-
-def push_adapter_from_model(client, model_chunks: list, settings, version: int, base_model: str = "",
-                            restore: bool = False) -> None:
-    """COLLECTIVE: gather the trainer's adapters (models/lora_peft.py) and push them from global rank 0."""
-    tensors = gather_lora_tensors(model_chunks)
-    if tensors is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        push_adapter(client, {PEFT_PREFIX + k: v for k, v in tensors.items()},
-                     peft_adapter_config(settings, base_model), version, restore)
-    control.barrier()  # the others wait (gloo, long timeout) while rank 0 posts the adapter

@@ -18,9 +18,10 @@ import torch
 from megatron_opsd.config import ConfigError
 from megatron_opsd.lifecycle import start_process, stop_process
 from megatron_opsd.parallel.distributed import free_port
-from megatron_opsd.rollout.auth import SECRET_ENV, SECRET_FILE_ENV, run_secret
-from megatron_opsd.rollout.client import SidecarClient, SidecarError
-from megatron_opsd.rollout.engine import prepare_vllm_env
+from megatron_opsd.rollout.client.auth import run_secret
+from megatron_opsd.rollout.client.sidecar_client import SidecarClient, SidecarError
+from megatron_opsd.rollout.environment import prepare_vllm_env
+from megatron_opsd.rollout.secret import SECRET_ENV, SECRET_FILE_ENV
 
 
 class SidecarProcess:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from megatron_opsd.rollout.leftovers import STAGING_DIR_PREFIX
+from megatron_opsd.rollout.protocol import STAGING_DIR_PREFIX
 
 
 class WeightUpdateError(ValueError):

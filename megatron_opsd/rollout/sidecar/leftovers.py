@@ -1,7 +1,7 @@
 """Host-memory files a killed run left behind, removed when the next sidecar starts.
 
-A SIGKILLed run cannot clean up: its weight-staging directories (``opsd-update-p<pid>-*``, ``rollout/staging.py``),
-the shm transport's bucket files (``opsd-weights-<pid>-*``, ``rollout/client.py``) and the POSIX shared-memory
+A SIGKILLed run cannot clean up: its weight-staging directories (``opsd-update-p<pid>-*``, ``sidecar/staging.py``),
+the shm transport's bucket files (``opsd-weights-<pid>-*``, ``client/sidecar_client.py``) and the POSIX shared-memory
 segments of vLLM's worker message queues (``psm_*``: vLLM 0.32's ``ShmRingBuffer``,
 ``distributed/device_communicators/shm_broadcast.py``, creates them with
 ``shared_memory.SharedMemory(create=True, size=self.total_bytes_of_buffer)``, unlinked only by a live owner) stay in ``/dev/shm``, which is RAM (issue 32 found about 840 MB after a few SIGKILLs).
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+from megatron_opsd.rollout.protocol import SHM_BUCKET_PREFIX, STAGING_DIR_PREFIX
+
 logger = logging.getLogger(__name__)
 
-STAGING_DIR_PREFIX = "opsd-update-p"  # + "<pid>-<update id>-<random>"
-SHM_BUCKET_PREFIX = "opsd-weights-"  # + "<pid>-<random>-<bucket>.safetensors"
 _OWNED = re.compile(rf"^(?:{re.escape(STAGING_DIR_PREFIX)}|{re.escape(SHM_BUCKET_PREFIX)})(\d+)-")
 SHM_SEGMENT_PREFIX = "psm_"
 SHM_DIR = Path("/dev/shm")

