@@ -8,14 +8,19 @@ __version__ = "0.1.0"
 
 # Warnings megatron-core 0.16.1 prints in every process (each rank, each spawned worker) whatever the user does,
 # filtered here, before any of our modules imports megatron; every other warning is shown as before:
-# - it falls back to torch implementations because Transformer Engine / Apex are not installed: the supported path
-#   on CPU, and `megatron-opsd version` lists which of TE / Apex / torch serves each kernel (docs/gpu.md);
+# - it falls back to torch implementations because Transformer Engine / Apex are not installed (six notices in a
+#   process that builds a model, measured with `megatron-opsd check-model`: megatron_fsdp's mixed precision, three
+#   optimizer modules, models/backends.py, the GPT layer specs): the supported path on CPU, and `megatron-opsd
+#   version` lists which of TE / Apex / torch serves each kernel (docs/gpu.md); where it matters, a GPU without TE,
+#   one warning of ours says so when the model is built (models/families.py warn_local_spec_on_gpu);
 # - TransformerConfig's own default cuda_graph_scope="full" trips its own deprecation warning;
-# - its tensor-parallel all-gather calls torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates.
+# - its tensor-parallel all-gather and its gradient reduce-scatter call torch.distributed.all_gather_into_tensor and
+#   reduce_scatter_tensor, which torch 2.13 deprecates.
 _EXPECTED = ((UserWarning, "Transformer Engine and Apex are not installed"),
              (UserWarning, "Apex is not installed. Falling back to Torch Norm"),
              (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope"),
-             (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"))
+             (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"),
+             (FutureWarning, "`torch.distributed.reduce_scatter_tensor` is deprecated"))
 for _category, _message in _EXPECTED:
     warnings.filterwarnings("ignore", message=_message, category=_category)
 

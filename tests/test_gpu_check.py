@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,53 @@ def test_a_failing_probe_does_not_hide_the_others(tmp_path):
                                   {"loss": 1.0, "grad_norm": 2.0, "params": {"w": _t([1.0, 2.1])}, "teacher": {}},
                                   1e-4, "single-rank")
     assert bad["status"] == "fail" and "params_rel" in bad["error"]
+
+
+# the world's collective timeout in the test below: a rank left waiting would fail after it, not after 10 minutes
+FAILED_REFERENCE_TIMEOUT_MINUTES = 2.0
+
+
+def failed_reference_rank(root: str) -> dict:
+    """One rank of a two-rank world: the single-rank reference and one layout probe as gpu_check's driver runs them
+    (``run_probe``, then the collective ``agree``), the reference's model path missing, so its one-process world
+    (spawned by rank 0) fails."""
+    sys.path.insert(0, str(ROOT / "tools"))  # kept: rank 0's one-process world unpickles gpu_check's worker
+    import gpu_check
+
+    ctx = {"root": Path(root), "cuda": False, "model": str(Path(root) / "no-such-model"),
+           "opsd_data": Path(root) / "opsd.jsonl", "step_prompts": 0}
+    probes = gpu_check.multi_rank_probes(ctx, {"tp": 0, "why": "not selected"})
+    record = {}
+    start = time.perf_counter()
+    for name in ("layout_single_rank", "layout_dp2"):
+        gpu_check.run_probe(name, probes[name], record)
+        gpu_check.agree(name, record)
+    return {"record": record, "seconds": time.perf_counter() - start}
+
+
+def test_a_failed_single_rank_reference_ends_every_rank_promptly(tmp_path):
+    """Issue 31 / e84c4c8: when rank 0's single-rank reference fails, the other ranks learn it from rank 0's
+    broadcast and every rank fails the reference and each layout probe with the one-line reason, instead of waiting
+    in a collective until the world's timeout (10 minutes by default; 2 here, so a regression fails at 2 minutes).
+    Two gloo ranks plus the one-process world rank 0 spawns for the reference."""
+    from megatron_opsd.parallel import ParallelConfig
+    from megatron_opsd.parallel.launch import run_distributed
+
+    ranks = run_distributed(failed_reference_rank, 2, ParallelConfig(timeout_minutes=FAILED_REFERENCE_TIMEOUT_MINUTES),
+                            str(tmp_path))
+    reason = f"FileNotFoundError: tokenizer path '{tmp_path / 'no-such-model'}' is neither an HF directory"
+    for rank in ranks:
+        single, layout = rank["record"]["layout_single_rank"], rank["record"]["layout_dp2"]
+        # the reference's failure, as one line naming its cause, on every rank (rank 1's own probe returned; the
+        # collective agreement marks it failed with rank 0's reason)
+        assert single["status"] == "fail" and "\n" not in single["error"], single
+        assert single["error"].startswith("rank 0: RuntimeError: the single-rank reference failed: "), single
+        assert reason in single["error"] and "rank 1:" not in single["error"], single["error"]
+        # every rank skips the layout's collectives alike, saying why
+        assert layout["status"] == "fail", layout
+        assert layout["error"] == "; ".join(f"rank {r}: RuntimeError: no single-rank reference (see "
+                                            "layout_single_rank)" for r in range(2)), layout["error"]
+        assert rank["seconds"] < 0.75 * FAILED_REFERENCE_TIMEOUT_MINUTES * 60, rank["seconds"]
 
 
 def _t(values):

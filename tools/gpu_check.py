@@ -557,8 +557,9 @@ def single_rank_reference(ctx: dict) -> tuple[dict, bool]:
     have = [failure is None]
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(have, src=0)
-    if failure is not None:
-        raise failure
+    if failure is not None:  # one line for the table; the world's report (rank 0's traceback) stays chained
+        lines = [line for line in str(failure).splitlines() if line.strip()] or [type(failure).__name__]
+        raise RuntimeError(f"the single-rank reference failed: {lines[-1].strip()}") from failure
     return ref, have[0]
 
 

@@ -89,13 +89,17 @@ WARNED_LOCAL_SPEC = False  # public: a test resets it to see the warning again
 
 
 def warn_local_spec_on_gpu() -> None:
-    """Once per process: the GPU run uses megatron's local spec, which has no fused attention."""
+    """Once per process: the GPU run uses megatron's local spec, which has no fused attention. It stands in for
+    megatron's own import-time TE/Apex notices, which ``megatron_opsd/__init__.py`` silences (on CPU they describe
+    the only path), so it also names the optimizer kernels they were about."""
     global WARNED_LOCAL_SPEC
     if not WARNED_LOCAL_SPEC:
         WARNED_LOCAL_SPEC = True
         warnings.warn(f"CUDA without Transformer Engine: megatron's LOCAL layer spec is used (unfused attention "
                       "materialises [heads, seq, seq] scores, no FP8, no fused norms): long sequences will not fit "
-                      f"and steps are slower; install pip install 'megatron-opsd[te]' ({TE_REQUIREMENT})",
+                      f"and steps are slower; install pip install 'megatron-opsd[te]' ({TE_REQUIREMENT}), which "
+                      "also gives megatron its fused Adam and multi-tensor kernels (`megatron-opsd version` lists "
+                      "what runs)",
                       RuntimeWarning, stacklevel=3)
 
 

@@ -9,6 +9,8 @@ pipeline schedules expect. ``zero_grads`` / ``optimizer_step`` bracket each step
 """
 from __future__ import annotations
 
+import re
+import warnings
 
 from megatron_opsd.config import OptimConfig
 
@@ -46,11 +48,18 @@ def setup_training(model_chunks: list, optim: OptimConfig, total_steps: int):
     return ddp_chunks, optimizer, scheduler
 
 
+# megatron-core 0.16.1's distributed optimizer zeroes its shard views' .grad, which torch warns about on every run
+# (distrib_optimizer.py zero_grad: "self.shard_fp32_groups,  # throws grad-access warning"): silenced there only
+NON_LEAF_GRAD_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
 def zero_grads(ddp_chunks: list, optimizer) -> None:
     """Zero the DDP grad buffers and the optimizer's grads: call before each step's forward_backward."""
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(NON_LEAF_GRAD_WARNING), category=UserWarning)
+        optimizer.zero_grad()
 
 
 def optimizer_step(optimizer, scheduler) -> dict:
